@@ -1,0 +1,31 @@
+"""Progress events that tasks send to the scheduler, for the dashboard page and the CLI.
+
+A task calls :func:`report` with the stage, the units it finished and the stage's total; the
+event lands in the scheduler's event log under :data:`TOPIC`, where the distumap dashboard page
+(``distumap.dashboard``) sums it up. Outside a worker the call does nothing.
+"""
+
+from __future__ import annotations
+
+TOPIC = "distumap-progress"
+
+#: the stages in pipeline order, and the unit each one counts
+STAGES = {
+    "ingest": "cells ingested",
+    "preprocess": "genes kept",
+    "embed": "cells transformed",
+    "export": "loom blocks written",
+}
+
+
+def report(stage: str, done: int, total: int, *, block: int | None = None) -> None:
+    """Log that ``done`` more units of ``stage`` (out of ``total``) finished, from inside a task."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(
+        TOPIC, {"stage": stage, "done": int(done), "total": int(total), "block": block}
+    )

@@ -1,0 +1,125 @@
+"""Shared fixtures: a real multi-process cluster on loopback, and seeded temporary data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+
+def _dask_command(*args: str) -> list[str]:
+    # `python -m dask` runs the same entry point as the `dask` script, in this interpreter
+    return [sys.executable, "-m", "dask", *args]
+
+
+@dataclass
+class LoopbackCluster:
+    """``dask scheduler`` plus ``dask worker`` processes on 127.0.0.1, joined by a scheduler file."""
+
+    scheduler_file: Path
+    address: str
+    dashboard_port: int
+    scheduler: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def client(self):
+        from distributed import Client
+
+        return Client(scheduler_file=str(self.scheduler_file))
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes (the nannies' children), as the scheduler sees them."""
+        with self.client() as client:
+            return [info["pid"] for info in client.scheduler_info()["workers"].values()]
+
+
+def start_loopback_cluster(
+    directory: Path,
+    *,
+    n_workers: int = 2,
+    memory_limit: str = "3GiB",
+    preload: str | None = None,
+    env: dict[str, str] | None = None,
+) -> LoopbackCluster:
+    directory.mkdir(parents=True, exist_ok=True)
+    scheduler_file = directory / "scheduler.json"
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    log = open(directory / "scheduler.log", "wb")  # noqa: SIM115 - lives as long as the process
+    args = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0"]
+    args += ["--scheduler-file", str(scheduler_file)]
+    if preload:
+        args += ["--preload", preload]
+    scheduler = subprocess.Popen(
+        _dask_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+        if scheduler.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((directory / "scheduler.log").read_text())
+        time.sleep(0.1)
+    time.sleep(0.2)
+    info = json.loads(scheduler_file.read_text())
+    cluster = LoopbackCluster(
+        scheduler_file=scheduler_file,
+        address=info["address"],
+        dashboard_port=int(info["services"]["dashboard"]),
+        scheduler=scheduler,
+    )
+    for i in range(n_workers):
+        wlog = open(directory / f"worker-{i}.log", "wb")  # noqa: SIM115
+        cluster.workers.append(
+            subprocess.Popen(
+                _dask_command(
+                    "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                    "--memory-limit", memory_limit, "--host", "127.0.0.1",
+                    "--local-directory", str(directory / f"worker-{i}"),
+                ),
+                stdout=wlog, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        )
+    with cluster.client() as client:
+        client.wait_for_workers(n_workers, timeout=120)
+    return cluster
+
+
+def stop_loopback_cluster(cluster: LoopbackCluster) -> None:
+    for proc in [*cluster.workers, cluster.scheduler]:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in [*cluster.workers, cluster.scheduler]:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def loopback_cluster(tmp_path_factory) -> LoopbackCluster:
+    """A session-wide multi-process cluster on 127.0.0.1: one scheduler and two worker processes."""
+    cluster = start_loopback_cluster(tmp_path_factory.mktemp("loopback"))
+    yield cluster
+    stop_loopback_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """An embedded LocalCluster of two worker processes, as `distumap` starts by default."""
+    from distumap.cluster import close, connect
+
+    client = connect(n_workers=2, memory_limit="3GiB", dashboard_address=":0", quiet=True)
+    yield client
+    close(client)
