@@ -1,0 +1,8 @@
+"""Reading and writing: the CSV ingest, the zarr store and the loom export."""
+
+from __future__ import annotations
+
+from distumap.io._ingest import read_csv, read_metadata
+from distumap.io._store import open_store
+
+__all__ = ["open_store", "read_csv", "read_metadata"]

@@ -1,0 +1,7 @@
+"""Preprocessing: gene statistics, the gene filter and log2(x+1), as lazy Dask graphs."""
+
+from __future__ import annotations
+
+from distumap.pp._preprocess import filter_genes, log2p1, preprocess, zero_counts, zero_fraction
+
+__all__ = ["filter_genes", "log2p1", "preprocess", "zero_counts", "zero_fraction"]

@@ -1,0 +1,7 @@
+"""Tools that derive results: landmark selection and the landmark UMAP embedding."""
+
+from __future__ import annotations
+
+from distumap.tl._embed import landmarks, umap
+
+__all__ = ["landmarks", "umap"]

@@ -1,0 +1,14 @@
+"""Errors that distumap reports to users. The CLI maps :class:`InputError` to exit code 2."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """The input (a file, a store, an argument) is not what distumap accepts.
+
+    The message names the file and, where it can, the line and the column.
+    """
+
+
+class IncompleteStoreError(InputError):
+    """A stage needs a store whose earlier stage did not finish."""

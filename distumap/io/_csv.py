@@ -1,0 +1,261 @@
+"""Byte-level CSV parsing of count matrices: the header, the line index and the compiled parse kernel.
+
+General CSV readers collapse at 50,000 columns; this module reads the bytes itself. A matrix line is
+``<sample name>,<count>,<count>,...`` with non-negative integer counts; CRLF line ends and a missing
+final newline are accepted. Every function here works on bytes that are already in memory: the
+I/O and the scheduling live in :mod:`distumap.io._ingest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from distumap._errors import InputError
+
+#: bytes read past a block's end so that a sample name starting near the end is complete
+NAME_OVERHANG = 1 << 16
+
+# kernel status codes
+OK, TOO_FEW, TOO_MANY, NOT_INTEGER, NEGATIVE, TOO_LARGE, EMPTY_FIELD = range(7)
+_PROBLEMS = {
+    TOO_FEW: "too few fields",
+    TOO_MANY: "too many fields",
+    NOT_INTEGER: "not an integer count",
+    NEGATIVE: "a negative count",
+    TOO_LARGE: "a count too large for int32",
+    EMPTY_FIELD: "an empty field",
+}
+
+
+def _clean_name(raw: bytes) -> str:
+    name = raw.rstrip(b"\r").decode("utf-8", errors="replace").strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        name = name[1:-1].replace('""', '"')
+    return name
+
+
+def parse_header(line: bytes, source: str) -> list[str]:
+    """Gene names from the header line ``sample_name,<gene>,...``.
+
+    Raises
+    ------
+    InputError
+        The header is empty, does not start with ``sample_name`` or names no gene.
+    """
+    fields = [_clean_name(field) for field in line.rstrip(b"\n").rstrip(b"\r").split(b",")]
+    if fields == [""]:
+        raise InputError(f"{source}: line 1: the file is empty (no header)")
+    if fields[0] != "sample_name":
+        raise InputError(
+            f"{source}: line 1, column 1: the first column must be 'sample_name', "
+            f"found {fields[0][:60]!r}"
+        )
+    genes = fields[1:]
+    if not genes:
+        raise InputError(f"{source}: line 1: the header names no gene after 'sample_name'")
+    for column, gene in enumerate(genes, start=2):
+        if not gene:
+            raise InputError(f"{source}: line 1, column {column}: empty gene name")
+    return genes
+
+
+def unique_gene_names(genes: list[str], source: str) -> tuple[list[str], list[str]]:
+    """Make duplicate gene names unique (``name``, ``name-1``, ...), as scanpy's
+    ``var_names_make_unique`` does; returns the names and the duplicated originals."""
+    seen: dict[str, int] = {}
+    taken = set(genes)
+    out, duplicated = [], []
+    for gene in genes:
+        if gene not in seen:
+            seen[gene] = 0
+            out.append(gene)
+            continue
+        duplicated.append(gene)
+        n = seen[gene]
+        while True:
+            n += 1
+            candidate = f"{gene}-{n}"
+            if candidate not in taken:
+                break
+        seen[gene] = n
+        taken.add(candidate)
+        out.append(candidate)
+    return out, duplicated
+
+
+@dataclass
+class BlockIndex:
+    """Line starts found in one byte range of the file's data region."""
+
+    starts: np.ndarray  # int64 absolute offsets of non-blank lines that start in the range
+    names: list[str]  # the first field of each of those lines
+    local_line: np.ndarray  # int64 newlines counted from the range start to each line start
+    newlines: int  # newlines in the range (shifted one byte back, see index_block)
+
+
+def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
+    """Index the lines that start in ``[begin, end)`` of the file.
+
+    ``buf`` holds the file's bytes from ``offset = begin - 1`` up to ``end`` plus an overhang, so the
+    byte before each candidate start is visible and names near the end are complete. Newlines are
+    counted in ``[begin - 1, end - 1)``; ranges that tile the data region count each newline once.
+    """
+    starts: list[int] = []
+    names: list[str] = []
+    local: list[int] = []
+    stop = end - 1 - offset  # count newlines in buf[0:stop]
+    count = 0
+    pos = buf.find(b"\n", 0, stop)
+    while pos != -1:
+        count += 1
+        start = pos + 1  # a line starts after each newline
+        first = buf[start : start + 2]
+        blank = (
+            start >= len(buf)  # the newline ends the file
+            or first[:1] == b"\n"
+            or first == b"\r\n"
+            or (first == b"\r" and start + 1 >= len(buf))
+        )
+        if not blank:
+            comma = buf.find(b",", start, start + NAME_OVERHANG)
+            limit = comma if comma != -1 else min(len(buf), start + NAME_OVERHANG)
+            newline = buf.find(b"\n", start, limit)
+            starts.append(start + offset)
+            names.append(_clean_name(buf[start : newline if newline != -1 else limit]))
+            local.append(count)
+        pos = buf.find(b"\n", start, stop)
+    return BlockIndex(
+        starts=np.asarray(starts, dtype=np.int64),
+        names=names,
+        local_line=np.asarray(local, dtype=np.int64),
+        newlines=count,
+    )
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compiled
+    """Parse the lines at ``starts`` (offsets into ``buf``) into ``out`` (int32, lines x genes).
+
+    Returns a status code; on error ``error`` holds (line index, gene index, token start, token end).
+    """
+    size = buf.shape[0]
+    for i in range(starts.shape[0]):
+        pos = starts[i]
+        # the sample name: up to the first comma
+        while pos < size and buf[pos] != 44 and buf[pos] != 10:
+            pos += 1
+        if pos >= size or buf[pos] != 44:
+            error[0] = i
+            error[1] = 0
+            error[2] = pos
+            error[3] = pos
+            return TOO_FEW
+        pos += 1
+        j = 0
+        while True:
+            token = pos
+            value = 0
+            while pos < size:
+                c = buf[pos]
+                if c < 48 or c > 57:
+                    break
+                value = value * 10 + (c - 48)
+                if value > 2147483647:
+                    error[0] = i
+                    error[1] = j
+                    error[2] = token
+                    while pos < size and buf[pos] != 44 and buf[pos] != 10:
+                        pos += 1
+                    error[3] = pos
+                    return TOO_LARGE
+                pos += 1
+            c = buf[pos] if pos < size else 10
+            ended = c == 44 or c == 10 or (c == 13 and (pos + 1 >= size or buf[pos + 1] == 10))
+            if pos == token or not ended:
+                error[0] = i
+                error[1] = j
+                error[2] = token
+                while pos < size and buf[pos] != 44 and buf[pos] != 10:
+                    pos += 1
+                error[3] = pos
+                if j >= n_genes:
+                    return TOO_MANY
+                if token < size and buf[token] == 45 and token + 1 < pos:
+                    return NEGATIVE
+                if pos == token or (token < size and buf[token] == 13 and token + 1 == pos):
+                    return EMPTY_FIELD
+                return NOT_INTEGER
+            if j >= n_genes:
+                error[0] = i
+                error[1] = j
+                error[2] = token
+                error[3] = pos
+                return TOO_MANY
+            out[i, j] = value
+            j += 1
+            if c == 44:
+                pos += 1
+                continue
+            break
+        if j < n_genes:
+            error[0] = i
+            error[1] = j
+            error[2] = pos
+            error[3] = pos
+            return TOO_FEW
+    return OK
+
+
+def parse_block(
+    buf: np.ndarray,
+    starts: np.ndarray,
+    n_genes: int,
+    *,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Parse lines into an int32 array; returns ``(counts, status, error)``.
+
+    ``buf`` is a uint8 array of the block's bytes, ``starts`` the int64 offsets of its lines in
+    ``buf``. A non-zero status is one of this module's codes, with ``error`` = (line index, gene
+    index, token start, token end); :func:`raise_parse_error` turns it into a message.
+    """
+    if out is None:
+        out = np.empty((starts.shape[0], n_genes), dtype=np.int32)
+    error = np.zeros(4, dtype=np.int64)
+    status = _parse_kernel(buf, starts, n_genes, out, error)
+    return out, int(status), error
+
+
+def raise_parse_error(
+    status: int,
+    error: np.ndarray,
+    buf: np.ndarray,
+    *,
+    source: str,
+    line_numbers: np.ndarray,
+    genes: list[str] | np.ndarray,
+) -> None:
+    """Raise the :class:`InputError` that names the file, line, column and gene of a parse error."""
+    line_index, gene_index, token_start, token_end = (int(v) for v in error)
+    line = int(line_numbers[line_index])
+    token = bytes(buf[token_start : min(token_end, token_start + 40)]).decode("utf-8", "replace")
+    token = token.rstrip("\r")
+    n_genes = len(genes)
+    problem = _PROBLEMS[status]
+    if status == TOO_FEW:
+        raise InputError(
+            f"{source}: line {line}: {problem}: found {gene_index + 1} of {n_genes + 1} "
+            f"(sample_name and {n_genes} genes)"
+        )
+    if status == TOO_MANY:
+        raise InputError(
+            f"{source}: line {line}, column {gene_index + 2}: {problem}: the header has "
+            f"{n_genes + 1} columns, found more ({token!r} after the last gene)"
+        )
+    gene = genes[gene_index]
+    raise InputError(
+        f"{source}: line {line}, column {gene_index + 2} (gene {gene!r}): {problem}: {token!r}"
+    )

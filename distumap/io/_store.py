@@ -1,0 +1,184 @@
+"""The zarr store: opening it as an xarray Dataset, stage records and per-block progress markers.
+
+The layout itself is written down in :mod:`distumap._format`. Stage records live in the root
+group's attributes; per-block markers live in the ``_progress`` subgroup, which xarray does not
+show, so that a block written once is never written again and a half-written stage never looks
+finished.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from distumap import __name__ as _pkg
+from distumap._errors import IncompleteStoreError, InputError
+from distumap._format import ATTR, FORMAT_VERSION, STAGE_ORDER, stages
+
+PROGRESS_GROUP = "_progress"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(_pkg)
+    except PackageNotFoundError:  # a source tree
+        return "0.0.0+unknown"
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """``location`` as workers anywhere can use it: an absolute local path or an fsspec URL."""
+    location = os.fspath(location)
+    return location if "://" in location else os.path.abspath(location)
+
+
+def store_url(store: str | os.PathLike) -> str:
+    """The store's location as a string: an absolute local path or an fsspec URL."""
+    return absolute(store)
+
+
+def exists(store: str | os.PathLike) -> bool:
+    """Whether a zarr group exists at ``store``."""
+    try:
+        zarr.open_group(store_url(store), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    return True
+
+
+def read_attrs(store: str | os.PathLike) -> dict[str, Any]:
+    """The store's root attributes (``{}`` if there is no store)."""
+    try:
+        return dict(zarr.open_group(store_url(store), mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return {}
+
+
+def stage_record(store: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The record of stage ``name`` in the store: ``{"status": ..., "params": ...}`` or None."""
+    return stages(read_attrs(store)).get(name)
+
+
+def mark_stage(
+    store: str | os.PathLike, name: str, status: str, params: dict[str, Any], **info: Any
+) -> None:
+    """Record stage ``name`` as ``status`` ("started" or "complete") with its parameters.
+
+    ``params`` decide whether a re-run may skip or resume the stage; ``info`` (timings, counts)
+    is recorded beside them for provenance.
+
+    Starting a stage invalidates the stages after it, since they were computed from older data.
+    """
+    group = zarr.open_group(store_url(store), mode="r+")
+    record = dict(group.attrs.get(ATTR, {}))
+    record.setdefault("format", FORMAT_VERSION)
+    record["version"] = _version()
+    done = dict(record.get("stages", {}))
+    done[name] = {"status": status, "params": params, **info}
+    if status == "started" and name in STAGE_ORDER:
+        for later in STAGE_ORDER[STAGE_ORDER.index(name) + 1 :]:
+            done.pop(later, None)
+    record["stages"] = done
+    group.attrs[ATTR] = record
+
+
+def require_stage(store: str | os.PathLike, name: str, *, needed_by: str) -> None:
+    """Raise :class:`IncompleteStoreError` unless stage ``name`` finished in ``store``."""
+    attrs = read_attrs(store)
+    if not attrs:
+        raise InputError(f"{store_url(store)}: no distumap store here")
+    if ATTR not in attrs:
+        raise InputError(f"{store_url(store)}: not a distumap store (no {ATTR!r} attribute)")
+    record = stages(attrs).get(name)
+    if record is None or record.get("status") != "complete":
+        state = "was not run" if record is None else "is incomplete"
+        raise IncompleteStoreError(
+            f"{store_url(store)}: the {name} stage {state}; {needed_by} needs it. "
+            f"Run `distumap {name}` (it resumes where it stopped)."
+        )
+
+
+def progress_array(store: str | os.PathLike, name: str, mode: str = "r+") -> zarr.Array:
+    """The per-block marker array ``_progress/<name>``."""
+    return zarr.open_array(store_url(store), path=f"{PROGRESS_GROUP}/{name}", mode=mode)
+
+
+def create_progress(
+    store: str | os.PathLike, name: str, data: np.ndarray, *, chunks: int | None = None
+) -> zarr.Array:
+    """Create (or replace) ``_progress/<name>`` holding ``data``; markers use chunks of one."""
+    group = zarr.open_group(store_url(store), mode="r+")
+    sub = group.require_group(PROGRESS_GROUP)
+    array = sub.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(chunks or max(1, data.shape[0]),),
+        fill_value=False if data.dtype == bool else 0,
+        overwrite=True,
+    )
+    array[...] = data
+    return array
+
+
+def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> xr.Dataset:
+    """Open a distumap store as an :class:`xarray.Dataset`.
+
+    Parameters
+    ----------
+    store
+        Path or fsspec URL of the zarr store.
+    require
+        A stage that must have finished (default ``"ingest"``); ``None`` opens anything.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``counts`` and ``X_umap`` stay lazy (dask); the one-dimensional variables and the
+        metadata coordinates are small and are loaded, so later steps can index with them
+        without computing anything.
+
+    Raises
+    ------
+    IncompleteStoreError
+        The required stage did not finish.
+
+    Examples
+    --------
+    >>> ds = distumap.io.open_store("out/store.zarr")  # doctest: +SKIP
+    >>> ds.counts.shape  # doctest: +SKIP
+    (76533, 50281)
+    """
+    if require is not None:
+        require_stage(store, require, needed_by="this step")
+    ds = xr.open_zarr(store_url(store), consolidated=False)
+    for variable in ds.variables.values():
+        if variable.ndim == 1:
+            variable.load()
+    ds.encoding["distumap_store"] = store_url(store)
+    return ds
+
+
+def store_of(ds: xr.Dataset, store: str | os.PathLike | None = None) -> str:
+    """The store behind ``ds`` (as opened by :func:`open_store`), or ``store`` if given."""
+    if store is not None:
+        return store_url(store)
+    try:
+        return ds.encoding["distumap_store"]
+    except KeyError:
+        raise InputError(
+            "this Dataset was not opened with distumap.io.open_store; pass store=..."
+        ) from None
+
+
+def write_variables(store: str | os.PathLike, variables: xr.Dataset, **to_zarr: Any) -> Any:
+    """Add ``variables`` to the store (xarray's append mode) keeping the store's attributes,
+    which xarray would otherwise replace with ``variables.attrs``."""
+    variables = variables.copy()
+    variables.attrs = read_attrs(store)
+    return variables.to_zarr(store_url(store), mode="a", consolidated=False, **to_zarr)

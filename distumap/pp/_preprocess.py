@@ -1,0 +1,257 @@
+"""Preprocess: per-gene zero fractions, the gene filter and log2(x+1), as lazy Dask graphs.
+
+Nothing here gathers the matrix on one process: the statistics are tree reductions over cell
+blocks (tasks ``gene-stats``), and log2(x+1) is a per-block map (tasks ``log2p1``). Only
+:func:`preprocess`, the stage, computes, and it writes just two gene-length vectors to the store.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.base import tokenize
+
+from distumap import _config, _progress
+from distumap._compute import run
+from distumap._errors import InputError
+from distumap.io._store import (
+    mark_stage,
+    open_store,
+    require_stage,
+    stage_record,
+    store_of,
+    write_variables,
+)
+
+
+def _zero_count_chunk(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    return np.equal(block, 0).sum(axis=axis, keepdims=keepdims, dtype=np.int64)
+
+
+def _sum(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    return block.sum(axis=axis, keepdims=keepdims, dtype=np.int64)
+
+
+def _zero_count_total(block: np.ndarray, axis, keepdims: bool, n_cells: int) -> np.ndarray:
+    total = _sum(block, axis, keepdims)
+    _progress.report("preprocess", 0, total.shape[-1])
+    return total
+
+
+def zero_counts(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
+    """Number of cells with a zero count, per gene (int64).
+
+    A tree reduction over cell blocks whose tasks are named ``gene-stats``. Builds a graph; computes
+    nothing (for numpy-backed data it computes at once).
+    """
+    counts = ds[var]
+    if not isinstance(counts.data, da.Array):
+        return xr.DataArray(np.equal(counts.values, 0).sum(axis=0), dims=("gene",))
+    reduced = da.reduction(
+        counts.data,
+        chunk=_zero_count_chunk,
+        combine=_sum,
+        aggregate=partial(_zero_count_total, n_cells=counts.shape[0]),
+        axis=0,
+        dtype=np.int64,
+        name=f"gene-stats-{tokenize(counts.data)}",
+        concatenate=True,
+    )
+    return xr.DataArray(reduced, dims=("gene",))
+
+
+def zero_fraction(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
+    """Fraction of cells with a zero count, per gene, as float32.
+
+    Parameters
+    ----------
+    ds
+        A store as opened by :func:`distumap.io.open_store` (or any Dataset with ``var``).
+    var
+        The (cell, gene) count variable.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy (dask) when ``ds[var]`` is. Builds a graph; computes nothing.
+
+    Examples
+    --------
+    >>> zf = distumap.pp.zero_fraction(ds)  # doctest: +SKIP
+    >>> zf.compute()  # doctest: +SKIP
+    """
+    n_cells = ds.sizes["cell"]
+    return (zero_counts(ds, var=var) / max(n_cells, 1)).astype(np.float32).rename("zero_fraction")
+
+
+def filter_genes(
+    ds: xr.Dataset, *, max_zero_fraction: float | None = None, var: str = "counts"
+) -> xr.Dataset:
+    """Add ``zero_fraction`` and ``selected`` (genes with fewer zeros than the threshold).
+
+    Parameters
+    ----------
+    ds
+        The store as a Dataset.
+    max_zero_fraction
+        Keep genes whose fraction of zero counts is strictly below this (default
+        ``distumap.max-zero-fraction``, 0.5: the tutorial's filter).
+    var
+        The (cell, gene) count variable.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` with the two gene variables added, lazily: builds a graph, computes nothing.
+
+    Examples
+    --------
+    >>> ds = distumap.pp.filter_genes(ds, max_zero_fraction=0.5)  # doctest: +SKIP
+    """
+    threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"max_zero_fraction must be in (0, 1], not {threshold}")
+    zeros = zero_counts(ds, var=var)
+    n_cells = max(ds.sizes["cell"], 1)
+    # select on the exact fraction, so the float32 rounding of the stored value never decides
+    selected = (zeros / n_cells) < threshold
+    return ds.assign(
+        zero_fraction=(zeros / n_cells).astype(np.float32),
+        selected=selected,
+    )
+
+
+def _log2p1_block(block: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    # float64 then one rounding: equals numpy's log2(x + 1) cast to float32 exactly
+    return np.log2(block[:, genes] + 1.0).astype(np.float32)
+
+
+def log2p1(
+    ds: xr.Dataset, *, var: str = "counts", genes: str | np.ndarray | None = "selected"
+) -> xr.DataArray:
+    """log2(x + 1) of ``ds[var]`` as float32, restricted to the selected genes.
+
+    Parameters
+    ----------
+    ds
+        The store as a Dataset, with ``selected`` loaded (as :func:`distumap.io.open_store` does
+        after the preprocess stage).
+    var
+        The (cell, gene) count variable.
+    genes
+        Name of a boolean gene variable, a boolean mask or integer indices, or None for all genes.
+
+    Returns
+    -------
+    xarray.DataArray
+        (cell, gene) float32, one ``log2p1`` task per cell block. Builds a graph; computes nothing.
+
+    Examples
+    --------
+    >>> x = distumap.pp.log2p1(ds)  # doctest: +SKIP
+    """
+    counts = ds[var]
+    if genes is None:
+        index = np.arange(counts.sizes["gene"])
+    elif isinstance(genes, str):
+        if genes not in ds:
+            raise InputError(f"no gene variable {genes!r}: run the preprocess stage first")
+        mask = ds[genes]
+        if isinstance(mask.data, da.Array):
+            raise InputError(
+                f"{genes!r} is lazy; compute it first (distumap.pp.preprocess writes it)"
+            )
+        index = np.flatnonzero(mask.values)
+    else:
+        genes = np.asarray(genes)
+        index = np.flatnonzero(genes) if genes.dtype == bool else genes.astype(np.int64)
+    coords = {"cell": ds["cell"], "gene": ds["gene"].values[index]}
+    coords.update({name: c for name, c in ds.coords.items() if c.dims == ("cell",)})
+    if not isinstance(counts.data, da.Array):
+        values = _log2p1_block(np.asarray(counts.values), index)
+        return xr.DataArray(values, dims=("cell", "gene"), coords=coords, name="log2p1")
+    data = counts.data
+    if data.numblocks[1] != 1:
+        data = data.rechunk({1: -1})
+    logged = data.map_blocks(
+        _log2p1_block,
+        index,
+        chunks=(data.chunks[0], (len(index),)),
+        dtype=np.float32,
+        name=f"log2p1-{tokenize(data, index)}",
+    )
+    return xr.DataArray(logged, dims=("cell", "gene"), coords=coords, name="log2p1")
+
+
+def preprocess(
+    ds: xr.Dataset | str,
+    *,
+    max_zero_fraction: float | None = None,
+    store: str | None = None,
+    progress: bool = False,
+) -> xr.Dataset:
+    """The preprocess stage: compute the gene statistics on the workers and write them to the store.
+
+    Parameters
+    ----------
+    ds
+        The store (a Dataset from :func:`distumap.io.open_store`, or its path).
+    max_zero_fraction
+        See :func:`filter_genes`.
+    store
+        Where to write, if ``ds`` was not opened by :func:`distumap.io.open_store`.
+    progress
+        Show a progress bar (with a distributed client).
+
+    Returns
+    -------
+    xarray.Dataset
+        The store reopened, with ``zero_fraction`` and ``selected``.
+
+    Notes
+    -----
+    This computes: one pass over ``counts`` on the current scheduler. Only the two gene vectors
+    travel back. A finished stage with the same parameters is skipped.
+
+    Examples
+    --------
+    >>> ds = distumap.pp.preprocess("out/store.zarr")  # doctest: +SKIP
+    """
+    location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
+    require_stage(location, "ingest", needed_by="preprocess")
+    threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
+    params = {"max_zero_fraction": threshold}
+    record = stage_record(location, "preprocess")
+    if record and record.get("status") == "complete" and record.get("params") == params:
+        return open_store(location)
+    if not isinstance(ds, xr.Dataset):
+        ds = open_store(location)
+    started = time.perf_counter()
+    mark_stage(location, "preprocess", "started", params)
+    (zeros,) = run([zero_counts(ds).data], stage="preprocess: gene statistics", progress=progress)
+    n_cells = max(ds.sizes["cell"], 1)
+    genes = xr.Dataset(
+        {
+            "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
+            "selected": ("gene", (zeros / n_cells) < threshold),
+        }
+    )
+    write_variables(location, genes)
+    n_selected = int(genes["selected"].sum())
+    mark_stage(
+        location,
+        "preprocess",
+        "complete",
+        params,
+        genes_selected=n_selected,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    if n_selected == 0:
+        raise InputError(
+            f"{location}: no gene has a zero fraction below {threshold}; raise max_zero_fraction"
+        )
+    return open_store(location)

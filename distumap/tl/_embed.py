@@ -1,0 +1,354 @@
+"""Embed: landmarks, a UMAP fit on them (on a worker), and a parallel, batch-invariant transform.
+
+"Fit small, transform big": a seeded sample of cells (the landmarks) is gathered on one worker,
+where umap-learn is fitted (task ``umap-fit``). The fitted model is written into the store once;
+a worker plugin loads it on every worker (warming numba up there) and the ``umap-transform``
+tasks, one per store chunk, read it by reference, never inside the task graph. Each task writes
+its chunk of ``X_umap`` and sets its marker, so a re-run resumes and no block is written twice.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from functools import lru_cache
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from dask.base import tokenize
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from distumap import _config, _progress
+from distumap._compute import current_client, run
+from distumap._errors import InputError
+from distumap.io._store import (
+    create_progress,
+    mark_stage,
+    open_store,
+    progress_array,
+    require_stage,
+    stage_record,
+    store_of,
+    write_variables,
+)
+from distumap.pp import log2p1
+from distumap.tl import _model
+
+MODEL_ARRAY = "umap_model"
+_MODEL_CHUNK = 64 << 20
+
+
+def landmarks(
+    ds: xr.Dataset,
+    n: int | None = None,
+    *,
+    stratify: str | None = None,
+    seed: int | None = None,
+    min_per_group: int | None = None,
+) -> xr.DataArray:
+    """Choose landmark cells: a seeded sample, uniform or stratified by a metadata column.
+
+    Parameters
+    ----------
+    ds
+        The store as a Dataset.
+    n
+        Number of landmarks (default ``distumap.landmarks``); all cells if ``n`` is not smaller.
+    stratify
+        A cell coordinate (e.g. ``subclass_label``). Each group gets
+        ``min(group size, min_per_group)`` landmarks, and the rest are shared in proportion to
+        group size, so rare populations are represented.
+    seed
+        Random seed (default ``distumap.seed``).
+    min_per_group
+        Landmarks guaranteed to each group when stratifying (default ``distumap.min-per-group``).
+
+    Returns
+    -------
+    xarray.DataArray
+        Boolean over ``cell``. Computes nothing but a sample of indices.
+
+    Examples
+    --------
+    >>> is_landmark = distumap.tl.landmarks(ds, 20000, stratify="subclass_label")  # doctest: +SKIP
+    """
+    n_cells = ds.sizes["cell"]
+    n = int(_config.get("landmarks", n))
+    seed = int(_config.get("seed", seed))
+    if n < 2:
+        raise InputError(f"landmarks must be at least 2, not {n}")
+    rng = np.random.default_rng(seed)
+    if n >= n_cells:
+        chosen = np.arange(n_cells)
+    elif stratify is None:
+        chosen = rng.choice(n_cells, size=n, replace=False)
+    else:
+        if stratify not in ds.coords:
+            raise InputError(f"cannot stratify by {stratify!r}: no such cell coordinate")
+        minimum = int(_config.get("min-per-group", min_per_group))
+        chosen = _stratified(np.asarray(ds[stratify].values).astype(str), n, minimum, rng)
+    mask = np.zeros(n_cells, dtype=bool)
+    mask[chosen] = True
+    return xr.DataArray(mask, dims=("cell",), coords={"cell": ds["cell"]}, name="landmark")
+
+
+def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generator) -> np.ndarray:
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    quota = np.minimum(sizes, minimum)
+    if quota.sum() > n:  # more groups than room: the smallest guarantees shrink evenly
+        quota = np.minimum(sizes, max(1, n // len(names)))
+    rest = n - quota.sum()
+    spare = sizes - quota
+    if rest > 0 and spare.sum() > 0:
+        share = rest * spare / spare.sum()
+        extra = np.floor(share).astype(np.int64)
+        leftover = rest - extra.sum()
+        extra[np.argsort(-(share - extra), kind="stable")[:leftover]] += 1
+        quota = quota + np.minimum(extra, spare)
+    chosen = []
+    for group, k in enumerate(quota):
+        members = np.flatnonzero(inverse == group)
+        chosen.append(rng.choice(members, size=int(k), replace=False))
+    return np.concatenate(chosen)
+
+
+# ---------------------------------------------------------------- the model, by reference
+
+
+def _save_model(store: str, model: _model.LandmarkModel, token: str) -> None:
+    payload = np.frombuffer(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    array = create_progress(store, MODEL_ARRAY, payload, chunks=_MODEL_CHUNK)
+    array.attrs["token"] = token
+
+
+@lru_cache(maxsize=2)
+def _load_model(store: str, token: str) -> _model.LandmarkModel:
+    """The fitted model, read once per process (and per fit, through ``token``)."""
+    array = progress_array(store, MODEL_ARRAY, mode="r")
+    if array.attrs.get("token") != token:
+        raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
+    model = pickle.loads(array[:].tobytes())
+    _model.warm_up(model)
+    return model
+
+
+class ModelPlugin(WorkerPlugin):
+    """Worker plugin: loads the fitted model on each worker once and compiles the kernels there,
+    so the dashboard shows transform work, not compilation."""
+
+    name = "distumap-umap-model"
+
+    def __init__(self, store: str, token: str):
+        self.store, self.token = store, token
+
+    def setup(self, worker=None) -> None:
+        _load_model(self.store, self.token)
+
+    def teardown(self, worker=None) -> None:
+        _load_model.cache_clear()
+
+
+def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, Any]) -> np.ndarray:
+    model = _model.fit_landmark_model(
+        features,
+        n_pca=params["pca"],
+        n_neighbors=params["n_neighbors"],
+        min_dist=params["min_dist"],
+        seed=params["seed"],
+        transform_epochs=params["transform_epochs"],
+    )
+    _save_model(store, model, token)
+    return model.landmark_embedding
+
+
+def _transform_task(
+    block: np.ndarray,
+    block_index: int,
+    first_cell: int,
+    landmark_rows: np.ndarray,
+    landmark_order: np.ndarray,
+    *,
+    store: str,
+    token: str,
+    n_cells: int,
+) -> int:
+    """Embed one store chunk of cells and write it (skipped if already written)."""
+    if progress_array(store, "embed", mode="r")[block_index]:
+        return 0
+    model = _load_model(store, token)
+    cells = np.arange(first_cell, first_cell + block.shape[0], dtype=np.int64)
+    coords = np.empty((block.shape[0], 2), dtype=np.float32)
+    is_landmark = np.zeros(block.shape[0], dtype=bool)
+    is_landmark[landmark_rows - first_cell] = True
+    # landmarks keep their fitted coordinates; only the others are transformed
+    coords[is_landmark] = model.landmark_embedding[landmark_order]
+    if (~is_landmark).any():
+        coords[~is_landmark] = _model.transform(model, block[~is_landmark], cells[~is_landmark])
+    zarr.open_array(store, path="X_umap", mode="r+")[first_cell : first_cell + len(cells)] = coords
+    progress_array(store, "embed")[block_index] = True
+    _progress.report("embed", len(cells), n_cells, block=block_index)
+    return len(cells)
+
+
+def _embed_params(**given: Any) -> dict[str, Any]:
+    names = {
+        "landmarks": "landmarks",
+        "pca": "pca",
+        "n_neighbors": "n-neighbors",
+        "min_dist": "min-dist",
+        "seed": "seed",
+        "transform_epochs": "transform-epochs",
+    }
+    params = {key: _config.get(option, given.get(key)) for key, option in names.items()}
+    for key in ("landmarks", "pca", "n_neighbors", "seed", "transform_epochs"):
+        params[key] = int(params[key])
+    params["min_dist"] = float(params["min_dist"])
+    params["stratify"] = given.get("stratify")
+    if params["pca"] < 0 or params["n_neighbors"] < 2:
+        raise InputError("pca must be >= 0 and n_neighbors >= 2")
+    return params
+
+
+def umap(
+    ds: xr.Dataset | str,
+    *,
+    landmarks: int | None = None,
+    stratify: str | None = None,
+    pca: int | None = None,
+    n_neighbors: int | None = None,
+    min_dist: float | None = None,
+    seed: int | None = None,
+    transform_epochs: int | None = None,
+    store: str | None = None,
+    progress: bool = False,
+) -> xr.Dataset:
+    """The embed stage: fit UMAP on landmark cells, transform every other cell in parallel.
+
+    Parameters
+    ----------
+    ds
+        The preprocessed store (a Dataset from :func:`distumap.io.open_store`, or its path).
+    landmarks, stratify
+        How many landmark cells, and an optional cell coordinate to stratify them by (see
+        :func:`landmarks`). Defaults: ``distumap.landmarks``, uniform.
+    pca
+        Principal components of the selected genes' log values (fitted on the landmarks) to
+        embed from; 0 embeds from the genes themselves, as the tutorial does. Default
+        ``distumap.pca``.
+    n_neighbors, min_dist, seed
+        umap-learn's parameters (defaults: the tutorial's 30, 0.25 and 999).
+    transform_epochs
+        SGD epochs for each transformed cell (default ``distumap.transform-epochs``).
+    store
+        Where to write, if ``ds`` was not opened by :func:`distumap.io.open_store`.
+    progress
+        Show progress bars (with a distributed client).
+
+    Returns
+    -------
+    xarray.Dataset
+        The store reopened, with ``X_umap`` (cell, umap) and ``landmark`` (cell).
+
+    Notes
+    -----
+    This computes. Features are log2(x+1) of the selected genes, built lazily from ``counts``.
+    A cell's coordinates depend only on its own values, its index and the fitted model, never on
+    the chunk size or the number of workers. A finished stage with the same parameters is
+    skipped; an interrupted one resumes with the blocks not yet written.
+
+    Examples
+    --------
+    >>> ds = distumap.tl.umap(ds, landmarks=20000, stratify="subclass_label")  # doctest: +SKIP
+    """
+    location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
+    require_stage(location, "preprocess", needed_by="embed")
+    params = _embed_params(
+        landmarks=landmarks,
+        stratify=stratify,
+        pca=pca,
+        n_neighbors=n_neighbors,
+        min_dist=min_dist,
+        seed=seed,
+        transform_epochs=transform_epochs,
+    )
+    record = stage_record(location, "embed")
+    if record and record.get("status") == "complete" and record.get("params") == params:
+        return open_store(location)
+    ds = open_store(location, require="preprocess")
+    started = time.perf_counter()
+    features = log2p1(ds).data
+    n_cells = ds.sizes["cell"]
+    token = tokenize(location, params, ds.attrs.get("distumap", {}).get("stages", {}))
+
+    resume = bool(record) and record.get("params") == params and record.get("token") == token
+    if not resume:
+        mark_stage(location, "embed", "started", params, token=token)
+        is_landmark = _landmark_mask(ds, params)
+        chunks = ds["counts"].data.chunks[0]
+        placeholder = da.zeros((n_cells, 2), chunks=(chunks, 2), dtype=np.float32)
+        write_variables(
+            location,
+            xr.Dataset(
+                {"X_umap": (("cell", "umap"), placeholder), "landmark": ("cell", is_landmark)}
+            ),
+            compute=False,
+            encoding={"X_umap": {"chunks": (chunks[0], 2)}},
+        )
+        create_progress(location, "embed", np.zeros(len(chunks), dtype=bool), chunks=1)
+        rows = np.flatnonzero(is_landmark)
+        fit = dask.delayed(_fit_task, pure=False)(
+            features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
+        )
+        run([fit], stage="embed: fit UMAP on landmarks", progress=progress)
+    else:
+        is_landmark = open_store(location, require="preprocess")["landmark"].values
+
+    client = current_client()
+    if client is not None:
+        client.register_plugin(ModelPlugin(location, token))
+    rows = np.flatnonzero(is_landmark)
+    done = progress_array(location, "embed", mode="r")[:]
+    bounds = np.cumsum((0, *features.chunks[0]))
+    blocks = features.to_delayed().ravel()
+    tasks = []
+    for i, block in enumerate(blocks):
+        if done[i]:
+            continue
+        first, last = int(bounds[i]), int(bounds[i + 1])
+        lo, hi = np.searchsorted(rows, [first, last])
+        tasks.append(
+            dask.delayed(_transform_task, pure=False)(
+                block,
+                i,
+                first,
+                rows[lo:hi],
+                np.arange(lo, hi),
+                store=location,
+                token=token,
+                n_cells=n_cells,
+                dask_key_name=f"umap-transform-{token}-{i}",
+            )
+        )
+    run(tasks, stage="embed: transform cells", progress=progress)
+    if not progress_array(location, "embed", mode="r")[:].all():
+        raise RuntimeError(f"{location}: some embed blocks were not written")
+    mark_stage(
+        location,
+        "embed",
+        "complete",
+        params,
+        token=token,
+        landmarks_used=int(len(rows)),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return open_store(location)
+
+
+def _landmark_mask(ds: xr.Dataset, params: dict[str, Any]) -> np.ndarray:
+    return landmarks(
+        ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"]
+    ).values
