@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 ATTR = "distumap"
 
 #: the stages in order; each adds the variables listed for it
-STAGE_ORDER = ("ingest", "preprocess", "embed")
+STAGE_ORDER = ("ingest", "preprocess", "embed", "export")
 
 #: name -> (dims, dtype kind, the stage that writes it)
 STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {

@@ -57,11 +57,23 @@ def connect(
             processes=True,
             memory_limit=memory_limit,
             dashboard_address=dashboard_address,
+            # distumap's page on the dashboard: each stage's progress
+            scheduler_kwargs={"preload": ["distumap.dashboard"]},
         )
         client = Client(cluster)
         client._distumap_owns_cluster = True  # closed with the client by close()
+    page = None
+    try:
+        from distumap import dashboard
+
+        page = dashboard.install(client) if client.cluster is None else dashboard.page_link(client)
+    except Exception as error:  # a remote scheduler that cannot import distumap: no page
+        if not quiet:
+            print(f"distumap: no progress page on the dashboard ({error})", file=sys.stderr)
     if not quiet:
         print(f"distumap: Dask dashboard at {client.dashboard_link}", file=sys.stderr, flush=True)
+        if page:
+            print(f"distumap: stage progress at {page}", file=sys.stderr, flush=True)
     return client
 
 

@@ -1,0 +1,353 @@
+"""The ``distumap`` command: a thin layer over the Python API.
+
+Exit codes: 0 success, 2 bad input or usage, 1 anything else, with one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import dask
+
+from distumap._errors import InputError
+
+EPILOG = """\
+Settings default to dask's config namespace `distumap.*` (e.g. DASK_DISTUMAP__LANDMARKS=50000);
+flags override them. With no --scheduler, --scheduler-file or DASK_SCHEDULER_ADDRESS, an embedded
+cluster of worker processes starts; its dashboard link is printed at start."""
+
+
+# ---------------------------------------------------------------- options
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (default: $DASK_SCHEDULER_ADDRESS)",
+    )
+    where.add_argument("--scheduler-file", metavar="FILE", help="a Dask scheduler file")
+    group.add_argument(
+        "--n-workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the embedded cluster (default: one per core)",
+    )
+    group.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        default="auto",
+        help="memory limit per embedded worker, e.g. 4GiB (default: share of the machine)",
+    )
+    group.add_argument(
+        "--dashboard-address",
+        metavar="ADDR",
+        default=":8787",
+        help="where the embedded cluster serves its dashboard (default :8787)",
+    )
+    group.add_argument(
+        "--performance-report",
+        metavar="FILE",
+        help="save Dask's HTML performance report of the run to FILE",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show progress bars on stderr (default: on)",
+    )
+
+
+def _ingest_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metadata", metavar="META.csv", help="cell metadata with sample_name")
+    parser.add_argument(
+        "--chunk-cells", type=int, metavar="N", help="cells per store chunk (default 1024)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a store made from other input or with other parameters",
+    )
+
+
+def _preprocess_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-zero-fraction",
+        type=float,
+        metavar="F",
+        help="keep genes with fewer zeros than this fraction of cells (default 0.5)",
+    )
+
+
+def _embed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--landmarks", type=int, metavar="N", help="cells to fit UMAP on (default 20000)"
+    )
+    parser.add_argument(
+        "--stratify", metavar="COLUMN", help="sample landmarks per group of this metadata column"
+    )
+    parser.add_argument(
+        "--pca",
+        type=int,
+        metavar="N",
+        help="principal components to embed from (default 50; 0: the genes, as the tutorial)",
+    )
+    parser.add_argument("--n-neighbors", type=int, metavar="K", help="UMAP n_neighbors (30)")
+    parser.add_argument("--min-dist", type=float, metavar="D", help="UMAP min_dist (0.25)")
+    parser.add_argument("--seed", type=int, help="random seed (999)")
+    parser.add_argument(
+        "--transform-epochs", type=int, metavar="N", help="SGD epochs per transformed cell (100)"
+    )
+
+
+def _color_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--color",
+        metavar="COLUMN",
+        help="metadata column to colour the pictures by (default: subclass_label if present)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``distumap`` argument parser (used by :func:`main` and by the deploy tests)."""
+    from distumap import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="distumap",
+        description="UMAP embeddings of single-cell count matrices too large for one process, "
+        "on a Dask cluster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"distumap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="all stages: CSV -> store -> loom and pictures",
+        description="Ingest, preprocess, embed and export. Writes DIR/store.zarr, "
+        "DIR/embedding.loom, DIR/umap.png and DIR/umap.html. A stage that already finished "
+        "with the same parameters is skipped, so re-running resumes.",
+    )
+    run.add_argument("matrix", metavar="MATRIX.csv", help="count matrix (path or fsspec URL)")
+    run.add_argument("--out", required=True, metavar="DIR", help="output directory (or URL)")
+    for add in (_ingest_options, _preprocess_options, _embed_options, _color_option):
+        add(run)
+    _cluster_options(run)
+
+    ingest = commands.add_parser("ingest", help="CSV -> zarr store, in parallel")
+    ingest.add_argument("matrix", metavar="MATRIX.csv")
+    ingest.add_argument("store", metavar="STORE")
+    _ingest_options(ingest)
+    _cluster_options(ingest)
+
+    preprocess = commands.add_parser("preprocess", help="gene statistics and the gene filter")
+    preprocess.add_argument("store", metavar="STORE")
+    _preprocess_options(preprocess)
+    _cluster_options(preprocess)
+
+    embed = commands.add_parser("embed", help="landmark UMAP fit and parallel transform")
+    embed.add_argument("store", metavar="STORE")
+    _embed_options(embed)
+    _cluster_options(embed)
+
+    export = commands.add_parser("export", help="store -> loom (genes x cells)")
+    export.add_argument("store", metavar="STORE")
+    export.add_argument("loom", metavar="OUT.loom")
+    _cluster_options(export)
+
+    info = commands.add_parser("info", help="stages done, shapes and parameters of a store")
+    info.add_argument("store", metavar="STORE")
+    info.add_argument("--json", action="store_true", help="print the stage records as JSON")
+
+    demo = commands.add_parser(
+        "demo",
+        help="a seeded synthetic dataset of realistic shape, then `run`",
+        description="Generate a seeded synthetic matrix (labelled populations of very different "
+        "sizes, realistic sparsity) as DIR/data/matrix.csv and metadata.csv, then run every stage.",
+    )
+    demo.add_argument("--out", default="distumap-demo", metavar="DIR", help="(distumap-demo)")
+    demo.add_argument("--cells", type=int, default=12_000, help="cells (12000)")
+    demo.add_argument("--genes", type=int, default=50_281, help="genes (50281, as the tutorial)")
+    demo.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (0)")
+    for add in (_preprocess_options, _embed_options):
+        add(demo)
+    demo.set_defaults(landmarks=None)
+    _cluster_options(demo)
+    return parser
+
+
+# ---------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[object]:
+    from distumap.cluster import close, connect
+
+    client = connect(
+        args.scheduler,
+        scheduler_file=args.scheduler_file,
+        n_workers=args.n_workers,
+        memory_limit=args.memory_limit,
+        dashboard_address=args.dashboard_address,
+    )
+    try:
+        if args.performance_report:
+            from distributed import performance_report
+
+            with performance_report(filename=args.performance_report):
+                yield client
+        else:
+            yield client
+    finally:
+        close(client)
+
+
+def _default_color(ds, color: str | None) -> str | None:
+    if color is not None:
+        if color not in ds.coords:
+            raise InputError(f"--color {color!r}: no such metadata column")
+        return color
+    return "subclass_label" if "subclass_label" in ds.coords else None
+
+
+def _embed_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "landmarks": args.landmarks,
+        "stratify": args.stratify,
+        "pca": args.pca,
+        "n_neighbors": args.n_neighbors,
+        "min_dist": args.min_dist,
+        "seed": args.seed,
+        "transform_epochs": args.transform_epochs,
+        "progress": args.progress,
+    }
+
+
+def _export(ds, loom: str, *, progress: bool) -> str:
+    from distumap import io
+
+    return io.write_loom(ds, loom, progress=progress)
+
+
+def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: str) -> None:
+    from distumap import io, pl, pp, tl
+
+    store, loom = f"{out}/store.zarr", f"{out}/embedding.loom"
+    if "://" not in out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    ds = io.read_csv(
+        matrix,
+        store,
+        metadata=metadata,
+        chunk_cells=getattr(args, "chunk_cells", None),
+        overwrite=getattr(args, "overwrite", False),
+        progress=args.progress,
+    )
+    color = _default_color(ds, getattr(args, "color", None))
+    ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
+    ds = tl.umap(ds, **_embed_kwargs(args))
+    _export(ds, loom, progress=args.progress)
+    pl.umap(ds, color=color, path=f"{out}/umap.png")
+    pl.umap_html(ds, color=color, path=f"{out}/umap.html")
+    print(f"distumap: wrote {store}, {loom}, {out}/umap.png and {out}/umap.html")
+
+
+def _info(store: str, as_json: bool) -> None:
+    from distumap import io
+    from distumap._format import check_store, stages
+
+    ds = io.open_store(store, require=None)
+    records = stages(ds)
+    if as_json:
+        print(json.dumps(records, indent=2, default=str))
+        return
+    print(f"{store}: {ds.sizes.get('cell', 0)} cells x {ds.sizes.get('gene', 0)} genes")
+    for name, record in records.items():
+        params = ", ".join(f"{k}={v}" for k, v in record.get("params", {}).items())
+        print(f"  {name:<11} {record.get('status', '?'):<9} {params}")
+    if "selected" in ds:
+        print(f"  genes selected: {int(ds['selected'].sum())}")
+    metadata = [name for name, c in ds.coords.items() if c.dims == ("cell",) and name != "cell"]
+    if metadata:
+        print(f"  metadata: {', '.join(metadata)}")
+    problems = check_store(ds)
+    for problem in problems:
+        print(f"  problem: {problem}")
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from distumap import io, pp, tl
+
+    if args.command == "info":
+        _info(args.store, args.json)
+        return
+    with _cluster(args):
+        if args.command == "run":
+            _run_all(args, args.matrix, args.metadata, args.out.rstrip("/"))
+        elif args.command == "demo":
+            from distumap import testing
+
+            out = args.out.rstrip("/")
+            spec = testing.SyntheticSpec(args.cells, args.genes, seed=args.data_seed)
+            matrix, metadata = Path(out) / "data" / "matrix.csv", Path(out) / "data" / "metadata.csv"
+            written = matrix.parent / f".complete-{args.cells}x{args.genes}-{args.data_seed}"
+            if not written.exists():  # a re-run resumes on the same data
+                print(f"distumap: writing demo data to {matrix.parent}", file=sys.stderr)
+                matrix, metadata = testing.write_dataset(matrix.parent, spec)
+                written.touch()
+            if args.landmarks is None:
+                args.landmarks = min(dask.config.get("distumap.landmarks"), args.cells // 3)
+            _run_all(args, str(matrix), str(metadata), out)
+        elif args.command == "ingest":
+            io.read_csv(
+                args.matrix,
+                args.store,
+                metadata=args.metadata,
+                chunk_cells=args.chunk_cells,
+                overwrite=args.overwrite,
+                progress=args.progress,
+            )
+        elif args.command == "preprocess":
+            pp.preprocess(
+                args.store, max_zero_fraction=args.max_zero_fraction, progress=args.progress
+            )
+        elif args.command == "embed":
+            tl.umap(args.store, **_embed_kwargs(args))
+        elif args.command == "export":
+            ds = io.open_store(args.store, require="embed")
+            _export(ds, args.loom, progress=args.progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``distumap`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("default", category=UserWarning, module="distumap")
+    try:
+        _dispatch(args)
+    except InputError as error:
+        print(f"distumap: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distumap: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line, not a traceback
+        if os.environ.get("DISTUMAP_TRACEBACK"):
+            raise
+        print(f"distumap: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
