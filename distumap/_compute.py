@@ -1,4 +1,4 @@
-"""Running a list of named tasks on whatever scheduler is current, with progress and clear failures."""
+"""Running named tasks on the current scheduler, with progress and clear failures."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def run(
     client = current_client()
     if client is None:
         return list(dask.compute(*tasks))
-    from distributed import KilledWorker, progress as progress_bar
+    from distributed import KilledWorker
+    from distributed import progress as progress_bar
 
     futures = client.compute(list(tasks), retries=retries)
     try:

@@ -299,7 +299,10 @@ def _dispatch(args: argparse.Namespace) -> None:
 
             out = args.out.rstrip("/")
             spec = testing.SyntheticSpec(args.cells, args.genes, seed=args.data_seed)
-            matrix, metadata = Path(out) / "data" / "matrix.csv", Path(out) / "data" / "metadata.csv"
+            matrix, metadata = (
+                Path(out) / "data" / "matrix.csv",
+                Path(out) / "data" / "metadata.csv",
+            )
             written = matrix.parent / f".complete-{args.cells}x{args.genes}-{args.data_seed}"
             if not written.exists():  # a re-run resumes on the same data
                 print(f"distumap: writing demo data to {matrix.parent}", file=sys.stderr)

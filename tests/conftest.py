@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 
-
 def _dask_command(*args: str) -> list[str]:
     # `python -m dask` runs the same entry point as the `dask` script, in this interpreter
     return [sys.executable, "-m", "dask", *args]
@@ -22,7 +21,7 @@ def _dask_command(*args: str) -> list[str]:
 
 @dataclass
 class LoopbackCluster:
-    """``dask scheduler`` plus ``dask worker`` processes on 127.0.0.1, joined by a scheduler file."""
+    """`dask scheduler` and `dask worker` processes on 127.0.0.1, joined by a scheduler file."""
 
     scheduler_file: Path
     address: str
@@ -56,13 +55,16 @@ def start_loopback_cluster(
     directory.mkdir(parents=True, exist_ok=True)
     scheduler_file = directory / "scheduler.json"
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    log = open(directory / "scheduler.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(directory / "scheduler.log", "wb")
     args = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0"]
     args += ["--scheduler-file", str(scheduler_file)]
     if preload:
         args += ["--preload", preload]
     scheduler = subprocess.Popen(
-        _dask_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env,
+        _dask_command(*args),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
@@ -79,15 +81,26 @@ def start_loopback_cluster(
         scheduler=scheduler,
     )
     for i in range(n_workers):
-        wlog = open(directory / f"worker-{i}.log", "wb")  # noqa: SIM115
+        wlog = open(directory / f"worker-{i}.log", "wb")
         cluster.workers.append(
             subprocess.Popen(
                 _dask_command(
-                    "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                    "--memory-limit", memory_limit, "--host", "127.0.0.1",
-                    "--local-directory", str(directory / f"worker-{i}"),
+                    "worker",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    memory_limit,
+                    "--host",
+                    "127.0.0.1",
+                    "--local-directory",
+                    str(directory / f"worker-{i}"),
                 ),
-                stdout=wlog, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stdout=wlog,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         )
     with cluster.client() as client:

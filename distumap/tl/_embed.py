@@ -25,6 +25,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distumap import _config, _progress
 from distumap._compute import current_client, run
 from distumap._errors import InputError
+from distumap._format import stages
 from distumap.io._store import (
     create_progress,
     mark_stage,
@@ -39,7 +40,7 @@ from distumap.pp import log2p1
 from distumap.tl import _model
 
 MODEL_ARRAY = "umap_model"
-_MODEL_CHUNK = 64 << 20
+_MODEL_CHUNK = 16 << 20
 
 
 def landmarks(
@@ -121,7 +122,7 @@ def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generat
 
 def _save_model(store: str, model: _model.LandmarkModel, token: str) -> None:
     payload = np.frombuffer(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-    array = create_progress(store, MODEL_ARRAY, payload, chunks=_MODEL_CHUNK)
+    array = create_progress(store, MODEL_ARRAY, payload, chunks=min(_MODEL_CHUNK, payload.size))
     array.attrs["token"] = token
 
 
@@ -134,6 +135,14 @@ def _load_model(store: str, token: str) -> _model.LandmarkModel:
     model = pickle.loads(array[:].tobytes())
     _model.warm_up(model)
     return model
+
+
+def _model_saved(store: str, token: str) -> bool:
+    """Whether the fit finished: the model of this run (``token``) is in the store."""
+    try:
+        return progress_array(store, MODEL_ARRAY, mode="r").attrs.get("token") == token
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        return False
 
 
 class ModelPlugin(WorkerPlugin):
@@ -282,9 +291,16 @@ def umap(
     started = time.perf_counter()
     features = log2p1(ds).data
     n_cells = ds.sizes["cell"]
-    token = tokenize(location, params, ds.attrs.get("distumap", {}).get("stages", {}))
+    # the stages embed depends on, not embed's own record: a re-run must find the same token
+    earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
+    token = tokenize(location, params, earlier)
 
-    resume = bool(record) and record.get("params") == params and record.get("token") == token
+    resume = (
+        bool(record)
+        and record.get("params") == params
+        and record.get("token") == token
+        and _model_saved(location, token)
+    )
     if not resume:
         mark_stage(location, "embed", "started", params, token=token)
         is_landmark = _landmark_mask(ds, params)
@@ -342,7 +358,7 @@ def umap(
         "complete",
         params,
         token=token,
-        landmarks_used=int(len(rows)),
+        landmarks_used=len(rows),
         seconds=round(time.perf_counter() - started, 3),
     )
     return open_store(location)

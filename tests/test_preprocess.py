@@ -1,0 +1,159 @@
+"""Preprocess: exact values against numpy, laziness proved, parity across execution modes."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import distumap
+from distumap import pp
+from distumap._errors import IncompleteStoreError, InputError
+from distumap.testing import synthetic_counts
+
+
+class CountingScheduler:
+    """A dask scheduler that counts computes and fails past ``max_computes`` (after xarray's)."""
+
+    def __init__(self, max_computes: int = 0):
+        self.total_computes = 0
+        self.max_computes = max_computes
+
+    def __call__(self, dsk, keys, **kwargs):
+        self.total_computes += 1
+        if self.total_computes > self.max_computes:
+            raise RuntimeError(
+                f"{self.total_computes} computes, at most {self.max_computes} allowed"
+            )
+        return dask.get(dsk, keys, **kwargs)
+
+
+def _dataset(counts: np.ndarray, chunk: int | None) -> xr.Dataset:
+    data = counts if chunk is None else da.from_array(counts, chunks=(chunk, -1))
+    n_cells, n_genes = counts.shape
+    return xr.Dataset(
+        {"counts": (("cell", "gene"), data)},
+        coords={
+            "cell": [f"c{i}" for i in range(n_cells)],
+            "gene": [f"g{j}" for j in range(n_genes)],
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def counts() -> np.ndarray:
+    return synthetic_counts(701, 300, seed=3, zero_genes=7, zero_cells=5).counts
+
+
+def _expected(counts: np.ndarray, threshold: float = 0.5):
+    zero_fraction = (counts == 0).mean(axis=0)
+    selected = zero_fraction < threshold
+    return (
+        zero_fraction.astype(np.float32),
+        selected,
+        np.log2(counts[:, selected] + 1.0).astype(np.float32),
+    )
+
+
+def test_building_the_graphs_computes_nothing(counts):
+    ds = _dataset(counts, 64)
+    with dask.config.set(scheduler=CountingScheduler(max_computes=0)):
+        filtered = pp.filter_genes(ds, max_zero_fraction=0.5)
+        zero_fraction = pp.zero_fraction(ds)
+        selected = filtered["selected"].compute(scheduler="sync")  # the only compute, allowed below
+    assert isinstance(filtered["zero_fraction"].data, da.Array)
+    assert isinstance(zero_fraction.data, da.Array)
+    ds = ds.assign(selected=selected)
+    counter = CountingScheduler(max_computes=0)
+    with dask.config.set(scheduler=counter):
+        logged = pp.log2p1(ds)
+    assert counter.total_computes == 0
+    assert isinstance(logged.data, da.Array)
+    assert logged.shape == (counts.shape[0], int(selected.sum()))
+
+
+def test_task_names_tell_the_stage(counts):
+    ds = _dataset(counts, 100)
+    stats = pp.zero_counts(ds).data
+    assert any(
+        str(k[0] if isinstance(k, tuple) else k).startswith("gene-stats") for k in stats.dask
+    )
+    ds = ds.assign(selected=("gene", np.ones(counts.shape[1], bool)))
+    logged = pp.log2p1(ds).data
+    assert logged.name.startswith("log2p1-")
+
+
+@pytest.mark.parametrize("mode", ["numpy", "threads", "processes-cluster"])
+def test_parity_across_execution_modes(counts, mode, request):
+    expected_zf, expected_sel, expected_log = _expected(counts)
+    ds = _dataset(counts, None if mode == "numpy" else 97)  # a ragged last chunk
+    if mode == "processes-cluster":
+        client = request.getfixturevalue("local_client")
+        compute = client.compute
+        gather = client.gather
+    else:
+        compute = dask.compute if mode == "threads" else (lambda x: (x,))
+        gather = None
+    filtered = pp.filter_genes(ds)
+    if mode == "numpy":
+        zero_fraction, selected = filtered["zero_fraction"].values, filtered["selected"].values
+    elif gather is None:
+        zero_fraction, selected = dask.compute(
+            filtered["zero_fraction"].data, filtered["selected"].data, scheduler="threads"
+        )
+    else:
+        zero_fraction, selected = gather(
+            compute([filtered["zero_fraction"].data, filtered["selected"].data])
+        )
+    np.testing.assert_array_equal(zero_fraction, expected_zf)
+    np.testing.assert_array_equal(selected, expected_sel)
+    logged = pp.log2p1(ds.assign(selected=("gene", selected)))
+    values = logged.values if gather is None else gather(compute(logged.data))
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, expected_log)
+
+
+def test_threshold_is_strict_and_exact():
+    # 4 cells: zero fractions 0.5, 0.25, 1.0; "under 50% zeros" keeps only the middle gene
+    counts = np.array([[0, 0, 0], [0, 1, 0], [1, 1, 0], [2, 1, 0]], dtype=np.int32)
+    filtered = pp.filter_genes(_dataset(counts, 2), max_zero_fraction=0.5)
+    np.testing.assert_array_equal(filtered["selected"].values, [False, True, False])
+    np.testing.assert_array_equal(filtered["zero_fraction"].values, np.float32([0.5, 0.25, 1.0]))
+    with pytest.raises(InputError):
+        pp.filter_genes(_dataset(counts, 2), max_zero_fraction=0.0)
+
+
+def test_preprocess_stage_writes_the_store_and_skips_when_done(tmp_path, counts):
+    from distumap.testing import write_dataset
+
+    data = synthetic_counts(400, 250, seed=5, zero_genes=3, zero_cells=2)
+    matrix, metadata = write_dataset(tmp_path / "in", data)
+    store = tmp_path / "store.zarr"
+    ds = distumap.io.read_csv(matrix, store, metadata=metadata, chunk_cells=64)
+    with pytest.raises(InputError, match=r"lazy|preprocess"):
+        pp.log2p1(pp.filter_genes(ds))
+    out = pp.preprocess(ds)
+    expected_zf, expected_sel, expected_log = _expected(data.counts)
+    np.testing.assert_array_equal(out["zero_fraction"].values, expected_zf)
+    np.testing.assert_array_equal(out["selected"].values, expected_sel)
+    np.testing.assert_array_equal(pp.log2p1(out).values, expected_log)
+    record = out.attrs["distumap"]["stages"]["preprocess"]
+    assert record["status"] == "complete"
+    assert record["genes_selected"] == int(expected_sel.sum())
+    # same parameters: skipped (the record, with its timing, is untouched)
+    again = pp.preprocess(str(store))
+    assert again.attrs["distumap"]["stages"]["preprocess"] == record
+    # other parameters: recomputed
+    strict = pp.preprocess(str(store), max_zero_fraction=0.2)
+    np.testing.assert_array_equal(strict["selected"].values, (data.counts == 0).mean(axis=0) < 0.2)
+
+
+def test_preprocess_refuses_an_incomplete_ingest(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sample_name,a,b\nc1,1,2\nc2,1,x\n")
+    with pytest.raises(InputError):
+        distumap.io.read_csv(bad, tmp_path / "s.zarr", chunk_cells=1)
+    with pytest.raises(IncompleteStoreError, match="ingest stage is incomplete"):
+        pp.preprocess(str(tmp_path / "s.zarr"))
