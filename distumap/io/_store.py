@@ -160,6 +160,14 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     for variable in ds.variables.values():
         if variable.ndim == 1:
             variable.load()
+    # zarr 3 hands strings back as numpy's StringDType, which pandas, bokeh and h5py do not all
+    # take yet; plain object strings work everywhere
+    text = {
+        name: (var.dims, np.asarray(var.values, dtype=object), var.attrs)
+        for name, var in ds.variables.items()
+        if var.dtype.kind == "T"
+    }
+    ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords})
     ds.encoding["distumap_store"] = store_url(store)
     return ds
 
