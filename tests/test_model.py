@@ -1,0 +1,279 @@
+"""The landmark UMAP model: batch-invariant transform, exact kNN, persistence, quality floors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from distumap.tl import _model
+from distumap.tl._model import (
+    LandmarkModel,
+    fit_landmark_model,
+    load_model,
+    project,
+    save_model,
+    transform,
+    warm_up,
+)
+
+N_CELLS = 2000
+N_GENES = 200
+N_LANDMARKS = 800
+K = 15
+
+
+def make_log_counts(n_cells: int, n_genes: int, seed: int = 0):
+    """Seeded clustered Poisson counts, populations from 35% down to 1.5% of cells; log2(x+1)."""
+    rng = np.random.default_rng(seed)
+    shares = np.array([0.35, 0.2, 0.15, 0.1, 0.08, 0.06, 0.045, 0.015])
+    labels = rng.choice(len(shares), size=n_cells, p=shares)
+    base = rng.gamma(0.6, 2.0, size=n_genes)
+    profiles = np.empty((len(shares), n_genes))
+    for p in range(len(shares)):
+        fold = np.ones(n_genes)
+        markers = rng.choice(n_genes, size=n_genes // 10, replace=False)
+        fold[markers] = rng.lognormal(1.0, 0.5, size=markers.size)
+        profiles[p] = base * fold
+    depth = rng.lognormal(0.0, 0.3, size=n_cells)
+    counts = rng.poisson(profiles[labels] * depth[:, None])
+    counts[:3] = 0  # all-zero cells happen in real data
+    return np.log2(counts + 1).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, labels = make_log_counts(N_CELLS, N_GENES)
+    landmarks = np.sort(np.random.default_rng(1).choice(N_CELLS, N_LANDMARKS, replace=False))
+    return X, labels, landmarks
+
+
+@pytest.fixture(scope="module")
+def model_pca(data) -> LandmarkModel:
+    X, _, landmarks = data
+    return fit_landmark_model(X[landmarks], n_pca=20, n_neighbors=K, seed=7, transform_epochs=60)
+
+
+@pytest.fixture(scope="module")
+def model_raw(data) -> LandmarkModel:
+    X, _, landmarks = data
+    return fit_landmark_model(X[landmarks], n_pca=0, n_neighbors=K, seed=7, transform_epochs=60)
+
+
+@pytest.fixture(params=["pca", "raw"])
+def model(request, model_pca, model_raw) -> LandmarkModel:
+    return model_pca if request.param == "pca" else model_raw
+
+
+def _in_chunks(model, X, index, size):
+    return np.concatenate(
+        [transform(model, X[s : s + size], index[s : s + size]) for s in range(0, len(X), size)]
+    )
+
+
+def test_model_holds_fixed_constants(model_pca, model_raw):
+    assert model_pca.pca_components.shape == (20, N_GENES)
+    assert model_pca.landmark_features.shape == (N_LANDMARKS, 20)
+    assert model_raw.pca_components is None
+    assert model_raw.landmark_features.shape == (N_LANDMARKS, N_GENES)
+    for model in (model_pca, model_raw):
+        assert model.landmark_embedding.dtype == np.float32
+        assert model.landmark_embedding.shape == (N_LANDMARKS, 2)
+        assert 0.0 < model.weight_reference <= 1.0
+        assert model.mean_distance_reference > 0.0
+        assert model.transform_epochs == 60
+        assert model.params["n_neighbors"] == K
+        assert model.params["weight_reference"] == model.weight_reference
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 333])
+def test_transform_identical_across_chunk_sizes(model, data, chunk):
+    X, _, _ = data
+    cells = X[: {1: 400, 7: 1000}.get(chunk, len(X))]  # small chunks on a subset: short runs
+    index = np.arange(len(cells), dtype=np.int64) + 10_000
+    whole = transform(model, cells, index)
+    assert whole.dtype == np.float32 and whole.shape == (len(cells), 2)
+    assert np.isfinite(whole).all()
+    np.testing.assert_array_equal(_in_chunks(model, cells, index, chunk), whole)
+
+
+def test_transform_identical_when_shuffled(model, data):
+    X, _, _ = data
+    index = np.arange(len(X), dtype=np.int64)
+    whole = transform(model, X, index)
+    order = np.random.default_rng(3).permutation(len(X))
+    shuffled = transform(model, X[order], index[order])
+    np.testing.assert_array_equal(shuffled, whole[order])
+
+
+def test_transform_identical_across_blocks_inside_one_call(model_pca, data, monkeypatch):
+    X, _, _ = data
+    index = np.arange(len(X), dtype=np.int64)
+    whole = transform(model_pca, X, index)
+    monkeypatch.setattr(_model, "_block_rows", lambda n_landmarks: 37)
+    np.testing.assert_array_equal(transform(model_pca, X, index), whole)
+
+
+def test_cell_index_seeds_the_cell(model_pca, data):
+    X, _, _ = data
+    cells = X[100:110]
+    same = transform(model_pca, cells, np.arange(10))
+    np.testing.assert_array_equal(transform(model_pca, cells, np.arange(10)), same)
+    other = transform(model_pca, cells, np.arange(10) + 1_000_000)
+    assert not np.array_equal(other, same)
+    # another random stream moves a cell a little, not to another place
+    assert np.median(np.linalg.norm(other - same, axis=1)) < 1.0
+
+
+def test_projection_is_row_independent_and_matches_pca(model_pca, data):
+    X, _, landmarks = data
+    whole = project(model_pca, X)
+    rows = np.concatenate([project(model_pca, X[i : i + 1]) for i in range(0, 300)])
+    np.testing.assert_array_equal(rows, whole[:300])
+    expected = (X.astype(np.float64) - model_pca.pca_mean) @ model_pca.pca_components.T
+    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(whole[landmarks], model_pca.landmark_features)
+
+
+def _brute_force(features, landmarks, k):
+    d2 = ((features[:, None, :].astype(np.float64) - landmarks[None, :, :]) ** 2).sum(-1)
+    index = np.arange(landmarks.shape[0])
+    order = np.array([np.lexsort((index, row))[:k] for row in d2])
+    return order, np.sqrt(np.take_along_axis(d2, order, axis=1))
+
+
+def test_knn_is_exact(model, data):
+    X, _, _ = data
+    features = project(model, X[:300])
+    neighbors, dists = _model._knn(model, features)
+    expected_index, expected_dist = _brute_force(features, model.landmark_features, K)
+    np.testing.assert_array_equal(neighbors, expected_index)
+    np.testing.assert_allclose(dists, expected_dist, rtol=1e-12)
+
+
+def _synthetic_model(landmark_features, k=5):
+    rng = np.random.default_rng(0)
+    n = len(landmark_features)
+    return LandmarkModel(
+        pca_mean=None, pca_components=None, landmark_features=landmark_features,
+        landmark_embedding=rng.normal(size=(n, 2)).astype(np.float32), a=1.58, b=0.9,
+        n_neighbors=k, transform_epochs=20, weight_reference=1.0, mean_distance_reference=1.0,
+        seed=0, negative_sample_rate=5, repulsion_strength=1.0, initial_alpha=1.0,
+    )
+
+
+def test_knn_breaks_ties_by_landmark_index():
+    rng = np.random.default_rng(5)
+    # many identical landmarks (all-zero cells, duplicated profiles) around the k-th rank
+    distinct = rng.poisson(1.0, size=(60, 30)).astype(np.float32)
+    landmarks = np.concatenate([distinct, np.zeros((40, 30), np.float32), distinct[:20]])
+    landmarks = landmarks[rng.permutation(len(landmarks))]
+    model = _synthetic_model(landmarks, k=12)
+    queries = np.concatenate([np.zeros((3, 30), np.float32), distinct[:20], landmarks[:10]])
+    queries = queries + np.float32(0.0)
+    neighbors, dists = _model._knn(model, queries)
+    expected_index, expected_dist = _brute_force(queries, landmarks, 12)
+    np.testing.assert_array_equal(neighbors, expected_index)
+    np.testing.assert_allclose(dists, expected_dist, rtol=1e-12)
+    for i in range(len(queries)):
+        one_index, _ = _model._knn(model, queries[i : i + 1])
+        np.testing.assert_array_equal(one_index[0], neighbors[i])
+    index = np.arange(len(queries))
+    np.testing.assert_array_equal(
+        _in_chunks(model, queries, index, 1), transform(model, queries, index)
+    )
+
+
+def test_knn_calibration_excludes_self(model_raw):
+    sample = np.arange(0, N_LANDMARKS, 5, dtype=np.int64)
+    neighbors, _ = _model._knn(model_raw, model_raw.landmark_features[sample], sample)
+    assert not (neighbors == sample[:, None]).any()
+    expected = _brute_force(model_raw.landmark_features[sample], model_raw.landmark_features,
+                            K + 1)[0]
+    for row, expected_row, own in zip(neighbors, expected, sample, strict=True):
+        np.testing.assert_array_equal(row, [j for j in expected_row if j != own][:K])
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_save_load_round_trip(model, data, tmp_path, scheme):
+    X, _, _ = data
+    path = str(tmp_path / "model.pkl") if scheme == "file" else "memory://distumap/model.pkl"
+    save_model(model, path)
+    loaded = load_model(path)
+    for name in ("a", "b", "n_neighbors", "transform_epochs", "weight_reference",
+                 "mean_distance_reference", "seed", "negative_sample_rate",
+                 "repulsion_strength", "initial_alpha", "params"):
+        assert getattr(loaded, name) == getattr(model, name)
+    np.testing.assert_array_equal(loaded.landmark_embedding, model.landmark_embedding)
+    index = np.arange(300, dtype=np.int64)
+    np.testing.assert_array_equal(transform(loaded, X[:300], index),
+                                  transform(model, X[:300], index))
+
+
+def test_load_rejects_other_objects(tmp_path):
+    import pickle
+
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps({"not": "a model"}))
+    with pytest.raises(TypeError, match="LandmarkModel"):
+        load_model(str(path))
+
+
+def test_warm_up_and_input_checks(model_pca, data):
+    X, _, _ = data
+    warm_up(model_pca)
+    with pytest.raises(ValueError, match="matrix"):
+        transform(model_pca, X[:, :10], np.arange(len(X)))
+    with pytest.raises(ValueError, match="indices"):
+        transform(model_pca, X[:5], np.arange(4))
+    with pytest.raises(ValueError, match="landmarks"):
+        fit_landmark_model(X[:10], n_neighbors=15)
+    assert transform(model_pca, X[:0], np.arange(0)).shape == (0, 2)
+
+
+def test_landmarks_land_near_their_fitted_positions(model, data):
+    X, _, landmarks = data
+    placed = transform(model, X[landmarks], landmarks)
+    fitted = model.landmark_embedding
+    extent = np.linalg.norm(fitted.max(0) - fitted.min(0))
+    drift = np.linalg.norm(placed - fitted, axis=1)
+    # the transform's fuzzy neighbourhood (rho = 0) is not the fit's, so SGD moves them a little
+    assert np.median(drift) < 0.08 * extent
+    assert np.quantile(drift, 0.95) < 0.25 * extent
+    # and each one among its own fitted neighbourhood
+    d = np.linalg.norm(placed[:, None, :] - fitted[None, :, :], axis=-1)
+    rank_of_self = (d < d[np.arange(len(d)), np.arange(len(d))][:, None]).sum(1)
+    assert np.median(rank_of_self) < K
+
+
+def _label_agreement(embedding, labels, k=15):
+    from sklearn.neighbors import NearestNeighbors
+
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding)
+    return float((labels[idx[:, 1:]] == labels[:, None]).mean())
+
+
+@pytest.mark.slow
+def test_quality_against_a_full_fit(model_pca, model_raw, data):
+    import umap
+    from sklearn.manifold import trustworthiness
+
+    X, labels, landmarks = data
+    rest = np.setdiff1d(np.arange(N_CELLS), landmarks)
+    with warnings.catch_warnings():
+        # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - seeded on purpose
+        warnings.filterwarnings("ignore", message=".*overridden to 1.*", category=UserWarning)
+        full = umap.UMAP(n_neighbors=K, min_dist=0.25, random_state=7).fit_transform(X)
+    subsample = np.sort(np.random.default_rng(2).choice(N_CELLS, 1000, replace=False))
+    full_agreement = _label_agreement(full, labels)
+    full_trust = trustworthiness(X[subsample], full[subsample], n_neighbors=15)
+    assert full_agreement > 0.9  # the populations are separable: the reference is meaningful
+    for model in (model_pca, model_raw):
+        emb = np.empty((N_CELLS, 2), dtype=np.float32)
+        emb[landmarks] = model.landmark_embedding
+        emb[rest] = transform(model, X[rest], rest)
+        agreement = _label_agreement(emb, labels)
+        trust = trustworthiness(X[subsample], emb[subsample], n_neighbors=15)
+        assert agreement >= 0.97 * full_agreement, (agreement, full_agreement)
+        assert trust >= full_trust - 0.03, (trust, full_trust)
