@@ -1,0 +1,172 @@
+"""Embed benchmark: distumap's landmark UMAP against the tutorial's way, in the same run.
+
+The tutorial's way: log2(x+1) of the genes with under 50% zeros, umap-learn fitted on every cell
+(n_neighbors=30, min_dist=0.25, random_state=999). distumap: the same features, a landmark fit
+and the parallel, batch-invariant transform on a running cluster. Reports time, quality
+(neighbour-label agreement, trustworthiness on a fixed subsample) and transform cells/s per worker.
+``--end-to-end`` also times ``distumap run`` from the CSV to the loom with the peak memory of the
+whole process tree (client, scheduler, workers).
+
+    python benchmarks/embed.py --cells 20000 --genes 50281 --landmarks 20000 --workers 2
+    python benchmarks/embed.py --cells 76533 --genes 50281 --end-to-end --skip-full-fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+
+
+def _agreement(embedding: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(n_neighbors=k + 1).fit(embedding)
+    neighbours = index.kneighbors(embedding, return_distance=False)[:, 1:]
+    return float((labels[neighbours] == labels[:, None]).mean())
+
+
+def _quality(features, embedding, labels, sample) -> dict[str, float]:
+    from sklearn.manifold import trustworthiness
+
+    return {
+        "label_agreement": round(_agreement(embedding, labels), 4),
+        "trustworthiness": round(
+            float(trustworthiness(features[sample], embedding[sample], n_neighbors=15)), 4
+        ),
+    }
+
+
+class TreePeak:
+    """Peak resident memory of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=20_000)
+    parser.add_argument("--genes", type=int, default=50_281)
+    parser.add_argument("--landmarks", type=int, default=20_000)
+    parser.add_argument("--pca", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-full-fit", action="store_true")
+    parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "embed-results.json"))
+    args = parser.parse_args()
+
+    import dask
+    import umap
+
+    import distumap
+    from distumap.testing import SyntheticSpec, write_dataset
+
+    spec = SyntheticSpec(args.cells, args.genes, seed=args.seed)
+    directory = DATA / f"synthetic-{args.cells}x{args.genes}-{args.seed}"
+    marker = directory / ".complete"
+    if not marker.exists():
+        write_dataset(directory, spec)
+        marker.touch()
+    matrix, metadata = directory / "matrix.csv", directory / "metadata.csv"
+    results: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": __import__("os").cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "shape": [args.cells, args.genes],
+    }
+
+    if args.end_to_end:
+        out = directory / "run"
+        command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--metadata",
+                   str(metadata), "--out", str(out), "--n-workers", str(args.workers),
+                   "--landmarks", str(args.landmarks), "--pca", str(args.pca), "--no-progress",
+                   "--overwrite", "--dashboard-address", ":0"]
+        started = time.perf_counter()
+        process = subprocess.Popen(command)
+        with TreePeak(process.pid) as peak:
+            process.wait()
+        results["end_to_end"] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_tree_gib": round(peak.peak / 2**30, 2),
+            "csv_gb": round(matrix.stat().st_size / 1e9, 2),
+            "exit": process.returncode,
+        }
+        print(json.dumps(results["end_to_end"]), flush=True)
+
+    client = distumap.connect(n_workers=args.workers, memory_limit="4GiB", dashboard_address=":0")
+    store = directory / "bench.zarr"
+    ds = distumap.io.read_csv(matrix, store, metadata=metadata, overwrite=True)
+    ds = distumap.pp.preprocess(ds)
+    started = time.perf_counter()
+    ds = distumap.tl.umap(ds, landmarks=args.landmarks, pca=args.pca)
+    embed_seconds = time.perf_counter() - started
+    record = ds.attrs["distumap"]["stages"]["embed"]
+    transformed = args.cells - record["landmarks_used"]
+    embedding = ds["X_umap"].values
+    labels = np.asarray(ds["subclass_label"].values).astype(str)
+    with dask.config.set(scheduler="threads"):
+        features = distumap.pp.log2p1(ds).values
+    sample = np.random.default_rng(0).choice(args.cells, min(2000, args.cells), replace=False)
+    results["distumap"] = {
+        "embed_seconds": round(embed_seconds, 1),
+        "landmarks": record["landmarks_used"],
+        "transformed_cells": transformed,
+        **_quality(features, embedding, labels, sample),
+    }
+    client.close()
+
+    if not args.skip_full_fit:
+        started = time.perf_counter()
+        full = umap.UMAP(n_neighbors=30, min_dist=0.25, random_state=999).fit_transform(features)
+        results["umap_learn_full_fit"] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            **_quality(features, full, labels, sample),
+        }
+        ours, theirs = results["distumap"], results["umap_learn_full_fit"]
+        results["ratios"] = {
+            "speedup": round(theirs["seconds"] / ours["embed_seconds"], 2),
+            "agreement_share": round(ours["label_agreement"] / theirs["label_agreement"], 4),
+            "trustworthiness_gap": round(theirs["trustworthiness"] - ours["trustworthiness"], 4),
+        }
+    print(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The tutorial's figure as a PNG: the embedding coloured by a metadata column."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from distumap.pl._palette import (
+    categories,
+    default_title,
+    is_categorical,
+    marker_style,
+    plot_data,
+)
+
+#: figure size in inches and resolution: 1,650 x 1,200 pixels
+FIGSIZE = (11.0, 8.0)
+DPI = 150
+#: legend entries shown at most; the smallest categories beyond it are summed up in one line
+MAX_LEGEND = 60
+
+
+def umap(
+    ds: xr.Dataset,
+    *,
+    color: str | None = None,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+    ax=None,
+):
+    """Scatter plot of ``X_umap``, coloured by a metadata column, as a matplotlib figure.
+
+    Parameters
+    ----------
+    ds
+        A store after the embed stage; only ``X_umap`` and the ``color`` column are loaded.
+    color
+        A ``cell`` column. Text, booleans and integers with few values are drawn as categories
+        with a legend (largest first, with cell counts); other numbers with a colour bar.
+    path
+        Write the figure there (PNG, 1,650 x 1,200 pixels unless ``ax`` is given); also an
+        fsspec URL.
+    title
+        Defaults to the number of cells and the column.
+    ax
+        A matplotlib axes to draw into; its figure is returned and the figure size is the
+        caller's.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Notes
+    -----
+    This computes ``X_umap`` and the colour column (small: 12 bytes per cell). Marker size and
+    alpha follow the number of cells, points are drawn in a seeded random order (no category
+    hides under another by drawing order) and rasterized, so the file stays small at millions
+    of cells. Drawing uses the Agg canvas directly and never opens a window.
+
+    Examples
+    --------
+    >>> fig = distumap.pl.umap(ds, color="subclass_label", path="umap.png")  # doctest: +SKIP
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    embedding, values, given = plot_data(ds, color)
+    n = embedding.shape[0]
+    if ax is None:
+        fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    size, alpha = marker_style(n)
+    order = np.random.default_rng(0).permutation(n)
+    x, y = embedding[order, 0], embedding[order, 1]
+    common = dict(s=size, alpha=alpha, linewidths=0, rasterized=True, plotnonfinite=True)
+    if values is None:
+        ax.scatter(x, y, c="#1f77b4", **common)
+    elif is_categorical(values):
+        codes, names, counts, colors = categories(values, given)
+        from matplotlib.colors import to_rgba_array
+
+        ax.scatter(x, y, c=to_rgba_array(colors)[codes[order]], **common)
+        _legend(ax, names, counts, colors, color)
+    else:
+        import matplotlib as mpl
+
+        cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
+        points = ax.scatter(x, y, c=values[order].astype(float), cmap=cmap, **common)
+        fig.colorbar(points, ax=ax, label=color, shrink=0.6, pad=0.02)
+    ax.set_title(title or default_title(n, color))
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if path is not None:
+        _save(fig, os.fspath(path))
+    return fig
+
+
+def _legend(ax, names, counts, colors, color: str | None) -> None:
+    from matplotlib.lines import Line2D
+
+    shown = min(len(names), MAX_LEGEND)
+    handles = [
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            markersize=6,
+            markeredgewidth=0,
+            color=colors[i],
+            label=f"{names[i]} ({counts[i]:,})",
+        )
+        for i in range(shown)
+    ]
+    if shown < len(names):
+        rest = int(np.sum(counts[shown:]))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="",
+                marker="",
+                label=f"+{len(names) - shown} more ({rest:,} cells)",
+            )
+        )
+    ax.legend(
+        handles=handles,
+        title=color,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        fontsize="small",
+        ncols=1 if len(handles) <= 26 else 2,
+        handletextpad=0.1,
+        columnspacing=0.8,
+        borderaxespad=0.0,
+    )
+
+
+def _save(fig, path: str) -> None:
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi="figure")
+    else:
+        fig.savefig(path, dpi="figure")

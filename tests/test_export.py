@@ -1,0 +1,250 @@
+"""write_loom: the loom contract, exact values, every scheduler, and no half-written file."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+import xarray as xr
+
+from distumap._format import check_loom
+from distumap._progress import TOPIC
+from distumap.io._export import write_loom
+
+N_CELLS, N_GENES, CHUNK = 3_000, 300, 1_024
+
+
+def make_dataset(
+    n_cells: int = N_CELLS, n_genes: int = N_GENES, chunk: int = CHUNK, seed: int = 0
+) -> xr.Dataset:
+    """A finished store in memory: zero genes and cells, a ragged last chunk, str and numeric
+    metadata (with a missing value and non-ASCII text)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.negative_binomial(1, 0.6, size=(n_cells, n_genes)).astype(np.int32)
+    counts[rng.random((n_cells, n_genes)) < 0.5] = 0
+    counts[:, ::7] = 0  # all-zero genes
+    counts[::11] = 0  # all-zero cells
+    counts[5, 3] = 2**31 - 2  # a large count survives exactly
+    zero_fraction = (counts == 0).mean(axis=0).astype(np.float32)
+    selected = zero_fraction < 0.9
+    subclass = np.array([f"type {i % 23}" for i in range(n_cells)], dtype=object)
+    subclass[7] = "naïve T ✓"
+    depth = rng.normal(size=n_cells)
+    depth[3] = np.nan
+    ds = xr.Dataset(
+        {
+            "counts": (("cell", "gene"), da.from_array(counts, chunks=(chunk, n_genes))),
+            "zero_fraction": ("gene", zero_fraction),
+            "selected": ("gene", selected),
+            "X_umap": (
+                ("cell", "umap"),
+                da.from_array(rng.normal(size=(n_cells, 2)).astype(np.float32), chunks=(chunk, 2)),
+            ),
+            "landmark": ("cell", da.from_array(rng.random(n_cells) < 0.1, chunks=chunk)),
+        },
+        coords={
+            "cell": [f"cell_{i:05d}" for i in range(n_cells)],
+            "gene": [f"Gene{i}" for i in range(n_genes)],
+            "subclass_label": ("cell", subclass),
+            "class_label": (
+                "cell",
+                np.array(["GABA", "Glut", "Non-neuronal"])[np.arange(n_cells) % 3],
+            ),
+            "depth": ("cell", depth),
+            "n_reads": ("cell", np.arange(n_cells, dtype=np.int64) * 10),
+        },
+        attrs={
+            "distumap": {
+                "version": "0.1.0",
+                "stages": {
+                    "ingest": {"status": "complete", "params": {"chunk_cells": chunk}},
+                    "preprocess": {"status": "complete", "params": {"max_zero_fraction": 0.9}},
+                    "embed": {"status": "complete", "params": {"landmarks": 300, "seed": 999}},
+                },
+            }
+        },
+    )
+    return ds
+
+
+@pytest.fixture(scope="module")
+def dataset() -> xr.Dataset:
+    return make_dataset()
+
+
+def _validate(path) -> None:
+    import loompy
+
+    validator = loompy.LoomValidator()
+    ok = validator.validate(str(path), strictness="speconly")
+    assert ok is True, validator.errors
+    assert validator.errors == []
+    assert check_loom(path) == []
+
+
+def _assert_contents(path, ds: xr.Dataset) -> None:
+    import loompy
+
+    counts = ds["counts"].values
+    selected = ds["selected"].values
+    expected = counts[:, selected].T
+    with loompy.connect(str(path), "r") as lc:
+        matrix = lc[:, :]
+        assert matrix.dtype == np.int32
+        np.testing.assert_array_equal(matrix, expected)
+        layer = lc.layers["log2p1"][:, :]
+        assert layer.dtype == np.float32
+        np.testing.assert_array_equal(layer, np.log2(expected + 1).astype(np.float32))
+        np.testing.assert_array_equal(lc.ra["Gene"], ds["gene"].values[selected])
+        np.testing.assert_array_equal(lc.ra["ZeroFraction"], ds["zero_fraction"].values[selected])
+        np.testing.assert_array_equal(lc.ca["CellID"], ds["cell"].values)
+        np.testing.assert_array_equal(lc.ca["X_umap"], ds["X_umap"].values)
+        np.testing.assert_array_equal(lc.ca["Landmark"], ds["landmark"].values.astype(int))
+        np.testing.assert_array_equal(lc.ca["subclass_label"], ds["subclass_label"].values)
+        np.testing.assert_array_equal(lc.ca["class_label"], ds["class_label"].values)
+        np.testing.assert_array_equal(lc.ca["depth"], ds["depth"].values)
+        np.testing.assert_array_equal(lc.ca["n_reads"], ds["n_reads"].values)
+        assert lc.attrs["LOOM_SPEC_VERSION"] == "3.0.0"
+        assert "max_zero_fraction" in lc.attrs["distumap_preprocess_params"]
+
+
+def _matrix_and_layer(path) -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return f["matrix"][()], f["layers/log2p1"][()]
+
+
+def test_threaded_scheduler_writes_a_valid_exact_loom(dataset, tmp_path):
+    path = tmp_path / "embedding.loom"
+    with dask.config.set(scheduler="threads"):
+        assert write_loom(dataset, path) == str(path)
+    _validate(path)
+    _assert_contents(path, dataset)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding.loom"]
+    with h5py.File(path, "r") as f:
+        assert f["matrix"].chunks == (min(512, int(dataset["selected"].sum())), 256)
+        assert f["matrix"].compression == "gzip" and f["matrix"].shuffle
+        assert f["layers/log2p1"].compression == "gzip" and not f["layers/log2p1"].shuffle
+        assert f["row_graphs"].keys() == f["col_graphs"].keys() == set()
+        assert h5py.check_string_dtype(f["col_attrs/CellID"].dtype).length is None
+
+
+def test_anndata_reads_embedding_and_metadata(dataset, tmp_path):
+    import anndata
+
+    path = tmp_path / "embedding.loom"
+    write_loom(dataset, path, block_cells=512)
+    adata = anndata.io.read_loom(path)
+    assert adata.shape == (N_CELLS, int(dataset["selected"].sum()))
+    np.testing.assert_array_equal(adata.obs_names, dataset["cell"].values)
+    np.testing.assert_array_equal(adata.obsm["X_umap"], dataset["X_umap"].values)
+    np.testing.assert_array_equal(adata.obs["subclass_label"], dataset["subclass_label"].values)
+    np.testing.assert_array_equal(adata.obs["n_reads"], dataset["n_reads"].values)
+    np.testing.assert_array_equal(adata.var_names, dataset["gene"].values[dataset["selected"]])
+    # anndata reads X as float32 by default (the large count rounds like any float32 does)
+    np.testing.assert_array_equal(
+        adata.X.toarray(),
+        dataset["counts"].values[:, dataset["selected"].values].astype(np.float32),
+    )
+    np.testing.assert_array_equal(
+        adata.layers["log2p1"].toarray(),
+        np.log2(dataset["counts"].values[:, dataset["selected"].values] + 1).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("block_cells", [100, 700, 1_024, 5_000])
+def test_block_size_does_not_change_contents(dataset, tmp_path, block_cells):
+    reference = tmp_path / "reference.loom"
+    path = tmp_path / f"blocks-{block_cells}.loom"
+    write_loom(dataset, reference, block_cells=1_024)
+    write_loom(dataset, path, block_cells=block_cells)
+    _validate(path)
+    for got, want in zip(_matrix_and_layer(path), _matrix_and_layer(reference), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.cluster
+def test_worker_processes_give_the_same_file(dataset, tmp_path, local_client):
+    path = tmp_path / "cluster.loom"
+    reference = tmp_path / "threads.loom"
+    write_loom(dataset, path, client=local_client)
+    with dask.config.set(scheduler="threads"):
+        write_loom(dataset, reference, client=None)
+    _validate(path)
+    _assert_contents(path, dataset)
+    for got, want in zip(_matrix_and_layer(path), _matrix_and_layer(reference), strict=True):
+        np.testing.assert_array_equal(got, want)
+    prefixes = {key[0] if isinstance(key, tuple) else key for key in _task_keys(local_client)}
+    assert any(str(prefix).startswith("loom-block-") for prefix in prefixes)
+    # the blocks of this file (3 of 1,024 cells) reported to the dashboard's progress topic
+    events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]
+    assert {(msg["block"], msg["total"]) for msg in events} >= {(0, 3), (1, 3), (2, 3)}
+
+
+def _task_keys(client) -> list:
+    def keys(dask_scheduler):  # run on the scheduler: the keys of the tasks it has seen
+        return [ts.key for ts in dask_scheduler.tasks.values()] + [
+            key for key, *_ in dask_scheduler.transition_log
+        ]
+
+    return client.run_on_scheduler(keys)
+
+
+def _failing(block):
+    raise RuntimeError("disk on fire")
+
+
+@pytest.mark.parametrize(("existing", "on_cluster"), [(False, False), (True, False), (False, True)])
+def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster, request):
+    client = request.getfixturevalue("local_client") if on_cluster else None
+    path = tmp_path / "embedding.loom"
+    if existing:
+        path.write_bytes(b"an older file stays as it was")
+    counts = dataset["counts"].data
+    # the third block fails after two were written
+    poisoned = counts.map_blocks(
+        lambda block, block_info=None: (
+            _failing(block) if block_info[0]["chunk-location"][0] == 2 else block
+        ),
+        dtype=counts.dtype,
+    )
+    broken = dataset.assign(counts=(("cell", "gene"), poisoned))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_loom(broken, path, block_cells=CHUNK, client=client)
+    if existing:
+        assert path.read_bytes() == b"an older file stays as it was"
+    else:
+        assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["embedding.loom"] if existing else [])
+
+
+def test_fsspec_memory_target(dataset, tmp_path, capsys):
+    import fsspec
+
+    url = "memory://distumap-test/embedding.loom"
+    assert write_loom(dataset, url, block_cells=2_048, progress=True) == url
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["distumap export: block 1/2 written", "distumap export: block 2/2 written"]
+    assert lines[2].startswith(f"distumap export: {url} written in")
+    fs = fsspec.filesystem("memory")
+    local = tmp_path / "copy.loom"
+    local.write_bytes(fs.cat_file("/distumap-test/embedding.loom"))
+    fs.rm("/distumap-test", recursive=True)
+    _validate(local)
+    _assert_contents(local, dataset)
+
+
+def test_missing_embedding_is_a_clear_error(dataset, tmp_path):
+    with pytest.raises(ValueError, match="X_umap"):
+        write_loom(dataset.drop_vars("X_umap"), tmp_path / "x.loom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_selection_every_gene_is_written(tmp_path):
+    ds = make_dataset(n_cells=300, n_genes=40, chunk=128).drop_vars("selected")
+    path = tmp_path / "all.loom"
+    write_loom(ds, path)
+    _validate(path)
+    matrix, _ = _matrix_and_layer(path)
+    np.testing.assert_array_equal(matrix, ds["counts"].values.T)

@@ -1,0 +1,170 @@
+"""pl.umap (PNG) and pl.umap_html (bokeh): files written, readable, honest about subsampling."""
+
+from __future__ import annotations
+
+import re
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from distumap.pl._interactive import umap_html
+from distumap.pl._palette import _srgb_to_lab, categories, palette
+from distumap.pl._static import DPI, FIGSIZE, umap
+
+N_GROUPS = 30
+
+
+def blobs(n_cells: int, n_groups: int = N_GROUPS, seed: int = 1) -> xr.Dataset:
+    """An embedded store's plotting columns: gaussian blobs of very different sizes."""
+    rng = np.random.default_rng(seed)
+    weights = rng.pareto(1.0, n_groups) + 0.05
+    sizes = rng.multinomial(n_cells - n_groups, weights / weights.sum()) + 1  # none empty
+    label = np.repeat(np.arange(n_groups), sizes)
+    centers = rng.uniform(-15, 15, (n_groups, 2))
+    spread = rng.uniform(0.3, 1.5, n_groups)
+    xy = centers[label] + rng.normal(size=(n_cells, 2)) * spread[label, None]
+    names = np.array([f"type {i:02d}" for i in range(n_groups)], dtype=object)
+    return xr.Dataset(
+        {"X_umap": (("cell", "umap"), da.from_array(xy.astype(np.float32), chunks=(1_000, 2)))},
+        coords={
+            "cell": np.array([f"cell_{i:07d}" for i in range(n_cells)], dtype=object),
+            "subclass_label": ("cell", names[label]),
+            "depth": ("cell", xy[:, 1] + rng.normal(size=n_cells)),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset() -> xr.Dataset:
+    return blobs(6_000)
+
+
+def _read_png(path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+def _distinct_colors(image: np.ndarray) -> int:
+    rgb = np.round(image[..., :3] * 255).astype(np.uint32).reshape(-1, 3)
+    return len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
+
+
+def test_png_categories(dataset, tmp_path):
+    path = tmp_path / "umap.png"
+    fig = umap(dataset, color="subclass_label", path=path)
+    image = _read_png(path)
+    assert image.shape[:2] == (round(FIGSIZE[1] * DPI), round(FIGSIZE[0] * DPI))
+    assert _distinct_colors(image) > 200  # 30 colours, blended by alpha and antialiasing
+    legend = fig.axes[0].get_legend()
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert len(labels) == N_GROUPS
+    counts = [int(re.search(r"\(([\d,]+)\)$", label).group(1).replace(",", "")) for label in labels]
+    assert counts == sorted(counts, reverse=True)
+    assert sum(counts) == dataset.sizes["cell"]
+    assert fig.axes[0].get_title() == "UMAP of 6,000 cells, coloured by subclass_label"
+    # the centre of the largest blob carries the largest category's colour, not white
+    covered = (image[..., :3] < 0.95).any(axis=-1).mean()
+    assert 0.01 < covered < 0.9
+
+
+def test_png_numeric_column_gets_a_colour_bar(dataset, tmp_path):
+    path = tmp_path / "depth.png"
+    fig = umap(dataset, color="depth", path=path, title="depth")
+    assert len(fig.axes) == 2  # the scatter and the colour bar
+    assert fig.axes[1].get_ylabel() == "depth"
+    assert fig.axes[0].get_title() == "depth"
+    assert _distinct_colors(_read_png(path)) > 100
+
+
+def test_png_without_colour_and_on_given_axes(dataset, tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3), dpi=100)
+    ax = fig.add_subplot()
+    assert umap(dataset, ax=ax, path=tmp_path / "plain.png") is fig
+    assert _read_png(tmp_path / "plain.png").shape[:2] == (300, 400)
+    assert ax.get_legend() is None
+    assert len(ax.collections[0].get_offsets()) == dataset.sizes["cell"]
+
+
+def test_missing_values_are_one_grey_category_listed_last():
+    values = np.array(["b", "", "a", "b", None, "b"], dtype=object)
+    codes, names, counts, colors = categories(values)
+    assert names == ["b", "a", "(missing)"]
+    assert counts.tolist() == [3, 1, 2]
+    assert codes.tolist() == [0, 2, 1, 0, 2, 0]
+    assert colors[-1] == "#c8c8c8"
+
+
+def test_the_data_own_colours_are_used_when_one_per_category():
+    values = np.array(["b", "", "a", "b", "a"], dtype=object)
+    given = np.array(["#00aa00", "", "#0000ff", "#00aa00", "#0000ff"], dtype=object)
+    _, names, _, colors = categories(values, given)
+    assert names == ["a", "b", "(missing)"]
+    assert colors == ["#0000ff", "#00aa00", "#c8c8c8"]
+    # two colours for one category, or not colours at all: our palette instead
+    for bad in (["#00aa00", "", "#0000ff", "#00aa01", "#0000ff"], ["x", "", "y", "x", "y"]):
+        assert categories(values, np.array(bad, dtype=object))[3] == [*palette(2), "#c8c8c8"]
+
+
+def test_png_uses_subclass_color_column(dataset, tmp_path):
+    hue = {
+        f"type {i:02d}": f"#{(i * 8) % 256:02x}{(255 - i * 8) % 256:02x}80" for i in range(N_GROUPS)
+    }
+    given = np.array([hue[v] for v in dataset["subclass_label"].values], dtype=object)
+    ds = dataset.assign_coords(subclass_color=("cell", given))
+    fig = umap(ds, color="subclass_label")
+    legend = fig.axes[0].get_legend()
+    for handle, text in zip(legend.legend_handles, legend.get_texts(), strict=True):
+        name = text.get_text().rsplit(" (", 1)[0]
+        assert handle.get_color() == hue[name]
+
+
+@pytest.mark.parametrize("n", [10, 25, 40])
+def test_palette_colours_are_distinct(n):
+    colors = palette(n)
+    assert len(set(colors)) == n
+    rgb = np.array([[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] for c in colors])
+    lab = _srgb_to_lab(rgb)
+    distance = np.linalg.norm(lab[:, None] - lab[None], axis=-1) + np.eye(n) * 1e9
+    assert distance.min() > 15  # CIELAB units; about 2.3 is a just noticeable difference
+
+
+def test_unknown_column_is_a_clear_error(dataset):
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        umap(dataset, color="nope")
+
+
+def _cell_names(html: str) -> set[str]:
+    return set(re.findall(r"cell_\d{7}", html))
+
+
+def test_html_all_points_with_hover_and_legend(dataset, tmp_path):
+    path = tmp_path / "umap.html"
+    assert umap_html(dataset, color="subclass_label", path=path) == str(path)
+    html = path.read_text(encoding="utf-8")
+    assert len(_cell_names(html)) == dataset.sizes["cell"]
+    for i in range(N_GROUPS):
+        assert f"type {i:02d} (" in html  # legend entries with counts
+    assert "webgl" in html and "HoverTool" in html and "$name" in html
+    assert "random sample" not in html
+    assert "cdn.bokeh.org" not in html  # resources inline: works offline
+
+
+def test_html_subsamples_above_max_points_and_says_so(dataset):
+    html = umap_html(dataset, color="subclass_label", max_points=1_000)
+    names = _cell_names(html)
+    assert len(names) == 1_000
+    assert "showing a random sample of 1,000 of 6,000 cells" in html
+    assert names == _cell_names(umap_html(dataset, color="subclass_label", max_points=1_000))
+
+
+def test_html_numeric_column(dataset, tmp_path):
+    path = tmp_path / "depth.html"
+    umap_html(dataset, color="depth", path=path)
+    html = path.read_text(encoding="utf-8")
+    assert "ColorBar" in html and "Viridis" not in html.split("<script", 1)[0]
+    assert len(_cell_names(html)) == dataset.sizes["cell"]
