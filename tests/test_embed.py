@@ -86,7 +86,7 @@ def test_quality_floor_against_a_full_fit(tmp_path):
     dataset = (data, *write_dataset(tmp_path / "quality-data", data))
     with dask.config.set(scheduler="threads"):
         ds = _embedded(
-            tmp_path, dataset, 256, "quality", pca=30, landmarks=600, transform_epochs=100
+            tmp_path, dataset, 256, "quality", pca=30, landmarks=600, transform_epochs=30
         )
     features = np.log2(data.counts[:, ds["selected"].values] + 1.0).astype(np.float32)
     full = umap.UMAP(n_neighbors=15, min_dist=0.25, random_state=999).fit_transform(features)

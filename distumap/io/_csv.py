@@ -1,4 +1,4 @@
-"""Byte-level CSV parsing of count matrices: the header, the line index and the compiled parse kernel.
+"""Byte-level CSV parsing of count matrices: the header, the line index and the parse kernel.
 
 General CSV readers collapse at 50,000 columns; this module reads the bytes itself. A matrix line is
 ``<sample name>,<count>,<count>,...`` with non-negative integer counts; CRLF line ends and a missing
@@ -99,16 +99,17 @@ class BlockIndex:
 def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
     """Index the lines that start in ``[begin, end)`` of the file.
 
-    ``buf`` holds the file's bytes from ``offset = begin - 1`` up to ``end`` plus an overhang, so the
-    byte before each candidate start is visible and names near the end are complete. Newlines are
-    counted in ``[begin - 1, end - 1)``; ranges that tile the data region count each newline once.
+    ``buf`` (bytes, bytearray or mmap) holds the file's bytes from ``offset <= begin - 1`` up to
+    ``end`` plus an overhang, so the byte before each candidate start is visible and names near
+    the end are complete. Newlines are counted in ``[begin - 1, end - 1)``; ranges that tile the
+    data region count each newline once.
     """
     starts: list[int] = []
     names: list[str] = []
     local: list[int] = []
-    stop = end - 1 - offset  # count newlines in buf[0:stop]
+    stop = end - 1 - offset  # count newlines in buf[begin - 1 - offset : stop]
     count = 0
-    pos = buf.find(b"\n", 0, stop)
+    pos = buf.find(b"\n", begin - 1 - offset, stop)
     while pos != -1:
         count += 1
         start = pos + 1  # a line starts after each newline
@@ -139,7 +140,8 @@ def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
 def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compiled
     """Parse the lines at ``starts`` (offsets into ``buf``) into ``out`` (int32, lines x genes).
 
-    Returns a status code; on error ``error`` holds (line index, gene index, token start, token end).
+    Returns a status code; on error ``error`` holds
+    (line index, gene index, token start, token end).
     """
     size = buf.shape[0]
     for i in range(starts.shape[0]):
@@ -155,7 +157,23 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
             return TOO_FEW
         pos += 1
         j = 0
+        last = n_genes - 1
         while True:
+            # fast path for the common case, a one-digit count followed by the separator the
+            # header asks for (',' or, after the last gene, '\n'): it stores what the general
+            # path below would and moves on the same way, twice as fast on sparse counts
+            if pos + 1 < size and 48 <= buf[pos] <= 57:
+                follow = buf[pos + 1]
+                if follow == 44 and j < last:
+                    out[i, j] = buf[pos] - 48
+                    j += 1
+                    pos += 2
+                    continue
+                if follow == 10 and j == last:
+                    out[i, j] = buf[pos] - 48
+                    j += 1
+                    pos += 2
+                    break
             token = pos
             value = 0
             while pos < size:
