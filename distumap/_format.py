@@ -53,6 +53,12 @@ def _dtype_ok(dtype: np.dtype, kind: str) -> bool:
     return dtype == np.dtype(kind)
 
 
+def _variable_length_string(dtype: np.dtype) -> bool:
+    import h5py
+
+    return dtype.kind == "O" and h5py.check_string_dtype(dtype) is not None
+
+
 def stages(ds_or_attrs: xr.Dataset | dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stage records of a store: ``{name: {"status": ..., "params": {...}}}``."""
     attrs = ds_or_attrs.attrs if isinstance(ds_or_attrs, xr.Dataset) else ds_or_attrs
@@ -139,6 +145,9 @@ def check_loom(path: str | os.PathLike) -> list[str]:
                     problems.append(f"{where} {name!r} is missing")
                 elif node.shape[0] != length or not _dtype_ok(node.dtype, kind):
                     problems.append(f"{where} {name!r} is {node.shape} {node.dtype}")
+                elif kind == "str" and not _variable_length_string(node.dtype):
+                    # loom 3.0.0 requires variable-length strings; loompy's validator rejects 'S'
+                    problems.append(f"{where} {name!r} holds fixed-length strings ({node.dtype})")
         if "X_umap" in f.get("/col_attrs", {}) and f["/col_attrs/X_umap"].shape[1:] != (2,):
             problems.append(f"col_attrs 'X_umap' has shape {f['/col_attrs/X_umap'].shape}")
         version = f.get("/attrs/LOOM_SPEC_VERSION")

@@ -19,13 +19,21 @@ STAGES = {
 
 
 def report(stage: str, done: int, total: int, *, block: int | None = None) -> None:
-    """Log that ``done`` more units of ``stage`` (out of ``total``) finished, from inside a task."""
+    """Log that ``done`` more units of ``stage`` (out of ``total``) finished.
+
+    From inside a task the event goes through the worker; elsewhere through the current
+    distributed client, if there is one. Without either, nothing happens.
+    """
+    message = {"stage": stage, "done": int(done), "total": int(total), "block": block}
     try:
         from distributed import get_worker
 
-        worker = get_worker()
-    except (ImportError, ValueError):
+        get_worker().log_event(TOPIC, message)
         return
-    worker.log_event(
-        TOPIC, {"stage": stage, "done": int(done), "total": int(total), "block": block}
-    )
+    except (ImportError, ValueError):
+        pass
+    from distumap._compute import current_client
+
+    client = current_client()
+    if client is not None:
+        client.log_event(TOPIC, message)

@@ -8,7 +8,6 @@ blocks (tasks ``gene-stats``), and log2(x+1) is a per-block map (tasks ``log2p1`
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import dask.array as da
 import numpy as np
@@ -36,12 +35,6 @@ def _sum(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
     return block.sum(axis=axis, keepdims=keepdims, dtype=np.int64)
 
 
-def _zero_count_total(block: np.ndarray, axis, keepdims: bool, n_cells: int) -> np.ndarray:
-    total = _sum(block, axis, keepdims)
-    _progress.report("preprocess", 0, total.shape[-1])
-    return total
-
-
 def zero_counts(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
     """Number of cells with a zero count, per gene (int64).
 
@@ -55,7 +48,7 @@ def zero_counts(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
         counts.data,
         chunk=_zero_count_chunk,
         combine=_sum,
-        aggregate=partial(_zero_count_total, n_cells=counts.shape[0]),
+        aggregate=_sum,
         axis=0,
         dtype=np.int64,
         name=f"gene-stats-{tokenize(counts.data)}",
@@ -242,6 +235,7 @@ def preprocess(
     )
     write_variables(location, genes)
     n_selected = int(genes["selected"].sum())
+    _progress.report("preprocess", n_selected, ds.sizes["gene"])
     mark_stage(
         location,
         "preprocess",
