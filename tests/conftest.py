@@ -39,9 +39,9 @@ class LoopbackCluster:
         return Client(scheduler_file=str(self.scheduler_file))
 
     def worker_pids(self) -> list[int]:
-        """PIDs of the worker processes (the nannies' children), as the scheduler sees them."""
+        """PIDs of the worker processes (the nannies' children)."""
         with self.client() as client:
-            return [info["pid"] for info in client.scheduler_info()["workers"].values()]
+            return sorted(client.run(os.getpid).values())
 
 
 def start_loopback_cluster(
@@ -52,6 +52,8 @@ def start_loopback_cluster(
     preload: str | None = None,
     env: dict[str, str] | None = None,
 ) -> LoopbackCluster:
+    """Start the cluster; ``preload`` goes to the scheduler (workers take theirs from ``env``,
+    e.g. ``DASK_DISTRIBUTED__WORKER__PRELOAD``)."""
     directory.mkdir(parents=True, exist_ok=True)
     scheduler_file = directory / "scheduler.json"
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
