@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--landmarks", type=int, default=20_000)
     parser.add_argument("--pca", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-limit", default="4GiB", help="per worker (4GiB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-full-fit", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
@@ -113,10 +114,29 @@ def main() -> None:
 
     if args.end_to_end:
         out = directory / "run"
-        command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--metadata",
-                   str(metadata), "--out", str(out), "--n-workers", str(args.workers),
-                   "--landmarks", str(args.landmarks), "--pca", str(args.pca), "--no-progress",
-                   "--overwrite", "--dashboard-address", ":0"]
+        command = [
+            sys.executable,
+            "-m",
+            "distumap.cli",
+            "run",
+            str(matrix),
+            "--metadata",
+            str(metadata),
+            "--out",
+            str(out),
+            "--n-workers",
+            str(args.workers),
+            "--landmarks",
+            str(args.landmarks),
+            "--pca",
+            str(args.pca),
+            "--no-progress",
+            "--overwrite",
+            "--dashboard-address",
+            ":0",
+            "--memory-limit",
+            args.memory_limit,
+        ]
         started = time.perf_counter()
         process = subprocess.Popen(command)
         with TreePeak(process.pid) as peak:
@@ -129,7 +149,9 @@ def main() -> None:
         }
         print(json.dumps(results["end_to_end"]), flush=True)
 
-    client = distumap.connect(n_workers=args.workers, memory_limit="4GiB", dashboard_address=":0")
+    client = distumap.connect(
+        n_workers=args.workers, memory_limit=args.memory_limit, dashboard_address=":0"
+    )
     store = directory / "bench.zarr"
     ds = distumap.io.read_csv(matrix, store, metadata=metadata, overwrite=True)
     ds = distumap.pp.preprocess(ds)

@@ -136,6 +136,21 @@ def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
     )
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _record_error(error, line, gene, token, buf, pos, scan):  # pragma: no cover - compiled
+    """Fill ``error`` for a bad field starting at ``token``; with ``scan``, the field runs to the
+    next separator. Returns the end of the field."""
+    if scan:
+        size = buf.shape[0]
+        while pos < size and buf[pos] != 44 and buf[pos] != 10:
+            pos += 1
+    error[0] = line
+    error[1] = gene
+    error[2] = token
+    error[3] = pos
+    return pos
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compiled
     """Parse the lines at ``starts`` (offsets into ``buf``) into ``out`` (int32, lines x genes).
@@ -150,10 +165,7 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
         while pos < size and buf[pos] != 44 and buf[pos] != 10:
             pos += 1
         if pos >= size or buf[pos] != 44:
-            error[0] = i
-            error[1] = 0
-            error[2] = pos
-            error[3] = pos
+            _record_error(error, i, 0, pos, buf, pos, False)
             return TOO_FEW
         pos += 1
         j = 0
@@ -182,23 +194,13 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
                     break
                 value = value * 10 + (c - 48)
                 if value > 2147483647:
-                    error[0] = i
-                    error[1] = j
-                    error[2] = token
-                    while pos < size and buf[pos] != 44 and buf[pos] != 10:
-                        pos += 1
-                    error[3] = pos
+                    _record_error(error, i, j, token, buf, pos, True)
                     return TOO_LARGE
                 pos += 1
             c = buf[pos] if pos < size else 10
             ended = c == 44 or c == 10 or (c == 13 and (pos + 1 >= size or buf[pos + 1] == 10))
             if pos == token or not ended:
-                error[0] = i
-                error[1] = j
-                error[2] = token
-                while pos < size and buf[pos] != 44 and buf[pos] != 10:
-                    pos += 1
-                error[3] = pos
+                pos = _record_error(error, i, j, token, buf, pos, True)
                 if j >= n_genes:
                     return TOO_MANY
                 if token < size and buf[token] == 45 and token + 1 < pos:
@@ -207,10 +209,7 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
                     return EMPTY_FIELD
                 return NOT_INTEGER
             if j >= n_genes:
-                error[0] = i
-                error[1] = j
-                error[2] = token
-                error[3] = pos
+                _record_error(error, i, j, token, buf, pos, False)
                 return TOO_MANY
             out[i, j] = value
             j += 1
@@ -219,10 +218,7 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
                 continue
             break
         if j < n_genes:
-            error[0] = i
-            error[1] = j
-            error[2] = pos
-            error[3] = pos
+            _record_error(error, i, j, pos, buf, pos, False)
             return TOO_FEW
     return OK
 
