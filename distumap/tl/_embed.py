@@ -319,9 +319,12 @@ def umap(
         fit = dask.delayed(_fit_task, pure=False)(
             features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
         )
+        fit_started = time.perf_counter()
         run([fit], stage="embed: fit UMAP on landmarks", progress=progress)
+        fit_seconds = round(time.perf_counter() - fit_started, 3)
     else:
         is_landmark = open_store(location, require="preprocess")["landmark"].values
+        fit_seconds = None  # fitted by the interrupted run
 
     client = current_client()
     if client is not None:
@@ -349,7 +352,9 @@ def umap(
                 dask_key_name=f"umap-transform-{token}-{i}",
             )
         )
+    transform_started = time.perf_counter()
     run(tasks, stage="embed: transform cells", progress=progress)
+    transform_seconds = round(time.perf_counter() - transform_started, 3)
     if not progress_array(location, "embed", mode="r")[:].all():
         raise RuntimeError(f"{location}: some embed blocks were not written")
     mark_stage(
@@ -359,6 +364,9 @@ def umap(
         params,
         token=token,
         landmarks_used=len(rows),
+        fit_seconds=fit_seconds,
+        transform_seconds=transform_seconds,
+        transformed_cells=int(n_cells - len(rows)),
         seconds=round(time.perf_counter() - started, 3),
     )
     return open_store(location)
