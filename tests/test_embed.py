@@ -133,3 +133,16 @@ def test_embed_needs_preprocess(tmp_path, dataset):
 def test_spec_dataclass_is_the_demo_entry_point():
     spec = SyntheticSpec(50, 40, seed=1)
     assert synthetic_counts(50, 40, seed=1).counts.shape == (spec.n_cells, spec.n_genes)
+
+
+def test_re_embedding_with_other_parameters_replaces_the_result(tmp_path, dataset):
+    with dask.config.set(scheduler="threads"):
+        first = _embedded(tmp_path, dataset, 500, "again")
+        store = first.encoding["distumap_store"]
+        before = first["X_umap"].values  # X_umap is lazy: read it before the store changes
+        second = tl.umap(store, **{**EMBED, "landmarks": 300})
+        back = tl.umap(store, **EMBED)
+    assert int(second["landmark"].sum()) == 300
+    assert second.attrs["distumap"]["stages"]["embed"]["params"]["landmarks"] == 300
+    assert not np.array_equal(second["X_umap"].values, before)
+    np.testing.assert_array_equal(back["X_umap"].values, before)

@@ -312,7 +312,9 @@ def umap(
                 {"X_umap": (("cell", "umap"), placeholder), "landmark": ("cell", is_landmark)}
             ),
             compute=False,
-            encoding={"X_umap": {"chunks": (chunks[0], 2)}},
+            # a re-embed with other parameters keeps the existing array (same chunks) and rewrites
+            # every block; xarray refuses an encoding for a variable that exists
+            encoding={} if "X_umap" in ds else {"X_umap": {"chunks": (chunks[0], 2)}},
         )
         create_progress(location, "embed", np.zeros(len(chunks), dtype=bool), chunks=1)
         rows = np.flatnonzero(is_landmark)
