@@ -53,6 +53,7 @@ class TreePeak:
         import psutil
 
         self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self.per_process: dict[int, int] = {}  # peak RSS of each process of the tree
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -61,7 +62,10 @@ class TreePeak:
         while not self._stop.is_set():
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                sizes = {p.pid: p.memory_info().rss for p in procs}
+                self.peak = max(self.peak, sum(sizes.values()))
+                for pid, rss in sizes.items():
+                    self.per_process[pid] = max(self.per_process.get(pid, 0), rss)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -129,7 +133,7 @@ def main() -> None:
             "--n-workers",
             str(args.workers),
             "--landmarks",
-            str(args.landmarks),
+            str(args.landmarks[0]),
             "--pca",
             str(args.pca),
             "--no-progress",
@@ -146,6 +150,13 @@ def main() -> None:
         results["end_to_end"] = {
             "seconds": round(time.perf_counter() - started, 1),
             "peak_tree_gib": round(peak.peak / 2**30, 2),
+            "peak_client_gib": round(peak.per_process.get(process.pid, 0) / 2**30, 2),
+            "peak_other_processes_gib": sorted(
+                (round(v / 2**30, 2) for k, v in peak.per_process.items() if k != process.pid),
+                reverse=True,
+            )[:4],
+            "memory_limit_per_worker": args.memory_limit,
+            "landmarks": args.landmarks[0],
             "csv_gb": round(matrix.stat().st_size / 1e9, 2),
             "exit": process.returncode,
         }

@@ -79,8 +79,10 @@ def quality(args) -> dict:
         t = time.perf_counter()
         full = umap.UMAP(n_neighbors=30, min_dist=0.25, random_state=999).fit_transform(X)
         result["full_fit_s"] = time.perf_counter() - t
-    result["full"] = {"agreement": label_agreement(full, labels),
-                      "trust": trust(X, full, subsample)}
+    result["full"] = {
+        "agreement": label_agreement(full, labels),
+        "trust": trust(X, full, subsample),
+    }
 
     for n_pca in args.pca_list:
         t = time.perf_counter()
@@ -103,15 +105,22 @@ def quality(args) -> dict:
             stock[rest] = reducer.transform(_model.project(model, X[rest]))
             stock_s = time.perf_counter() - t
         result[f"pca{n_pca}"] = {
-            "fit_s": fit_s, "transform_s": transform_s, "stock_transform_s": stock_s,
+            "fit_s": fit_s,
+            "transform_s": transform_s,
+            "stock_transform_s": stock_s,
             "weight_reference": model.weight_reference,
             "mean_distance_reference": model.mean_distance_reference,
-            "same_landmark_embedding": bool(np.array_equal(reducer.embedding_,
-                                                           model.landmark_embedding)),
-            "distumap": {"agreement": label_agreement(emb, labels),
-                         "trust": trust(X, emb, subsample)},
-            "stock_transform": {"agreement": label_agreement(stock, labels),
-                                "trust": trust(X, stock, subsample)},
+            "same_landmark_embedding": bool(
+                np.array_equal(reducer.embedding_, model.landmark_embedding)
+            ),
+            "distumap": {
+                "agreement": label_agreement(emb, labels),
+                "trust": trust(X, emb, subsample),
+            },
+            "stock_transform": {
+                "agreement": label_agreement(stock, labels),
+                "trust": trust(X, stock, subsample),
+            },
         }
     return result
 
@@ -119,11 +128,12 @@ def quality(args) -> dict:
 def speed(args) -> dict:
     X, _ = make_log_counts(args.landmarks + args.cells, args.genes, seed=args.seed)
     t = time.perf_counter()
-    model = _model.fit_landmark_model(X[: args.landmarks], n_pca=args.pca,
-                                      transform_epochs=args.epochs)
+    model = _model.fit_landmark_model(
+        X[: args.landmarks], n_pca=args.pca, transform_epochs=args.epochs
+    )
     fit_s = time.perf_counter() - t
     _model.warm_up(model)
-    cells = X[args.landmarks:]
+    cells = X[args.landmarks :]
     index = np.arange(args.landmarks, len(X))
     wall, cpu = time.perf_counter(), time.process_time()
     _model.transform(model, cells, index)
@@ -137,10 +147,15 @@ def speed(args) -> dict:
     _model._knn(model, features)
     t_knn = time.process_time() - t
     return {
-        "landmarks": args.landmarks, "genes": args.genes, "pca": args.pca,
-        "epochs": args.epochs, "cells": len(cells), "fit_s": fit_s,
+        "landmarks": args.landmarks,
+        "genes": args.genes,
+        "pca": args.pca,
+        "epochs": args.epochs,
+        "cells": len(cells),
+        "fit_s": fit_s,
         "weight_reference": model.weight_reference,
-        "cells_per_s_wall": len(cells) / wall, "cells_per_s_cpu": len(cells) / cpu,
+        "cells_per_s_wall": len(cells) / wall,
+        "cells_per_s_cpu": len(cells) / cpu,
         "project_us_per_cell_cpu": 1e6 * t_project / len(block),
         "knn_us_per_cell_cpu": 1e6 * t_knn / len(block),
         "load_average": os.getloadavg(),

@@ -156,10 +156,20 @@ def _synthetic_model(landmark_features, k=5):
     rng = np.random.default_rng(0)
     n = len(landmark_features)
     return LandmarkModel(
-        pca_mean=None, pca_components=None, landmark_features=landmark_features,
-        landmark_embedding=rng.normal(size=(n, 2)).astype(np.float32), a=1.58, b=0.9,
-        n_neighbors=k, transform_epochs=20, weight_reference=1.0, mean_distance_reference=1.0,
-        seed=0, negative_sample_rate=5, repulsion_strength=1.0, initial_alpha=1.0,
+        pca_mean=None,
+        pca_components=None,
+        landmark_features=landmark_features,
+        landmark_embedding=rng.normal(size=(n, 2)).astype(np.float32),
+        a=1.58,
+        b=0.9,
+        n_neighbors=k,
+        transform_epochs=20,
+        weight_reference=1.0,
+        mean_distance_reference=1.0,
+        seed=0,
+        negative_sample_rate=5,
+        repulsion_strength=1.0,
+        initial_alpha=1.0,
     )
 
 
@@ -189,8 +199,9 @@ def test_knn_calibration_excludes_self(model_raw):
     sample = np.arange(0, N_LANDMARKS, 5, dtype=np.int64)
     neighbors, _ = _model._knn(model_raw, model_raw.landmark_features[sample], sample)
     assert not (neighbors == sample[:, None]).any()
-    expected = _brute_force(model_raw.landmark_features[sample], model_raw.landmark_features,
-                            K + 1)[0]
+    expected = _brute_force(
+        model_raw.landmark_features[sample], model_raw.landmark_features, K + 1
+    )[0]
     for row, expected_row, own in zip(neighbors, expected, sample, strict=True):
         np.testing.assert_array_equal(row, [j for j in expected_row if j != own][:K])
 
@@ -201,14 +212,25 @@ def test_save_load_round_trip(model, data, tmp_path, scheme):
     path = str(tmp_path / "model.pkl") if scheme == "file" else "memory://distumap/model.pkl"
     save_model(model, path)
     loaded = load_model(path)
-    for name in ("a", "b", "n_neighbors", "transform_epochs", "weight_reference",
-                 "mean_distance_reference", "seed", "negative_sample_rate",
-                 "repulsion_strength", "initial_alpha", "params"):
+    for name in (
+        "a",
+        "b",
+        "n_neighbors",
+        "transform_epochs",
+        "weight_reference",
+        "mean_distance_reference",
+        "seed",
+        "negative_sample_rate",
+        "repulsion_strength",
+        "initial_alpha",
+        "params",
+    ):
         assert getattr(loaded, name) == getattr(model, name)
     np.testing.assert_array_equal(loaded.landmark_embedding, model.landmark_embedding)
     index = np.arange(300, dtype=np.int64)
-    np.testing.assert_array_equal(transform(loaded, X[:300], index),
-                                  transform(model, X[:300], index))
+    np.testing.assert_array_equal(
+        transform(loaded, X[:300], index), transform(model, X[:300], index)
+    )
 
 
 def test_load_rejects_other_objects(tmp_path):

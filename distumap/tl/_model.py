@@ -209,8 +209,9 @@ def _rank_exact(features, i, landmarks, candidates, k, out_index, out_dist):
 
 
 @njit(cache=True, nogil=True)
-def _exact_knn_block(features, dots, landmarks, landmark_sqnorm, norm_max, k, n_candidates,
-                     exclude):
+def _exact_knn_block(
+    features, dots, landmarks, landmark_sqnorm, norm_max, k, n_candidates, exclude
+):
     """Exact k nearest landmarks per row, ranked by (distance, landmark index).
 
     ``dots`` (BLAS's ``features @ landmarks.T``) only proposes candidates; the answer comes
@@ -349,9 +350,21 @@ def _clip(value):
 
 
 @njit(cache=True, nogil=True)
-def _embed_block(neighbors, dists, cell_index, landmark_embedding, a, b, n_epochs,
-                 weight_reference, distance_floor, seed, negative_sample_rate, gamma,
-                 initial_alpha):
+def _embed_block(
+    neighbors,
+    dists,
+    cell_index,
+    landmark_embedding,
+    a,
+    b,
+    n_epochs,
+    weight_reference,
+    distance_floor,
+    seed,
+    negative_sample_rate,
+    gamma,
+    initial_alpha,
+):
     """Initial position and SGD for each row, each with its own random stream."""
     n_cells, k = neighbors.shape
     n_land = landmark_embedding.shape[0]
@@ -450,8 +463,13 @@ def _knn(model: LandmarkModel, features: np.ndarray, exclude: np.ndarray | None 
     n_candidates = min(k + CANDIDATE_MARGIN, n_available)
     dots = features @ model.landmark_features.T
     return _exact_knn_block(
-        features, np.ascontiguousarray(dots, dtype=np.float32), model.landmark_features,
-        model._landmark_sqnorm, model._landmark_norm_max, k, n_candidates,
+        features,
+        np.ascontiguousarray(dots, dtype=np.float32),
+        model.landmark_features,
+        model._landmark_sqnorm,
+        model._landmark_norm_max,
+        k,
+        n_candidates,
         np.ascontiguousarray(exclude, dtype=np.int64),
     )
 
@@ -631,10 +649,18 @@ def transform(model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray) -> np
         features = project(model, X[start:stop])
         neighbors, dists = _knn(model, features)
         out[start:stop] = _embed_block(
-            neighbors, dists, cell_index[start:stop], model.landmark_embedding,
-            model.a, model.b, model.transform_epochs, model.weight_reference,
-            MIN_K_DIST_SCALE * model.mean_distance_reference, seed,
-            float(model.negative_sample_rate), model.repulsion_strength,
+            neighbors,
+            dists,
+            cell_index[start:stop],
+            model.landmark_embedding,
+            model.a,
+            model.b,
+            model.transform_epochs,
+            model.weight_reference,
+            MIN_K_DIST_SCALE * model.mean_distance_reference,
+            seed,
+            float(model.negative_sample_rate),
+            model.repulsion_strength,
             model.initial_alpha / 4.0,
         )
     return out
