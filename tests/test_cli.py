@@ -136,9 +136,11 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
         "--scheduler-file",
         str(loopback_cluster.scheduler_file),
     ]
-    result = _cli(*args)
+    report = tmp_path / "dask-report.html"
+    result = _cli(*args, "--performance-report", str(report))
     assert result.returncode == 0, result.stderr
     assert "Dask dashboard at http" in result.stderr
+    assert "Dask Performance Report" in report.read_text()
     for name in ("store.zarr", "embedding.loom", "umap.png", "umap.html"):
         assert (out / name).exists(), name
     info = _cli("info", str(out / "store.zarr"), "--json")
