@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import mmap
@@ -354,6 +355,21 @@ def _parse_into_store(
     return cells[1] - cells[0]
 
 
+def _input_errors_returned(task):
+    """Make a parse task return its :class:`InputError` instead of raising it: a bad line is not
+    worth Dask's retries, and the client then reports the earliest bad block of the file."""
+
+    @functools.wraps(task)
+    def wrapped(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except InputError as error:
+            return error
+
+    return wrapped
+
+
+@_input_errors_returned
 def _parse_task(store: str, source: str, block: int, chunk_cells: int) -> int:
     """Parse store chunk ``block`` from its byte range and write it (skipped if already written)."""
     if progress_array(store, "ingest", mode="r")[block]:
@@ -388,6 +404,7 @@ def _stream_ranges(source: str, ranges: list[tuple[int, int]]) -> Iterator[bytes
             yield data
 
 
+@_input_errors_returned
 def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
     """Parse every unwritten chunk of a compressed file in one sequential pass."""
     done = progress_array(store, "ingest", mode="r")[:]
@@ -554,7 +571,12 @@ def read_csv(
             for block in range(n_chunks)
             if not done[block]
         ]
-    run(tasks, stage="ingest: parse blocks", progress=progress)
+    results = run(tasks, stage="ingest: parse blocks", progress=progress)
+    # tasks return bad-input errors instead of raising them, so Dask does not retry them and the
+    # user hears about the first bad line of the file, not whichever block failed first
+    errors = [result for result in results if isinstance(result, InputError)]
+    if errors:
+        raise errors[0]
     done = progress_array(store, "ingest", mode="r")[:]
     if not done.all():
         missing = np.flatnonzero(~done)
