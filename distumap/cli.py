@@ -233,12 +233,6 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _export(ds, loom: str, *, progress: bool) -> str:
-    from distumap import io
-
-    return io.write_loom(ds, loom, progress=progress)
-
-
 def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
 
@@ -256,7 +250,7 @@ def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: s
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
     ds = tl.umap(ds, **_embed_kwargs(args))
-    _export(ds, loom, progress=args.progress)
+    io.write_loom(ds, loom, progress=args.progress)
     pl.umap(ds, color=color, path=f"{out}/umap.png")
     pl.umap_html(ds, color=color, path=f"{out}/umap.html")
     print(f"distumap: wrote {store}, {loom}, {out}/umap.png and {out}/umap.html")
@@ -328,7 +322,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
             ds = io.open_store(args.store, require="embed")
-            _export(ds, args.loom, progress=args.progress)
+            io.write_loom(ds, args.loom, progress=args.progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from distumap._format import (
     LOOM_SPEC_VERSION,
 )
 from distumap._progress import report
+from distumap.pp._preprocess import log2p1_values
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
 CHUNK_GENES = 512
@@ -75,8 +76,7 @@ def _encode_block(
                 padded[: piece.shape[0], : piece.shape[1]] = piece
                 piece = padded
             matrix_chunks.append(zlib.compress(_shuffle(piece), level))
-            # float64 then float32: the same values as np.log2(counts + 1).astype(float32)
-            log2p1 = np.log2(piece + 1.0).astype(np.float32)
+            log2p1 = log2p1_values(piece)
             # no shuffle here: log2(k + 1) takes few distinct 4-byte values, which deflate
             # finds whole; shuffled, the layer is half as large again and slower to compress
             layer_chunks.append(zlib.compress(log2p1.tobytes(), level))

@@ -118,9 +118,14 @@ def filter_genes(
     )
 
 
+def log2p1_values(counts: np.ndarray) -> np.ndarray:
+    """log2(counts + 1) as float32, rounded once from float64: the one rule behind every log2p1
+    distumap computes (the lazy map here and the loom layer), so they agree bit for bit."""
+    return np.log2(counts + 1.0).astype(np.float32)
+
+
 def _log2p1_block(block: np.ndarray, genes: np.ndarray) -> np.ndarray:
-    # float64 then one rounding: equals numpy's log2(x + 1) cast to float32 exactly
-    return np.log2(block[:, genes] + 1.0).astype(np.float32)
+    return log2p1_values(block[:, genes])
 
 
 def log2p1(

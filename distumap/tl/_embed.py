@@ -325,7 +325,7 @@ def umap(
         run([fit], stage="embed: fit UMAP on landmarks", progress=progress)
         fit_seconds = round(time.perf_counter() - fit_started, 3)
     else:
-        is_landmark = open_store(location, require="preprocess")["landmark"].values
+        is_landmark = ds["landmark"].values  # written when the interrupted run started
         fit_seconds = None  # fitted by the interrupted run
 
     client = current_client()
