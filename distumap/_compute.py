@@ -1,13 +1,27 @@
-"""Running named tasks on the current scheduler, with progress and clear failures."""
+"""Running named tasks on the current scheduler: progress, clear failures, and never a hang.
+
+Every wait on the cluster goes through :class:`Watchdog`: it polls the scheduler while futures
+are pending, and when the cluster has had no worker for ``distumap.no-workers-timeout`` (or the
+scheduler is gone), it raises :class:`~distumap._errors.ClusterError` naming the stage. Stages
+mark their blocks as they write them, so the same command resumes once workers are back.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
-from dask.utils import key_split
+from dask.utils import format_time, key_split, parse_timedelta
+
+from distumap import _config
+from distumap._errors import ClusterError
+
+#: seconds between two looks at the scheduler while waiting
+POLL_SECONDS = 1.0
 
 
 def current_client():
@@ -23,6 +37,106 @@ def current_client():
         return None
 
 
+def no_workers_timeout() -> float:
+    """``distumap.no-workers-timeout`` in seconds (dask's time strings: ``20s``, ``5 minutes``)."""
+    return float(parse_timedelta(_config.get("no-workers-timeout"), default="seconds"))
+
+
+def _worker_count(client) -> int:
+    """Workers the scheduler knows now; 0 when the scheduler cannot be reached."""
+    if client.status != "running":
+        return 0
+    try:
+        return len(client.sync(client.scheduler.ncores, callback_timeout=POLL_SECONDS * 10))
+    except Exception:  # a lost connection, a timeout: no worker can be reached either way
+        return 0
+
+
+class Watchdog:
+    """Raises :class:`ClusterError` once ``client``'s cluster has had no worker for too long."""
+
+    def __init__(self, client, stage: str, timeout: float | None = None):
+        self.client, self.stage = client, stage
+        self.timeout = no_workers_timeout() if timeout is None else timeout
+        self._alone_since: float | None = None
+
+    def check(self) -> None:
+        if _worker_count(self.client) > 0:
+            self._alone_since = None
+            return
+        now = time.monotonic()
+        if self._alone_since is None:
+            self._alone_since = now
+        elif now - self._alone_since >= self.timeout:
+            gone = self.client.status != "running"
+            raise ClusterError(
+                f"{self.stage}: no Dask worker was available for {format_time(self.timeout)}"
+                f"{' (the scheduler is unreachable)' if gone else ''}; the store is resumable: "
+                "run the same command again once workers are back "
+                "(setting distumap.no-workers-timeout)"
+            )
+
+    def wait(self, futures: Sequence[Any]) -> None:
+        """Return once every future is finished (done, erred or cancelled)."""
+        from distributed import wait
+
+        pending = [f for f in futures if not f.done()]
+        while pending:
+            try:
+                wait(pending, timeout=POLL_SECONDS)
+            except TimeoutError:
+                pass
+            pending = [f for f in pending if not f.done()]
+            if pending:
+                self.check()
+
+
+class _ProgressLine:
+    """One line on stderr, redrawn in place: ``stage [#####-----] 12/27 blocks 0:00:14``."""
+
+    WIDTH = 30
+
+    def __init__(self, stage: str, total: int, enabled: bool):
+        self.stage, self.total, self.enabled = stage, total, enabled
+        self.started = time.monotonic()
+        self.drawn = -1
+
+    def draw(self, done: int, *, final: bool = False) -> None:
+        if not self.enabled or (done == self.drawn and not final):
+            return
+        self.drawn = done
+        filled = self.WIDTH * done // max(self.total, 1)
+        elapsed = format_time(time.monotonic() - self.started)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        end = "\n" if final else ""
+        print(
+            f"\rdistumap: {self.stage} [{bar}] {done}/{self.total} tasks {elapsed}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _reraise(error: BaseException, stage: str, client) -> None:
+    from distributed import KilledWorker
+
+    if isinstance(error, KilledWorker):
+        key = error.task if hasattr(error, "task") else error.args[0]
+        raise RuntimeError(
+            f"{stage}: Dask gave up on task {key!r} ({key_split(key)}) after its workers died "
+            f"repeatedly; check the workers' memory limit and logs. Re-running the same command "
+            f"resumes without redoing finished blocks."
+        ) from error
+    from asyncio import CancelledError
+
+    if isinstance(error, CancelledError) and client.status != "running":
+        raise ClusterError(
+            f"{stage}: the connection to the Dask scheduler was lost; the store is resumable: "
+            "run the same command again once the cluster is back"
+        ) from error
+    raise error
+
+
 def run(
     tasks: Sequence[Any],
     *,
@@ -34,29 +148,78 @@ def run(
 
     On a distributed client, failed tasks are retried ``retries`` times; when Dask gives up on a
     task whose workers kept dying (``KilledWorker``), the error names the stage and the block.
+    When the cluster has had no worker for ``distumap.no-workers-timeout``, or the scheduler is
+    gone, :class:`~distumap._errors.ClusterError` names the stage.
     """
     if not tasks:
         return []
     client = current_client()
     if client is None:
         return list(dask.compute(*tasks))
-    from distributed import KilledWorker
-    from distributed import progress as progress_bar
+    from distributed import wait
 
+    watchdog = Watchdog(client, stage)
     futures = client.compute(list(tasks), retries=retries)
+    line = _ProgressLine(stage, len(futures), progress)
     try:
-        if progress:
-            print(f"distumap: {stage}", file=sys.stderr, flush=True)
-            progress_bar(futures, notebook=False)
-            print(file=sys.stderr, flush=True)
-        return client.gather(futures)
-    except KilledWorker as error:
-        key = error.task if hasattr(error, "task") else error.args[0]
-        raise RuntimeError(
-            f"{stage}: Dask gave up on task {key!r} ({key_split(key)}) after its workers died "
-            f"repeatedly; check the workers' memory limit and logs. Re-running the same command "
-            f"resumes without redoing finished blocks."
-        ) from error
+        pending = list(futures)
+        while pending:
+            try:
+                wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            pending = [f for f in pending if not f.done()]
+            line.draw(len(futures) - len(pending))
+            failed = [f for f in futures if f.status in ("error", "cancelled")]
+            if failed:
+                break
+            if pending:
+                watchdog.check()
+        line.draw(len(futures) - len(pending), final=True)
+        try:
+            return client.gather(futures)
+        except BaseException as error:
+            _reraise(error, stage, client)
+            raise  # pragma: no cover  (_reraise always raises)
     finally:
         for future in futures:
             future.release()
+
+
+def results_in_order(
+    tasks: Sequence[Any], *, stage: str, in_flight: int, client=None
+) -> Iterator[Any]:
+    """Yield the results of ``tasks`` in order, computing at most ``in_flight`` ahead.
+
+    For single writers (HDF5): the cluster computes blocks ahead while the caller writes the
+    previous ones, and memory stays bounded by ``in_flight`` results whatever the task count.
+    ``client`` defaults to the current distributed client (none: dask's local scheduler).
+    """
+    client = client if client is not None else current_client()
+    if client is None:
+        for start in range(0, len(tasks), in_flight):
+            yield from dask.compute(*tasks[start : start + in_flight])
+        return
+    watchdog = Watchdog(client, stage)
+    pending: deque = deque()
+    upcoming = iter(tasks)
+    try:
+        for task in upcoming:
+            pending.append(client.compute(task, retries=2))
+            if len(pending) >= in_flight:
+                break
+        while pending:
+            future = pending.popleft()
+            watchdog.wait([future])
+            try:
+                result = future.result()
+            except BaseException as error:
+                _reraise(error, stage, client)
+            future.release()
+            for task in upcoming:
+                pending.append(client.compute(task, retries=2))
+                break
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()

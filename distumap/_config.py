@@ -18,6 +18,8 @@ DEFAULTS: dict[str, Any] = {
     "index-block-bytes": 256 * 2**20,
     # preprocess
     "max-zero-fraction": 0.5,
+    # a command whose cluster has had no worker this long exits 1 instead of waiting forever
+    "no-workers-timeout": "5 minutes",
     # embed
     "landmarks": 20000,
     "min-per-group": 50,

@@ -12,3 +12,10 @@ class InputError(ValueError):
 
 class IncompleteStoreError(InputError):
     """A stage needs a store whose earlier stage did not finish."""
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot run the work: it has had no worker for too long, or it is gone.
+
+    The store is left resumable: the same command picks up where it stopped once workers are back.
+    """

@@ -12,13 +12,21 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from distumap._errors import InputError
+
 FORMAT_VERSION = 1
 
 #: store attribute that holds distumap's bookkeeping: version and finished stages
 ATTR = "distumap"
 
-#: the stages in order; each adds the variables listed for it
-STAGE_ORDER = ("ingest", "preprocess", "embed", "export")
+#: the stages in pipeline order, and the unit each one counts in progress reports
+STAGES: dict[str, str] = {
+    "ingest": "cells ingested",
+    "preprocess": "genes kept",
+    "embed": "cells embedded",
+    "export": "blocks exported",
+}
+STAGE_ORDER = tuple(STAGES)
 
 #: name -> (dims, dtype kind, the stage that writes it)
 STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -32,16 +40,132 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
 #: coordinates every store has; metadata columns come on top as extra ``cell`` coordinates
 STORE_COORDS = {"cell": ("cell",), "gene": ("gene",)}
 
-#: names a metadata column may not take, because the store uses them
-RESERVED_NAMES = frozenset(STORE_VARIABLES) | {"cell", "gene", "umap"}
+#: coordinates that some inputs add (feature ids, the input file of each cell)
+OPTIONAL_COORDS = {"gene_ids": ("gene",), "source": ("cell",)}
+
+#: the subgroup of the store that holds per-block markers and the line index
+PROGRESS_GROUP = "_progress"
+
+#: the fitted UMAP model: a subgroup of plain float32 arrays and JSON attributes, never a pickle
+MODEL_GROUP = "umap_model"
+#: array -> (dims, where each dim's length comes from); pca_* only when PCA was used
+MODEL_ARRAYS: dict[str, tuple[str, ...]] = {
+    "landmark_features": ("landmark", "feature"),
+    "landmark_embedding": ("landmark", "umap"),
+    "pca_mean": ("gene",),
+    "pca_components": ("feature", "gene"),
+}
+#: scalar attributes of the model and their types
+MODEL_SCALARS: dict[str, type] = {
+    "a": float,
+    "b": float,
+    "n_neighbors": int,
+    "transform_epochs": int,
+    "weight_reference": float,
+    "mean_distance_reference": float,
+    "seed": int,
+    "negative_sample_rate": int,
+    "repulsion_strength": float,
+    "initial_alpha": float,
+}
 
 LOOM_SPEC_VERSION = "3.0.0"
 #: loom datasets: path -> (dtype kind, orientation); genes are rows, cells are columns
 LOOM_MATRIX = "/matrix"
-LOOM_LAYERS = {"log2p1": "float32"}
-LOOM_ROW_ATTRS = {"Gene": "str", "ZeroFraction": "float32"}
-LOOM_COL_ATTRS = {"CellID": "str", "X_umap": "float32", "Landmark": "int"}
+LOOM_LAYER = "log2p1"
+LOOM_LAYERS = {LOOM_LAYER: "float32"}
+LOOM_GENE, LOOM_ZERO_FRACTION = "Gene", "ZeroFraction"
+LOOM_CELL, LOOM_EMBEDDING, LOOM_LANDMARK = "CellID", "X_umap", "Landmark"
+LOOM_ROW_ATTRS = {LOOM_GENE: "str", LOOM_ZERO_FRACTION: "float32"}
+LOOM_COL_ATTRS = {LOOM_CELL: "str", LOOM_EMBEDDING: "float32", LOOM_LANDMARK: "int"}
 LOOM_GROUPS = ("/layers", "/row_attrs", "/col_attrs", "/row_graphs", "/col_graphs", "/attrs")
+#: the loom global attribute that holds the store's stage records (and marks our files)
+LOOM_RECORD = "distumap"
+
+#: names a metadata column may not take, because the store or an export uses them (loom's
+#: column attributes and AnnData's obs are keyed by the same names, so one rule covers all)
+RESERVED_NAMES = (
+    frozenset(STORE_VARIABLES)
+    | frozenset(STORE_COORDS)
+    | frozenset(OPTIONAL_COORDS)
+    | frozenset(LOOM_COL_ATTRS)
+    | {"umap", "_index", PROGRESS_GROUP, MODEL_GROUP}
+)
+
+
+def metadata_name(name: str, taken: set[str]) -> str:
+    """The store name of a metadata column called ``name``.
+
+    A name the store or an export uses gets ``_metadata`` appended, and ``/`` (a path separator
+    in zarr and HDF5) becomes ``_``; ``taken`` holds the names already given, which a renamed
+    column never takes.
+    """
+    key = str(name).replace("/", "_")
+    if key in RESERVED_NAMES or key in taken:
+        base = f"{key}_metadata"
+        key, n = base, 1
+        while key in RESERVED_NAMES or key in taken:
+            key, n = f"{base}{n}", n + 1
+    return key
+
+
+#: how distumap marks the files it writes, so that it only ever replaces its own: PNG files
+#: carry it in their "Software" text chunk, HTML pages in a generator meta tag, HDF5 files
+#: (loom, h5ad) and zarr groups in their attributes
+OUTPUT_MARK = "distumap"
+HTML_MARK = f'<meta name="generator" content="{OUTPUT_MARK}">'
+_HEAD_BYTES = 1 << 16
+
+
+def written_by_distumap(path: str | os.PathLike) -> bool:
+    """Whether the file or folder at ``path`` (a local path or an fsspec URL) is a distumap
+    output: a store, a loom or AnnData export, or a picture. False when nothing is there."""
+    import fsspec
+
+    location = os.fspath(path)
+    fs, inner = fsspec.core.url_to_fs(location)
+    if not fs.exists(inner):
+        return False
+    if fs.isdir(inner):
+        import zarr
+
+        try:
+            group = zarr.open_group(location, mode="r", use_consolidated=False)
+        except Exception:  # not a zarr group at all
+            return False
+        uns = group.get("uns")
+        return ATTR in group.attrs or (uns is not None and OUTPUT_MARK in uns)
+    with fs.open(inner, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if head.startswith(b"\x89HDF"):
+        import h5py
+
+        try:
+            with fs.open(inner, "rb") as raw, h5py.File(raw, "r") as h5:
+                return f"attrs/{LOOM_RECORD}" in h5 or f"uns/{OUTPUT_MARK}" in h5
+        except OSError:
+            return False
+    return (
+        b"Software\x00" + OUTPUT_MARK.encode() in head  # PNG tEXt chunk
+        or HTML_MARK.encode() in head
+    )
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise :class:`~distumap._errors.InputError` if something distumap did not write is at
+    ``path``: distumap replaces only its own outputs."""
+    import fsspec
+
+    location = os.fspath(path)
+    fs, inner = fsspec.core.url_to_fs(location)
+    if not fs.exists(inner) or written_by_distumap(location):
+        return
+    if fs.isdir(inner) and not fs.ls(inner, detail=False):
+        return  # an empty folder holds nothing to lose
+    raise InputError(
+        f"{location}: something distumap did not write is already there; distumap replaces "
+        "only its own outputs: move it away or choose another path"
+    )
 
 
 def _dtype_ok(dtype: np.dtype, kind: str) -> bool:
@@ -101,8 +225,62 @@ def check_store(ds: xr.Dataset) -> list[str]:
         if not _dtype_ok(ds[name].dtype, kind):
             problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {kind}")
     for name, coord in ds.coords.items():
-        if name not in STORE_COORDS and coord.dims != ("cell",) and name != "umap":
-            problems.append(f"metadata coordinate {name!r} has dims {coord.dims}, expected cell")
+        if name in STORE_COORDS or name == "umap":
+            continue
+        expected = OPTIONAL_COORDS.get(name, ("cell",))
+        if coord.dims != expected:
+            problems.append(f"coordinate {name!r} has dims {coord.dims}, expected {expected}")
+        elif name not in OPTIONAL_COORDS and name in RESERVED_NAMES:
+            problems.append(f"metadata coordinate {name!r} takes a name distumap's outputs use")
+    return problems
+
+
+def check_model(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> list[str]:
+    """Violations of the model layout (``umap_model/``) by its arrays and attributes.
+
+    Checks that every array is there (the PCA pair together or not at all), float32, finite,
+    with shapes that agree, and that every scalar attribute has its type and a finite value.
+
+    Returns
+    -------
+    list of str
+        One sentence per violation; empty when the model follows the layout.
+    """
+    problems: list[str] = []
+    sizes: dict[str, int] = {}
+    has_pca = [name in arrays for name in ("pca_mean", "pca_components")]
+    if any(has_pca) and not all(has_pca):
+        problems.append("pca_mean and pca_components must be present together")
+    for name, dims in MODEL_ARRAYS.items():
+        if name not in arrays:
+            if name.startswith("pca_"):
+                continue
+            problems.append(f"array {name!r} is missing")
+            continue
+        value = arrays[name]
+        if value.dtype != np.float32:
+            problems.append(f"array {name!r} has dtype {value.dtype}, expected float32")
+        if value.ndim != len(dims):
+            problems.append(f"array {name!r} has {value.ndim} dims, expected {len(dims)}")
+            continue
+        if not np.isfinite(value).all():
+            problems.append(f"array {name!r} holds values that are not finite")
+        for dim, length in zip(dims, value.shape, strict=True):
+            if sizes.setdefault(dim, length) != length:
+                problems.append(f"array {name!r}: {dim} has length {length}, not {sizes[dim]}")
+    if sizes.get("umap", 2) != 2:
+        problems.append("the landmark embedding must have two columns")
+    for name, kind in MODEL_SCALARS.items():
+        value = attrs.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"attribute {name!r} is {value!r}, expected a number")
+        elif kind is int and int(value) != value:
+            problems.append(f"attribute {name!r} is {value!r}, expected an integer")
+        elif not np.isfinite(value):
+            problems.append(f"attribute {name!r} is not finite")
+    n_neighbors, n_landmarks = attrs.get("n_neighbors"), sizes.get("landmark")
+    if isinstance(n_neighbors, int) and n_landmarks is not None and n_neighbors >= n_landmarks:
+        problems.append(f"n_neighbors={n_neighbors} needs more than {n_landmarks} landmarks")
     return problems
 
 

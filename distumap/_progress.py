@@ -7,15 +7,12 @@ event lands in the scheduler's event log under :data:`TOPIC`, where the distumap
 
 from __future__ import annotations
 
-TOPIC = "distumap-progress"
+from distumap._compute import current_client
+from distumap._format import STAGES
 
-#: the stages in pipeline order, and the unit each one counts
-STAGES = {
-    "ingest": "cells ingested",
-    "preprocess": "genes kept",
-    "embed": "cells transformed",
-    "export": "loom blocks written",
-}
+__all__ = ["STAGES", "TOPIC", "report"]
+
+TOPIC = "distumap-progress"
 
 
 def report(stage: str, done: int, total: int, *, block: int | None = None) -> None:
@@ -32,8 +29,6 @@ def report(stage: str, done: int, total: int, *, block: int | None = None) -> No
         return
     except (ImportError, ValueError):
         pass
-    from distumap._compute import current_client
-
     client = current_client()
     if client is not None:
         client.log_event(TOPIC, message)

@@ -18,6 +18,9 @@ import dask
 
 from distumap._errors import InputError
 
+#: what `distumap run` writes beside the store
+RUN_FILES = ("embedding.loom", "umap.png", "umap.html")
+
 EPILOG = """\
 Settings default to dask's config namespace `distumap.*` (e.g. DASK_DISTUMAP__LANDMARKS=50000);
 flags override them. With no --scheduler, --scheduler-file or DASK_SCHEDULER_ADDRESS, an embedded
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="store -> loom (genes x cells)")
     export.add_argument("store", metavar="STORE")
-    export.add_argument("loom", metavar="OUT.loom")
+    export.add_argument("out", metavar="OUT.loom")
     _cluster_options(export)
 
     info = commands.add_parser("info", help="stages done, shapes and parameters of a store")
@@ -233,10 +236,29 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def _check_outputs(store: str, files: Sequence[str]) -> None:
+    """Refuse, before any work, to write over anything distumap did not write."""
+    from distumap._format import check_replaceable
+    from distumap._store import is_store, occupied
+
+    if store and occupied(store) and not is_store(store):
+        raise InputError(
+            f"{store}: something that is not a distumap store is already there; distumap "
+            "replaces only what it wrote: move it away or choose another --out"
+        )
+    for path in files:
+        check_replaceable(path)
+
+
+def _outputs(out: str) -> tuple[str, list[str]]:
+    """The store and the files that `run` writes into ``out``."""
+    return f"{out}/store.zarr", [f"{out}/{name}" for name in RUN_FILES]
+
+
 def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
 
-    store, loom = f"{out}/store.zarr", f"{out}/embedding.loom"
+    store, (loom, png, html) = _outputs(out)
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
     ds = io.read_csv(
@@ -251,9 +273,9 @@ def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: s
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
     ds = tl.umap(ds, **_embed_kwargs(args))
     io.write_loom(ds, loom, progress=args.progress)
-    pl.umap(ds, color=color, path=f"{out}/umap.png")
-    pl.umap_html(ds, color=color, path=f"{out}/umap.html")
-    print(f"distumap: wrote {store}, {loom}, {out}/umap.png and {out}/umap.html")
+    pl.umap(ds, color=color, path=png)
+    pl.umap_html(ds, color=color, path=html)
+    print(f"distumap: wrote {store}, {loom}, {png} and {html}")
 
 
 def _info(store: str, as_json: bool) -> None:
@@ -285,6 +307,13 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "info":
         _info(args.store, args.json)
         return
+    # refuse to write over what distumap did not write before a cluster starts
+    if args.command in ("run", "demo"):
+        _check_outputs(*_outputs(args.out.rstrip("/")))
+    elif args.command == "ingest":
+        _check_outputs(args.store, [])
+    elif args.command == "export":
+        _check_outputs("", [args.out])
     with _cluster(args):
         if args.command == "run":
             _run_all(args, args.matrix, args.metadata, args.out.rstrip("/"))
@@ -321,8 +350,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         elif args.command == "embed":
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
+            if not args.out.endswith(".loom"):
+                raise InputError(f"{args.out}: the export format comes from the name: use .loom")
             ds = io.open_store(args.store, require="embed")
-            io.write_loom(ds, args.loom, progress=args.progress)
+            io.write_loom(ds, args.out, progress=args.progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,15 +71,23 @@ def connect(
         if not quiet:
             print(f"distumap: no progress page on the dashboard ({error})", file=sys.stderr)
     if not quiet:
+        address = client.scheduler.address if client.scheduler is not None else "?"
+        print(f"distumap: Dask scheduler at {address}", file=sys.stderr, flush=True)
         print(f"distumap: Dask dashboard at {client.dashboard_link}", file=sys.stderr, flush=True)
         if page:
             print(f"distumap: stage progress at {page}", file=sys.stderr, flush=True)
     return client
 
 
+#: seconds that closing the client or the embedded cluster may take, even when it is gone
+CLOSE_TIMEOUT = 20
+
+
 def close(client: Client) -> None:
-    """Close ``client``, and the cluster too if :func:`connect` started it."""
+    """Close ``client``, and the cluster too if :func:`connect` started it, in bounded time."""
     cluster = client.cluster if getattr(client, "_distumap_owns_cluster", False) else None
-    client.close()
-    if cluster is not None:
-        cluster.close()
+    try:
+        client.close(timeout=CLOSE_TIMEOUT)
+    finally:
+        if cluster is not None:
+            cluster.close(timeout=CLOSE_TIMEOUT)

@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 import pytest
 
+from distumap._store import progress_array
 from distumap.io import open_store
-from distumap.io._store import progress_array
 from distumap.testing import SyntheticSpec, write_dataset
 
 pytestmark = pytest.mark.cluster
@@ -398,7 +398,7 @@ def test_killed_client_resumes_with_the_same_command(cluster, data, embedded, tm
     assert 0 < transformed < N_BLOCKS
     before = {stage: dict(blocks) for stage, blocks in watch.seen.items()}
     token = _stage_record(store, "embed")["token"]
-    model = store / "_progress" / "umap_model" / "c" / "0"
+    model = store / "umap_model" / "landmark_embedding" / "c" / "0" / "0"
     fitted = model.stat().st_mtime_ns  # the fit finished before the transform began
 
     _run_cli(*args)  # the same command again
@@ -475,3 +475,166 @@ def test_killed_worker_error_names_the_stage_and_the_block():
         assert "Re-running the same command resumes" in message
         # the nanny kept replacing the worker it killed
         client.wait_for_workers(1, timeout=60)
+
+
+# ---------------------------------------------------------------- every stage alone
+
+
+def _stage_commands(data: dict[str, Path], out: Path, *cluster: str) -> list[list[str]]:
+    store = str(out / "store.zarr")
+    common = ["--no-progress", *cluster]
+    return [
+        [
+            "ingest",
+            str(data["matrix"]),
+            store,
+            "--metadata",
+            str(data["metadata"]),
+            "--chunk-cells",
+            str(CHUNK),
+            *common,
+        ],
+        ["preprocess", store, *common],
+        ["embed", store, "--landmarks", str(LANDMARKS), "--pca", "10", *common],
+        ["export", store, str(out / "embedding.loom"), *common],
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "loopback"])
+def test_each_stage_alone_on_a_fresh_cluster_equals_run(where, data, embedded, tmp_path):
+    """Each CLI stage in its own process, on a cluster whose workers never imported distumap:
+    a fresh worker unpickling a stage's task function is a fresh interpreter."""
+    from conftest import start_loopback_cluster, stop_loopback_cluster
+
+    from distumap._format import check_store
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for number, command in enumerate(_stage_commands(data, out)):
+        if where == "embedded":
+            args, environment = _cli(*command, "--n-workers", "2", "--dashboard-address", ":0")
+            done = subprocess.run(
+                args, env=environment, capture_output=True, text=True, timeout=300
+            )
+        else:
+            fresh = start_loopback_cluster(tmp_path / f"cluster-{number}", n_workers=2)
+            try:
+                args, environment = _cli(*command, "--scheduler-file", str(fresh.scheduler_file))
+                done = subprocess.run(
+                    args, env=environment, capture_output=True, text=True, timeout=300
+                )
+            finally:
+                stop_loopback_cluster(fresh)
+        assert done.returncode == 0, f"{command[0]}: {done.stderr[-3000:]}"
+        assert check_store(open_store(out / "store.zarr", require=None)) == []
+    _assert_same(out, embedded["results"])
+
+
+# ---------------------------------------------------------------- a cluster that vanishes
+
+
+def _close_every_worker(log: Path) -> None:
+    """Close every worker of the cluster whose address the CLI printed to ``log``, nannies
+    included, as a cluster that loses its machines does (an embedded cluster's nannies live in
+    the CLI process and would restart killed worker processes)."""
+    from distributed import Client
+
+    line = next(x for x in log.read_text().splitlines() if "Dask scheduler at" in x)
+    with Client(line.rsplit(" ", 1)[1], timeout=30) as client:
+        client.run_on_scheduler(
+            lambda dask_scheduler: [dask_scheduler.close_worker(w) for w in dask_scheduler.workers]
+        )
+
+
+def _add_workers(cluster, directory: Path, n: int) -> None:
+    """Start ``n`` more `dask worker` processes (each with its nanny) for ``cluster``."""
+    from conftest import _dask_command
+
+    for i in range(n):
+        cluster.workers.append(
+            subprocess.Popen(
+                _dask_command(
+                    "worker",
+                    "--scheduler-file",
+                    str(cluster.scheduler_file),
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "2GiB",
+                    "--host",
+                    "127.0.0.1",
+                    "--local-directory",
+                    str(directory / f"late-worker-{i}"),
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+    with cluster.client() as client:
+        client.wait_for_workers(n, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "loopback"])
+def test_losing_every_worker_exits_in_bounded_time_and_resumes(where, data, embedded, tmp_path):
+    from conftest import start_loopback_cluster, stop_loopback_cluster
+
+    out, store = tmp_path / "out", tmp_path / "out" / "store.zarr"
+    preload = tmp_path / "distumap_test_padding.py"
+    preload.write_text(PRELOAD)
+    env = {
+        "DASK_DISTUMAP__NO_WORKERS_TIMEOUT": "4s",
+        "DISTUMAP_TEST_BLOCK_DELAY": "0.1",
+        "DASK_DISTRIBUTED__WORKER__PRELOAD": repr([str(preload)]),
+        "DISTUMAP_TRACEBACK": "",  # the one line a user sees
+    }
+    fresh = None
+    if where == "loopback":
+        fresh = start_loopback_cluster(tmp_path / "cluster", n_workers=2, env=env)
+        cluster_args = ["--scheduler-file", str(fresh.scheduler_file)]
+    else:
+        cluster_args = ["--n-workers", "2", "--dashboard-address", ":0"]
+    args = [*_run_args(data, out, "--landmarks", str(LANDMARKS)), *cluster_args]
+    watch = BlockWatch(store)
+    log = tmp_path / "lost.log"
+    proc = _start_cli(args, log, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until some, not all, blocks are ingested
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the ingest did not start in time"
+            markers = watch.poll()["ingest"]
+            if markers is not None and N_BLOCKS // 5 <= markers.sum() < N_BLOCKS // 2:
+                break
+            time.sleep(0.03)
+        if fresh is not None:
+            for worker in fresh.workers:  # each `dask worker` group: nanny and worker
+                os.killpg(worker.pid, signal.SIGKILL)
+        else:
+            _close_every_worker(log)
+        proc.wait(timeout=120)  # bounded: the timeout, a poll, and closing the cluster
+        watch.poll()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, log.read_text()[-3000:]
+    errors = [line for line in log.read_text().splitlines() if line.startswith("distumap: error")]
+    assert len(errors) == 1 and errors[0].startswith("distumap: error: ClusterError: ingest")
+    assert "no Dask worker was available for 4" in errors[0] and "resumable" in errors[0]
+    assert _stage_record(store, "ingest")["status"] == "started"
+    written = int(watch.markers("ingest").sum())
+    assert 0 < written < N_BLOCKS
+    try:
+        if fresh is not None:  # the same command resumes once workers are back
+            _add_workers(fresh, tmp_path / "cluster", 2)
+        rerun = _start_cli(args, tmp_path / "resumed.log", env=env)
+        _watch_until_exit(rerun, watch)
+        assert rerun.returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    finally:
+        if fresh is not None:
+            stop_loopback_cluster(fresh)
+    _assert_same(out, embedded["results"])
+    watch.assert_written_once()  # the blocks ingested before the loss were not parsed again

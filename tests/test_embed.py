@@ -104,13 +104,13 @@ def test_embed_resumes_without_rewriting_blocks(tmp_path, dataset):
         ds = _embedded(tmp_path, dataset, 300, "resume")
         store = ds.encoding["distumap_store"]
         before = ds["X_umap"].values.copy()
-        markers = distumap.io._store.progress_array(store, "embed")
+        markers = distumap._store.progress_array(store, "embed")
         # pretend the run died after three blocks: clear the others' markers and coordinates
         markers[3:] = False
         import zarr
 
         zarr.open_array(store, path="X_umap", mode="r+")[900:] = 0
-        distumap.io._store.mark_stage(
+        distumap._store.mark_stage(
             store,
             "embed",
             "started",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from distumap._format import check_loom
+from distumap._errors import InputError
+from distumap._format import check_loom, written_by_distumap
 from distumap._progress import TOPIC
 from distumap.io._export import write_loom
 
@@ -199,8 +200,9 @@ def _failing(block):
 def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster, request):
     client = request.getfixturevalue("local_client") if on_cluster else None
     path = tmp_path / "embedding.loom"
-    if existing:
-        path.write_bytes(b"an older file stays as it was")
+    if existing:  # an older export of ours, which a failed export must leave as it was
+        write_loom(dataset, path, block_cells=CHUNK)
+        older = path.read_bytes()
     counts = dataset["counts"].data
     # the third block fails after two were written
     poisoned = counts.map_blocks(
@@ -213,10 +215,24 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster,
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_loom(broken, path, block_cells=CHUNK, client=client)
     if existing:
-        assert path.read_bytes() == b"an older file stays as it was"
+        assert path.read_bytes() == older
     else:
         assert not path.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["embedding.loom"] if existing else [])
+
+
+def test_refuses_to_replace_a_file_it_did_not_write(dataset, tmp_path):
+    path = tmp_path / "thesis.loom"
+    path.write_bytes(b"three years of work")
+    with pytest.raises(InputError, match="did not write"):
+        write_loom(dataset, path, block_cells=CHUNK)
+    assert path.read_bytes() == b"three years of work"
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.loom"]
+    path.unlink()
+    write_loom(dataset, path, block_cells=CHUNK)
+    assert written_by_distumap(path)
+    write_loom(dataset, path, block_cells=CHUNK)  # its own export is replaced
+    _validate(path)
 
 
 def test_fsspec_memory_target(dataset, tmp_path, capsys):

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 import distumap.io as dio
 from distumap._errors import IncompleteStoreError, InputError
+from distumap._store import mark_stage, progress_array, stage_record
 from distumap.io import _csv, _ingest
-from distumap.io._store import mark_stage, progress_array, stage_record
 from distumap.testing import (
     SyntheticSpec,
     synthetic_counts,
@@ -476,9 +476,9 @@ _KILLED_CHILD = textwrap.dedent(
     import sys, threading
     import dask
     import distumap.io as dio
-    from distumap.io import _ingest
+    from distumap import _progress
 
-    report, written = _ingest._progress.report, []
+    report, written = _progress.report, []
 
     def stall_after_five(stage, done, total, *, block=None):
         # the marker of `block` is set; after five blocks every parse thread stops here
@@ -487,7 +487,7 @@ _KILLED_CHILD = textwrap.dedent(
         if len(written) >= 5:
             threading.Event().wait()
 
-    _ingest._progress.report = stall_after_five
+    _progress.report = stall_after_five
     with dask.config.set(scheduler="threads", num_workers=2):
         dio.read_csv(sys.argv[1], sys.argv[2], chunk_cells=100)
     """
@@ -539,9 +539,9 @@ def test_resume_after_sigkill_parses_only_missing_blocks(tmp_path, monkeypatch):
     parsed: list[int] = []
     original = _ingest._parse_into_store
 
-    def counting(*args, block, **kwargs):
-        parsed.append(block)
-        return original(*args, block=block, **kwargs)
+    def counting(*args, cells, **kwargs):
+        parsed.append(cells[0] // 100)
+        return original(*args, cells=cells, **kwargs)
 
     monkeypatch.setattr(_ingest, "_parse_into_store", counting)
     with dask.config.set(scheduler="threads", num_workers=2):

@@ -7,13 +7,17 @@ import warnings
 import numpy as np
 import pytest
 
+from distumap._errors import InputError
+from distumap._format import check_model
 from distumap.tl import _model
 from distumap.tl._model import (
     LandmarkModel,
     fit_landmark_model,
+    from_arrays,
     load_model,
     project,
     save_model,
+    to_arrays,
     transform,
     warm_up,
 )
@@ -209,7 +213,7 @@ def test_knn_calibration_excludes_self(model_raw):
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_save_load_round_trip(model, data, tmp_path, scheme):
     X, _, _ = data
-    path = str(tmp_path / "model.pkl") if scheme == "file" else "memory://distumap/model.pkl"
+    path = str(tmp_path / "model.zarr") if scheme == "file" else "memory://distumap/model.zarr"
     save_model(model, path)
     loaded = load_model(path)
     for name in (
@@ -233,13 +237,53 @@ def test_save_load_round_trip(model, data, tmp_path, scheme):
     )
 
 
-def test_load_rejects_other_objects(tmp_path):
+class _Planted:
+    """A pickle that creates a file when it is loaded: what an attacker would plant."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_load_never_unpickles(tmp_path):
     import pickle
 
-    path = tmp_path / "other.pkl"
-    path.write_bytes(pickle.dumps({"not": "a model"}))
-    with pytest.raises(TypeError, match="LandmarkModel"):
+    proof = tmp_path / "pwned"
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(_Planted(str(proof))))
+    with pytest.raises(InputError, match="no distumap UMAP model"):
         load_model(str(path))
+    assert not proof.exists()
+
+
+def test_model_layout_is_validated_on_load(model_pca, tmp_path):
+    arrays, attrs = to_arrays(model_pca)
+    assert set(arrays) == {"landmark_features", "landmark_embedding", "pca_mean", "pca_components"}
+    assert all(a.dtype == np.float32 for a in arrays.values())
+    assert check_model(arrays, attrs) == []
+    bad = dict(arrays, landmark_embedding=arrays["landmark_embedding"][:-1])
+    with pytest.raises(InputError, match="landmark has length"):
+        from_arrays(bad, attrs)
+    nan = arrays["landmark_features"].copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(InputError, match="not finite"):
+        from_arrays(dict(arrays, landmark_features=nan), attrs)
+    with pytest.raises(InputError, match="pca_mean and pca_components"):
+        from_arrays({k: v for k, v in arrays.items() if k != "pca_mean"}, attrs)
+    with pytest.raises(InputError, match="'a' is"):
+        from_arrays(arrays, {**attrs, "a": "import os"})
+    pickled = np.frombuffer(b"\x80\x05pickle bytes", dtype=np.uint8)
+    with pytest.raises(InputError, match="dtype uint8"):
+        from_arrays(dict(arrays, landmark_features=pickled), attrs)
+    # zarr and xarray read the saved model as plain arrays
+    import zarr
+
+    save_model(model_pca, str(tmp_path / "m.zarr"))
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="r")
+    np.testing.assert_array_equal(group["landmark_embedding"][:], model_pca.landmark_embedding)
+    assert group.attrs["n_neighbors"] == model_pca.n_neighbors
 
 
 def test_warm_up_and_input_checks(model_pca, data):

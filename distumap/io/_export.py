@@ -16,7 +16,6 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,15 +26,24 @@ import xarray as xr
 from dask.base import tokenize
 
 from distumap import _config
-from distumap._compute import current_client
-from distumap._errors import IncompleteStoreError
+from distumap._compute import current_client, results_in_order
+from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import (
     ATTR,
+    LOOM_CELL,
+    LOOM_COL_ATTRS,
+    LOOM_EMBEDDING,
+    LOOM_GENE,
+    LOOM_LANDMARK,
+    LOOM_LAYER,
     LOOM_MATRIX,
+    LOOM_RECORD,
     LOOM_SPEC_VERSION,
+    LOOM_ZERO_FRACTION,
+    check_replaceable,
 )
 from distumap._progress import report
-from distumap.pp._preprocess import log2p1_values
+from distumap.pp import log2p1_values
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
 CHUNK_GENES = 512
@@ -44,8 +52,6 @@ CHUNK_CELLS = 256
 DEFLATE_LEVEL = 1
 #: raw bytes (counts and layer) of the blocks computed ahead of the writer, at most
 IN_FLIGHT_RAW_BYTES = 4 * 2**30
-#: the columns distumap itself writes; a metadata column may not take these names
-_OWN_COL_ATTRS = ("CellID", "X_umap", "Landmark")
 
 
 def _shuffle(chunk: np.ndarray) -> bytes:
@@ -125,9 +131,11 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     metadata = [
         name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"
     ]
-    clashes = sorted(set(metadata) & set(_OWN_COL_ATTRS))
+    # ingest renames such columns (distumap._format.metadata_name); a store written otherwise
+    # is refused here, before any block is computed
+    clashes = sorted({name.replace("/", "_") for name in metadata} & set(LOOM_COL_ATTRS))
     if clashes:
-        raise ValueError(f"metadata column(s) {clashes} clash with loom's own column attributes")
+        raise InputError(f"metadata column(s) {clashes} clash with loom's own column attributes")
     selected = ds["selected"] if "selected" in ds else xr.ones_like(ds["zero_fraction"], bool)
     small = {
         "selected": selected.data,
@@ -177,7 +185,7 @@ def _create_file(
     )
     matrix = f.create_dataset(LOOM_MATRIX, dtype=np.int32, shuffle=True, **common)
     layer = f.create_group("layers").create_dataset(
-        "log2p1", dtype=np.float32, shuffle=False, **common
+        LOOM_LAYER, dtype=np.float32, shuffle=False, **common
     )
 
     text = h5py.string_dtype("utf-8")
@@ -189,12 +197,12 @@ def _create_file(
             group.create_dataset(name, data=values, compression="gzip", chunks=True)
 
     rows = f.create_group("row_attrs")
-    put(rows, "Gene", _string_array(small["gene"][gene_index]))
-    put(rows, "ZeroFraction", small["zero_fraction"][gene_index].astype(np.float32))
+    put(rows, LOOM_GENE, _string_array(small["gene"][gene_index]))
+    put(rows, LOOM_ZERO_FRACTION, small["zero_fraction"][gene_index].astype(np.float32))
     cols = f.create_group("col_attrs")
-    put(cols, "CellID", _string_array(small["cell"]))
-    put(cols, "X_umap", small["X_umap"].astype(np.float32))
-    put(cols, "Landmark", small["landmark"].astype(np.int8))
+    put(cols, LOOM_CELL, _string_array(small["cell"]))
+    put(cols, LOOM_EMBEDDING, small["X_umap"].astype(np.float32))
+    put(cols, LOOM_LANDMARK, small["landmark"].astype(np.int8))
     for name in small["metadata"]:
         # "/" separates HDF5 path components; a column "area/region" becomes "area_region"
         put(cols, name.replace("/", "_"), _col_attr(small[f"meta:{name}"]))
@@ -213,7 +221,7 @@ def _run_params(ds: xr.Dataset, params: dict[str, Any]) -> dict[str, str]:
     attrs = {
         "LOOM_SPEC_VERSION": LOOM_SPEC_VERSION,
         "CreationDate": datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ"),
-        "distumap": json.dumps(record, sort_keys=True),
+        LOOM_RECORD: json.dumps(record, sort_keys=True),
     }
     if "version" in record:
         attrs["distumap_version"] = str(record["version"])
@@ -235,32 +243,6 @@ def _blocks(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int, chunk_shap
         encode(piece, i, len(pieces), chunk_shape, level, dask_key_name=(name, i))
         for i, piece in enumerate(pieces)
     ]
-
-
-def _results_in_order(blocks: list, client, in_flight: int):
-    """Yield block results in order, with at most ``in_flight`` blocks computed ahead."""
-    if client is None:
-        for start in range(0, len(blocks), in_flight):
-            yield from dask.compute(*blocks[start : start + in_flight])
-        return
-    pending: deque = deque()
-    upcoming = iter(blocks)
-    try:
-        for block in upcoming:
-            pending.append(client.compute(block, retries=2))
-            if len(pending) >= in_flight:
-                break
-        while pending:
-            future = pending.popleft()
-            result = future.result()
-            future.release()
-            for block in upcoming:
-                pending.append(client.compute(block, retries=2))
-                break
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
 
 
 def write_loom(
@@ -318,6 +300,7 @@ def write_loom(
     import h5py
 
     target = os.fspath(path)
+    check_replaceable(target)
     small = _loom_inputs(ds)
     gene_index = np.flatnonzero(small["selected"].astype(bool))
     if gene_index.size == 0:
@@ -354,7 +337,9 @@ def write_loom(
             matrix, layer = _create_file(f, small, gene_index, chunk_shape, attrs)
             n_genes = gene_index.size
             for i, (matrix_chunks, layer_chunks) in enumerate(
-                _results_in_order(blocks, client, in_flight)
+                results_in_order(
+                    blocks, stage="export: loom blocks", in_flight=in_flight, client=client
+                )
             ):
                 offsets = [
                     (g0, i * block_cells + c0)

@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import itertools
 import mmap
 import os
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -33,21 +31,21 @@ from dask.base import tokenize
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
 
-from distumap import _config, _progress
+from distumap import _config
 from distumap._compute import run
 from distumap._errors import InputError
-from distumap._format import ATTR, FORMAT_VERSION, RESERVED_NAMES
-from distumap.io import _csv
-from distumap.io._store import (
+from distumap._format import ATTR, FORMAT_VERSION, metadata_name
+from distumap._stage import Stage, mark_block
+from distumap._store import (
     absolute,
     create_progress,
-    exists,
-    mark_stage,
+    is_store,
+    occupied,
     open_store,
     progress_array,
-    stage_record,
     store_url,
 )
+from distumap.io import _csv
 
 #: count compression: lz4 with bit shuffling suits sparse small integers; measured on 50,281-gene
 #: blocks it writes ~870 MB/s of int32 on one thread (zstd-1: ~560 MB/s, 40% smaller files)
@@ -251,21 +249,25 @@ def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.
             stacklevel=3,
         )
     columns: dict[str, np.ndarray] = {}
+    renamed: list[str] = []
     for name in aligned.columns:
         column = aligned[name]
-        key = f"{name}_metadata" if name in RESERVED_NAMES else str(name)
+        key = metadata_name(name, set(columns))
         if key != name:
-            warnings.warn(
-                f"{source}: metadata column {name!r} is renamed {key!r} (the store uses that name)",
-                UserWarning,
-                stacklevel=3,
-            )
+            renamed.append(f"{name!r} -> {key!r}")
         if pd.api.types.is_bool_dtype(column) and not column.isna().any():
             columns[key] = column.to_numpy(dtype=bool)
         elif pd.api.types.is_numeric_dtype(column):
             columns[key] = column.to_numpy(dtype=np.float64 if column.isna().any() else None)
         else:
             columns[key] = column.fillna("").astype(str).to_numpy(dtype=object)
+    if renamed:
+        warnings.warn(
+            f"{source}: metadata column(s) renamed, since distumap's store or exports use the "
+            f"name (or it holds '/'): {', '.join(renamed)}",
+            UserWarning,
+            stacklevel=3,
+        )
     return columns
 
 
@@ -301,30 +303,9 @@ def _create_store(
         consolidated=False,
         encoding={"counts": {"chunks": (chunk_cells, n_genes), "compressors": [COUNTS_CODEC]}},
     )
-    mark_stage(store, "ingest", "started", params)
-    n_chunks = -(-n_cells // chunk_cells)
     data_end = index["size"] if index["size"] is not None else -1
     create_progress(store, "line_start", np.append(index["starts"], data_end).astype(np.int64))
     create_progress(store, "line_number", index["lines"].astype(np.int64))
-    create_progress(store, "ingest", np.zeros(n_chunks, dtype=bool), chunks=1)
-
-
-def _occupied(store: str) -> bool:
-    """Whether a file or a non-empty folder is at ``store`` (writing the store would erase it)."""
-    fs, path = fsspec.core.url_to_fs(store)
-    try:
-        return fs.isfile(path) or bool(fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return False
-
-
-def _skeleton_written(store: str) -> bool:
-    """Whether the skeleton is whole: ``_progress/ingest`` is the last thing it writes."""
-    try:
-        progress_array(store, "ingest", mode="r")
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- parsing
@@ -334,7 +315,6 @@ def _parse_into_store(
     buf: np.ndarray,
     rel_starts: np.ndarray,
     *,
-    block: int,
     cells: tuple[int, int],
     store: str,
     source: str,
@@ -350,30 +330,11 @@ def _parse_into_store(
             status, error, buf, source=source, line_numbers=line_numbers, genes=genes[:]
         )
     counts[cells[0] : cells[1]] = parsed
-    progress_array(store, "ingest")[block] = True
-    _progress.report("ingest", cells[1] - cells[0], counts.shape[0], block=block)
     return cells[1] - cells[0]
 
 
-def _input_errors_returned(task):
-    """Make a parse task return its :class:`InputError` instead of raising it: a bad line is not
-    worth Dask's retries, and the client then reports the earliest bad block of the file."""
-
-    @functools.wraps(task)
-    def wrapped(*args, **kwargs):
-        try:
-            return task(*args, **kwargs)
-        except InputError as error:
-            return error
-
-    return wrapped
-
-
-@_input_errors_returned
 def _parse_task(store: str, source: str, block: int, chunk_cells: int) -> int:
-    """Parse store chunk ``block`` from its byte range and write it (skipped if already written)."""
-    if progress_array(store, "ingest", mode="r")[block]:
-        return 0
+    """Parse store chunk ``block`` from its byte range and write it."""
     line_start = progress_array(store, "line_start", mode="r")
     n_cells = line_start.shape[0] - 1
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, n_cells)
@@ -383,7 +344,6 @@ def _parse_task(store: str, source: str, block: int, chunk_cells: int) -> int:
     return _parse_into_store(
         np.frombuffer(view, dtype=np.uint8),
         offsets[:-1] - offset,
-        block=block,
         cells=(first, last),
         store=store,
         source=source,
@@ -404,9 +364,8 @@ def _stream_ranges(source: str, ranges: list[tuple[int, int]]) -> Iterator[bytes
             yield data
 
 
-@_input_errors_returned
 def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
-    """Parse every unwritten chunk of a compressed file in one sequential pass."""
+    """Parse every unwritten chunk of a compressed file in one sequential pass, marking each."""
     done = progress_array(store, "ingest", mode="r")[:]
     line_start = progress_array(store, "line_start", mode="r")[:]
     line_number = progress_array(store, "line_number", mode="r")[:]
@@ -420,15 +379,16 @@ def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
     for block, data in zip(todo, _stream_ranges(source, ranges), strict=True):
         first, last = block * chunk_cells, min((block + 1) * chunk_cells, n_cells)
         starts = line_start[first:last] - line_start[first]
-        total += _parse_into_store(
+        cells = _parse_into_store(
             np.frombuffer(data, dtype=np.uint8),
             starts,
-            block=block,
             cells=(first, last),
             store=store,
             source=source,
             line_numbers=line_number[first:last],
         )
+        mark_block(store, "ingest", block, cells, n_cells)
+        total += cells
     return total
 
 
@@ -509,24 +469,10 @@ def read_csv(
         raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
     meta_source = absolute(metadata) if metadata is not None else None
     params = _source_params(source, meta_source, chunk_cells)
-
-    record = stage_record(store, "ingest")
-    resume = record is not None and record.get("params") == params
-    finished = record is not None and record.get("status") == "complete"
-    if finished and not resume and not overwrite:
-        raise InputError(
-            f"{store}: this store was ingested from other input or with other parameters "
-            f"({record.get('params')}); choose another store or pass overwrite"
-        )
-    if record is None and (exists(store) or _occupied(store)) and not overwrite:
-        raise InputError(f"{store}: something that is not a distumap store is already there")
-    if resume and record.get("status") == "complete":
+    stage = _claim(store, params, overwrite=overwrite, progress=progress)
+    if stage.finished:
         return open_store(store)
-    if resume and not _skeleton_written(store):
-        resume = False  # killed while the skeleton was being written: write it again
-
-    started = time.perf_counter()
-    if not resume:
+    if not stage.resumable():
         genes, data_start = _read_header(source)
         genes, duplicated = _csv.unique_gene_names(genes, source)
         if duplicated:
@@ -553,33 +499,48 @@ def read_csv(
             chunk_cells=chunk_cells,
             params=params,
         )
+        # the markers are the last thing the skeleton writes: with them, a resume can trust it
+        stage.start(n_blocks=-(-len(index["names"]) // chunk_cells))
 
-    n_chunks = progress_array(store, "ingest", mode="r").shape[0]
-    token = tokenize(store, params)
+    n_cells = progress_array(store, "line_start", mode="r").shape[0] - 1
     if _is_gzip(source):
-        tasks = [
-            dask.delayed(_parse_stream_task, pure=False)(
-                store, source, chunk_cells, dask_key_name=f"parse-csv-gzip-{token}"
-            )
-        ]
+        stage.run_sequential(
+            _parse_stream_task,
+            store,
+            source,
+            chunk_cells,
+            key="parse-csv-gzip",
+            label="ingest: parse (sequential, gzip)",
+        )
     else:
-        done = progress_array(store, "ingest", mode="r")[:]
-        tasks = [
-            dask.delayed(_parse_task, pure=False)(
-                store, source, block, chunk_cells, dask_key_name=f"parse-csv-block-{token}-{block}"
-            )
-            for block in range(n_chunks)
-            if not done[block]
-        ]
-    results = run(tasks, stage="ingest: parse blocks", progress=progress)
-    # tasks return bad-input errors instead of raising them, so Dask does not retry them and the
-    # user hears about the first bad line of the file, not whichever block failed first
-    errors = [result for result in results if isinstance(result, InputError)]
-    if errors:
-        raise errors[0]
-    done = progress_array(store, "ingest", mode="r")[:]
-    if not done.all():
-        missing = np.flatnonzero(~done)
-        raise RuntimeError(f"{store}: ingest blocks {missing[:10].tolist()} were not written")
-    mark_stage(store, "ingest", "complete", params, seconds=round(time.perf_counter() - started, 3))
+        stage.run_blocks(
+            _parse_task,
+            {block: ((store, source, block, chunk_cells), {}) for block in stage.pending()},
+            key="parse-csv-block",
+            label="ingest: parse blocks",
+            total=n_cells,
+        )
+    stage.complete()
     return open_store(store)
+
+
+def _claim(store: str, params: dict[str, Any], *, overwrite: bool, progress: bool) -> Stage:
+    """The ingest stage on ``store``, after making sure that writing there destroys nothing.
+
+    Only a distumap store (recognised by its attribute) is ever replaced, and only with
+    ``overwrite`` when it holds other input; anything else at ``store`` is refused.
+    """
+    if not is_store(store):
+        if occupied(store):
+            raise InputError(
+                f"{store}: something that is not a distumap store is already there; "
+                "distumap replaces only its own stores (even with --overwrite): choose another path"
+            )
+        return Stage(store, "ingest", params, progress=progress)
+    stage = Stage(store, "ingest", params, progress=progress)
+    if stage.record is not None and stage.record.get("params") != params and not overwrite:
+        raise InputError(
+            f"{store}: this store was ingested from other input or with other parameters "
+            f"({stage.record.get('params')}); choose another store or pass --overwrite"
+        )
+    return stage

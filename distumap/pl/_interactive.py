@@ -7,6 +7,7 @@ import os
 import numpy as np
 import xarray as xr
 
+from distumap._format import HTML_MARK, check_replaceable
 from distumap.pl._palette import (
     categories,
     default_title,
@@ -148,9 +149,12 @@ def umap_html(
         )
     fig.add_tools(HoverTool(tooltips=tooltips))
     html = file_html(fig, resources=INLINE, title=heading)
+    # the mark by which distumap knows the page as its own (and may replace it)
+    html = html.replace("<head>", f"<head>\n    {HTML_MARK}", 1)
     if path is None:
         return html
     target = os.fspath(path)
+    check_replaceable(target)
     if "://" in target:
         import fsspec
 

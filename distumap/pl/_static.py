@@ -7,6 +7,8 @@ import os
 import numpy as np
 import xarray as xr
 
+from distumap import __version__
+from distumap._format import OUTPUT_MARK, check_replaceable
 from distumap.pl._palette import (
     categories,
     default_title,
@@ -148,10 +150,13 @@ def _legend(ax, names, counts, colors, color: str | None) -> None:
 
 
 def _save(fig, path: str) -> None:
+    check_replaceable(path)
+    # the mark by which distumap knows the picture as its own (and may replace it)
+    metadata = {"Software": f"{OUTPUT_MARK} {__version__}"}
     if "://" in path:
         import fsspec
 
         with fsspec.open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi="figure")
+            fig.savefig(f, format="png", dpi="figure", metadata=metadata)
     else:
-        fig.savefig(path, dpi="figure")
+        fig.savefig(path, dpi="figure", metadata=metadata)

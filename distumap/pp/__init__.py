@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from distumap.pp._preprocess import filter_genes, log2p1, preprocess, zero_counts, zero_fraction
+from distumap.pp._preprocess import (
+    filter_genes,
+    log2p1,
+    log2p1_values,
+    preprocess,
+    zero_counts,
+    zero_fraction,
+)
 
-__all__ = ["filter_genes", "log2p1", "preprocess", "zero_counts", "zero_fraction"]
+__all__ = ["filter_genes", "log2p1", "log2p1_values", "preprocess", "zero_counts", "zero_fraction"]

@@ -7,24 +7,15 @@ blocks (tasks ``gene-stats``), and log2(x+1) is a per-block map (tasks ``log2p1`
 
 from __future__ import annotations
 
-import time
-
 import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
 from distumap import _config, _progress
-from distumap._compute import run
 from distumap._errors import InputError
-from distumap.io._store import (
-    mark_stage,
-    open_store,
-    require_stage,
-    stage_record,
-    store_of,
-    write_variables,
-)
+from distumap._stage import Stage
+from distumap._store import open_store, store_of, write_variables
 
 
 def _zero_count_chunk(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
@@ -105,9 +96,7 @@ def filter_genes(
     --------
     >>> ds = distumap.pp.filter_genes(ds, max_zero_fraction=0.5)  # doctest: +SKIP
     """
-    threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
-    if not 0.0 < threshold <= 1.0:
-        raise InputError(f"max_zero_fraction must be in (0, 1], not {threshold}")
+    threshold = _threshold(max_zero_fraction)
     zeros = zero_counts(ds, var=var)
     n_cells = max(ds.sizes["cell"], 1)
     # select on the exact fraction, so the float32 rounding of the stored value never decides
@@ -220,37 +209,43 @@ def preprocess(
     >>> ds = distumap.pp.preprocess("out/store.zarr")  # doctest: +SKIP
     """
     location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
-    require_stage(location, "ingest", needed_by="preprocess")
-    threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
-    params = {"max_zero_fraction": threshold}
-    record = stage_record(location, "preprocess")
-    if record and record.get("status") == "complete" and record.get("params") == params:
+    threshold = _threshold(max_zero_fraction)
+    stage = Stage(
+        location,
+        "preprocess",
+        {"max_zero_fraction": threshold},
+        requires="ingest",
+        progress=progress,
+    )
+    if stage.finished:
         return open_store(location)
     if not isinstance(ds, xr.Dataset):
         ds = open_store(location)
-    started = time.perf_counter()
-    mark_stage(location, "preprocess", "started", params)
-    (zeros,) = run([zero_counts(ds).data], stage="preprocess: gene statistics", progress=progress)
+    stage.start()
+    (zeros,) = stage.compute([zero_counts(ds).data], label="preprocess: gene statistics")
     n_cells = max(ds.sizes["cell"], 1)
+    selected = (zeros / n_cells) < threshold
+    n_selected = int(selected.sum())
+    if n_selected == 0:
+        # refused before anything is written: the stage stays "started", so a re-run refuses too
+        raise InputError(
+            f"{location}: no gene has a zero fraction below {threshold} "
+            f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
+        )
     genes = xr.Dataset(
         {
             "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
-            "selected": ("gene", (zeros / n_cells) < threshold),
+            "selected": ("gene", selected),
         }
     )
     write_variables(location, genes)
-    n_selected = int(genes["selected"].sum())
     _progress.report("preprocess", n_selected, ds.sizes["gene"])
-    mark_stage(
-        location,
-        "preprocess",
-        "complete",
-        params,
-        genes_selected=n_selected,
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    if n_selected == 0:
-        raise InputError(
-            f"{location}: no gene has a zero fraction below {threshold}; raise max_zero_fraction"
-        )
+    stage.complete(genes_selected=n_selected)
     return open_store(location)
+
+
+def _threshold(max_zero_fraction: float | None) -> float:
+    threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"max_zero_fraction must be in (0, 1], not {threshold}")
+    return threshold

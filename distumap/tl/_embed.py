@@ -5,11 +5,13 @@ where umap-learn is fitted (task ``umap-fit``). The fitted model is written into
 a worker plugin loads it on every worker (warming numba up there) and the ``umap-transform``
 tasks, one per store chunk, read it by reference, never inside the task graph. Each task writes
 its chunk of ``X_umap`` and sets its marker, so a re-run resumes and no block is written twice.
+
+The model is a group of plain arrays with JSON attributes (``umap_model/``, see
+:mod:`distumap._format`), validated when it is loaded: a store is data, never code.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
 from functools import lru_cache
 from typing import Any
@@ -22,25 +24,14 @@ import zarr
 from dask.base import tokenize
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from distumap import _config, _progress
-from distumap._compute import current_client, run
+from distumap import _config
+from distumap._compute import current_client
 from distumap._errors import InputError
-from distumap._format import stages
-from distumap.io._store import (
-    create_progress,
-    mark_stage,
-    open_store,
-    progress_array,
-    require_stage,
-    stage_record,
-    store_of,
-    write_variables,
-)
+from distumap._format import MODEL_GROUP, stages
+from distumap._stage import Stage
+from distumap._store import open_store, read_group, store_of, write_group, write_variables
 from distumap.pp import log2p1
 from distumap.tl import _model
-
-MODEL_ARRAY = "umap_model"
-_MODEL_CHUNK = 16 << 20
 
 
 def landmarks(
@@ -121,18 +112,17 @@ def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generat
 
 
 def _save_model(store: str, model: _model.LandmarkModel, token: str) -> None:
-    payload = np.frombuffer(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-    array = create_progress(store, MODEL_ARRAY, payload, chunks=min(_MODEL_CHUNK, payload.size))
-    array.attrs["token"] = token
+    arrays, attrs = _model.to_arrays(model)
+    write_group(store, MODEL_GROUP, arrays, {**attrs, "token": token})
 
 
 @lru_cache(maxsize=2)
 def _load_model(store: str, token: str) -> _model.LandmarkModel:
-    """The fitted model, read once per process (and per fit, through ``token``)."""
-    array = progress_array(store, MODEL_ARRAY, mode="r")
-    if array.attrs.get("token") != token:
+    """The fitted model, read and validated once per process (and per fit, through ``token``)."""
+    arrays, attrs = read_group(store, MODEL_GROUP)
+    if attrs.get("token") != token:
         raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
-    model = pickle.loads(array[:].tobytes())
+    model = _model.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
     _model.warm_up(model)
     return model
 
@@ -140,8 +130,8 @@ def _load_model(store: str, token: str) -> _model.LandmarkModel:
 def _model_saved(store: str, token: str) -> bool:
     """Whether the fit finished: the model of this run (``token``) is in the store."""
     try:
-        return progress_array(store, MODEL_ARRAY, mode="r").attrs.get("token") == token
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        return read_group(store, MODEL_GROUP)[1].get("token") == token
+    except FileNotFoundError:
         return False
 
 
@@ -176,18 +166,14 @@ def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, An
 
 def _transform_task(
     block: np.ndarray,
-    block_index: int,
     first_cell: int,
     landmark_rows: np.ndarray,
     landmark_order: np.ndarray,
     *,
     store: str,
     token: str,
-    n_cells: int,
 ) -> int:
-    """Embed one store chunk of cells and write it (skipped if already written)."""
-    if progress_array(store, "embed", mode="r")[block_index]:
-        return 0
+    """Embed one store chunk of cells and write it."""
     model = _load_model(store, token)
     cells = np.arange(first_cell, first_cell + block.shape[0], dtype=np.int64)
     coords = np.empty((block.shape[0], 2), dtype=np.float32)
@@ -198,8 +184,6 @@ def _transform_task(
     if (~is_landmark).any():
         coords[~is_landmark] = _model.transform(model, block[~is_landmark], cells[~is_landmark])
     zarr.open_array(store, path="X_umap", mode="r+")[first_cell : first_cell + len(cells)] = coords
-    progress_array(store, "embed")[block_index] = True
-    _progress.report("embed", len(cells), n_cells, block=block_index)
     return len(cells)
 
 
@@ -274,7 +258,6 @@ def umap(
     >>> ds = distumap.tl.umap(ds, landmarks=20000, stratify="subclass_label")  # doctest: +SKIP
     """
     location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
-    require_stage(location, "preprocess", needed_by="embed")
     params = _embed_params(
         landmarks=landmarks,
         stratify=stratify,
@@ -284,27 +267,23 @@ def umap(
         seed=seed,
         transform_epochs=transform_epochs,
     )
-    record = stage_record(location, "embed")
-    if record and record.get("status") == "complete" and record.get("params") == params:
+    stage = Stage(location, "embed", params, requires="preprocess", progress=progress)
+    if stage.finished:
         return open_store(location)
     ds = open_store(location, require="preprocess")
-    started = time.perf_counter()
     features = log2p1(ds).data
     n_cells = ds.sizes["cell"]
     # the stages embed depends on, not embed's own record: a re-run must find the same token
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
 
-    resume = (
-        bool(record)
-        and record.get("params") == params
-        and record.get("token") == token
-        and _model_saved(location, token)
-    )
-    if not resume:
-        mark_stage(location, "embed", "started", params, token=token)
+    if stage.resumable(token=token) and _model_saved(location, token):
+        is_landmark = ds["landmark"].values  # written when the interrupted run started
+        fit_seconds = None  # fitted by the interrupted run
+    else:
         is_landmark = _landmark_mask(ds, params)
         chunks = ds["counts"].data.chunks[0]
+        stage.start(n_blocks=len(chunks), token=token)
         placeholder = da.zeros((n_cells, 2), chunks=(chunks, 2), dtype=np.float32)
         write_variables(
             location,
@@ -316,60 +295,35 @@ def umap(
             # every block; xarray refuses an encoding for a variable that exists
             encoding={} if "X_umap" in ds else {"X_umap": {"chunks": (chunks[0], 2)}},
         )
-        create_progress(location, "embed", np.zeros(len(chunks), dtype=bool), chunks=1)
         rows = np.flatnonzero(is_landmark)
         fit = dask.delayed(_fit_task, pure=False)(
             features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
         )
         fit_started = time.perf_counter()
-        run([fit], stage="embed: fit UMAP on landmarks", progress=progress)
+        stage.compute([fit], label="embed: fit UMAP on landmarks")
         fit_seconds = round(time.perf_counter() - fit_started, 3)
-    else:
-        is_landmark = ds["landmark"].values  # written when the interrupted run started
-        fit_seconds = None  # fitted by the interrupted run
 
     client = current_client()
     if client is not None:
         client.register_plugin(ModelPlugin(location, token))
     rows = np.flatnonzero(is_landmark)
-    done = progress_array(location, "embed", mode="r")[:]
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
-    tasks = []
-    for i, block in enumerate(blocks):
-        if done[i]:
-            continue
+    calls = {}
+    for i in stage.pending():
         first, last = int(bounds[i]), int(bounds[i + 1])
         lo, hi = np.searchsorted(rows, [first, last])
-        tasks.append(
-            dask.delayed(_transform_task, pure=False)(
-                block,
-                i,
-                first,
-                rows[lo:hi],
-                np.arange(lo, hi),
-                store=location,
-                token=token,
-                n_cells=n_cells,
-                dask_key_name=f"umap-transform-{token}-{i}",
-            )
-        )
+        args = (blocks[i], first, rows[lo:hi], np.arange(lo, hi))
+        calls[i] = (args, {"store": location, "token": token})
     transform_started = time.perf_counter()
-    run(tasks, stage="embed: transform cells", progress=progress)
-    transform_seconds = round(time.perf_counter() - transform_started, 3)
-    if not progress_array(location, "embed", mode="r")[:].all():
-        raise RuntimeError(f"{location}: some embed blocks were not written")
-    mark_stage(
-        location,
-        "embed",
-        "complete",
-        params,
-        token=token,
+    stage.run_blocks(
+        _transform_task, calls, key="umap-transform", label="embed: transform cells", total=n_cells
+    )
+    stage.complete(
         landmarks_used=len(rows),
         fit_seconds=fit_seconds,
-        transform_seconds=transform_seconds,
+        transform_seconds=round(time.perf_counter() - transform_started, 3),
         transformed_cells=int(n_cells - len(rows)),
-        seconds=round(time.perf_counter() - started, 3),
     )
     return open_store(location)
 

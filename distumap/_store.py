@@ -1,14 +1,17 @@
-"""The zarr store: opening it as an xarray Dataset, stage records and per-block progress markers.
+"""The zarr store: opening it as an xarray Dataset, stage records, per-block markers, groups.
 
 The layout itself is written down in :mod:`distumap._format`. Stage records live in the root
 group's attributes; per-block markers live in the ``_progress`` subgroup, which xarray does not
 show, so that a block written once is never written again and a half-written stage never looks
-finished.
+finished. Metadata is consolidated whenever a stage record changes, so that
+``xarray.open_zarr(store)`` opens the store with no warning; distumap itself always reads the
+live metadata.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,9 +20,14 @@ import zarr
 
 from distumap import __name__ as _pkg
 from distumap._errors import IncompleteStoreError, InputError
-from distumap._format import ATTR, FORMAT_VERSION, STAGE_ORDER, stages
+from distumap._format import ATTR, FORMAT_VERSION, PROGRESS_GROUP, STAGE_ORDER, stages
 
-PROGRESS_GROUP = "_progress"
+_MISSING = (
+    FileNotFoundError,
+    zarr.errors.GroupNotFoundError,
+    zarr.errors.NodeNotFoundError,
+    KeyError,
+)
 
 
 def _version() -> str:
@@ -42,21 +50,41 @@ def store_url(store: str | os.PathLike) -> str:
     return absolute(store)
 
 
-def exists(store: str | os.PathLike) -> bool:
-    """Whether a zarr group exists at ``store``."""
-    try:
-        zarr.open_group(store_url(store), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    return True
+def _open_group(store: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    # the live metadata, never the consolidated copy, which lags behind a stage's own writes
+    return zarr.open_group(store_url(store), mode=mode, use_consolidated=False)
 
 
 def read_attrs(store: str | os.PathLike) -> dict[str, Any]:
     """The store's root attributes (``{}`` if there is no store)."""
     try:
-        return dict(zarr.open_group(store_url(store), mode="r").attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return dict(_open_group(store).attrs)
+    except _MISSING:
         return {}
+
+
+def is_store(store: str | os.PathLike) -> bool:
+    """Whether a distumap store is at ``store``: a zarr group carrying distumap's attribute."""
+    return ATTR in read_attrs(store)
+
+
+def occupied(location: str | os.PathLike) -> bool:
+    """Whether a file or a non-empty folder is at ``location``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(store_url(location))
+    try:
+        return fs.isfile(path) or bool(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+def consolidate(store: str | os.PathLike) -> None:
+    """Consolidate the store's metadata, so ``xarray.open_zarr(store)`` opens it quietly."""
+    with warnings.catch_warnings():
+        # zarr: consolidated metadata is not (yet) part of the zarr 3 spec; xarray reads it
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store_url(store))
 
 
 def stage_record(store: str | os.PathLike, name: str) -> dict[str, Any] | None:
@@ -74,7 +102,7 @@ def mark_stage(
 
     Starting a stage invalidates the stages after it, since they were computed from older data.
     """
-    group = zarr.open_group(store_url(store), mode="r+")
+    group = _open_group(store, mode="r+")
     record = dict(group.attrs.get(ATTR, {}))
     record.setdefault("format", FORMAT_VERSION)
     record["version"] = _version()
@@ -85,6 +113,7 @@ def mark_stage(
             done.pop(later, None)
     record["stages"] = done
     group.attrs[ATTR] = record
+    consolidate(store)
 
 
 def require_stage(store: str | os.PathLike, name: str, *, needed_by: str) -> None:
@@ -112,7 +141,7 @@ def create_progress(
     store: str | os.PathLike, name: str, data: np.ndarray, *, chunks: int | None = None
 ) -> zarr.Array:
     """Create (or replace) ``_progress/<name>`` holding ``data``; markers use chunks of one."""
-    group = zarr.open_group(store_url(store), mode="r+")
+    group = _open_group(store, mode="r+")
     sub = group.require_group(PROGRESS_GROUP)
     array = sub.create_array(
         name,
@@ -172,6 +201,36 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     return ds
 
 
+def write_group(
+    store: str | os.PathLike, path: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
+) -> None:
+    """Write a group of plain arrays and JSON attributes at ``path`` inside ``store`` (``""``:
+    the root of a new zarr group there), replacing any group at ``path``.
+
+    The attributes go in last, so a reader that finds them finds every array.
+    """
+    if path:
+        group = zarr.open_group(store_url(store), mode="a", use_consolidated=False)
+        sub = group.create_group(path, overwrite=True)
+    else:
+        sub = zarr.open_group(store_url(store), mode="w")
+    for name, value in arrays.items():
+        value = np.ascontiguousarray(value)
+        sub.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape or None)
+        sub[name][...] = value
+    sub.attrs.update(attrs)
+
+
+def read_group(store: str | os.PathLike, path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and attributes of the subgroup ``path`` (raises FileNotFoundError if absent)."""
+    try:
+        sub = zarr.open_group(store_url(store), path=path, mode="r", use_consolidated=False)
+    except (*_MISSING, zarr.errors.ContainsArrayError):
+        raise FileNotFoundError(f"{store_url(store)}: no group {path!r}") from None
+    arrays = {name: np.asarray(array[...]) for name, array in sub.arrays()}
+    return arrays, dict(sub.attrs)
+
+
 def store_of(ds: xr.Dataset, store: str | os.PathLike | None = None) -> str:
     """The store behind ``ds`` (as opened by :func:`open_store`), or ``store`` if given."""
     if store is not None:
@@ -189,4 +248,6 @@ def write_variables(store: str | os.PathLike, variables: xr.Dataset, **to_zarr: 
     which xarray would otherwise replace with ``variables.attrs``."""
     variables = variables.copy()
     variables.attrs = read_attrs(store)
-    return variables.to_zarr(store_url(store), mode="a", consolidated=False, **to_zarr)
+    written = variables.to_zarr(store_url(store), mode="a", consolidated=False, **to_zarr)
+    consolidate(store)
+    return written
