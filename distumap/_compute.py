@@ -143,8 +143,11 @@ def run(
     stage: str,
     progress: bool = False,
     retries: int = 2,
+    client=None,
 ) -> list[Any]:
     """Compute dask collections (delayed tasks or arrays) and return their results, in order.
+
+    ``client`` defaults to the current distributed client (none: dask's local scheduler).
 
     On a distributed client, failed tasks are retried ``retries`` times; when Dask gives up on a
     task whose workers kept dying (``KilledWorker``), the error names the stage and the block.
@@ -153,7 +156,7 @@ def run(
     """
     if not tasks:
         return []
-    client = current_client()
+    client = client if client is not None else current_client()
     if client is None:
         return list(dask.compute(*tasks))
     from distributed import wait

@@ -82,6 +82,34 @@ LOOM_GROUPS = ("/layers", "/row_attrs", "/col_attrs", "/row_graphs", "/col_graph
 #: the loom global attribute that holds the store's stage records (and marks our files)
 LOOM_RECORD = "distumap"
 
+#: AnnData export (``embedding.h5ad`` and AnnData zarr): anndata's on-disk format
+#: the layer that holds log2(x + 1) of X
+ANNDATA_LAYER = "log2p1"
+#: ``obsm`` key of the embedding, where scanpy looks for it
+ANNDATA_EMBEDDING = "X_umap"
+#: ``obs`` column that marks the cells the UMAP model was fitted on
+ANNDATA_LANDMARK = "landmark"
+#: ``var`` columns
+ANNDATA_ZERO_FRACTION = "zero_fraction"
+ANNDATA_GENE_IDS = "gene_ids"
+#: ``uns`` keys: scanpy's UMAP record (``uns["umap"]["params"]``) and the store's stage records
+ANNDATA_UNS_UMAP = "umap"
+ANNDATA_UNS_RECORD = "distumap"
+#: the store variables the export needs
+ANNDATA_REQUIRED = ("counts", "zero_fraction", "X_umap", "landmark")
+#: anndata's element encodings and the versions that anndata 0.8 to 0.12 write and read
+ENCODINGS = {
+    "anndata": "0.1.0",
+    "csr_matrix": "0.1.0",
+    "dataframe": "0.2.0",
+    "categorical": "0.2.0",
+    "string-array": "0.2.0",
+    "array": "0.2.0",
+    "dict": "0.1.0",
+    "numeric-scalar": "0.2.0",
+    "string": "0.2.0",
+}
+
 #: names a metadata column may not take, because the store or an export uses them (loom's
 #: column attributes and AnnData's obs are keyed by the same names, so one rule covers all)
 RESERVED_NAMES = (
@@ -109,6 +137,9 @@ def metadata_name(name: str, taken: set[str]) -> str:
     return key
 
 
+#: export formats by the output's suffix (``distumap export STORE OUT``) and their kind
+EXPORT_FORMATS = {".loom": "loom", ".h5ad": "h5ad", ".zarr": "anndata-zarr"}
+
 #: how distumap marks the files it writes, so that it only ever replaces its own: PNG files
 #: carry it in their "Software" text chunk, HTML pages in a generator meta tag, HDF5 files
 #: (loom, h5ad) and zarr groups in their attributes
@@ -117,24 +148,27 @@ HTML_MARK = f'<meta name="generator" content="{OUTPUT_MARK}">'
 _HEAD_BYTES = 1 << 16
 
 
-def written_by_distumap(path: str | os.PathLike) -> bool:
-    """Whether the file or folder at ``path`` (a local path or an fsspec URL) is a distumap
-    output: a store, a loom or AnnData export, or a picture. False when nothing is there."""
+def output_kind(path: str | os.PathLike) -> str | None:
+    """What distumap output is at ``path`` (a local path or an fsspec URL): ``"store"``,
+    ``"anndata-zarr"``, ``"loom"``, ``"h5ad"``, ``"png"`` or ``"html"``; None when nothing is
+    there or what is there is not distumap's."""
     import fsspec
 
     location = os.fspath(path)
     fs, inner = fsspec.core.url_to_fs(location)
     if not fs.exists(inner):
-        return False
+        return None
     if fs.isdir(inner):
         import zarr
 
         try:
             group = zarr.open_group(location, mode="r", use_consolidated=False)
         except Exception:  # not a zarr group at all
-            return False
+            return None
+        if ATTR in group.attrs:
+            return "store"
         uns = group.get("uns")
-        return ATTR in group.attrs or (uns is not None and OUTPUT_MARK in uns)
+        return "anndata-zarr" if uns is not None and ANNDATA_UNS_RECORD in uns else None
     with fs.open(inner, "rb") as f:
         head = f.read(_HEAD_BYTES)
     if head.startswith(b"\x89HDF"):
@@ -142,29 +176,35 @@ def written_by_distumap(path: str | os.PathLike) -> bool:
 
         try:
             with fs.open(inner, "rb") as raw, h5py.File(raw, "r") as h5:
-                return f"attrs/{LOOM_RECORD}" in h5 or f"uns/{OUTPUT_MARK}" in h5
+                if f"attrs/{LOOM_RECORD}" in h5:
+                    return "loom"
+                return "h5ad" if f"uns/{ANNDATA_UNS_RECORD}" in h5 else None
         except OSError:
-            return False
-    return (
-        b"Software\x00" + OUTPUT_MARK.encode() in head  # PNG tEXt chunk
-        or HTML_MARK.encode() in head
-    )
+            return None
+    if b"Software\x00" + OUTPUT_MARK.encode() in head:  # PNG tEXt chunk
+        return "png"
+    return "html" if HTML_MARK.encode() in head else None
 
 
-def check_replaceable(path: str | os.PathLike) -> None:
-    """Raise :class:`~distumap._errors.InputError` if something distumap did not write is at
-    ``path``: distumap replaces only its own outputs."""
+def written_by_distumap(path: str | os.PathLike) -> bool:
+    """Whether a distumap output (any kind) is at ``path``."""
+    return output_kind(path) is not None
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """Raise :class:`~distumap._errors.InputError` unless ``path`` is free or holds a distumap
+    output of ``kind``: distumap replaces only its own outputs, each by one of its kind."""
     import fsspec
 
     location = os.fspath(path)
     fs, inner = fsspec.core.url_to_fs(location)
-    if not fs.exists(inner) or written_by_distumap(location):
+    if not fs.exists(inner) or output_kind(location) == kind:
         return
     if fs.isdir(inner) and not fs.ls(inner, detail=False):
         return  # an empty folder holds nothing to lose
     raise InputError(
-        f"{location}: something distumap did not write is already there; distumap replaces "
-        "only its own outputs: move it away or choose another path"
+        f"{location}: something that is not a distumap {kind} is already there; distumap "
+        "replaces only its own outputs: move it away or choose another path"
     )
 
 

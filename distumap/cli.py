@@ -18,8 +18,10 @@ import dask
 
 from distumap._errors import InputError
 
-#: what `distumap run` writes beside the store
-RUN_FILES = ("embedding.loom", "umap.png", "umap.html")
+#: `distumap run --formats`: the export files it may write beside the store
+RUN_EXPORTS = {"loom": "embedding.loom", "h5ad": "embedding.h5ad", "zarr": "embedding.zarr"}
+#: the pictures `distumap run` draws, and their kinds
+RUN_PICTURES = {"umap.png": "png", "umap.html": "html"}
 
 EPILOG = """\
 Settings default to dask's config namespace `distumap.*` (e.g. DASK_DISTUMAP__LANDMARKS=50000);
@@ -112,6 +114,27 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _formats(text: str) -> list[str]:
+    formats = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(formats) - set(RUN_EXPORTS))
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose from {', '.join(RUN_EXPORTS)} (comma-separated)"
+        )
+    return formats
+
+
+def _formats_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--formats",
+        type=_formats,
+        default=["loom", "h5ad"],
+        metavar="LIST",
+        help="exports to write: loom, h5ad, zarr (AnnData zarr), comma-separated "
+        "(default loom,h5ad)",
+    )
+
+
 def _color_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--color",
@@ -136,14 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
-        help="all stages: CSV -> store -> loom and pictures",
+        help="all stages: CSV -> store -> loom, h5ad and pictures",
         description="Ingest, preprocess, embed and export. Writes DIR/store.zarr, "
-        "DIR/embedding.loom, DIR/umap.png and DIR/umap.html. A stage that already finished "
+        "DIR/embedding.loom and DIR/embedding.h5ad (see --formats), DIR/umap.png and "
+        "DIR/umap.html. distumap replaces only files it wrote. A stage that already finished "
         "with the same parameters is skipped, so re-running resumes.",
     )
     run.add_argument("matrix", metavar="MATRIX.csv", help="count matrix (path or fsspec URL)")
     run.add_argument("--out", required=True, metavar="DIR", help="output directory (or URL)")
-    for add in (_ingest_options, _preprocess_options, _embed_options, _color_option):
+    for add in (
+        _ingest_options,
+        _preprocess_options,
+        _embed_options,
+        _color_option,
+        _formats_option,
+    ):
         add(run)
     _cluster_options(run)
 
@@ -163,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_options(embed)
     _cluster_options(embed)
 
-    export = commands.add_parser("export", help="store -> loom (genes x cells)")
+    export = commands.add_parser(
+        "export",
+        help="store -> loom, h5ad or AnnData zarr",
+        description="Export a finished store; the format comes from OUT's name: OUT.loom "
+        "(genes x cells, loompy), OUT.h5ad (AnnData, scanpy) or OUT.zarr (AnnData zarr).",
+    )
     export.add_argument("store", metavar="STORE")
-    export.add_argument("out", metavar="OUT.loom")
+    export.add_argument("out", metavar="OUT", help="OUT.loom | OUT.h5ad | OUT.zarr")
     _cluster_options(export)
 
     info = commands.add_parser("info", help="stages done, shapes and parameters of a store")
@@ -182,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cells", type=int, default=12_000, help="cells (12000)")
     demo.add_argument("--genes", type=int, default=50_281, help="genes (50281, as the tutorial)")
     demo.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (0)")
-    for add in (_preprocess_options, _embed_options):
+    for add in (_preprocess_options, _embed_options, _formats_option):
         add(demo)
     demo.set_defaults(landmarks=None)
     _cluster_options(demo)
@@ -236,29 +271,32 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _check_outputs(store: str, files: Sequence[str]) -> None:
+def _check_outputs(store: str | None, files: dict[str, str]) -> None:
     """Refuse, before any work, to write over anything distumap did not write."""
     from distumap._format import check_replaceable
-    from distumap._store import is_store, occupied
 
-    if store and occupied(store) and not is_store(store):
-        raise InputError(
-            f"{store}: something that is not a distumap store is already there; distumap "
-            "replaces only what it wrote: move it away or choose another --out"
-        )
-    for path in files:
-        check_replaceable(path)
+    if store:
+        check_replaceable(store, "store")
+    for path, kind in files.items():
+        check_replaceable(path, kind)
 
 
-def _outputs(out: str) -> tuple[str, list[str]]:
-    """The store and the files that `run` writes into ``out``."""
-    return f"{out}/store.zarr", [f"{out}/{name}" for name in RUN_FILES]
+def _outputs(out: str, formats: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """The store that `run` writes into ``out``, and its other files with their kinds."""
+    from distumap.io import export_kind
+
+    exports = [f"{out}/{RUN_EXPORTS[name]}" for name in formats]
+    files = {path: export_kind(path) for path in exports}
+    files.update({f"{out}/{name}": kind for name, kind in RUN_PICTURES.items()})
+    return f"{out}/store.zarr", files
 
 
 def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
 
-    store, (loom, png, html) = _outputs(out)
+    store, files = _outputs(out, args.formats)
+    exports = [path for path, kind in files.items() if kind not in RUN_PICTURES.values()]
+    png, html = (f"{out}/{name}" for name in RUN_PICTURES)
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
     ds = io.read_csv(
@@ -272,10 +310,11 @@ def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: s
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
     ds = tl.umap(ds, **_embed_kwargs(args))
-    io.write_loom(ds, loom, progress=args.progress)
+    for path in exports:
+        io.write(ds, path, progress=args.progress)
     pl.umap(ds, color=color, path=png)
     pl.umap_html(ds, color=color, path=html)
-    print(f"distumap: wrote {store}, {loom}, {png} and {html}")
+    print(f"distumap: wrote {', '.join([store, *exports, png])} and {html}")
 
 
 def _info(store: str, as_json: bool) -> None:
@@ -309,11 +348,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     # refuse to write over what distumap did not write before a cluster starts
     if args.command in ("run", "demo"):
-        _check_outputs(*_outputs(args.out.rstrip("/")))
+        _check_outputs(*_outputs(args.out.rstrip("/"), args.formats))
     elif args.command == "ingest":
-        _check_outputs(args.store, [])
+        _check_outputs(args.store, {})
     elif args.command == "export":
-        _check_outputs("", [args.out])
+        _check_outputs(None, {args.out: io.export_kind(args.out)})
     with _cluster(args):
         if args.command == "run":
             _run_all(args, args.matrix, args.metadata, args.out.rstrip("/"))
@@ -350,10 +389,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         elif args.command == "embed":
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
-            if not args.out.endswith(".loom"):
-                raise InputError(f"{args.out}: the export format comes from the name: use .loom")
             ds = io.open_store(args.store, require="embed")
-            io.write_loom(ds, args.out, progress=args.progress)
+            io.write(ds, args.out, progress=args.progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,8 +141,13 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
     assert result.returncode == 0, result.stderr
     assert "Dask dashboard at http" in result.stderr
     assert "Dask Performance Report" in report.read_text()
-    for name in ("store.zarr", "embedding.loom", "umap.png", "umap.html"):
+    for name in ("store.zarr", "embedding.loom", "embedding.h5ad", "umap.png", "umap.html"):
         assert (out / name).exists(), name
+    import anndata
+
+    adata = anndata.read_h5ad(out / "embedding.h5ad")
+    assert adata.shape == (1200, int(((data.counts == 0).mean(axis=0) < 0.5).sum()))
+    assert "subclass_label" in adata.obs and adata.obsm["X_umap"].shape == (1200, 2)
     info = _cli("info", str(out / "store.zarr"), "--json")
     records = json.loads(info.stdout)
     assert [records[s]["status"] for s in ("ingest", "preprocess", "embed")] == ["complete"] * 3
@@ -155,8 +160,10 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
         assert loom.ca["X_umap"].shape == (1200, 2)
     text = _cli("info", str(out / "store.zarr")).stdout
     assert "1200 cells x 400 genes" in text and "subclass_label" in text
-    # a re-run skips every finished stage: the records (with their timings) are unchanged
-    assert _cli(*args).returncode == 0
+    # a re-run skips every finished stage: the records (with their timings) are unchanged; the
+    # exports are ours, so they are replaced; --formats picks them
+    assert _cli(*args, "--formats", "loom,zarr").returncode == 0
+    assert anndata.read_zarr(out / "embedding.zarr").shape == adata.shape
     again = json.loads(_cli("info", str(out / "store.zarr"), "--json").stdout)
     for stage in ("ingest", "preprocess", "embed"):
         assert again[stage] == records[stage]

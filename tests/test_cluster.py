@@ -353,7 +353,7 @@ def test_run_with_s3_urls_on_the_cluster(cluster, s3_endpoint, tmp_path, monkeyp
         )  # fmt: skip
         assert not (Path.cwd() / "s3:").exists()
         assert {Path(name).name for name in fs.ls(f"{bucket}/out")} == {
-            "store.zarr", "embedding.loom", "umap.png", "umap.html"
+            "store.zarr", "embedding.loom", "embedding.h5ad", "umap.png", "umap.html"
         }  # fmt: skip
         # read back what landed in S3 through the filesystem that wrote the inputs: a fresh s3fs
         # instance in this process sometimes finds no credentials (seen once in three runs)
@@ -372,6 +372,8 @@ def test_run_with_s3_urls_on_the_cluster(cluster, s3_endpoint, tmp_path, monkeyp
             np.testing.assert_array_equal(f["matrix"][()], counts[:, zeros < 0.5].T)
             np.testing.assert_array_equal(f["col_attrs/X_umap"][()], ds["X_umap"].values)
             assert f["col_attrs/CellID"].asstr()[()].tolist() == spec.cell_names().tolist()
+        with h5py.File(io.BytesIO(fs.cat(f"{bucket}/out/embedding.h5ad")), "r") as f:
+            np.testing.assert_array_equal(f["obsm/X_umap"][()], ds["X_umap"].values)
     finally:
         fs.rm(bucket, recursive=True)
         s3fs.S3FileSystem.clear_instance_cache()

@@ -224,7 +224,7 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster,
 def test_refuses_to_replace_a_file_it_did_not_write(dataset, tmp_path):
     path = tmp_path / "thesis.loom"
     path.write_bytes(b"three years of work")
-    with pytest.raises(InputError, match="did not write"):
+    with pytest.raises(InputError, match="not a distumap loom"):
         write_loom(dataset, path, block_cells=CHUNK)
     assert path.read_bytes() == b"three years of work"
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.loom"]

@@ -1,0 +1,335 @@
+"""write_h5ad / write_anndata_zarr: anndata reads them back exactly, in anndata's own layout, on
+every scheduler, whatever the block size, and a failure leaves nothing at the target."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import distumap
+from distumap import tl
+from distumap._errors import IncompleteStoreError, InputError
+from distumap._progress import TOPIC
+from distumap.io._anndata import write_anndata_zarr, write_h5ad
+from distumap.pp._preprocess import log2p1_values
+from distumap.testing import synthetic_counts, write_dataset
+
+N_CELLS, N_GENES, CHUNK = 1_200, 200, 256
+EMBED = {"landmarks": 300, "pca": 10, "n_neighbors": 15, "min_dist": 0.3, "seed": 7}
+WRITERS = {"h5ad": write_h5ad, "zarr": write_anndata_zarr}
+SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A finished store made by the real pipeline (threaded scheduler)."""
+    directory = tmp_path_factory.mktemp("anndata-data")
+    data = synthetic_counts(N_CELLS, N_GENES, seed=5, zero_cells=3, zero_genes=4)
+    matrix, metadata = write_dataset(directory, data)
+    location = directory / "store.zarr"
+    with dask.config.set(scheduler="threads"):
+        ds = distumap.io.read_csv(matrix, location, metadata=metadata, chunk_cells=CHUNK)
+        ds = distumap.pp.preprocess(ds)
+        tl.umap(ds, **EMBED)
+    return str(location)
+
+
+@pytest.fixture(scope="module")
+def dataset(store) -> xr.Dataset:
+    """The store as the export gets it, plus nasty metadata: non-ASCII and missing strings,
+    NaN, integers and bools."""
+    ds = distumap.io.open_store(store, require="embed")
+    n_cells = ds.sizes["cell"]
+    note = np.array([f"note {i % 5}" for i in range(n_cells)], dtype=object)
+    note[3], note[8] = "naïve T ✓", None
+    depth = np.linspace(0, 1, n_cells)
+    depth[4] = np.nan
+    return ds.assign_coords(
+        note=("cell", note),
+        depth=("cell", depth),
+        n_reads=("cell", np.arange(n_cells, dtype=np.int64) * 10),
+        doublet=("cell", np.arange(n_cells) % 4 == 0),
+    )
+
+
+def _read(fmt: str, path):
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no OldFormatWarning or any other complaint
+        return anndata.read_h5ad(path) if fmt == "h5ad" else anndata.read_zarr(path)
+
+
+def _write(fmt: str, ds: xr.Dataset, path, **options) -> str:
+    return WRITERS[fmt](ds, path, **options)
+
+
+def _assert_contents(adata, ds: xr.Dataset) -> None:
+    selected = ds["selected"].values
+    counts = ds["counts"].values[:, selected]
+    assert adata.shape == counts.shape
+    assert adata.X.format == "csr" and adata.X.dtype == np.int32
+    np.testing.assert_array_equal(adata.X.toarray(), counts)
+    layer = adata.layers["log2p1"]
+    assert layer.format == "csr" and layer.dtype == np.float32
+    np.testing.assert_array_equal(layer.toarray(), log2p1_values(counts))
+    assert layer.nnz == adata.X.nnz == np.count_nonzero(counts)
+    np.testing.assert_array_equal(adata.obsm["X_umap"], ds["X_umap"].values)
+    assert adata.obsm["X_umap"].dtype == np.float32
+    np.testing.assert_array_equal(adata.obs_names, ds["cell"].values)
+    np.testing.assert_array_equal(adata.var_names, ds["gene"].values[selected])
+    np.testing.assert_array_equal(adata.var["zero_fraction"], ds["zero_fraction"].values[selected])
+    assert adata.var["zero_fraction"].dtype == np.float32
+    assert adata.obs["landmark"].dtype == bool
+    np.testing.assert_array_equal(adata.obs["landmark"], ds["landmark"].values)
+    for name in ("class_label", "subclass_label", "subclass_color", "note"):
+        column = adata.obs[name]
+        assert isinstance(column.dtype, pd.CategoricalDtype), name
+        expected = pd.Series(ds[name].values, dtype=object)
+        assert column.isna().tolist() == expected.isna().tolist(), name
+        np.testing.assert_array_equal(
+            column.astype(object)[~expected.isna().to_numpy()],
+            expected[~expected.isna()].astype(str),
+        )
+    assert adata.obs["note"].iloc[3] == "naïve T ✓"
+    for name in ("size_factor", "depth", "n_reads", "doublet"):
+        assert adata.obs[name].dtype == ds[name].dtype, name
+        np.testing.assert_array_equal(adata.obs[name], ds[name].values)
+    embed = ds.attrs["distumap"]["stages"]["embed"]["params"]
+    params = adata.uns["umap"]["params"]
+    assert set(params) == {"a", "b", "random_state"}
+    assert params["random_state"] == embed["seed"] == EMBED["seed"]
+    record = adata.uns["distumap"]
+    assert record["version"] == ds.attrs["distumap"]["version"]
+    for stage in ("ingest", "preprocess", "embed", "export"):
+        assert record["stages"][stage]["status"] == "complete"
+    assert record["stages"]["embed"]["params"]["min_dist"] == embed["min_dist"]
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_anndata_reads_back_exactly(dataset, tmp_path, fmt):
+    path = tmp_path / f"embedding{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        assert _write(fmt, dataset, path) == str(path)
+    _assert_contents(_read(fmt, path), dataset)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_umap_curve_parameters_are_umap_learns(dataset, tmp_path):
+    from umap.umap_ import find_ab_params
+
+    path = tmp_path / "embedding.h5ad"
+    with dask.config.set(scheduler="threads"):
+        write_h5ad(dataset, path)
+    params = _read("h5ad", path).uns["umap"]["params"]
+    a, b = find_ab_params(1.0, EMBED["min_dist"])
+    assert (params["a"], params["b"]) == (float(a), float(b))
+
+
+def _layout(fmt: str, path) -> dict[str, tuple]:
+    """Every element's path, encoding and dtype kind."""
+    out: dict[str, tuple] = {}
+
+    def describe(node) -> tuple:
+        attrs = dict(node.attrs)
+        dtype = getattr(node, "dtype", None)
+        kind = None if dtype is None else np.dtype(dtype).kind
+        return attrs.get("encoding-type"), attrs.get("encoding-version"), kind
+
+    if fmt == "h5ad":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            out["/"] = describe(f)
+            f.visititems(lambda name, node: out.__setitem__(name, describe(node)))
+        return out
+    import zarr
+
+    def visit(node, name: str) -> None:
+        out[name or "/"] = describe(node)
+        if isinstance(node, zarr.Group):
+            for key, child in node.members():
+                visit(child, f"{name}/{key}".lstrip("/"))
+
+    visit(zarr.open_group(str(path), mode="r"), "")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_layout_is_the_one_anndata_writes(dataset, tmp_path, fmt):
+    path = tmp_path / f"ours{SUFFIX[fmt]}"
+    reference = tmp_path / f"anndata{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset, path)
+    adata = _read(fmt, path)
+    with warnings.catch_warnings():
+        # anndata 0.12: "zarr v2 ... will no longer be the default"; its own note to its users
+        warnings.simplefilter("ignore", UserWarning)
+        adata.write_h5ad(reference) if fmt == "h5ad" else adata.write_zarr(reference)
+    ours, theirs = _layout(fmt, path), _layout(fmt, reference)
+    theirs.pop("raw", None)  # anndata 0.12's zarr writes an explicit null for the absent raw
+    assert ours == theirs
+
+
+def _arrays(fmt: str, path) -> dict[str, np.ndarray]:
+    names = [f"{m}/{p}" for m in ("X", "layers/log2p1") for p in ("data", "indices", "indptr")]
+    if fmt == "h5ad":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return {name: f[name][()] for name in names}
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    return {name: root[name][...] for name in names}
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+@pytest.mark.parametrize(("block_cells", "zarr_chunk_min"), [(100, None), (7, 64), (5_000, 64)])
+def test_block_size_does_not_change_contents(
+    dataset, tmp_path, monkeypatch, fmt, block_cells, zarr_chunk_min
+):
+    reference = tmp_path / f"reference{SUFFIX[fmt]}"
+    path = tmp_path / f"blocks{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset, reference, block_cells=CHUNK)
+        if zarr_chunk_min is not None:
+            # small zarr chunks: most lie inside a block, some span many blocks
+            monkeypatch.setattr("distumap.io._anndata.ZARR_CHUNK_MIN", zarr_chunk_min)
+        _write(fmt, dataset, path, block_cells=block_cells)
+    want = _arrays(fmt, reference)
+    for name, got in _arrays(fmt, path).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    _assert_contents(_read(fmt, path), dataset)
+
+
+def _task_keys(client) -> list:
+    def keys(dask_scheduler):  # run on the scheduler: the keys of the tasks it has seen
+        return [ts.key for ts in dask_scheduler.tasks.values()] + [
+            key for key, *_ in dask_scheduler.transition_log
+        ]
+
+    return client.run_on_scheduler(keys)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("fmt", "prefix"), [("h5ad", "h5ad-block-"), ("zarr", "anndata-zarr-")])
+def test_worker_processes_write_the_same_file(dataset, tmp_path, local_client, fmt, prefix):
+    path = tmp_path / f"cluster{SUFFIX[fmt]}"
+    reference = tmp_path / f"threads{SUFFIX[fmt]}"
+    _write(fmt, dataset, path, client=local_client, block_cells=300)
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset, reference, client=None)
+    _assert_contents(_read(fmt, path), dataset)
+    want = _arrays(fmt, reference)
+    for name, got in _arrays(fmt, path).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    keys = {str(key[0] if isinstance(key, tuple) else key) for key in _task_keys(local_client)}
+    assert any(key.startswith(prefix + ("block-" if fmt == "zarr" else "")) for key in keys)
+    # the four blocks of 300 cells reported to the dashboard's progress topic
+    events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]
+    assert {(msg["block"], msg["total"]) for msg in events} >= {(i, 4) for i in range(4)}
+
+
+def _failing(block):
+    raise RuntimeError("disk on fire")
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+@pytest.mark.parametrize(
+    ("existing", "on_cluster"),
+    [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.cluster)],
+)
+def test_failure_leaves_nothing_at_path(dataset, tmp_path, fmt, existing, on_cluster, request):
+    client = request.getfixturevalue("local_client") if on_cluster else None
+    path = tmp_path / f"embedding{SUFFIX[fmt]}"
+    if existing:
+        with dask.config.set(scheduler="threads"):
+            _write(fmt, dataset.isel(cell=slice(0, 50)), path)
+    counts = dataset["counts"].data.rechunk({0: CHUNK})
+    # the third block fails after two were computed (and, for h5ad, written)
+    poisoned = counts.map_blocks(
+        lambda block, block_info=None: (
+            _failing(block) if block_info[0]["chunk-location"][0] == 2 else block
+        ),
+        dtype=counts.dtype,
+    )
+    broken = dataset.assign(counts=(("cell", "gene"), poisoned))
+    with pytest.raises(RuntimeError, match="disk on fire"), dask.config.set(scheduler="threads"):
+        _write(fmt, broken, path, block_cells=CHUNK, client=client)
+    assert [p.name for p in tmp_path.iterdir()] == ([path.name] if existing else [])
+    if existing:
+        assert _read(fmt, path).n_obs == 50  # the older file, untouched
+
+
+def test_zarr_failure_after_blocks_were_written_leaves_nothing(dataset, tmp_path, monkeypatch):
+    import threading
+
+    from distumap.io import _anndata
+
+    # the nonzero count passes; the third block to build its CSR pieces fails, when others
+    # have already written their chunks into the temporary folder
+    calls, lock, build = [], threading.Lock(), _anndata._csr_pieces
+
+    def failing_third(counts):
+        with lock:
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("disk on fire")
+        return build(counts)
+
+    monkeypatch.setattr(_anndata, "_csr_pieces", failing_third)
+    path = tmp_path / "embedding.zarr"
+    with pytest.raises(RuntimeError, match="disk on fire"), dask.config.set(scheduler="threads"):
+        write_anndata_zarr(dataset, path, block_cells=100)
+    assert len(calls) >= 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zarr_never_replaces_what_is_not_anndata(dataset, store, tmp_path):
+    with pytest.raises(InputError, match="not a distumap anndata-zarr"):
+        write_anndata_zarr(dataset, store)
+    assert distumap.io.open_store(store, require="embed").sizes["cell"] == N_CELLS
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_missing_embedding_is_a_clear_error(dataset, tmp_path, fmt):
+    with pytest.raises(IncompleteStoreError, match="X_umap"):
+        _write(fmt, dataset.drop_vars("X_umap"), tmp_path / f"x{SUFFIX[fmt]}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_h5ad_progress_lines(dataset, tmp_path, capsys):
+    path = tmp_path / "embedding.h5ad"
+    with dask.config.set(scheduler="threads"):
+        write_h5ad(dataset, path, block_cells=600, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["distumap export: block 1/2 written", "distumap export: block 2/2 written"]
+    assert lines[2].startswith(f"distumap export: {path} written in")
+
+
+# scanpy 1.11 calls matplotlib's Colormap.set_bad, which matplotlib means to deprecate
+@pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_scanpy_reads_and_draws_it(dataset, tmp_path, fmt):
+    sc = pytest.importorskip("scanpy", reason="scanpy is not installed (the test extra has it)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / f"embedding{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset, path)
+    # scanpy reads h5ad itself; for zarr its users call anndata.read_zarr
+    adata = sc.read_h5ad(path) if fmt == "h5ad" else _read(fmt, path)
+    figure = sc.pl.umap(adata, color="subclass_label", show=False, return_fig=True)
+    try:
+        assert len(figure.axes[0].collections[0].get_offsets()) == N_CELLS
+    finally:
+        plt.close("all")
