@@ -78,9 +78,17 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
         "--chunk-cells", type=int, metavar="N", help="cells per store chunk (default 1024)"
     )
     parser.add_argument(
+        "--dtype",
+        choices=("int32", "float32"),
+        default="int32",
+        help="int32: counts (floats within 1e-6 of an integer are rounded); float32: any "
+        "numbers, e.g. normalised data (default int32)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a store made from other input or with other parameters",
+        help="replace a distumap store made from other input or with other parameters "
+        "(anything else at STORE is never replaced)",
     )
 
 
@@ -304,6 +312,7 @@ def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: s
         store,
         metadata=metadata,
         chunk_cells=getattr(args, "chunk_cells", None),
+        dtype=getattr(args, "dtype", "int32"),
         overwrite=getattr(args, "overwrite", False),
         progress=args.progress,
     )
@@ -379,6 +388,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                 args.store,
                 metadata=args.metadata,
                 chunk_cells=args.chunk_cells,
+                dtype=args.dtype,
                 overwrite=args.overwrite,
                 progress=args.progress,
             )

@@ -197,7 +197,7 @@ def test_gzip_with_blank_lines_and_small_pieces(tmp_path, monkeypatch):
     path.write_bytes(gzip.compress(raw))
     original = _ingest._index_stream
     monkeypatch.setattr(
-        _ingest, "_index_stream", lambda source, start: original(source, start, piece=13)
+        _ingest, "_index_stream", lambda source, start, sep: original(source, start, sep, piece=13)
     )
     monkeypatch.setattr(_csv, "NAME_OVERHANG", 64)
     with pytest.warns(UserWarning, match="sequentially"):
@@ -281,12 +281,69 @@ def test_cells_missing_from_metadata_warn_once(tmp_path):
     assert np.isnan(size[missing]).all() and not np.isnan(size[~missing]).any()
 
 
-def test_metadata_without_sample_name_column(tmp_path):
+def test_metadata_without_sample_name_joins_on_its_first_column(tmp_path):
     path = write_matrix_csv(tmp_path / "matrix.csv", DATA)
     meta = tmp_path / "metadata.csv"
-    meta.write_text("cell,label\nx,1\n")
-    with pytest.raises(InputError, match=r"metadata\.csv: line 1: no 'sample_name' column"):
-        ingest(path, tmp_path / "store.zarr", metadata=meta)
+    names = list(DATA.cell_names)
+    meta.write_text(",label\n" + "".join(f"{n},L{i % 3}\n" for i, n in enumerate(names[::-1])))
+    ds = ingest(path, tmp_path / "store.zarr", metadata=meta)
+    expected = [f"L{(len(names) - 1 - i) % 3}" for i in range(len(names))]
+    assert ds["label"].values.tolist() == expected
+
+
+# ------------------------------------------------------------------ CSVs as people write them
+
+
+def _pandas_style(counts: np.ndarray, cells, genes, *, sep: str, header: str, floats: bool):
+    """The text pandas or R writes: any first header cell, floats with rounding noise."""
+    rng = np.random.default_rng(0)
+    rows = [sep.join([header, *genes])]
+    for name, row in zip(cells, counts, strict=True):
+        values = row.astype(np.float64)
+        if floats:  # what a float64 round trip through normalisation leaves behind
+            values = values + rng.choice([0.0, 1e-15, -1e-15, 1e-9], size=values.shape) * (
+                values > 0
+            )
+            texts = [repr(float(v)) for v in values]
+        else:
+            texts = [str(int(v)) for v in row]
+        rows.append(sep.join([f'"{name}"', *texts]))
+    return ("\n".join(rows) + "\n").encode()
+
+
+@pytest.mark.parametrize("header", ["", "cell", '"barcode"'])
+@pytest.mark.parametrize("sep", [",", "\t"])
+@pytest.mark.parametrize("floats", [False, True])
+def test_csv_dialects_people_write(tmp_path, header, sep, floats):
+    data = synthetic_counts(300, 40, seed=4)
+    path = tmp_path / ("matrix.tsv" if sep == "\t" else "matrix.csv")
+    path.write_bytes(
+        _pandas_style(data.counts, data.cell_names, data.gene_names, sep=sep, header=header,
+                      floats=floats)
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ingest(path, tmp_path / "store.zarr", chunk_cells=64)
+    np.testing.assert_array_equal(ds["counts"].values, data.counts)
+    assert ds["cell"].values.tolist() == list(data.cell_names)
+    assert ds["gene"].values.tolist() == list(data.gene_names)
+    rounding = [w for w in caught if "rounded" in str(w.message)]
+    moved = ds.attrs["distumap"]["stages"]["ingest"]["rounded"]
+    if floats:
+        assert len(rounding) == 1 and moved > 0 and f"{moved:,} counts" in str(rounding[0].message)
+    else:
+        assert rounding == [] and moved == 0
+
+
+def test_float32_stores_normalised_values_exactly(tmp_path):
+    values = np.array([[0.0, 1.5, -2.25], [3.125e-3, 0.0, 7.0]], dtype=np.float32)
+    path = tmp_path / "normalised.csv"
+    path.write_text(",A,B,C\nc1,0,1.5,-2.25\nc2,3.125e-3,0.0,7\n")
+    with pytest.raises(InputError, match=r"line 2, column 3 \(gene 'B'\).*--dtype float32"):
+        ingest(path, tmp_path / "int.zarr")
+    ds = ingest(path, tmp_path / "float.zarr", dtype="float32")
+    assert ds["counts"].dtype == np.float32
+    np.testing.assert_array_equal(ds["counts"].values, values)
 
 
 def test_metadata_duplicate_sample_names(tmp_path):
@@ -320,9 +377,16 @@ BAD_LINES = {
     "name only": (b"c1,1,2,3\n\nc2\n", 4, None, None, r"too few fields: found 1 of 4"),
     "too many fields": (b"c1,1,2,3,4\n", 2, 5, None, r"too many fields.*'4' after the last"),
     "trailing comma": (b"c1,1,2,3,\n", 2, 5, None, r"too many fields"),
-    "decimal": (b"c1,1,2,3\nc2,1,3.5,3\n", 3, 3, "Beta", r"not an integer count: '3\.5'"),
+    "decimal": (
+        b"c1,1,2,3\nc2,1,3.5,3\n",
+        3,
+        3,
+        "Beta",
+        r"fractional value.*'3\.5'.*--dtype float32",
+    ),
     "NA": (b"c1,NA,2,3\n", 2, 2, "Alpha", r"not an integer count: 'NA'"),
-    "exponent": (b"c1,1,2,1e3\n", 2, 4, "Gamma", r"not an integer count: '1e3'"),
+    "exponent without digits": (b"c1,1,2,1e\n", 2, 4, "Gamma", r"not an integer count: '1e'"),
+    "lone point": (b"c1,1,.,3\n", 2, 3, "Beta", r"not an integer count: '\.'"),
     "space": (b"c1,1, 2,3\n", 2, 3, "Beta", r"not an integer count: ' 2'"),
     "negative": (b"c1,1,2,3\r\nc2,1,-2,3\r\n", 3, 3, "Beta", r"a negative count: '-2'"),
     "too large": (b"c1,2147483648,2,3\n", 2, 2, "Alpha", r"too large for int32: '2147483648'"),
@@ -375,7 +439,6 @@ def test_error_line_numbers_count_blank_lines(tmp_path):
         (b"sample_name,A,B\n", r"line 2: no cell lines after the header"),
         (b"sample_name,A,B\n\n\r\n\n", r"line 2: no cell lines after the header"),
         (b"sample_name,A,B", r"line 1: the header is the whole file; there are no cells"),
-        (b"cell,A,B\nc1,1,2\n", r"line 1, column 1: the first column must be 'sample_name'"),
         (b"sample_name,A,,B\nc1,1,2,3\n", r"line 1, column 3: empty gene name"),
         (b"sample_name,A\n,1\n", r"line 2, column 1: empty sample name"),
     ],
@@ -386,7 +449,6 @@ def test_error_line_numbers_count_blank_lines(tmp_path):
         "no cells",
         "only blank lines",
         "header only",
-        "no sample_name",
         "empty gene",
         "empty sample name",
     ],
@@ -637,8 +699,10 @@ def test_kernel_no_lines():
         (b"a,1,2,3\n", _csv.TOO_MANY, (0, 2, 6, 7)),
         (b"a,1,2,\n", _csv.TOO_MANY, (0, 2, 6, 6)),
         (b"a,1,x7\n", _csv.NOT_INTEGER, (0, 1, 4, 6)),
-        (b"a,1,3.5\n", _csv.NOT_INTEGER, (0, 1, 4, 7)),
-        (b"a,1e3,1\n", _csv.NOT_INTEGER, (0, 0, 2, 5)),
+        (b"a,1,3.5\n", _csv.FRACTIONAL, (0, 1, 4, 7)),
+        (b"a,1,1e-3\n", _csv.FRACTIONAL, (0, 1, 4, 8)),
+        (b"a,1,1e\n", _csv.NOT_INTEGER, (0, 1, 4, 6)),
+        (b"a,1,3e9\n", _csv.TOO_LARGE, (0, 1, 4, 7)),
         (b"a,NA,1\r\n", _csv.NOT_INTEGER, (0, 0, 2, 4)),
         (b"a,1,2\rx\n", _csv.NOT_INTEGER, (0, 1, 4, 7)),
         (b"a,-1,1\n", _csv.NEGATIVE, (0, 0, 2, 4)),
@@ -652,7 +716,25 @@ def test_kernel_no_lines():
 )
 def test_kernel_errors(text, status, error):
     _, got, where = _parse(text, 2)
-    assert (got, tuple(int(v) for v in where)) == (status, error)
+    assert (got, tuple(int(v) for v in where[:4])) == (status, error)
+
+
+def test_kernel_rounds_counts_written_as_floats_and_counts_them():
+    text = b"a,1.0,2e0,0.999999999999999\nb,3.00000000000001,1E2,4.0000004\n"
+    counts, status, error = _parse(text, 3)
+    assert status == _csv.OK
+    np.testing.assert_array_equal(counts, [[1, 2, 1], [3, 100, 4]])
+    assert error[4] == 3  # 1.0, 2e0 and 1E2 are integers as written; three values moved
+
+
+def test_kernel_float32_takes_any_number_and_tabs():
+    text = b"a\t-1.5\t2.5e-3\t7\nb\t.25\t0\t-3\n"
+    buf = np.frombuffer(text, np.uint8)
+    values, status, _ = _csv.parse_block(
+        buf, np.array([0, text.index(b"\n") + 1]), 3, sep=_csv.TAB, dtype="float32"
+    )
+    assert status == _csv.OK and values.dtype == np.float32
+    np.testing.assert_array_equal(values, np.float32([[-1.5, 2.5e-3, 7], [0.25, 0, -3]]))
 
 
 def test_kernel_error_message():

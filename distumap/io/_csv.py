@@ -18,8 +18,11 @@ from distumap._errors import InputError
 #: bytes read past a block's end so that a sample name starting near the end is complete
 NAME_OVERHANG = 1 << 16
 
+#: integer counts written as floats (``3.0``, ``0.999999999999999``) are rounded when this close
+ROUNDING_TOLERANCE = 1e-6
+
 # kernel status codes
-OK, TOO_FEW, TOO_MANY, NOT_INTEGER, NEGATIVE, TOO_LARGE, EMPTY_FIELD = range(7)
+OK, TOO_FEW, TOO_MANY, NOT_INTEGER, NEGATIVE, TOO_LARGE, EMPTY_FIELD, FRACTIONAL = range(8)
 _PROBLEMS = {
     TOO_FEW: "too few fields",
     TOO_MANY: "too many fields",
@@ -27,7 +30,10 @@ _PROBLEMS = {
     NEGATIVE: "a negative count",
     TOO_LARGE: "a count too large for int32",
     EMPTY_FIELD: "an empty field",
+    FRACTIONAL: "a fractional value where integer counts are expected",
 }
+
+COMMA, TAB = ord(","), ord("\t")
 
 
 def _clean_name(raw: bytes) -> str:
@@ -37,25 +43,33 @@ def _clean_name(raw: bytes) -> str:
     return name
 
 
-def parse_header(line: bytes, source: str) -> list[str]:
-    """Gene names from the header line ``sample_name,<gene>,...``.
+def separator(line: bytes) -> int:
+    """The field separator of a file, from its header line: a tab if the header has more tabs
+    than commas (TSV, as R and many GEO files write it), else a comma."""
+    return TAB if line.count(b"\t") > line.count(b",") else COMMA
+
+
+def parse_header(line: bytes, source: str, sep: int = COMMA) -> list[str]:
+    """Gene names from the header line ``<cell column>,<gene>,...``.
+
+    The first header cell names the cell column, whatever it says: ``sample_name``, ``cell``,
+    or nothing at all, as pandas writes an index.
 
     Raises
     ------
     InputError
-        The header is empty, does not start with ``sample_name`` or names no gene.
+        The header is empty or names no gene.
     """
-    fields = [_clean_name(field) for field in line.rstrip(b"\n").rstrip(b"\r").split(b",")]
+    text = line.rstrip(b"\n").rstrip(b"\r")
+    fields = [_clean_name(field) for field in text.split(bytes([sep]))]
     if fields == [""]:
         raise InputError(f"{source}: line 1: the file is empty (no header)")
-    if fields[0] != "sample_name":
-        raise InputError(
-            f"{source}: line 1, column 1: the first column must be 'sample_name', "
-            f"found {fields[0][:60]!r}"
-        )
     genes = fields[1:]
     if not genes:
-        raise InputError(f"{source}: line 1: the header names no gene after 'sample_name'")
+        raise InputError(
+            f"{source}: line 1: the header names no gene after the cell column "
+            f"({fields[0][:60]!r}); is the separator a comma or a tab?"
+        )
     for column, gene in enumerate(genes, start=2):
         if not gene:
             raise InputError(f"{source}: line 1, column {column}: empty gene name")
@@ -96,7 +110,7 @@ class BlockIndex:
     newlines: int  # newlines in the range (shifted one byte back, see index_block)
 
 
-def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
+def index_block(buf: bytes, offset: int, begin: int, end: int, sep: int = COMMA) -> BlockIndex:
     """Index the lines that start in ``[begin, end)`` of the file.
 
     ``buf`` (bytes, bytearray or mmap) holds the file's bytes from ``offset <= begin - 1`` up to
@@ -121,7 +135,7 @@ def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
             or (first == b"\r" and start + 1 >= len(buf))
         )
         if not blank:
-            comma = buf.find(b",", start, start + NAME_OVERHANG)
+            comma = buf.find(bytes([sep]), start, start + NAME_OVERHANG)
             limit = comma if comma != -1 else min(len(buf), start + NAME_OVERHANG)
             newline = buf.find(b"\n", start, limit)
             starts.append(start + offset)
@@ -137,12 +151,12 @@ def index_block(buf: bytes, offset: int, begin: int, end: int) -> BlockIndex:
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _record_error(error, line, gene, token, buf, pos, scan):  # pragma: no cover - compiled
+def _record_error(error, line, gene, token, buf, pos, scan, sep):  # pragma: no cover - compiled
     """Fill ``error`` for a bad field starting at ``token``; with ``scan``, the field runs to the
     next separator. Returns the end of the field."""
     if scan:
         size = buf.shape[0]
-        while pos < size and buf[pos] != 44 and buf[pos] != 10:
+        while pos < size and buf[pos] != sep and buf[pos] != 10:
             pos += 1
     error[0] = line
     error[1] = gene
@@ -151,21 +165,52 @@ def _record_error(error, line, gene, token, buf, pos, scan):  # pragma: no cover
     return pos
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compiled
-    """Parse the lines at ``starts`` (offsets into ``buf``) into ``out`` (int32, lines x genes).
+@numba.njit(nogil=True, cache=True, inline="always")
+def _float_token(buf, pos, size, integer_part):  # pragma: no cover - compiled
+    """Finish a number whose digits so far gave ``integer_part``: an optional fraction and
+    exponent (``3.``, ``.5``, ``1.5e-3``, ``2E+2``). Returns (value, end, ok)."""
+    value = float(integer_part)
+    if pos < size and buf[pos] == 46:  # '.'
+        pos += 1
+        scale = 0.1
+        while pos < size and 48 <= buf[pos] <= 57:
+            value += (buf[pos] - 48) * scale
+            scale *= 0.1
+            pos += 1
+    if pos < size and (buf[pos] == 101 or buf[pos] == 69):  # 'e' or 'E'
+        pos += 1
+        negative = False
+        if pos < size and (buf[pos] == 45 or buf[pos] == 43):
+            negative = buf[pos] == 45
+            pos += 1
+        if pos >= size or not 48 <= buf[pos] <= 57:
+            return value, pos, False
+        exponent = 0
+        while pos < size and 48 <= buf[pos] <= 57:
+            exponent = min(exponent * 10 + (buf[pos] - 48), 400)
+            pos += 1
+        value *= 10.0 ** (-exponent if negative else exponent)
+    return value, pos, True
 
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _parse_kernel(buf, starts, n_genes, out, error, sep, integer, counters):  # pragma: no cover
+    """Parse the lines at ``starts`` (offsets into ``buf``) into ``out`` (lines x genes).
+
+    ``integer``: ``out`` holds counts (int32): a value written as a float is rounded when it is
+    within ROUNDING_TOLERANCE of an integer (``counters[0]`` counts those that moved), and
+    refused as FRACTIONAL otherwise. Else ``out`` is float32 and takes any finite number.
     Returns a status code; on error ``error`` holds
     (line index, gene index, token start, token end).
     """
     size = buf.shape[0]
     for i in range(starts.shape[0]):
         pos = starts[i]
-        # the sample name: up to the first comma
-        while pos < size and buf[pos] != 44 and buf[pos] != 10:
+        # the cell name: up to the first separator
+        while pos < size and buf[pos] != sep and buf[pos] != 10:
             pos += 1
-        if pos >= size or buf[pos] != 44:
-            _record_error(error, i, 0, pos, buf, pos, False)
+        if pos >= size or buf[pos] != sep:
+            _record_error(error, i, 0, pos, buf, pos, False, sep)
             return TOO_FEW
         pos += 1
         j = 0
@@ -176,7 +221,7 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
             # path below would and moves on the same way, twice as fast on sparse counts
             if pos + 1 < size and 48 <= buf[pos] <= 57:
                 follow = buf[pos + 1]
-                if follow == 44 and j < last:
+                if follow == sep and j < last:
                     out[i, j] = buf[pos] - 48
                     j += 1
                     pos += 2
@@ -187,20 +232,31 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
                     pos += 2
                     break
             token = pos
+            negative = not integer and pos < size and buf[pos] == 45
+            if negative:
+                pos += 1
             value = 0
+            digits = pos
             while pos < size:
                 c = buf[pos]
                 if c < 48 or c > 57:
                     break
                 value = value * 10 + (c - 48)
-                if value > 2147483647:
-                    _record_error(error, i, j, token, buf, pos, True)
+                if value > 2147483647 and integer:
+                    _record_error(error, i, j, token, buf, pos, True, sep)
                     return TOO_LARGE
                 pos += 1
             c = buf[pos] if pos < size else 10
-            ended = c == 44 or c == 10 or (c == 13 and (pos + 1 >= size or buf[pos + 1] == 10))
-            if pos == token or not ended:
-                pos = _record_error(error, i, j, token, buf, pos, True)
+            number = 0.0
+            is_float = c == 46 or ((c == 101 or c == 69) and pos > digits)
+            if is_float:
+                number, pos, ok = _float_token(buf, pos, size, value)
+                c = buf[pos] if pos < size else 10
+                if not ok or (pos == digits + 1 and buf[digits] == 46):  # "1e", a lone "."
+                    c = 0
+            ended = c == sep or c == 10 or (c == 13 and (pos + 1 >= size or buf[pos + 1] == 10))
+            if pos == digits or not ended:
+                pos = _record_error(error, i, j, token, buf, pos, True, sep)
                 if j >= n_genes:
                     return TOO_MANY
                 if token < size and buf[token] == 45 and token + 1 < pos:
@@ -209,16 +265,30 @@ def _parse_kernel(buf, starts, n_genes, out, error):  # pragma: no cover - compi
                     return EMPTY_FIELD
                 return NOT_INTEGER
             if j >= n_genes:
-                _record_error(error, i, j, token, buf, pos, False)
+                _record_error(error, i, j, token, buf, pos, False, sep)
                 return TOO_MANY
-            out[i, j] = value
+            if not is_float:
+                out[i, j] = -value if negative else value
+            elif integer:
+                nearest = np.floor(number + 0.5)
+                if abs(number - nearest) > ROUNDING_TOLERANCE:
+                    _record_error(error, i, j, token, buf, pos, False, sep)
+                    return FRACTIONAL
+                if nearest > 2147483647:
+                    _record_error(error, i, j, token, buf, pos, False, sep)
+                    return TOO_LARGE
+                if nearest != number:
+                    counters[0] += 1
+                out[i, j] = nearest
+            else:
+                out[i, j] = -number if negative else number
             j += 1
-            if c == 44:
+            if c == sep:
                 pos += 1
                 continue
             break
         if j < n_genes:
-            _record_error(error, i, j, pos, buf, pos, False)
+            _record_error(error, i, j, pos, buf, pos, False, sep)
             return TOO_FEW
     return OK
 
@@ -229,17 +299,23 @@ def parse_block(
     n_genes: int,
     *,
     out: np.ndarray | None = None,
+    sep: int = COMMA,
+    dtype: np.dtype | str = np.int32,
 ) -> tuple[np.ndarray, int, np.ndarray]:
-    """Parse lines into an int32 array; returns ``(counts, status, error)``.
+    """Parse lines into an int32 (counts) or float32 array; returns ``(values, status, error)``.
 
     ``buf`` is a uint8 array of the block's bytes, ``starts`` the int64 offsets of its lines in
     ``buf``. A non-zero status is one of this module's codes, with ``error`` = (line index, gene
-    index, token start, token end); :func:`raise_parse_error` turns it into a message.
+    index, token start, token end, values rounded); :func:`raise_parse_error` turns it into a
+    message. ``error[4]`` also counts, on success, the float-written counts that were rounded.
     """
+    dtype = np.dtype(out.dtype if out is not None else dtype)
     if out is None:
-        out = np.empty((starts.shape[0], n_genes), dtype=np.int32)
-    error = np.zeros(4, dtype=np.int64)
-    status = _parse_kernel(buf, starts, n_genes, out, error)
+        out = np.empty((starts.shape[0], n_genes), dtype=dtype)
+    error = np.zeros(5, dtype=np.int64)
+    status = _parse_kernel(
+        buf, starts, n_genes, out, error, np.uint8(sep), dtype.kind in "iu", error[4:]
+    )
     return out, int(status), error
 
 
@@ -251,14 +327,15 @@ def raise_parse_error(
     source: str,
     line_numbers: np.ndarray,
     genes: list[str] | np.ndarray,
+    integer: bool = True,
 ) -> None:
     """Raise the :class:`InputError` that names the file, line, column and gene of a parse error."""
-    line_index, gene_index, token_start, token_end = (int(v) for v in error)
+    line_index, gene_index, token_start, token_end = (int(v) for v in error[:4])
     line = int(line_numbers[line_index])
     token = bytes(buf[token_start : min(token_end, token_start + 40)]).decode("utf-8", "replace")
     token = token.rstrip("\r")
     n_genes = len(genes)
-    problem = _PROBLEMS[status]
+    problem = _PROBLEMS[status] if integer or status != NOT_INTEGER else "not a number"
     if status == TOO_FEW:
         raise InputError(
             f"{source}: line {line}: {problem}: found {gene_index + 1} of {n_genes + 1} "
@@ -270,6 +347,12 @@ def raise_parse_error(
             f"{n_genes + 1} columns, found more ({token!r} after the last gene)"
         )
     gene = genes[gene_index]
+    advice = (
+        "; the matrix holds non-integer values (normalised data?): ingest it with --dtype float32"
+        if status == FRACTIONAL
+        else ""
+    )
     raise InputError(
-        f"{source}: line {line}, column {gene_index + 2} (gene {gene!r}): {problem}: {token!r}"
+        f"{source}: line {line}, column {gene_index + 2} (gene {gene!r}): {problem}: "
+        f"{token!r}{advice}"
     )

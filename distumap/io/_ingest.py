@@ -54,12 +54,16 @@ COUNTS_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=
 _buffers = threading.local()
 
 
-def _block_buffer(shape: tuple[int, int]) -> np.ndarray:
-    """A per-thread int32 buffer for parsed blocks: fresh 200 MB allocations cost page faults
-    that make the parse three times slower."""
+#: what the store's ``counts`` may hold: counts, or (``--dtype float32``) normalised values
+DTYPES = ("int32", "float32")
+
+
+def _block_buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer for parsed blocks: fresh 200 MB allocations cost page faults that
+    make the parse three times slower."""
     buf = getattr(_buffers, "counts", None)
-    if buf is None or buf.size < shape[0] * shape[1]:
-        buf = _buffers.counts = np.empty(shape[0] * shape[1], dtype=np.int32)
+    if buf is None or buf.size < shape[0] * shape[1] or buf.dtype != dtype:
+        buf = _buffers.counts = np.empty(shape[0] * shape[1], dtype=dtype)
     return buf[: shape[0] * shape[1]].reshape(shape)
 
 
@@ -120,25 +124,28 @@ def _view_range(source: str, start: int, stop: int) -> tuple[mmap.mmap | bytearr
     return view, offset
 
 
-def _read_header(source: str) -> tuple[list[str], int]:
-    """Gene names and the offset where the data lines begin."""
+def _read_header(source: str) -> tuple[list[str], int, int]:
+    """Gene names, the offset where the data lines begin, and the separator."""
     with _open_text_stream(source) as f:
         line = f.readline()
-    genes = _csv.parse_header(line, source)
+    sep = _csv.separator(line)
+    genes = _csv.parse_header(line, source, sep)
     if not line.endswith(b"\n"):
         raise InputError(f"{source}: line 1: the header is the whole file; there are no cells")
-    return genes, len(line)
+    return genes, len(line), sep
 
 
 # ---------------------------------------------------------------- the line index
 
 
-def _index_task(source: str, begin: int, end: int, size: int) -> _csv.BlockIndex:
+def _index_task(source: str, begin: int, end: int, size: int, sep: int) -> _csv.BlockIndex:
     buf, offset = _view_range(source, begin - 1, min(size, end + _csv.NAME_OVERHANG))
-    return _csv.index_block(buf, offset, begin, end)
+    return _csv.index_block(buf, offset, begin, end, sep)
 
 
-def _index_stream(source: str, data_start: int, piece: int = 64 << 20) -> list[_csv.BlockIndex]:
+def _index_stream(
+    source: str, data_start: int, sep: int, piece: int = 64 << 20
+) -> list[_csv.BlockIndex]:
     """Index a compressed file in one sequential pass (it cannot be split)."""
     blocks = []
     with _open_text_stream(source) as f:
@@ -150,14 +157,14 @@ def _index_stream(source: str, data_start: int, piece: int = 64 << 20) -> list[_
                 eof = not more
                 window += more
             if eof and len(window) <= piece + 1:  # the rest is the last block
-                blocks.append(_csv.index_block(window, begin - 1, begin, begin + len(window)))
+                blocks.append(_csv.index_block(window, begin - 1, begin, begin + len(window), sep))
                 return blocks
             end = begin + piece
-            blocks.append(_csv.index_block(window, begin - 1, begin, end))
+            blocks.append(_csv.index_block(window, begin - 1, begin, end, sep))
             window, begin = window[end - begin :], end
 
 
-def _build_index(source: str, data_start: int, *, progress: bool) -> dict[str, Any]:
+def _build_index(source: str, data_start: int, sep: int, *, progress: bool) -> dict[str, Any]:
     """Line starts, line numbers and names of every cell line."""
     if _is_gzip(source):
         warnings.warn(
@@ -167,7 +174,7 @@ def _build_index(source: str, data_start: int, *, progress: bool) -> dict[str, A
             stacklevel=3,
         )
         task = dask.delayed(_index_stream, pure=False)(
-            source, data_start, dask_key_name=f"index-csv-gzip-{tokenize(source)}"
+            source, data_start, sep, dask_key_name=f"index-csv-gzip-{tokenize(source)}"
         )
         blocks = run([task], stage="ingest: index lines", progress=progress)[0]
         size = None
@@ -178,7 +185,7 @@ def _build_index(source: str, data_start: int, *, progress: bool) -> dict[str, A
         token = tokenize(source, size, block_bytes)
         tasks = [
             dask.delayed(_index_task, pure=True)(
-                source, begin, end, size, dask_key_name=f"index-csv-block-{token}-{i}"
+                source, begin, end, size, sep, dask_key_name=f"index-csv-block-{token}-{i}"
             )
             for i, (begin, end) in enumerate(itertools.pairwise(bounds))
         ]
@@ -215,7 +222,8 @@ def _check_sample_names(names: list[str], lines: np.ndarray, source: str) -> Non
 
 
 def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.ndarray]:
-    """Metadata columns aligned to ``cells`` (joined on ``sample_name``).
+    """Metadata columns aligned to ``cells`` (joined on ``sample_name``, or on the first column
+    when there is no ``sample_name``).
 
     Cells missing from the metadata get empty strings (text columns) or NaN (numbers), and one
     warning counts them. Columns whose names the store uses get a ``_metadata`` suffix.
@@ -230,7 +238,10 @@ def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.
     except pd.errors.ParserError as error:
         raise InputError(f"{source}: {error}") from None
     if "sample_name" not in table.columns:
-        raise InputError(f"{source}: line 1: no 'sample_name' column in the metadata header")
+        # the first column names the cells, as pandas writes an index (empty header cell)
+        first = table.columns[0]
+        table = table.rename(columns={first: "sample_name"})
+        table["sample_name"] = table["sample_name"].astype(str)
     duplicated = table["sample_name"].duplicated(keep="first")
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -284,7 +295,7 @@ def _create_store(
     params: dict[str, Any],
 ) -> None:
     n_cells, n_genes = len(index["names"]), len(genes)
-    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=np.int32)
+    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=params["dtype"])
     coords: dict[str, Any] = {
         "cell": np.asarray(index["names"], dtype=object),
         "gene": np.asarray(genes, dtype=object),
@@ -306,6 +317,10 @@ def _create_store(
     data_end = index["size"] if index["size"] is not None else -1
     create_progress(store, "line_start", np.append(index["starts"], data_end).astype(np.int64))
     create_progress(store, "line_number", index["lines"].astype(np.int64))
+    # per block: float-written counts that were rounded (one warning at the end)
+    create_progress(
+        store, "rounded", np.zeros(-(-n_cells // chunk_cells), dtype=np.int64), chunks=1
+    )
 
 
 # ---------------------------------------------------------------- parsing
@@ -315,25 +330,33 @@ def _parse_into_store(
     buf: np.ndarray,
     rel_starts: np.ndarray,
     *,
+    block: int,
     cells: tuple[int, int],
     store: str,
     source: str,
     line_numbers: np.ndarray,
+    sep: int,
 ) -> int:
     counts = zarr.open_array(store, path="counts", mode="r+")
-    parsed, status, error = _csv.parse_block(
-        buf, rel_starts, counts.shape[1], out=_block_buffer((len(rel_starts), counts.shape[1]))
-    )
+    out = _block_buffer((len(rel_starts), counts.shape[1]), counts.dtype)
+    parsed, status, error = _csv.parse_block(buf, rel_starts, counts.shape[1], out=out, sep=sep)
     if status:
         genes = zarr.open_array(store, path="gene", mode="r")
         _csv.raise_parse_error(
-            status, error, buf, source=source, line_numbers=line_numbers, genes=genes[:]
+            status,
+            error,
+            buf,
+            source=source,
+            line_numbers=line_numbers,
+            genes=genes[:],
+            integer=counts.dtype.kind == "i",
         )
     counts[cells[0] : cells[1]] = parsed
+    progress_array(store, "rounded")[block] = error[4]
     return cells[1] - cells[0]
 
 
-def _parse_task(store: str, source: str, block: int, chunk_cells: int) -> int:
+def _parse_task(store: str, source: str, block: int, chunk_cells: int, sep: int) -> int:
     """Parse store chunk ``block`` from its byte range and write it."""
     line_start = progress_array(store, "line_start", mode="r")
     n_cells = line_start.shape[0] - 1
@@ -344,10 +367,12 @@ def _parse_task(store: str, source: str, block: int, chunk_cells: int) -> int:
     return _parse_into_store(
         np.frombuffer(view, dtype=np.uint8),
         offsets[:-1] - offset,
+        block=block,
         cells=(first, last),
         store=store,
         source=source,
         line_numbers=lines,
+        sep=sep,
     )
 
 
@@ -364,7 +389,7 @@ def _stream_ranges(source: str, ranges: list[tuple[int, int]]) -> Iterator[bytes
             yield data
 
 
-def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
+def _parse_stream_task(store: str, source: str, chunk_cells: int, sep: int) -> int:
     """Parse every unwritten chunk of a compressed file in one sequential pass, marking each."""
     done = progress_array(store, "ingest", mode="r")[:]
     line_start = progress_array(store, "line_start", mode="r")[:]
@@ -382,10 +407,12 @@ def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
         cells = _parse_into_store(
             np.frombuffer(data, dtype=np.uint8),
             starts,
+            block=block,
             cells=(first, last),
             store=store,
             source=source,
             line_numbers=line_number[first:last],
+            sep=sep,
         )
         mark_block(store, "ingest", block, cells, n_cells)
         total += cells
@@ -395,7 +422,9 @@ def _parse_stream_task(store: str, source: str, chunk_cells: int) -> int:
 # ---------------------------------------------------------------- the stage
 
 
-def _source_params(source: str, metadata: str | None, chunk_cells: int) -> dict[str, Any]:
+def _source_params(
+    source: str, metadata: str | None, chunk_cells: int, dtype: str
+) -> dict[str, Any]:
     fs, path = fsspec.core.url_to_fs(source)
     try:
         info = fs.info(path)
@@ -408,6 +437,7 @@ def _source_params(source: str, metadata: str | None, chunk_cells: int) -> dict[
         "mtime": str(mtime) if mtime is not None else None,
         "metadata": metadata,
         "chunk_cells": int(chunk_cells),
+        "dtype": dtype,
     }
 
 
@@ -417,17 +447,21 @@ def read_csv(
     *,
     metadata: str | os.PathLike | None = None,
     chunk_cells: int | None = None,
+    dtype: str = "int32",
     overwrite: bool = False,
     progress: bool = False,
 ) -> xr.Dataset:
-    """Ingest a count-matrix CSV (and its metadata) into a zarr store, in parallel.
+    """Ingest a count-matrix CSV or TSV (and its metadata) into a zarr store, in parallel.
 
     Parameters
     ----------
     matrix
-        Path or fsspec URL of ``matrix.csv`` (``sample_name,<gene>,...``, one line per cell,
-        non-negative integer counts). CRLF line ends, a missing final newline and gzip
-        (``.gz``, read sequentially) are accepted.
+        Path or fsspec URL of ``matrix.csv``: a header ``<cell column>,<gene>,...`` (any first
+        cell: ``sample_name``, ``cell``, or empty as pandas writes it), then one line per cell.
+        The separator (comma or tab) comes from the header line. CRLF line ends, quoted names,
+        a missing final newline and gzip (``.gz``, read sequentially) are accepted. Counts
+        written as floats (``3.0``, ``0.999999999999999``) are rounded when within 1e-6 of an
+        integer, with one warning that counts them.
     store
         Path or fsspec URL of the zarr store to write.
     metadata
@@ -435,6 +469,9 @@ def read_csv(
         coordinates.
     chunk_cells
         Cells per store chunk and per parse task (default: ``distumap.chunk-cells``).
+    dtype
+        ``"int32"`` (counts; a truly fractional value is refused, naming its line and gene) or
+        ``"float32"`` (any finite numbers, e.g. normalised data, stored as they are).
     overwrite
         Replace a store that was written from another input or with other parameters.
     progress
@@ -467,13 +504,15 @@ def read_csv(
     chunk_cells = int(_config.get("chunk-cells", chunk_cells))
     if chunk_cells < 1:
         raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     meta_source = absolute(metadata) if metadata is not None else None
-    params = _source_params(source, meta_source, chunk_cells)
+    params = _source_params(source, meta_source, chunk_cells, dtype)
     stage = _claim(store, params, overwrite=overwrite, progress=progress)
     if stage.finished:
         return open_store(store)
+    genes, data_start, sep = _read_header(source)
     if not stage.resumable():
-        genes, data_start = _read_header(source)
         genes, duplicated = _csv.unique_gene_names(genes, source)
         if duplicated:
             shown = ", ".join(sorted(set(duplicated))[:5])
@@ -484,7 +523,7 @@ def read_csv(
                 UserWarning,
                 stacklevel=2,
             )
-        index = _build_index(source, data_start, progress=progress)
+        index = _build_index(source, data_start, sep, progress=progress)
         if not index["names"]:
             raise InputError(
                 f"{source}: line 2: no cell lines after the header (it names {len(genes)} genes)"
@@ -509,18 +548,27 @@ def read_csv(
             store,
             source,
             chunk_cells,
+            sep,
             key="parse-csv-gzip",
             label="ingest: parse (sequential, gzip)",
         )
     else:
         stage.run_blocks(
             _parse_task,
-            {block: ((store, source, block, chunk_cells), {}) for block in stage.pending()},
+            {block: ((store, source, block, chunk_cells, sep), {}) for block in stage.pending()},
             key="parse-csv-block",
             label="ingest: parse blocks",
             total=n_cells,
         )
-    stage.complete()
+    rounded = int(progress_array(store, "rounded", mode="r")[:].sum())
+    if rounded:
+        warnings.warn(
+            f"{source}: {rounded:,} counts written as floats (such as 0.999999999999999) were "
+            f"rounded to the nearest integer (each within {_csv.ROUNDING_TOLERANCE:g})",
+            UserWarning,
+            stacklevel=2,
+        )
+    stage.complete(rounded=rounded)
     return open_store(store)
 
 
