@@ -73,7 +73,26 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _ingest_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metadata", metavar="META.csv", help="cell metadata with sample_name")
+    parser.add_argument(
+        "--metadata",
+        metavar="META.csv",
+        help="cell metadata, joined on the cell names (a sample_name column, else the first)",
+    )
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "csv", "10x-h5", "mex", "h5ad", "anndata-zarr", "loom"),
+        help="input format (default: from the name and content)",
+    )
+    parser.add_argument(
+        "--layer", metavar="NAME", help="read this AnnData or loom layer instead of the matrix"
+    )
+    parser.add_argument(
+        "--orientation",
+        default="cells-by-genes",
+        choices=("cells-by-genes", "genes-by-cells"),
+        help="cells in rows (default); genes-by-cells is not read yet",
+    )
     parser.add_argument(
         "--chunk-cells", type=int, metavar="N", help="cells per store chunk (default 1024)"
     )
@@ -173,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/umap.html. distumap replaces only files it wrote. A stage that already finished "
         "with the same parameters is skipped, so re-running resumes.",
     )
-    run.add_argument("matrix", metavar="MATRIX.csv", help="count matrix (path or fsspec URL)")
+    run.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="count matrices: CSV/TSV, 10x .h5, MEX folder, .h5ad, AnnData zarr, .loom "
+        "(paths or fsspec URLs); several are concatenated",
+    )
     run.add_argument("--out", required=True, metavar="DIR", help="output directory (or URL)")
     for add in (
         _ingest_options,
@@ -185,8 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         add(run)
     _cluster_options(run)
 
-    ingest = commands.add_parser("ingest", help="CSV -> zarr store, in parallel")
-    ingest.add_argument("matrix", metavar="MATRIX.csv")
+    ingest = commands.add_parser(
+        "ingest",
+        help="inputs -> zarr store, in parallel",
+        description="Read CSV/TSV, 10x Cell Ranger .h5, 10x MEX folders, .h5ad, AnnData zarr or "
+        ".loom into one store; several inputs are concatenated (cells), genes aligned by name.",
+    )
+    ingest.add_argument("inputs", nargs="+", metavar="INPUT")
     ingest.add_argument("store", metavar="STORE")
     _ingest_options(ingest)
     _cluster_options(ingest)
@@ -299,7 +329,24 @@ def _outputs(out: str, formats: Sequence[str]) -> tuple[str, dict[str, str]]:
     return f"{out}/store.zarr", files
 
 
-def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: str) -> None:
+def _ingest(args: argparse.Namespace, inputs: list[str], store: str, metadata: str | None):
+    from distumap import io
+
+    return io.read(
+        inputs,
+        store,
+        metadata=metadata,
+        chunk_cells=getattr(args, "chunk_cells", None),
+        format=getattr(args, "format", "auto"),
+        layer=getattr(args, "layer", None),
+        dtype=getattr(args, "dtype", "int32"),
+        orientation=getattr(args, "orientation", "cells-by-genes"),
+        overwrite=getattr(args, "overwrite", False),
+        progress=args.progress,
+    )
+
+
+def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
 
     store, files = _outputs(out, args.formats)
@@ -307,15 +354,7 @@ def _run_all(args: argparse.Namespace, matrix: str, metadata: str | None, out: s
     png, html = (f"{out}/{name}" for name in RUN_PICTURES)
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
-    ds = io.read_csv(
-        matrix,
-        store,
-        metadata=metadata,
-        chunk_cells=getattr(args, "chunk_cells", None),
-        dtype=getattr(args, "dtype", "int32"),
-        overwrite=getattr(args, "overwrite", False),
-        progress=args.progress,
-    )
+    ds = _ingest(args, inputs, store, metadata)
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
     ds = tl.umap(ds, **_embed_kwargs(args))
@@ -364,7 +403,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         _check_outputs(None, {args.out: io.export_kind(args.out)})
     with _cluster(args):
         if args.command == "run":
-            _run_all(args, args.matrix, args.metadata, args.out.rstrip("/"))
+            _run_all(args, args.inputs, args.metadata, args.out.rstrip("/"))
         elif args.command == "demo":
             from distumap import testing
 
@@ -381,17 +420,9 @@ def _dispatch(args: argparse.Namespace) -> None:
                 written.touch()
             if args.landmarks is None:
                 args.landmarks = min(dask.config.get("distumap.landmarks"), args.cells // 3)
-            _run_all(args, str(matrix), str(metadata), out)
+            _run_all(args, [str(matrix)], str(metadata), out)
         elif args.command == "ingest":
-            io.read_csv(
-                args.matrix,
-                args.store,
-                metadata=args.metadata,
-                chunk_cells=args.chunk_cells,
-                dtype=args.dtype,
-                overwrite=args.overwrite,
-                progress=args.progress,
-            )
+            _ingest(args, args.inputs, args.store, args.metadata)
         elif args.command == "preprocess":
             pp.preprocess(
                 args.store, max_zero_fraction=args.max_zero_fraction, progress=args.progress

@@ -21,10 +21,12 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,9 +41,15 @@ __all__ = [
     "SyntheticData",
     "SyntheticSpec",
     "synthetic_counts",
+    "synthetic_gene_ids",
+    "write_10x_h5",
+    "write_anndata_zarr",
     "write_dataset",
+    "write_h5ad",
+    "write_loom",
     "write_matrix_csv",
     "write_metadata_csv",
+    "write_mex",
 ]
 
 #: the tutorial's matrix: 76,533 human motor-cortex cells x 50,281 genes (~7.7 GB of CSV)
@@ -792,3 +800,471 @@ def _format_rows(counts, names, eol, buffer):
             buffer[position + j] = eol[j]
         position += eol.size
     return position
+
+
+# ---------------------------------------------------------------------------------------------
+# the binary formats atlases ship in: 10x HDF5 and MEX, AnnData (h5ad, zarr), loom
+
+#: Cell Ranger's HDF5 settings: gzip level 1 in chunks of 80,000 values
+_TENX_CHUNK = 80_000
+_TENX_COMPRESSION = 1
+_ANTIBODY = "Antibody Capture"
+
+
+def synthetic_gene_ids(n_genes: int) -> np.ndarray:
+    """Ensembl-like ids (``"ENSG00000000001"``, ...) of the synthetic genes, in column order.
+
+    Examples
+    --------
+    >>> synthetic_gene_ids(2).tolist()
+    ['ENSG00000000001', 'ENSG00000000002']
+    """
+    return np.array([f"ENSG{gene + 1:011d}" for gene in range(n_genes)])
+
+
+def _blocks(data: SyntheticSpec | SyntheticData, block_cells: int):
+    """``(start, stop, counts)`` blocks of cells: generated for a spec, sliced for data."""
+    spec, counts = _unpack(data)
+    for start in range(0, spec.n_cells, max(1, block_cells)):
+        stop = min(start + block_cells, spec.n_cells)
+        if counts is None:
+            yield start, stop, spec.counts(start, stop)
+        else:
+            yield start, stop, np.ascontiguousarray(counts[start:stop], dtype=np.int32)
+
+
+def _antibody_counts(start: int, stop: int, n_antibodies: int) -> np.ndarray:
+    cells = np.arange(start, stop, dtype=np.int64)[:, None]
+    features = np.arange(n_antibodies, dtype=np.int64)[None, :]
+    return ((cells * 7 + features * 3) % 11).astype(np.int32)
+
+
+def write_10x_h5(
+    path: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    version: Literal[2, 3] = 3,
+    genome: str = "GRCh38",
+    antibody_features: int = 0,
+    block_cells: int = 4096,
+) -> Path:
+    """Write a 10x Cell Ranger ``filtered_feature_bc_matrix.h5``, block by block.
+
+    Parameters
+    ----------
+    path
+        Output file.
+    data
+        A spec (generated block by block, with flat memory, for any size) or in-memory data.
+    version
+        3: ``/matrix`` with ``features/{name,id,feature_type,genome}``; 2: one group named
+        ``genome`` with ``genes`` and ``gene_names``.
+    genome
+        The genome name (v2 group name, v3 ``features/genome``).
+    antibody_features
+        v3 only: this many ``Antibody Capture`` features after the genes, with small
+        deterministic counts (a CITE-seq run), which readers must leave out.
+    block_cells
+        Cells per block; bounds memory and does not change the file.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Notes
+    -----
+    The layout is Cell Ranger's: CSC genes x barcodes (``indptr`` over barcodes), ``data``
+    int32, ``indices`` and ``indptr`` int64, ``shape`` int32, fixed-width byte strings, gzip
+    level 1 in chunks of 80,000 values, extendible datasets appended block by block.
+
+    Examples
+    --------
+    >>> write_10x_h5(tmp_path / "filtered.h5", SyntheticSpec(1_000, 200))  # doctest: +SKIP
+    """
+    import h5py
+
+    if version not in (2, 3):
+        raise ValueError(f"version must be 2 or 3, got {version!r}")
+    if antibody_features and version != 3:
+        raise ValueError("antibody features need version 3")
+    spec, _ = _unpack(data)
+    path = Path(path)
+    n_features = spec.n_genes + antibody_features
+    names = np.concatenate(
+        [spec.gene_names(), [f"AB{j + 1}_TotalSeqB" for j in range(antibody_features)]]
+    )
+    ids = np.concatenate(
+        [synthetic_gene_ids(spec.n_genes), [f"AB{j + 1}" for j in range(antibody_features)]]
+    )
+    types = np.array(["Gene Expression"] * spec.n_genes + [_ANTIBODY] * antibody_features)
+    with h5py.File(path, "w") as file:
+        file.attrs["filetype"] = "matrix"
+        file.attrs["library_ids"] = np.array([b"LKTX"])
+        file.attrs["chemistry_description"] = "Single Cell 3' v3"
+        group = file.create_group("matrix" if version == 3 else genome)
+        options = dict(compression="gzip", compression_opts=_TENX_COMPRESSION)
+        values = group.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(_TENX_CHUNK,),
+            **options,
+        )  # fmt: skip
+        indices = group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_TENX_CHUNK,),
+            **options,
+        )  # fmt: skip
+        barcodes = group.create_dataset(
+            "barcodes", shape=(spec.n_cells,), dtype=f"S{_NAME_WIDTH}", **options
+        )
+        indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
+        nnz = 0
+        for start, stop, block in _blocks(data, block_cells):
+            if antibody_features:
+                block = np.hstack([block, _antibody_counts(start, stop, antibody_features)])
+            cells, features = np.nonzero(block)  # row-major: each cell's features in order
+            values.resize((nnz + cells.size,))
+            indices.resize((nnz + cells.size,))
+            values[nnz:] = block[cells, features]
+            indices[nnz:] = features
+            indptr[start + 1 : stop + 1] = nnz + np.cumsum(
+                np.bincount(cells, minlength=stop - start)
+            )
+            nnz += cells.size
+            barcodes[start:stop] = _name_bytes(start, stop, _model(spec).seed_key).view(
+                f"S{_NAME_WIDTH}"
+            )[:, 0]
+            del block, cells, features
+        group.create_dataset("indptr", data=indptr, **options)
+        group.create_dataset("shape", data=np.array([n_features, spec.n_cells], dtype=np.int32))
+        as_bytes = np.char.encode
+        if version == 3:
+            features_group = group.create_group("features")
+            features_group.create_dataset("name", data=as_bytes(names), **options)
+            features_group.create_dataset("id", data=as_bytes(ids), **options)
+            features_group.create_dataset("feature_type", data=as_bytes(types), **options)
+            features_group.create_dataset(
+                "genome", data=as_bytes(np.full(n_features, genome)), **options
+            )
+            features_group.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+        else:
+            group.create_dataset("genes", data=as_bytes(ids), **options)
+            group.create_dataset("gene_names", data=as_bytes(names), **options)
+    return path
+
+
+@numba.njit(inline="always")
+def _put_uint(buffer, position, value):
+    digits = 1
+    rest = value // 10
+    while rest > 0:
+        rest //= 10
+        digits += 1
+    for j in range(digits - 1, -1, -1):
+        buffer[position + j] = 48 + value % 10
+        value //= 10
+    return position + digits
+
+
+@numba.njit(cache=True, nogil=True)
+def _format_triplets(first, second, third, buffer):
+    # "<first> <second> <third>\n" per entry, all non-negative integers
+    position = 0
+    for k in range(first.size):
+        position = _put_uint(buffer, position, first[k])
+        buffer[position] = 32
+        position = _put_uint(buffer, position + 1, second[k])
+        buffer[position] = 32
+        position = _put_uint(buffer, position + 1, third[k])
+        buffer[position] = 10
+        position += 1
+    return position
+
+
+def _mtx_lines(genes: np.ndarray, cells: np.ndarray, values: np.ndarray) -> memoryview:
+    width = sum(len(str(int(part.max()))) if part.size else 1 for part in (genes, cells, values))
+    buffer = np.empty(genes.size * (width + 3), dtype=np.uint8)
+    written = _format_triplets(
+        genes.astype(np.int64), cells.astype(np.int64), values.astype(np.int64), buffer
+    )
+    return memoryview(buffer)[:written]
+
+
+def write_mex(
+    folder: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    gzip: bool = True,
+    version: Literal[2, 3] = 3,
+    antibody_features: int = 0,
+    block_cells: int = 4096,
+) -> Path:
+    """Write a 10x MEX folder: ``matrix.mtx``, ``features.tsv`` or ``genes.tsv``, ``barcodes.tsv``.
+
+    Parameters
+    ----------
+    folder
+        Created if missing.
+    data
+        A spec or in-memory data. A spec is generated twice (the header needs the number of
+        entries first), block by block.
+    gzip
+        Compress all three files (``.gz``), as Cell Ranger 3+ does.
+    version
+        3: ``features.tsv`` with ``id, name, Gene Expression``; 2: ``genes.tsv`` with ``id, name``.
+    antibody_features
+        Version 3: this many ``Antibody Capture`` features after the genes (see
+        :func:`write_10x_h5`).
+    block_cells
+        Cells per block.
+
+    Returns
+    -------
+    Path
+        The folder.
+
+    Notes
+    -----
+    ``%%MatrixMarket matrix coordinate integer general``, a ``%metadata_json`` comment, the size
+    line ``genes cells entries``, then ``gene cell count`` lines (1-based) sorted by cell and
+    gene within a cell: Cell Ranger's order.
+
+    Examples
+    --------
+    >>> write_mex(tmp_path / "filtered", synthetic_counts(100, 30), gzip=False)  # doctest: +SKIP
+    """
+    import gzip as gzip_module
+
+    if version not in (2, 3):
+        raise ValueError(f"version must be 2 or 3, got {version!r}")
+    if antibody_features and version != 3:
+        raise ValueError("antibody features need version 3")
+    spec, _ = _unpack(data)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gzip else ""
+
+    def sink(name: str):
+        path = folder / (name + suffix)
+        if gzip:
+            return gzip_module.GzipFile(path, "wb", compresslevel=1, mtime=0)
+        return open(path, "wb")
+
+    def with_antibodies(start: int, stop: int, block: np.ndarray) -> np.ndarray:
+        if not antibody_features:
+            return block
+        return np.hstack([block, _antibody_counts(start, stop, antibody_features)])
+
+    nnz = sum(
+        int(np.count_nonzero(with_antibodies(start, stop, block)))
+        for start, stop, block in _blocks(data, block_cells)
+    )
+    n_features = spec.n_genes + antibody_features
+    with sink("matrix.mtx") as out:
+        out.write(b"%%MatrixMarket matrix coordinate integer general\n")
+        out.write(
+            b'%metadata_json: {"software_version": "cellranger-7.1.0", "format_version": 2}\n'
+        )
+        out.write(f"{n_features} {spec.n_cells} {nnz}\n".encode())
+        for start, stop, block in _blocks(data, block_cells):
+            block = with_antibodies(start, stop, block)
+            cells, features = np.nonzero(block)
+            out.write(_mtx_lines(features + 1, cells + start + 1, block[cells, features]))
+    antibodies = range(1, antibody_features + 1)
+    names = [*spec.gene_names(), *(f"AB{j}_TotalSeqB" for j in antibodies)]
+    ids = [*synthetic_gene_ids(spec.n_genes), *(f"AB{j}" for j in antibodies)]
+    types = ["Gene Expression"] * spec.n_genes + [_ANTIBODY] * antibody_features
+    with sink("features.tsv" if version == 3 else "genes.tsv") as out:
+        if version == 3:
+            rows = zip(ids, names, types, strict=True)
+            out.write("".join(f"{i}\t{n}\t{t}\n" for i, n, t in rows).encode())
+        else:
+            out.write("".join(f"{i}\t{n}\n" for i, n in zip(ids, names, strict=True)).encode())
+    with sink("barcodes.tsv") as out:
+        for start in range(0, spec.n_cells, max(1, block_cells)):
+            stop = min(start + block_cells, spec.n_cells)
+            out.write("".join(name + "\n" for name in spec.cell_names(start, stop)).encode())
+    return folder
+
+
+def _csr(data: SyntheticSpec | SyntheticData, block_cells: int = 4096):
+    """The counts as a scipy CSR matrix, built block by block (for a spec: ~8 bytes per count)."""
+    import scipy.sparse
+
+    spec, counts = _unpack(data)
+    if counts is not None:
+        return scipy.sparse.csr_matrix(counts)
+    pieces = [scipy.sparse.csr_matrix(block) for _, _, block in _blocks(data, block_cells)]
+    if not pieces:
+        return scipy.sparse.csr_matrix((0, spec.n_genes), dtype=np.int32)
+    return scipy.sparse.vstack(pieces, format="csr")
+
+
+@contextlib.contextmanager
+def _quiet_anndata():
+    """Silence anndata's and zarr's notices about their own future defaults (zarr v3 as the
+    default format, autosharding, consolidated metadata in v3): they concern those packages'
+    next releases, not the files written here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Writing zarr v2 data will no longer")
+        warnings.filterwarnings("ignore", message=r"zarr v3 autosharding will be the default")
+        warnings.filterwarnings("ignore", message=r"Consolidated metadata is currently not part")
+        yield
+
+
+def _anndata(data: SyntheticSpec | SyntheticData, x: str, layer: str | None):
+    import anndata
+
+    if x not in ("csr", "csc", "dense"):
+        raise ValueError(f"x must be 'csr', 'csc' or 'dense', got {x!r}")
+    spec, _ = _unpack(data)
+    matrix = _csr(data)
+    metadata = data.metadata if isinstance(data, SyntheticData) else spec.metadata()
+    obs = pd.DataFrame(
+        {
+            "class_label": pd.Categorical(metadata["class_label"]),
+            "subclass_label": pd.Categorical(metadata["subclass_label"]),
+            "subclass_color": metadata["subclass_color"].astype(str).to_numpy(),
+            "size_factor": metadata["size_factor"].to_numpy(np.float32),
+        },
+        index=pd.Index(metadata["sample_name"].astype(str).to_numpy()),
+    )
+    var = pd.DataFrame(
+        {"gene_ids": synthetic_gene_ids(spec.n_genes)},
+        index=pd.Index(spec.gene_names()),
+    )
+
+    def shaped(matrix):
+        if x == "csc":
+            return matrix.tocsc()
+        if x == "dense":
+            return matrix.toarray()
+        return matrix
+
+    if layer is None:
+        return anndata.AnnData(X=shaped(matrix), obs=obs, var=var)
+    normalised = matrix.astype(np.float32)
+    normalised.data = np.log1p(normalised.data)
+    return anndata.AnnData(X=shaped(normalised), obs=obs, var=var, layers={layer: shaped(matrix)})
+
+
+def write_h5ad(
+    path: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    x: Literal["csr", "csc", "dense"] = "csr",
+    layer: str | None = None,
+) -> Path:
+    """Write the counts as an AnnData ``.h5ad`` with the anndata package.
+
+    Parameters
+    ----------
+    path
+        Output file.
+    data
+        A spec or in-memory data (held in memory as CSR, ~8 bytes per count).
+    x
+        How X is stored: ``"csr"``, ``"csc"`` or ``"dense"``.
+    layer
+        None: the counts are X. A name: the counts go to ``layers[layer]`` and X holds
+        ``log1p`` of them (float32), the usual layout of processed files.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Notes
+    -----
+    obs: index = cell names; ``class_label`` and ``subclass_label`` categorical,
+    ``subclass_color`` strings, ``size_factor`` float32. var: index = gene names, ``gene_ids``.
+
+    Examples
+    --------
+    >>> write_h5ad(tmp_path / "cells.h5ad", synthetic_counts(100, 30), x="csc")  # doctest: +SKIP
+    """
+    path = Path(path)
+    with _quiet_anndata():
+        _anndata(data, x, layer).write_h5ad(path)
+    return path
+
+
+def write_anndata_zarr(
+    folder: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    x: Literal["csr", "csc", "dense"] = "csr",
+    layer: str | None = None,
+    zarr_format: Literal[2, 3] = 2,
+) -> Path:
+    """Write the counts as an AnnData zarr group with the anndata package (see :func:`write_h5ad`).
+
+    ``zarr_format`` picks zarr v2 (anndata 0.12's default) or v3.
+
+    Examples
+    --------
+    >>> write_anndata_zarr(tmp_path / "cells.zarr", synthetic_counts(100, 30))  # doctest: +SKIP
+    """
+    import anndata
+
+    folder = Path(folder)
+    with anndata.settings.override(zarr_write_format=zarr_format), _quiet_anndata():
+        _anndata(data, x, layer).write_zarr(folder)
+    return folder
+
+
+def write_loom(
+    path: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    layer: str | None = None,
+) -> Path:
+    """Write the counts as a loom file with ``loompy.create``: ``/matrix`` is genes x cells.
+
+    Parameters
+    ----------
+    path
+        Output file.
+    data
+        A spec or in-memory data (held in memory as sparse, ~12 bytes per count).
+    layer
+        None: the counts are ``/matrix``. A name: the counts go to ``/layers/<layer>`` and
+        ``/matrix`` holds ``log1p`` of them (float32).
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Notes
+    -----
+    Row attributes ``Gene`` and ``Accession``; column attributes ``CellID``, ``class_label``,
+    ``subclass_label``, ``subclass_color`` and ``size_factor``.
+
+    Examples
+    --------
+    >>> write_loom(tmp_path / "cells.loom", synthetic_counts(100, 30))  # doctest: +SKIP
+    """
+    import loompy
+
+    spec, _ = _unpack(data)
+    path = Path(path)
+    matrix = _csr(data).T.tocoo()  # genes x cells
+    metadata = data.metadata if isinstance(data, SyntheticData) else spec.metadata()
+    if layer is None:
+        layers = {"": matrix}
+    else:
+        normalised = matrix.astype(np.float32)
+        normalised.data = np.log1p(normalised.data)
+        layers = {"": normalised, layer: matrix}
+    loompy.create(
+        str(path),
+        layers,
+        row_attrs={"Gene": spec.gene_names(), "Accession": synthetic_gene_ids(spec.n_genes)},
+        col_attrs={
+            "CellID": metadata["sample_name"].astype(str).to_numpy(),
+            "class_label": metadata["class_label"].astype(str).to_numpy(),
+            "subclass_label": metadata["subclass_label"].astype(str).to_numpy(),
+            "subclass_color": metadata["subclass_color"].astype(str).to_numpy(),
+            "size_factor": metadata["size_factor"].to_numpy(np.float32),
+        },
+    )
+    return path

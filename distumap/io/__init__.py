@@ -1,4 +1,5 @@
-"""Reading and writing: the CSV ingest, the zarr store, and the loom and AnnData exports."""
+"""Reading and writing: every input format into the zarr store, and the loom and AnnData
+exports."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from distumap._store import open_store
 from distumap.io._anndata import write_anndata_zarr, write_h5ad
 from distumap.io._export import write_loom
 from distumap.io._ingest import read_csv, read_metadata
+from distumap.io._read import read
 from distumap.io._write import export_kind, write
 
 __all__ = [
     "export_kind",
     "open_store",
+    "read",
     "read_csv",
     "read_metadata",
     "write",

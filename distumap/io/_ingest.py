@@ -285,22 +285,25 @@ def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.
 # ---------------------------------------------------------------- the store skeleton
 
 
-def _create_store(
+def create_skeleton(
     store: str,
     *,
-    genes: list[str],
-    index: dict[str, Any],
-    metadata_columns: dict[str, np.ndarray],
+    cells: list[str] | np.ndarray,
+    genes: list[str] | np.ndarray,
+    coords: dict[str, tuple[str, np.ndarray]],
     chunk_cells: int,
     params: dict[str, Any],
 ) -> None:
-    n_cells, n_genes = len(index["names"]), len(genes)
+    """Write a store's skeleton: coordinates, an empty ``counts`` array chunked by cell blocks,
+    the "started" ingest record and the per-block rounding counts. Every reader's ingest uses it;
+    the stage's markers, written next by :meth:`distumap._stage.Stage.start`, come last."""
+    n_cells, n_genes = len(cells), len(genes)
     counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=params["dtype"])
-    coords: dict[str, Any] = {
-        "cell": np.asarray(index["names"], dtype=object),
+    coords = {
+        "cell": np.asarray(cells, dtype=object),
         "gene": np.asarray(genes, dtype=object),
+        **coords,
     }
-    coords.update({name: ("cell", values) for name, values in metadata_columns.items()})
     skeleton = xr.Dataset({"counts": (("cell", "gene"), counts)}, coords=coords)
     # the "started" record goes in with the skeleton, so a store is never unrecognisable
     skeleton.attrs[ATTR] = {
@@ -314,13 +317,23 @@ def _create_store(
         consolidated=False,
         encoding={"counts": {"chunks": (chunk_cells, n_genes), "compressors": [COUNTS_CODEC]}},
     )
-    data_end = index["size"] if index["size"] is not None else -1
-    create_progress(store, "line_start", np.append(index["starts"], data_end).astype(np.int64))
-    create_progress(store, "line_number", index["lines"].astype(np.int64))
     # per block: float-written counts that were rounded (one warning at the end)
     create_progress(
         store, "rounded", np.zeros(-(-n_cells // chunk_cells), dtype=np.int64), chunks=1
     )
+
+
+def warn_rounded(store: str, source: str) -> int:
+    """One warning with the number of float-written counts the ingest rounded; returns it."""
+    rounded = int(progress_array(store, "rounded", mode="r")[:].sum())
+    if rounded:
+        warnings.warn(
+            f"{source}: {rounded:,} counts written as floats (such as 0.999999999999999) were "
+            f"rounded to the nearest integer (each within {_csv.ROUNDING_TOLERANCE:g})",
+            UserWarning,
+            stacklevel=3,
+        )
+    return rounded
 
 
 # ---------------------------------------------------------------- parsing
@@ -530,14 +543,17 @@ def read_csv(
             )
         _check_sample_names(index["names"], index["lines"], source)
         columns = read_metadata(meta_source, index["names"]) if meta_source else {}
-        _create_store(
+        create_skeleton(
             store,
+            cells=index["names"],
             genes=genes,
-            index=index,
-            metadata_columns=columns,
+            coords={name: ("cell", values) for name, values in columns.items()},
             chunk_cells=chunk_cells,
             params=params,
         )
+        data_end = index["size"] if index["size"] is not None else -1
+        create_progress(store, "line_start", np.append(index["starts"], data_end).astype(np.int64))
+        create_progress(store, "line_number", index["lines"].astype(np.int64))
         # the markers are the last thing the skeleton writes: with them, a resume can trust it
         stage.start(n_blocks=-(-len(index["names"]) // chunk_cells))
 
@@ -560,15 +576,7 @@ def read_csv(
             label="ingest: parse blocks",
             total=n_cells,
         )
-    rounded = int(progress_array(store, "rounded", mode="r")[:].sum())
-    if rounded:
-        warnings.warn(
-            f"{source}: {rounded:,} counts written as floats (such as 0.999999999999999) were "
-            f"rounded to the nearest integer (each within {_csv.ROUNDING_TOLERANCE:g})",
-            UserWarning,
-            stacklevel=2,
-        )
-    stage.complete(rounded=rounded)
+    stage.complete(rounded=warn_rounded(store, source))
     return open_store(store)
 
 
