@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
 
+import numpy as np
 import pytest
 from conftest import start_loopback_cluster, stop_loopback_cluster
 
 from distumap import _progress
-from distumap.dashboard import TASK_PREFIXES, ProgressDashboard, install, render_page
+from distumap.dashboard import (
+    POINTS_TOPIC,
+    TASK_PREFIXES,
+    ProgressDashboard,
+    install,
+    render_page,
+    render_table,
+    send_points,
+    stage_rows,
+)
 
 
 def _get(url: str) -> tuple[str, str]:
@@ -59,12 +71,13 @@ def test_counting_rules():
     # a retried block replaces its count instead of adding to it
     plugin.log_event(_progress.TOPIC, {"stage": "ingest", "done": 1024, "total": 4096, "block": 1})
     # events without a block add up
-    plugin.log_event(
-        _progress.TOPIC, {"stage": "preprocess", "done": 100, "total": 500, "block": None}
-    )
-    plugin.log_event(
-        _progress.TOPIC, {"stage": "preprocess", "done": 150, "total": 500, "block": None}
-    )
+    plugin.log_event(_progress.TOPIC, {"stage": "export", "done": 1, "total": 5, "block": None})
+    plugin.log_event(_progress.TOPIC, {"stage": "export", "done": 2, "total": 5, "block": None})
+    # ... except for a result (genes kept), which is the latest value: a re-run reports again
+    for _ in range(2):
+        plugin.log_event(
+            _progress.TOPIC, {"stage": "preprocess", "done": 250, "total": 500, "block": None}
+        )
     # other topics and malformed messages are ignored
     plugin.log_event("other-topic", {"stage": "ingest", "done": 5, "total": 4096, "block": 9})
     plugin.log_event(_progress.TOPIC, {"stage": "ingest"})
@@ -76,6 +89,8 @@ def test_counting_rules():
     assert stages["ingest"]["fraction"] == pytest.approx(0.75)
     assert stages["ingest"]["unit"] == "cells ingested"
     assert (stages["preprocess"]["done"], stages["preprocess"]["total"]) == (250, 500)
+    assert stages["preprocess"]["kind"] == "result"
+    assert (stages["export"]["done"], stages["export"]["total"]) == (3, 5)
     assert (stages["embed"]["done"], stages["embed"]["total"]) == (0, 0)
     assert stages["embed"]["updated"] is None
 
@@ -89,12 +104,143 @@ def test_page_escapes_and_draws_bars():
     plugin = ProgressDashboard()
     plugin.log_event(_progress.TOPIC, {"stage": "<b>odd</b>", "done": 1, "total": 4, "block": 0})
     plugin.log_event(_progress.TOPIC, {"stage": "export", "done": 7, "total": 7, "block": None})
-    page = render_page(plugin.snapshot())
+    page = render_page(plugin.snapshot())  # the plain page, where Dask serves no Bokeh pages
     assert '<meta http-equiv="refresh" content="2">' in page
     assert "<b>odd</b>" not in page and "&lt;b&gt;odd&lt;/b&gt;" in page
-    assert 'style="width:25.0%"' in page
-    assert 'class="fill complete" style="width:100.0%"' in _page_row(page, "stage-export")
+    assert "width:25.0%" in _page_row(page, "stage-&lt;b&gt;odd&lt;/b&gt;")
+    assert "width:100.0%" in _page_row(page, "stage-export")
     assert "http://" not in page and "https://" not in page  # no external resources
+
+
+def test_genes_kept_is_a_number_not_a_bar():
+    plugin = ProgressDashboard()
+    plugin.log_event(
+        _progress.TOPIC, {"stage": "preprocess", "done": 4059, "total": 50281, "block": None}
+    )
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["preprocess"]["text"] == "4,059 of 50,281 genes kept"
+    assert rows["preprocess"]["fraction"] is None and rows["preprocess"]["state"] == "done"
+    row = _page_row(render_table(plugin.snapshot()), "stage-preprocess")
+    assert "4,059 of 50,281 genes kept" in row and "width:" not in row
+    # before the result: what runs, not a fraction
+    assert stage_rows(ProgressDashboard().snapshot())[1]["text"] == "not started"
+
+
+def test_rate_and_time_left():
+    plugin = ProgressDashboard()
+    start = 1_000.0
+    for block in range(5):  # 1,000 cells every 2 seconds
+        plugin._count(
+            {"stage": "embed", "done": 1000, "total": 10_000, "block": block}, start + 2 * block
+        )
+    embed = plugin.snapshot(now=start + 8)["stages"]["embed"]
+    assert embed["rate"] == pytest.approx(500.0)
+    assert embed["seconds_left"] == pytest.approx(10.0)  # 5,000 cells at 500 a second
+    later = plugin.snapshot(now=start + 12)["stages"]["embed"]
+    assert later["seconds_left"] == pytest.approx(6.0)  # counts down between events
+    row = {r["key"]: r for r in stage_rows(plugin.snapshot(now=start + 8), now=start + 8)}["embed"]
+    assert row["text"] == "5,000 of 10,000 cells embedded" and row["fraction"] == 0.5
+    assert row["detail"] == "500 cells/s · about 10 s left"
+    for block in range(5, 10):
+        plugin._count(
+            {"stage": "embed", "done": 1000, "total": 10_000, "block": block}, start + 2 * block
+        )
+    row = {r["key"]: r for r in stage_rows(plugin.snapshot())}["embed"]
+    assert row["state"] == "done" and row["detail"].startswith("done in 18 s")
+
+
+def test_stage_time_starts_with_its_first_task():
+    plugin = ProgressDashboard()
+    plugin.transition("umap-transform-abc-0", "waiting", "processing", stimulus_id="s")
+    first = plugin.first_task["embed"]
+    plugin._count({"stage": "embed", "done": 5, "total": 10, "block": 0}, first + 3)
+    assert plugin.snapshot()["stages"]["embed"]["started"] == first
+    # tasks of a running stage do not move its start; tuple keys are read by their name
+    plugin.transition(("umap-transform-abc", 1), "waiting", "processing", stimulus_id="s")
+    assert "embed" not in plugin.first_task
+    plugin.transition(("h5ad-block-abc", 0), "waiting", "processing", stimulus_id="s")
+    assert "export" in plugin.first_task
+    plugin.transition(("other-key", 0), "waiting", "processing", stimulus_id="s")
+    plugin.transition(42, "waiting", "processing", stimulus_id="s")
+
+
+def test_fit_state_from_the_scheduler_transitions():
+    plugin = ProgressDashboard()
+    assert plugin.snapshot()["fit"]["state"] == "not started"
+    key = "umap-fit-0123abcd"
+    plugin.transition(key, "released", "waiting", stimulus_id="s")
+    assert plugin.snapshot()["fit"]["state"] == "waiting"
+    plugin.transition(key, "waiting", "processing", stimulus_id="s")
+    started = plugin.fit["started"]
+    fit = plugin.snapshot(now=started + 83)["fit"]
+    assert (fit["state"], fit["seconds"], fit["key"]) == ("running", 83.0, key)
+    row = {r["key"]: r for r in stage_rows(plugin.snapshot(now=started + 83), now=started + 83)}
+    assert row["fit"]["text"] == "running for 1 min 23 s"
+    assert row["fit"]["fraction"] is None
+    # finer steps, when the fit reports them
+    plugin.log_event(_progress.TOPIC, {"stage": "fit", "done": 1, "total": 4, "block": 0})
+    plugin.log_event(_progress.TOPIC, {"stage": "fit", "done": 1, "total": 4, "block": 1})
+    row = {r["key"]: r for r in stage_rows(plugin.snapshot())}["fit"]
+    assert row["detail"] == "step 2 of 4 finished: UMAP of the landmarks"
+    plugin.fit["started"] = started - 100  # as if it ran for a while
+    plugin.transition(key, "processing", "memory", stimulus_id="s")
+    fit = plugin.snapshot()["fit"]
+    assert fit["state"] == "done" and fit["seconds"] >= 100
+    assert {r["key"]: r for r in stage_rows(plugin.snapshot())}["fit"]["text"].startswith(
+        "done in 1 min"
+    )
+    # a new fit key is a new fit
+    plugin.transition("umap-fit-ffff", "released", "erred", stimulus_id="s")
+    assert plugin.snapshot()["fit"]["state"] == "failed"
+
+
+def _points_event(block, n, *, total=1000, stride=1, labels=None):
+    msg = {"stage": "embed", "block": block, "total": total, "stride": stride}
+    msg["x"] = [float(i) for i in range(n)]
+    msg["y"] = [float(-i) for i in range(n)]
+    if labels is not None:
+        msg["label"] = labels
+    return msg
+
+
+def test_points_are_kept_bounded_and_coloured_per_label():
+    plugin = ProgressDashboard()
+    plugin.log_event(POINTS_TOPIC, _points_event(0, 3, labels=["a", "b", ""]))
+    plugin.log_event(POINTS_TOPIC, _points_event(1, 2, labels=["b", "c"]))
+    plugin.log_event(POINTS_TOPIC, _points_event(1, 2, labels=["b", "c"]))  # again: replaced
+    stage, points = plugin.latest_points()
+    assert stage == "embed" and points.count == 5
+    _, _, labels, colors = points.blocks[0]
+    assert labels == ["a", "b", "(missing)"]
+    assert colors[0] != colors[1] and colors[2] == "#c8c8c8"
+    assert points.blocks[1][3][0] == colors[1]  # a label keeps its colour
+    assert plugin.snapshot()["points"] == {"stage": "embed", "count": 5, "total": 1000, "stride": 1}
+    # malformed events are ignored
+    plugin.log_event(POINTS_TOPIC, {"stage": "embed", "block": 2})
+    plugin.log_event(POINTS_TOPIC, {**_points_event(3, 2), "x": [1.0]})
+    plugin.log_event(POINTS_TOPIC, "nope")
+    assert plugin.latest_points()[1].count == 5
+    # a new total is a new run
+    plugin.log_event(POINTS_TOPIC, _points_event(0, 4, total=2000))
+    assert plugin.latest_points()[1].count == 4
+    # however much senders send, the scheduler keeps a bounded number of points
+    for block in range(40):
+        plugin.log_event(POINTS_TOPIC, _points_event(block, 5_000, total=10**7))
+    assert plugin.latest_points()[1].count <= 50_000
+
+
+def test_send_points_outside_a_worker_sends_nothing():
+    assert send_points("embed", 0, np.zeros((10, 2)), ["a"] * 10, total=10) == 0
+
+
+def test_dashboard_imports_alone_without_bokeh():
+    """A worker unpickling send_points imports this module: alone, and without Bokeh."""
+    code = (
+        "import sys, distumap.dashboard as d; "
+        "assert 'bokeh' not in sys.modules, 'bokeh imported'; "
+        "assert d.send_points('embed', 0, [[0.0, 1.0]], ['a']) == 0"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # ---- on real schedulers -------------------------------------------------------------------------
@@ -144,19 +290,55 @@ def test_preload_page_on_loopback_cluster(tmp_path):
             assert tasks["gene-stats"]["finished"] == 1
             assert tasks["loom-block"]["finished"] == 0
 
+            # the Bokeh page, served like Dask's own and listed in its navigation bar
             content_type, page = _get(base + "/distumap")
             assert content_type.startswith("text/html")
-            assert '<meta http-equiv="refresh" content="2">' in page
-            ingest = _page_row(page, "stage-ingest")
-            assert "cells ingested" in ingest
-            assert '<td class="num done">4,096</td>' in ingest
-            assert 'style="width:100.0%"' in ingest
-            embed = _page_row(page, "stage-embed")
-            assert '<td class="num done">1,024</td>' in embed and 'style="width:25.0%"' in embed
-            assert '<td class="num done">20,000</td>' in _page_row(page, "stage-preprocess")
-            assert "<td>parse-csv-block</td>" in _page_row(page, "tasks-parse-csv-block")
-            # a trailing slash reaches the same page
-            assert _get(base + "/distumap/")[1].count('<tr id="stage-') == 4
+            assert "Bokeh" in page
+            # a Bokeh application of its own at /distumap (bokeh's per-application route)
+            assert json.loads(_get(base + "/distumap/metadata")[1])["url"].endswith("/distumap")
+            assert '<a href="distumap">Distumap</a>' in page
+            assert '<a href="distumap">Distumap</a>' in _get(base + "/status")[1]
+            assert "Bokeh" in _get(base + "/distumap/")[1]  # a trailing slash too
+            rows = {row["key"]: row for row in stage_rows(data)}
+            assert rows["ingest"]["text"] == "4,096 of 4,096 cells ingested"
+            assert rows["preprocess"]["text"] == "20,000 of 50,281 genes kept"
+            assert rows["embed"]["text"] == "1,024 of 4,096 cells embedded"
+            assert rows["embed"]["fraction"] == 0.25
+
+            # points from tasks: an even sample of the whole embedding, whatever the blocks
+            xy = np.stack([np.arange(4096.0), -np.arange(4096.0)], axis=1)
+            sizes = [1000, 1096, 1000, 1000]
+            starts = np.cumsum([0, *sizes[:-1]])
+            sent = client.gather(
+                [
+                    client.submit(
+                        send_points,
+                        "embed",
+                        block,
+                        xy[first : first + size],
+                        np.full(size, f"type {block}"),
+                        first_cell=int(first),
+                        total=4096,
+                        max_points=100,
+                        pure=False,
+                    )
+                    for block, (first, size) in enumerate(zip(starts, sizes, strict=True))
+                ]
+            )
+            assert sum(sent) == 100  # 1 cell in ceil(4096 / 100) = 41
+            points = _wait_for(base, lambda d: (d["points"] or {}).get("count") == 100)["points"]
+            assert points == {"stage": "embed", "count": 100, "total": 4096, "stride": 41}
+            # a lambda travels by value: the scheduler process cannot import the tests
+            kept = client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    x
+                    for block in dask_scheduler.plugins["distumap-dashboard"]
+                    .points["embed"]
+                    .blocks.values()
+                    for x in block[0]
+                ]
+            )
+            assert sorted(kept) == [41.0 * i for i in range(100)]
 
             # the plugin came from the preload; installing it again from a client changes nothing
             assert install(client) == f"{base}/distumap"
@@ -195,8 +377,8 @@ def test_install_on_embedded_cluster(local_client):
     }
     assert data["stages"][stage]["fraction"] == pytest.approx(0.7)
     assert data["tasks"]["loom-block"]["finished"] - before == 2
-    page = _get(base + "/distumap")[1]
-    assert '<td class="num done">7</td>' in _page_row(page, f"stage-{stage}")
+    assert json.loads(_get(base + "/distumap/metadata")[1])["url"].endswith("/distumap")
+    assert '<a href="distumap">Distumap</a>' in _get(base + "/status")[1]
     names = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
     assert names.count("distumap-dashboard") == 1
 

@@ -150,7 +150,7 @@ def test_html_all_points_with_hover_and_legend(dataset, tmp_path):
     for i in range(N_GROUPS):
         assert f"type {i:02d} (" in html  # legend entries with counts
     assert "webgl" in html and "HoverTool" in html and "$name" in html
-    assert "random sample" not in html
+    assert "(points: a sample" not in html and "cells (shading)" not in html
     assert "cdn.bokeh.org" not in html  # resources inline: works offline
 
 
@@ -158,8 +158,11 @@ def test_html_subsamples_above_max_points_and_says_so(dataset):
     html = umap_html(dataset, color="subclass_label", max_points=1_000)
     names = _cell_names(html)
     assert len(names) == 1_000
-    assert "showing a random sample of 1,000 of 6,000 cells" in html
+    assert "points: a sample of 1,000 of 6,000 cells; shading: all cells" in html
     assert names == _cell_names(umap_html(dataset, color="subclass_label", max_points=1_000))
+    # every category keeps cells to hover, however small
+    for i in range(N_GROUPS):
+        assert f"type {i:02d} (" in html
 
 
 def test_html_numeric_column(dataset, tmp_path):
@@ -168,3 +171,96 @@ def test_html_numeric_column(dataset, tmp_path):
     html = path.read_text(encoding="utf-8")
     assert "ColorBar" in html and "Viridis" not in html.split("<script", 1)[0]
     assert len(_cell_names(html)) == dataset.sizes["cell"]
+
+
+# ---- atlas size: bounded HTML, shading of all cells, honest titles --------------------------
+
+
+def _atlas(n_cells: int, n_groups: int = 40) -> xr.Dataset:
+    """Synthetic coordinates at atlas size, with cell names as long as 10x barcodes with a
+    sample suffix (the names dominate a page's size)."""
+    rng = np.random.default_rng(7)
+    label = rng.integers(0, n_groups, n_cells)
+    centers = rng.uniform(-15, 15, (n_groups, 2))
+    xy = (centers[label] + rng.normal(size=(n_cells, 2))).astype(np.float32)
+    cells = np.char.add("AAACCTGAGCTAGTGG-LKTX_", np.arange(n_cells).astype("U7")).astype(object)
+    names = np.array([f"subclass {i:02d}" for i in range(n_groups)], dtype=object)
+    return xr.Dataset(
+        {"X_umap": (("cell", "umap"), xy)},
+        coords={"cell": cells, "subclass_label": ("cell", names[label])},
+    )
+
+
+#: the bound on umap.html at 1,000,000 cells: measured 4.2 MB with these 29-character names
+#: (2.9 MB with 12-character ones); before the sample and shading, 6.3 MB with short names
+HTML_BOUND_1M = 5_000_000
+
+
+@pytest.mark.slow
+def test_html_at_a_million_cells_stays_light(tmp_path):
+    from distumap._format import HTML_MARK, output_kind
+
+    path = tmp_path / "umap.html"
+    umap_html(_atlas(1_000_000), color="subclass_label", path=path)
+    size = path.stat().st_size
+    assert size < HTML_BOUND_1M, f"{size:,} bytes"
+    html = path.read_text(encoding="utf-8")
+    assert HTML_MARK in html[:2000] and output_kind(path) == "html"
+    assert "points: a sample of 50,000 of 1,000,000 cells; shading: all cells" in html
+    assert "all 1,000,000 cells (shading)" in html and "data:image/png;base64," in html
+    assert len(re.findall(r"LKTX_\d+", html)) == 50_000  # hover names of the sample only
+    for i in range(40):
+        assert f"subclass {i:02d} (" in html  # the legend counts every cell
+
+
+def test_sample_keeps_every_category_and_is_seeded():
+    from distumap.pl._interactive import CATEGORY_FLOOR, sample_cells
+
+    codes = np.zeros(100_000, dtype=np.int64)
+    codes[:7] = 1  # a rare population
+    codes[7:200] = 2
+    keep = sample_cells(codes.size, 1_000, codes)
+    assert keep.size == 1_000 and np.all(np.diff(keep) > 0)
+    assert set(np.flatnonzero(codes == 1)) <= set(keep)  # all 7 of them
+    assert (codes[keep] == 2).sum() >= CATEGORY_FLOOR
+    assert np.array_equal(keep, sample_cells(codes.size, 1_000, codes))
+    # without categories: a uniform sample, evenly spread over the cells
+    plain = sample_cells(100_000, 1_000)
+    assert plain.size == 1_000 and np.histogram(plain, bins=10)[0].min() > 60
+
+
+def test_html_shading_hides_with_its_legend_entry(dataset):
+    html = umap_html(dataset, color="depth", max_points=1_000)
+    assert "all 6,000 cells (shading)" in html and "a sample of 1,000 cells" in html
+    assert len(_cell_names(html)) == 1_000
+
+
+def test_density_image_colours_and_opacity():
+    from distumap.pl._palette import density_rgba, hex_to_rgb
+
+    xy = np.array([[0.1, 0.1], [0.1, 0.1], [0.1, 0.1], [0.9, 0.9], [np.nan, 0.5]])
+    rgb = hex_to_rgb(["#ff0000", "#0000ff", "#0000ff", "#00ff00", "#000000"])
+    image = density_rgba(xy, rgb, bounds=(0.0, 1.0, 0.0, 1.0), shape=(2, 2))
+    assert image.shape == (2, 2, 4) and image.dtype == np.uint8
+    bottom_left, top_right = image[1, 0], image[0, 1]
+    assert tuple(bottom_left[:3]) == (85, 0, 170)  # the mean colour of its three cells
+    assert tuple(top_right[:3]) == (0, 255, 0)
+    assert bottom_left[3] == 255 and 0 < top_right[3] < bottom_left[3]  # denser: more opaque
+    assert image[0, 0, 3] == 0 and image[1, 1, 3] == 0  # empty: transparent
+
+
+def test_png_shades_above_the_density_threshold(dataset, tmp_path, monkeypatch):
+    import distumap.pl._static as static
+    from distumap._format import output_kind
+
+    monkeypatch.setattr(static, "DENSITY_CELLS", 1_000)
+    path = tmp_path / "umap.png"
+    fig = umap(dataset, color="subclass_label", path=path)
+    ax = fig.axes[0]
+    assert len(ax.images) == 1 and not ax.collections  # one image, no scatter
+    assert len(ax.get_legend().get_texts()) == N_GROUPS
+    assert output_kind(path) == "png"  # still marked as distumap's
+    image = _read_png(path)
+    assert _distinct_colors(image) > 100
+    fig = umap(dataset, color="depth")
+    assert len(fig.axes) == 2 and len(fig.axes[0].images) == 1

@@ -11,6 +11,9 @@ from distumap._format import HTML_MARK, check_replaceable
 from distumap.pl._palette import (
     categories,
     default_title,
+    density_rgba,
+    extent,
+    hex_to_rgb,
     is_categorical,
     marker_style,
     plot_data,
@@ -18,6 +21,12 @@ from distumap.pl._palette import (
 
 #: seed of the subsample drawn above ``max_points``
 SAMPLE_SEED = 0
+#: cells drawn as points at most: at 50,000 the page is about 3 MB with long cell names
+MAX_POINTS = 50_000
+#: when sampling, each category keeps at least this many of its cells as points (hover targets)
+CATEGORY_FLOOR = 50
+#: the long side of the shading of all cells, in pixels, drawn under a sample's points
+DENSITY_PIXELS = 800
 
 
 def umap_html(
@@ -25,7 +34,7 @@ def umap_html(
     *,
     color: str | None = None,
     path: str | os.PathLike | None = None,
-    max_points: int = 200_000,
+    max_points: int = MAX_POINTS,
     title: str | None = None,
 ) -> str:
     """Interactive scatter plot of ``X_umap`` as one self-contained HTML file.
@@ -36,13 +45,16 @@ def umap_html(
         A store after the embed stage; only ``X_umap``, the cell names and the ``color``
         column are loaded.
     color
-        A ``cell`` column: categories get a legend (click an entry to hide it), numbers a
-        colour bar.
+        A ``cell`` column: categories get a legend with cell counts (click an entry to hide
+        its points), numbers a colour bar.
     path
         Where to write the page; also an fsspec URL. Without it the page is returned.
     max_points
-        Draw a seeded uniform sample of this many cells when there are more; the title says
-        so. Keeps the page light (about 30 bytes per point plus the cell names).
+        Cells drawn as points (with hover) at most. Above it the points are a seeded, uniform
+        sample in which every category keeps at least ``CATEGORY_FLOOR`` cells, drawn over a
+        shading of all cells (each pixel the mean colour of its cells, opacity by their
+        number); the title says so. The page then stays about the same size at any number
+        of cells.
     title
         Defaults to the number of cells and the column.
 
@@ -53,16 +65,16 @@ def umap_html(
 
     Notes
     -----
-    This computes ``X_umap``, the cell names and the colour column. Points are drawn with
-    WebGL; the hover shows the cell name and its label. bokeh's JavaScript is embedded
-    inline, so the page works offline (about 1 MB on top of the data).
+    This computes ``X_umap``, the colour column and the sampled cells' names. Points are
+    drawn with WebGL; the hover shows the cell name and its label. bokeh's JavaScript is
+    embedded inline, so the page works offline (about 1 MB on top of the data; the shading
+    is one PNG of a few hundred kB).
 
     Examples
     --------
     >>> distumap.pl.umap_html(ds, color="subclass_label", path="umap.html")  # doctest: +SKIP
     'umap.html'
     """
-    import dask
     from bokeh.embed import file_html
     from bokeh.models import ColorBar, ColumnDataSource, HoverTool, Legend, LegendItem
     from bokeh.plotting import figure
@@ -70,15 +82,17 @@ def umap_html(
     from bokeh.transform import linear_cmap
 
     embedding, values, given = plot_data(ds, color)
-    (cells,) = dask.compute(ds["cell"].data)
-    cells = np.asarray(cells).astype(str)
     n = embedding.shape[0]
+    categorical = values is not None and is_categorical(values)
+    if categorical:
+        all_codes, names, counts, colors = categories(values, given)
     keep = np.arange(n)
     if n > max_points:
-        keep = np.sort(np.random.default_rng(SAMPLE_SEED).choice(n, max_points, replace=False))
+        keep = sample_cells(n, max_points, all_codes if categorical else None)
+    cells = np.asarray(ds["cell"].values[keep]).astype(str)
     heading = title or default_title(n, color)
     if keep.size < n:
-        heading += f" (showing a random sample of {keep.size:,} of {n:,} cells)"
+        heading += f" (points: a sample of {keep.size:,} of {n:,} cells; shading: all cells)"
 
     fig = figure(
         title=heading,
@@ -99,13 +113,16 @@ def umap_html(
     radius_px = float(np.clip(np.sqrt(size) * 2.0, 2.0, 8.0))
     tooltips = [("cell", "@cell")]
     x, y = embedding[keep, 0], embedding[keep, 1]
-    if values is not None and is_categorical(values):
-        codes, names, counts, colors = categories(values, given)
-        codes = codes[keep]
-        items = []
+    items, points = [], []
+    if keep.size < n:
+        rgb = hex_to_rgb(colors)[all_codes] if categorical else hex_to_rgb(["#1f77b4"])
+        shading = _shading(fig, embedding, rgb)
+        items.append(LegendItem(label=f"all {n:,} cells (shading)", renderers=[shading]))
+    if categorical:
+        codes = all_codes[keep]
         for code, (name, count, hue) in enumerate(zip(names, counts, colors, strict=True)):
             mask = codes == code
-            source = ColumnDataSource({"x": x[mask], "y": y[mask], "cell": cells[keep][mask]})
+            source = ColumnDataSource({"x": x[mask], "y": y[mask], "cell": cells[mask]})
             renderer = fig.scatter(
                 "x",
                 "y",
@@ -116,6 +133,7 @@ def umap_html(
                 line_color=None,
                 name=name,
             )
+            points.append(renderer)
             items.append(LegendItem(label=f"{name} ({count:,})", renderers=[renderer]))
         tooltips.append((color, "$name"))
         legend = Legend(
@@ -125,10 +143,11 @@ def umap_html(
             label_text_font_size="9pt",
             spacing=0,
             padding=4,
+            ncols=1 if len(items) <= 26 else 2,  # as the PNG's legend
         )
         fig.add_layout(legend, "right")
     else:
-        data = {"x": x, "y": y, "cell": cells[keep]}
+        data = {"x": x, "y": y, "cell": cells}
         kwargs = {"color": "#1f77b4"}
         if values is not None:
             data["value"] = values[keep].astype(float)
@@ -138,7 +157,7 @@ def umap_html(
             kwargs = {"color": mapper}
             tooltips.append((color, "@value"))
             fig.add_layout(ColorBar(color_mapper=mapper.transform, title=color), "right")
-        fig.scatter(
+        renderer = fig.scatter(
             "x",
             "y",
             source=ColumnDataSource(data),
@@ -147,14 +166,18 @@ def umap_html(
             line_color=None,
             **kwargs,
         )
-    fig.add_tools(HoverTool(tooltips=tooltips))
+        points.append(renderer)
+        if items:  # the shading can be hidden too
+            items.append(LegendItem(label=f"a sample of {keep.size:,} cells", renderers=points))
+            fig.add_layout(Legend(items=items, click_policy="hide"), "right")
+    fig.add_tools(HoverTool(tooltips=tooltips, renderers=points))
     html = file_html(fig, resources=INLINE, title=heading)
     # the mark by which distumap knows the page as its own (and may replace it)
     html = html.replace("<head>", f"<head>\n    {HTML_MARK}", 1)
     if path is None:
         return html
     target = os.fspath(path)
-    check_replaceable(target)
+    check_replaceable(target, "html")
     if "://" in target:
         import fsspec
 
@@ -164,3 +187,41 @@ def umap_html(
         with open(target, "w", encoding="utf-8") as f:
             f.write(html)
     return target
+
+
+def sample_cells(n: int, size: int, codes: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of a seeded, uniform sample of ``size`` of ``n`` cells, in which each
+    category (``codes``) keeps at least ``min(CATEGORY_FLOOR, its cells)`` cells, so that no
+    population vanishes from the points and every legend entry has cells to hover."""
+    order = np.random.default_rng(SAMPLE_SEED).permutation(n)
+    if codes is None:
+        return np.sort(order[:size])
+    ordered = codes[order]
+    by_code = np.argsort(ordered, kind="stable")  # each category's cells, in random order
+    sorted_codes = ordered[by_code]
+    rank = np.arange(n) - np.searchsorted(sorted_codes, sorted_codes, side="left")
+    forced = order[by_code[rank < CATEGORY_FLOOR]]
+    if forced.size >= size:
+        return np.sort(forced)
+    chosen = np.zeros(n, dtype=bool)
+    chosen[forced] = True
+    rest = order[~chosen[order]]
+    return np.sort(np.concatenate([forced, rest[: size - forced.size]]))
+
+
+def _shading(fig, embedding: np.ndarray, rgb: np.ndarray):
+    """All cells as one PNG image under the points (a data URL: the page stays one file)."""
+    import base64
+    import io
+
+    from matplotlib.image import imsave
+
+    x0, x1, y0, y1 = extent(embedding)
+    aspect = (y1 - y0) / (x1 - x0)
+    cols = DENSITY_PIXELS if aspect <= 1 else max(round(DENSITY_PIXELS / aspect), 1)
+    rows = max(round(cols * aspect), 1)
+    image = density_rgba(embedding, rgb, bounds=(x0, x1, y0, y1), shape=(rows, cols))
+    buffer = io.BytesIO()
+    imsave(buffer, image, format="png")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return fig.image_url(url=[url], x=x0, y=y1, w=x1 - x0, h=y1 - y0, anchor="top_left")

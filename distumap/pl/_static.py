@@ -12,6 +12,9 @@ from distumap._format import OUTPUT_MARK, check_replaceable
 from distumap.pl._palette import (
     categories,
     default_title,
+    density_rgba,
+    extent,
+    hex_to_rgb,
     is_categorical,
     marker_style,
     plot_data,
@@ -22,6 +25,12 @@ FIGSIZE = (11.0, 8.0)
 DPI = 150
 #: legend entries shown at most; the smallest categories beyond it are summed up in one line
 MAX_LEGEND = 60
+#: above this many cells the cells are shaded into an image instead of drawn one by one
+#: (each pixel the mean colour of its cells, opacity by their number): time and memory stay
+#: linear and small; at and below it the scatter is the tutorial's look
+DENSITY_CELLS = 2_000_000
+#: the shading's long side in pixels (about the axes' size at 150 dpi)
+DENSITY_PIXELS = 1_200
 
 
 def umap(
@@ -59,7 +68,9 @@ def umap(
     This computes ``X_umap`` and the colour column (small: 12 bytes per cell). Marker size and
     alpha follow the number of cells, points are drawn in a seeded random order (no category
     hides under another by drawing order) and rasterized, so the file stays small at millions
-    of cells. Drawing uses the Agg canvas directly and never opens a window.
+    of cells (about 0.6 MB and 7 s at 1,000,000). Above ``DENSITY_CELLS`` cells they are
+    shaded into one image instead. Drawing uses the Agg canvas directly and never opens a
+    window.
 
     Examples
     --------
@@ -77,7 +88,25 @@ def umap(
     else:
         fig = ax.figure
     size, alpha = marker_style(n)
-    order = np.random.default_rng(0).permutation(n)
+    if n > DENSITY_CELLS:
+        _shaded(fig, ax, embedding, values, given, color)
+    else:
+        _scatter(fig, ax, embedding, values, given, color, size, alpha)
+    ax.set_title(title or default_title(n, color))
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if path is not None:
+        _save(fig, os.fspath(path))
+    return fig
+
+
+def _scatter(fig, ax, embedding, values, given, color, size: float, alpha: float) -> None:
+    order = np.random.default_rng(0).permutation(embedding.shape[0])
     x, y = embedding[order, 0], embedding[order, 1]
     common = dict(s=size, alpha=alpha, linewidths=0, rasterized=True, plotnonfinite=True)
     if values is None:
@@ -94,17 +123,33 @@ def umap(
         cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
         points = ax.scatter(x, y, c=values[order].astype(float), cmap=cmap, **common)
         fig.colorbar(points, ax=ax, label=color, shrink=0.6, pad=0.02)
-    ax.set_title(title or default_title(n, color))
-    ax.set_xlabel("UMAP 1")
-    ax.set_ylabel("UMAP 2")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_aspect("equal", adjustable="datalim")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    if path is not None:
-        _save(fig, os.fspath(path))
-    return fig
+
+
+def _shaded(fig, ax, embedding, values, given, color) -> None:
+    import matplotlib as mpl
+
+    bounds = x0, x1, y0, y1 = extent(embedding)
+    aspect = (y1 - y0) / (x1 - x0)
+    cols = DENSITY_PIXELS if aspect <= 1 else max(round(DENSITY_PIXELS / aspect), 1)
+    shape = (max(round(cols * aspect), 1), cols)
+    if values is None:
+        rgb = hex_to_rgb(["#1f77b4"])
+    elif is_categorical(values):
+        codes, names, counts, colors = categories(values, given)
+        rgb = hex_to_rgb(colors)[codes]
+        _legend(ax, names, counts, colors, color)
+    else:
+        numbers = values.astype(float)
+        finite = numbers[np.isfinite(numbers)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        norm = mpl.colors.Normalize(low, high)
+        cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
+        rgb = cmap(norm(numbers))[:, :3]
+        fig.colorbar(
+            mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=color, shrink=0.6, pad=0.02
+        )
+    image = density_rgba(embedding, rgb, bounds=bounds, shape=shape)
+    ax.imshow(image, extent=(x0, x1, y0, y1), origin="upper", interpolation="nearest")
 
 
 def _legend(ax, names, counts, colors, color: str | None) -> None:
@@ -150,7 +195,7 @@ def _legend(ax, names, counts, colors, color: str | None) -> None:
 
 
 def _save(fig, path: str) -> None:
-    check_replaceable(path)
+    check_replaceable(path, "png")
     # the mark by which distumap knows the picture as its own (and may replace it)
     metadata = {"Software": f"{OUTPUT_MARK} {__version__}"}
     if "://" in path:
