@@ -30,11 +30,16 @@ STAGE_ORDER = tuple(STAGES)
 
 #: name -> (dims, dtype kind, the stage that writes it)
 STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "counts": (("cell", "gene"), "int32", "ingest"),
+    # int32 counts; float32 when ingested with --dtype float32 (normalised data)
+    "counts": (("cell", "gene"), "values", "ingest"),
     "zero_fraction": (("gene",), "float32", "preprocess"),
     "selected": (("gene",), "bool", "preprocess"),
     "X_umap": (("cell", "umap"), "float32", "embed"),
     "landmark": (("cell",), "bool", "embed"),
+    # each cell's k nearest landmarks (as cell indices, nearest first) and membership weights;
+    # a landmark's are its k nearest other landmarks
+    "knn_landmark": (("cell", "knn"), "int32", "embed"),
+    "knn_weight": (("cell", "knn"), "float32", "embed"),
 }
 
 #: coordinates every store has; metadata columns come on top as extra ``cell`` coordinates
@@ -78,6 +83,8 @@ LOOM_GENE, LOOM_ZERO_FRACTION = "Gene", "ZeroFraction"
 LOOM_CELL, LOOM_EMBEDDING, LOOM_LANDMARK = "CellID", "X_umap", "Landmark"
 LOOM_ROW_ATTRS = {LOOM_GENE: "str", LOOM_ZERO_FRACTION: "float32"}
 LOOM_COL_ATTRS = {LOOM_CELL: "str", LOOM_EMBEDDING: "float32", LOOM_LANDMARK: "int"}
+#: the cells' kNN graph (``/col_graphs/KNN``: each cell's k nearest landmarks, weighted)
+LOOM_KNN_GRAPH = "KNN"
 LOOM_GROUPS = ("/layers", "/row_attrs", "/col_attrs", "/row_graphs", "/col_graphs", "/attrs")
 #: the loom global attribute that holds the store's stage records (and marks our files)
 LOOM_RECORD = "distumap"
@@ -214,6 +221,8 @@ def _dtype_ok(dtype: np.dtype, kind: str) -> bool:
         return dtype.kind in "OUS" or dtype.kind == "T"
     if kind == "int":
         return dtype.kind in "iu"
+    if kind == "values":
+        return dtype in (np.dtype(np.int32), np.dtype(np.float32))
     return dtype == np.dtype(kind)
 
 
@@ -345,14 +354,31 @@ def check_loom(path: str | os.PathLike) -> list[str]:
         if LOOM_MATRIX not in f:
             return [*problems, f"dataset {LOOM_MATRIX} is missing"]
         n_genes, n_cells = f[LOOM_MATRIX].shape
-        if f[LOOM_MATRIX].dtype != np.int32:
-            problems.append(f"{LOOM_MATRIX} has dtype {f[LOOM_MATRIX].dtype}, expected int32")
+        if not _dtype_ok(f[LOOM_MATRIX].dtype, "values"):
+            problems.append(
+                f"{LOOM_MATRIX} has dtype {f[LOOM_MATRIX].dtype}, expected int32 (or float32)"
+            )
         for layer, kind in LOOM_LAYERS.items():
             node = f.get(f"/layers/{layer}")
             if node is None:
                 problems.append(f"layer {layer!r} is missing")
             elif node.shape != (n_genes, n_cells) or not _dtype_ok(node.dtype, kind):
                 problems.append(f"layer {layer!r} is {node.shape} {node.dtype}")
+        for path in (LOOM_MATRIX, *(f"/layers/{layer}" for layer in LOOM_LAYERS)):
+            # loompy's add_columns and combine grow the matrix and every layer along cells
+            if path in f and f[path].maxshape[1:] != (None,):
+                problems.append(f"{path} cannot grow along cells (maxshape {f[path].maxshape})")
+        graph = f.get(f"/col_graphs/{LOOM_KNN_GRAPH}")
+        if graph is not None:
+            parts = [graph.get(name) for name in "abw"]
+            if any(part is None for part in parts):
+                problems.append(f"col_graphs {LOOM_KNN_GRAPH!r} lacks one of a, b, w")
+            elif len({part.shape for part in parts}) != 1 or parts[0].ndim != 1:
+                problems.append(f"col_graphs {LOOM_KNN_GRAPH!r}: a, b, w differ in shape")
+            elif (
+                not all(_dtype_ok(p.dtype, "int") for p in parts[:2]) or parts[2].dtype.kind != "f"
+            ):
+                problems.append(f"col_graphs {LOOM_KNN_GRAPH!r} needs integer a and b, float w")
         for where, table, length in (
             ("row_attrs", LOOM_ROW_ATTRS, n_genes),
             ("col_attrs", LOOM_COL_ATTRS, n_cells),

@@ -357,7 +357,7 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     ds = _ingest(args, inputs, store, metadata)
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
-    ds = tl.umap(ds, **_embed_kwargs(args))
+    ds = tl.umap(ds, **_embed_kwargs(args), color=color)
     for path in exports:
         io.write(ds, path, progress=args.progress)
     pl.umap(ds, color=color, path=png)

@@ -11,9 +11,10 @@ Tasks log events to the scheduler; a scheduler plugin keeps small running sums o
 
 Two topics feed it: :data:`distumap._progress.TOPIC` (``{"stage", "done", "total", "block"}``,
 sent by :func:`distumap._progress.report`) and :data:`POINTS_TOPIC` (a few points of each
-embedded block, sent by :func:`send_points`). The points of a run are at most
-:data:`MAX_POINTS` whatever the number of cells: each block sends only the cells whose global
-index is a multiple of one stride, so the scheduler holds an even sample of the whole embedding.
+embedded block, sent by :func:`distumap._progress.send_points`). The points of a run are at most
+:data:`~distumap._progress.MAX_POINTS` whatever the number of cells: each block sends only
+the cells whose global index is a multiple of one stride, so the scheduler holds an even
+sample of the whole embedding.
 
 Two ways to install it:
 
@@ -29,33 +30,25 @@ restarts from zero when an event brings a different ``total`` (a new run on a lo
 cluster).
 
 This module imports cheaply (Bokeh only when the page is built, on the scheduler), so a task
-may call :func:`send_points` from a fresh worker process.
+may call :func:`distumap._progress.send_points` from a fresh worker process.
 """
 
 from __future__ import annotations
 
 import html
-import math
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
-from distumap._progress import STAGES, TOPIC
+from distumap._progress import POINTS_TOPIC, STAGES, TOPIC
 from distumap.pl._palette import MISSING_COLOR, MISSING_LABEL, palette
 
 #: where the page lives on the dashboard server (the JSON is at ``ROUTE + "/progress.json"``)
 ROUTE = "/distumap"
 
-#: the event topic of the embedding's points (see :func:`send_points`)
-POINTS_TOPIC = "distumap-points"
-
-#: points of one run that the page draws, at most: an even sample of the embedding
-MAX_POINTS = 20_000
 #: points the scheduler keeps per run whatever the senders ask for (a sender that does not say
 #: the run's total sends up to ``max_points`` per block; this bounds the scheduler's memory)
 _STORED_POINTS = 50_000
@@ -95,94 +88,6 @@ _RATE_WINDOW = 60.0
 #: legend entries shown at most (more categories: the colours alone)
 MAX_LEGEND = 40
 _REFRESH_SECONDS = 2
-
-
-# ---------------------------------------------------------------- sending points (in tasks)
-
-
-def send_points(
-    stage: str,
-    block: int,
-    xy: np.ndarray,
-    labels: Sequence[Any] | np.ndarray | None = None,
-    *,
-    first_cell: int = 0,
-    total: int | None = None,
-    colors: Sequence[str] | np.ndarray | None = None,
-    max_points: int = MAX_POINTS,
-) -> int:
-    """Send an even sample of one embedded block's points to the dashboard page.
-
-    Parameters
-    ----------
-    stage
-        The stage the points belong to (``"embed"``).
-    block
-        The block's number (a block sent again replaces its points).
-    xy
-        ``(cells, 2)`` coordinates of the block's cells.
-    labels
-        The colour column's values for the same cells (any type; shown as text), or None.
-    first_cell
-        Index of the block's first cell in the whole embedding.
-    total
-        Number of cells in the whole embedding. With it every block sends the cells whose index
-        is a multiple of ``ceil(total / max_points)``: at most ``max_points`` points per run, an
-        even sample whatever the chunking. Without it the block alone is subsampled.
-    colors
-        Hex colours per cell (the data's own, like ``subclass_color``); by default the page
-        gives each label a colour in the order labels arrive.
-    max_points
-        Points per run at most.
-
-    Returns
-    -------
-    int
-        The number of points sent; 0 outside a Dask worker, where nothing is sent.
-
-    Notes
-    -----
-    One small event (about 30 bytes per point) goes to the scheduler under
-    :data:`POINTS_TOPIC`. Non-finite coordinates are left out.
-
-    Examples
-    --------
-    >>> send_points("embed", 3, coords, labels, first_cell=3 * 4096, total=76_533)  # doctest: +SKIP
-    """
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return 0
-    coords = np.asarray(xy)
-    n = coords.shape[0]
-    total = n if total is None else int(total)
-    stride = max(1, math.ceil(total / max(int(max_points), 1)))
-    rows = np.arange((-int(first_cell)) % stride, n, stride)
-    points = coords[rows, :2].astype(np.float64)
-    finite = np.isfinite(points).all(axis=1)
-    rows, points = rows[finite], points[finite]
-    message: dict[str, Any] = {
-        "stage": str(stage),
-        "block": int(block),
-        "total": total,
-        "stride": stride,
-        "x": points[:, 0].tolist(),
-        "y": points[:, 1].tolist(),
-    }
-    if labels is not None:
-        message["label"] = [_label_text(value) for value in np.asarray(labels, object)[rows]]
-    if colors is not None:
-        message["color"] = [str(value) for value in np.asarray(colors, object)[rows]]
-    worker.log_event(POINTS_TOPIC, message)
-    return len(rows)
-
-
-def _label_text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
 
 
 # ---------------------------------------------------------------- what the scheduler keeps
@@ -297,8 +202,8 @@ class ProgressDashboard(SchedulerPlugin):
     late loses nothing that the scheduler's bounded event log kept), then ``log_event`` keeps
     counting, so the sums are exact even after the event log has dropped old entries. The fit's
     state comes from ``transition`` (task keys starting with :data:`FIT_PREFIX`). Everything
-    kept is small: a few numbers per stage and block, and at most :data:`MAX_POINTS` points
-    per run.
+    kept is small: a few numbers per stage and block, and at most
+    :data:`~distumap._progress.MAX_POINTS` points per run.
     """
 
     name = PLUGIN_NAME

@@ -15,14 +15,13 @@ import pytest
 from conftest import start_loopback_cluster, stop_loopback_cluster
 
 from distumap import _progress
+from distumap._progress import POINTS_TOPIC, send_points
 from distumap.dashboard import (
-    POINTS_TOPIC,
     TASK_PREFIXES,
     ProgressDashboard,
     install,
     render_page,
     render_table,
-    send_points,
     stage_rows,
 )
 
@@ -236,9 +235,9 @@ def test_send_points_outside_a_worker_sends_nothing():
 def test_dashboard_imports_alone_without_bokeh():
     """A worker unpickling send_points imports this module: alone, and without Bokeh."""
     code = (
-        "import sys, distumap.dashboard as d; "
+        "import sys, distumap.dashboard, distumap._progress as p; "
         "assert 'bokeh' not in sys.modules, 'bokeh imported'; "
-        "assert d.send_points('embed', 0, [[0.0, 1.0]], ['a']) == 0"
+        "assert p.send_points('embed', 0, [[0.0, 1.0]], ['a']) == 0"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -126,7 +126,7 @@ def _block_points_task():
     def send_block_points(store: str, first: int, last: int, total: int) -> int:
         import zarr
 
-        from distumap.dashboard import send_points
+        from distumap._progress import send_points
 
         xy = zarr.open_array(store, path="X_umap", mode="r")[first:last]
         labels = zarr.open_array(store, path="subclass_label", mode="r")[first:last]

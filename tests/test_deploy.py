@@ -448,7 +448,7 @@ def _parse_cli(argv: list[str]):
 def test_job_runner_command_parses():
     (runner,) = _by_kind("DaskJob")["spec"]["job"]["spec"]["containers"]
     namespace = _parse_cli(runner["args"])
-    values = {str(v) for v in vars(namespace).values()}
+    values = {str(x) for v in vars(namespace).values() for x in (v if isinstance(v, list) else [v])}
     assert {
         "s3://bucket/matrix.csv",
         "s3://bucket/metadata.csv",
@@ -468,7 +468,9 @@ def test_slurm_example():
     namespace = _parse_cli(
         ["distumap", "run", *args.distumap_args[1:], "--scheduler-file", "sched.json"]
     )
-    assert {"m.csv", "out", "c", "sched.json"} <= {str(v) for v in vars(namespace).values()}
+    assert {"m.csv", "out", "c", "sched.json"} <= {
+        str(x) for v in vars(namespace).values() for x in (v if isinstance(v, list) else [v])
+    }
 
 
 @pytest.mark.skipif(

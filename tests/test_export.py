@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from distumap._errors import InputError
+from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import check_loom, written_by_distumap
 from distumap._progress import TOPIC
-from distumap.io._export import write_loom
+from distumap.io._export import knn_graph, write_loom
 
-N_CELLS, N_GENES, CHUNK = 3_000, 300, 1_024
+N_CELLS, N_GENES, CHUNK, KNN = 3_000, 300, 1_024, 5
 
 
 def make_dataset(
@@ -34,6 +34,10 @@ def make_dataset(
     subclass[7] = "naïve T ✓"
     depth = rng.normal(size=n_cells)
     depth[3] = np.nan
+    landmark = rng.random(n_cells) < 0.1
+    # each cell's KNN nearest landmarks (as cell indices) and weights, as the embed stage writes
+    knn_landmark = rng.choice(np.flatnonzero(landmark), size=(n_cells, KNN)).astype(np.int32)
+    knn_weight = rng.uniform(0.01, 1, size=(n_cells, KNN)).astype(np.float32)
     ds = xr.Dataset(
         {
             "counts": (("cell", "gene"), da.from_array(counts, chunks=(chunk, n_genes))),
@@ -43,7 +47,9 @@ def make_dataset(
                 ("cell", "umap"),
                 da.from_array(rng.normal(size=(n_cells, 2)).astype(np.float32), chunks=(chunk, 2)),
             ),
-            "landmark": ("cell", da.from_array(rng.random(n_cells) < 0.1, chunks=chunk)),
+            "landmark": ("cell", da.from_array(landmark, chunks=chunk)),
+            "knn_landmark": (("cell", "knn"), da.from_array(knn_landmark, chunks=(chunk, KNN))),
+            "knn_weight": (("cell", "knn"), da.from_array(knn_weight, chunks=(chunk, KNN))),
         },
         coords={
             "cell": [f"cell_{i:05d}" for i in range(n_cells)],
@@ -109,11 +115,19 @@ def _assert_contents(path, ds: xr.Dataset) -> None:
         np.testing.assert_array_equal(lc.ca["n_reads"], ds["n_reads"].values)
         assert lc.attrs["LOOM_SPEC_VERSION"] == "3.0.0"
         assert "max_zero_fraction" in lc.attrs["distumap_preprocess_params"]
+        graph = lc.col_graphs["KNN"]
+        want = knn_graph(ds)
+        np.testing.assert_array_equal(graph.row, want.row)
+        np.testing.assert_array_equal(graph.col, want.col)
+        np.testing.assert_array_equal(graph.data, want.data)
+        assert graph.data.dtype == np.float32 and graph.shape == (len(counts), len(counts))
 
 
-def _matrix_and_layer(path) -> tuple[np.ndarray, np.ndarray]:
+def _matrix_and_layer(path) -> tuple[np.ndarray, ...]:
+    """The matrix, the layer and the kNN graph's a, b and w, as stored."""
+    names = ("matrix", "layers/log2p1", "col_graphs/KNN/a", "col_graphs/KNN/b", "col_graphs/KNN/w")
     with h5py.File(path, "r") as f:
-        return f["matrix"][()], f["layers/log2p1"][()]
+        return tuple(f[name][()] for name in names if name in f)
 
 
 def test_threaded_scheduler_writes_a_valid_exact_loom(dataset, tmp_path):
@@ -127,8 +141,20 @@ def test_threaded_scheduler_writes_a_valid_exact_loom(dataset, tmp_path):
         assert f["matrix"].chunks == (min(512, int(dataset["selected"].sum())), 256)
         assert f["matrix"].compression == "gzip" and f["matrix"].shuffle
         assert f["layers/log2p1"].compression == "gzip" and not f["layers/log2p1"].shuffle
-        assert f["row_graphs"].keys() == f["col_graphs"].keys() == set()
+        assert f["row_graphs"].keys() == set()
+        assert f["col_graphs"].keys() == {"KNN"}
         assert h5py.check_string_dtype(f["col_attrs/CellID"].dtype).length is None
+        # extendable along cells, as loompy's add_columns and combine need
+        n_genes = f["matrix"].shape[0]
+        assert f["matrix"].maxshape == f["layers/log2p1"].maxshape == (n_genes, None)
+        for name in ("CellID", "X_umap", "Landmark", "subclass_label", "depth"):
+            assert f["col_attrs"][name].maxshape[0] is None
+        for name in "abw":
+            edges = f["col_graphs/KNN"][name]
+            assert edges.shape == (N_CELLS * KNN,) and edges.maxshape == (None,)
+            assert edges.chunks == (256 * KNN,)
+        assert f["col_graphs/KNN/a"].dtype == f["col_graphs/KNN/b"].dtype == np.int32
+        assert f["col_graphs/KNN/w"].dtype == np.float32
 
 
 def test_anndata_reads_embedding_and_metadata(dataset, tmp_path):
@@ -257,10 +283,39 @@ def test_missing_embedding_is_a_clear_error(dataset, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_without_knn_graph_exports_without_one(dataset, tmp_path):
+    path = tmp_path / "no-graph.loom"
+    write_loom(dataset.drop_vars(["knn_landmark", "knn_weight"]), path)
+    _validate(path)
+    with h5py.File(path, "r") as f:
+        assert f["col_graphs"].keys() == set()
+
+
+def test_cell_subset_with_the_store_graph_is_refused(dataset, tmp_path):
+    # the graph names cells by their position in the store, which a subset does not keep
+    path = tmp_path / "subset.loom"
+    with pytest.raises(InputError, match="not landmarks of this dataset"):
+        write_loom(dataset.isel(cell=slice(1_000, None)), path)
+    assert not path.exists()
+    subset = dataset.isel(cell=slice(1_000, None)).drop_vars(["knn_landmark", "knn_weight"])
+    write_loom(subset, path)
+    _validate(path)
+
+
+def test_knn_graph_is_the_stores_graph(dataset):
+    graph = knn_graph(dataset)
+    assert graph.shape == (N_CELLS, N_CELLS) and graph.nnz == N_CELLS * KNN
+    np.testing.assert_array_equal(graph.row, np.repeat(np.arange(N_CELLS), KNN))
+    np.testing.assert_array_equal(graph.col, dataset["knn_landmark"].values.ravel())
+    np.testing.assert_array_equal(graph.data, dataset["knn_weight"].values.ravel())
+    with pytest.raises(IncompleteStoreError, match="kNN graph"):
+        knn_graph(dataset.drop_vars("knn_weight"))
+
+
 def test_without_selection_every_gene_is_written(tmp_path):
     ds = make_dataset(n_cells=300, n_genes=40, chunk=128).drop_vars("selected")
     path = tmp_path / "all.loom"
     write_loom(ds, path)
     _validate(path)
-    matrix, _ = _matrix_and_layer(path)
+    matrix, *_ = _matrix_and_layer(path)
     np.testing.assert_array_equal(matrix, ds["counts"].values.T)

@@ -203,3 +203,29 @@ def test_run_on_a_loopback_cluster_reads_an_h5_and_an_h5ad(files, tmp_path, loop
     assert set(ds["source"].values) == {"10x-v3", "dense"}
     adata = anndata.read_h5ad(out / "embedding.h5ad")
     assert adata.n_obs == 2 * len(DATA.cell_names) and "source" in adata.obs
+
+
+def test_a_float32_store_exports_its_values_unrounded(tmp_path):
+    import anndata
+    import loompy
+
+    from distumap import pp, tl
+
+    data = synthetic_counts(300, 40, seed=2)
+    values = (data.counts * 0.5).astype(np.float32)  # normalised: halves are not counts
+    path = tmp_path / "normalised.csv"
+    pd.DataFrame(values, index=data.cell_names, columns=data.gene_names).to_csv(path)
+    store = tmp_path / "store.zarr"
+    with _threads():
+        ds = io.read(path, store, dtype="float32", chunk_cells=128)
+        assert ds["counts"].dtype == np.float32 and check_store(ds) == []
+        np.testing.assert_array_equal(ds["counts"].values, values)
+        pp.preprocess(str(store))
+        ds = tl.umap(str(store), landmarks=150, pca=5, n_neighbors=10)
+        io.write(ds, tmp_path / "e.loom")
+        io.write(ds, tmp_path / "e.h5ad")
+    selected = ds["selected"].values
+    with loompy.connect(str(tmp_path / "e.loom"), "r") as loom:
+        np.testing.assert_array_equal(loom[:, :], values[:, selected].T)
+    adata = anndata.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_array_equal(adata.X.toarray(), values[:, selected])

@@ -84,12 +84,20 @@ def _zarr_compressor():
 def _csr_pieces(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A block of counts (cells x selected genes) as CSR: X's data, the layer's data, indices
     and the nonzeros of every row."""
-    counts = np.ascontiguousarray(counts, dtype=np.int32)
+    # counts stay int32; a float32 store (--dtype float32) keeps its values as they are
+    counts = np.ascontiguousarray(counts)
+    if counts.dtype.kind not in "f":
+        counts = counts.astype(np.int32, copy=False)
     flat = np.flatnonzero(counts)
     data = counts.reshape(-1)[flat]
     indices = (flat % max(counts.shape[1], 1)).astype(np.int32)
     row_nnz = np.count_nonzero(counts, axis=1).astype(np.int64)
     return data, log2p1_values(data), indices, row_nnz
+
+
+def _x_dtype(ds: xr.Dataset) -> np.dtype:
+    """X holds the store's values: int32 counts, or float32 for a ``--dtype float32`` store."""
+    return np.dtype(np.float32 if ds["counts"].dtype.kind == "f" else np.int32)
 
 
 def _h5ad_block(counts: np.ndarray, index: int, n_blocks: int):
@@ -525,7 +533,7 @@ def write_h5ad(
             shape = (n_cells, int(gene_index.size))
             x_group = _csr_group(el, f, "X", shape)
             layer_group = _csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
-            x_data = _appendable(x_group, "data", np.int32, shuffle=True)
+            x_data = _appendable(x_group, "data", _x_dtype(ds), shuffle=True)
             layer_data = _appendable(layer_group, "data", np.float32, shuffle=False)
             indices = [_appendable(g, "indices", np.int32, True) for g in (x_group, layer_group)]
             indptr = [_appendable(g, "indptr", np.int64, True) for g in (x_group, layer_group)]
@@ -646,10 +654,12 @@ def _zarr_block(
 def _zarr_shared_chunk(k: int, root: str, chunk: int, total: int, *edges: dict) -> int:
     """Assemble chunk ``k`` from its blocks' pieces and write it whole (its only writer)."""
     lo, hi = _chunk_span(k, chunk, total)
-    buffers = [np.empty(hi - lo, dtype) for dtype in (np.int32, np.float32, np.int32)]
+    buffers = [np.empty(0, np.int32), np.empty(hi - lo, np.float32), np.empty(hi - lo, np.int32)]
     filled = 0
     for block_edges in edges:
         offset, pieces = block_edges[k]
+        if buffers[0].size == 0:  # X's dtype is the store's: int32 counts or float32 values
+            buffers[0] = np.empty(hi - lo, pieces[0].dtype)
         for buffer, piece in zip(buffers, pieces, strict=True):
             buffer[offset : offset + piece.size] = piece
         filled += pieces[0].size
@@ -768,7 +778,7 @@ def write_anndata_zarr(
         shape = (n_cells, int(gene_index.size))
         layers = el.group(root, "layers")
         for group, dtype in (
-            (_csr_group(el, root, "X", shape), np.int32),
+            (_csr_group(el, root, "X", shape), _x_dtype(ds)),
             (_csr_group(el, layers, ANNDATA_LAYER, shape), np.float32),
         ):
             el.empty(group, "data", (total,), dtype, (chunk,))

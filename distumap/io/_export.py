@@ -3,7 +3,12 @@
 HDF5 takes one writer, so the cluster does the expensive part (selecting genes, log2(x+1),
 byte-shuffling and deflating every HDF5 chunk) and the client only appends finished chunks with
 ``write_direct_chunk``, in cell order. The HDF5 chunk grid is aligned with the cell blocks, so a
-block always maps to whole chunks and no chunk is ever read back or written twice.
+block always maps to whole chunks and no chunk is ever read back or written twice. The cells' kNN
+graph (``/col_graphs/KNN``) travels the same way: k edges per cell, one graph chunk per HDF5
+chunk of cells.
+
+Every dataset is created extendable along its axis (unlimited ``maxshape``, as loompy creates
+them), so loompy's ``add_columns``, ``add_loom`` and ``loompy.combine`` can grow the file.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from distumap._format import (
     LOOM_COL_ATTRS,
     LOOM_EMBEDDING,
     LOOM_GENE,
+    LOOM_KNN_GRAPH,
     LOOM_LANDMARK,
     LOOM_LAYER,
     LOOM_MATRIX,
@@ -52,6 +58,8 @@ CHUNK_CELLS = 256
 DEFLATE_LEVEL = 1
 #: raw bytes (counts and layer) of the blocks computed ahead of the writer, at most
 IN_FLIGHT_RAW_BYTES = 4 * 2**30
+#: HDF5 chunk length of the row and column attributes (values along genes or cells)
+ATTR_CHUNK = 65_536
 
 
 def _shuffle(chunk: np.ndarray) -> bytes:
@@ -60,20 +68,83 @@ def _shuffle(chunk: np.ndarray) -> bytes:
     return raw.T.tobytes()
 
 
+def _encode_graph(
+    knn_landmark: np.ndarray,
+    knn_weight: np.ndarray,
+    is_landmark: np.ndarray,
+    first_cell: int,
+    chunk_cells: int,
+    level: int,
+) -> list[tuple[bytes, bytes, bytes]]:
+    """One cell block's kNN edges as compressed chunks of ``a``, ``b`` and ``w``.
+
+    Cell ``c`` (a column index) has its k edges at ``c * k`` to ``c * k + k``, so one HDF5
+    chunk of ``chunk_cells * k`` edges holds the edges of one chunk of cells; the last chunk is
+    padded with zeros (beyond the dataset's end, never read).
+    """
+    n_cells, k = knn_landmark.shape
+    # the store's graph names cells by their position in the store: in a cell subset of it
+    # (``ds.isel(cell=...)``) those positions are no longer the file's columns
+    targets = np.asarray(knn_landmark).ravel()
+    if targets.size and (
+        targets.min() < 0 or targets.max() >= len(is_landmark) or not is_landmark[targets].all()
+    ):
+        raise InputError(
+            f"the kNN graph of cells {first_cell} to {first_cell + n_cells - 1} points at cells "
+            "that are not landmarks of this dataset: is it a subset of a store's cells? Drop "
+            "knn_landmark and knn_weight to export it without a graph"
+        )
+    cells = np.arange(first_cell, first_cell + n_cells, dtype=np.int32)
+    columns = {
+        "a": np.repeat(cells, k),
+        "b": np.asarray(knn_landmark, dtype=np.int32).ravel(),
+        "w": np.asarray(knn_weight, dtype=np.float32).ravel(),
+    }
+    size = chunk_cells * k
+    chunks = []
+    for start in range(0, n_cells * k, size):
+        encoded = []
+        for values in columns.values():
+            piece = values[start : start + size]
+            if len(piece) < size:
+                piece = np.concatenate([piece, np.zeros(size - len(piece), piece.dtype)])
+            encoded.append(zlib.compress(_shuffle(piece), level))
+        chunks.append(tuple(encoded))
+    return chunks
+
+
+def matrix_dtype(dtype: np.dtype) -> np.dtype:
+    """The loom matrix holds the store's values: int32 counts, or float32 (``--dtype float32``)."""
+    return np.dtype(np.float32 if np.dtype(dtype).kind == "f" else np.int32)
+
+
 def _encode_block(
-    counts: np.ndarray, index: int, n_blocks: int, chunk_shape: tuple[int, int], level: int
-) -> tuple[list[bytes], list[bytes]]:
+    counts: np.ndarray,
+    knn_landmark: np.ndarray | None,
+    knn_weight: np.ndarray | None,
+    is_landmark: np.ndarray | None,
+    index: int,
+    n_blocks: int,
+    first_cell: int,
+    chunk_shape: tuple[int, int],
+    level: int,
+) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes, bytes]]]:
     """One cell block (cells x selected genes, int32) as compressed loom chunks.
 
     Returns the chunks of ``/matrix`` and of ``/layers/log2p1``, row-major over the block's
-    chunk grid. Edge chunks are padded to the full chunk shape, as
-    HDF5 expects of a raw chunk write.
+    chunk grid, and those of the kNN graph (empty without one). Edge chunks are padded to the
+    full chunk shape, as HDF5 expects of a raw chunk write.
     """
-    matrix = np.asarray(counts, dtype=np.int32).T
+    graph = []
+    if knn_landmark is not None:
+        graph = _encode_graph(
+            knn_landmark, knn_weight, is_landmark, first_cell, chunk_shape[1], level
+        )
+    matrix = np.asarray(counts, dtype=matrix_dtype(counts.dtype)).T
     chunk_genes, chunk_cells = chunk_shape
     n_genes, n_cells = matrix.shape
     matrix_chunks, layer_chunks = [], []
-    padded = np.zeros(chunk_shape, dtype=np.int32)
+    padded = np.zeros(chunk_shape, dtype=matrix.dtype)
     for g0 in range(0, n_genes, chunk_genes):
         for c0 in range(0, n_cells, chunk_cells):
             piece = matrix[g0 : g0 + chunk_genes, c0 : c0 + chunk_cells]
@@ -87,7 +158,7 @@ def _encode_block(
             # finds whole; shuffled, the layer is half as large again and slower to compress
             layer_chunks.append(zlib.compress(log2p1.tobytes(), level))
     report("export", 1, n_blocks, block=index)
-    return matrix_chunks, layer_chunks
+    return matrix_chunks, layer_chunks, graph
 
 
 def _is_url(path: str) -> bool:
@@ -149,6 +220,7 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     (small,) = dask.compute(small)
     small = {key: np.asarray(value) for key, value in small.items()}
     small["metadata"] = metadata
+    small["dtype"] = matrix_dtype(ds["counts"].dtype)
     return small
 
 
@@ -170,20 +242,29 @@ def _block_cells(ds: xr.Dataset, block_cells: int | None) -> tuple[int, int]:
 
 
 def _create_file(
-    f, small: dict[str, Any], gene_index: np.ndarray, chunk_shape: tuple[int, int], attrs: dict
+    f,
+    small: dict[str, Any],
+    gene_index: np.ndarray,
+    chunk_shape: tuple[int, int],
+    attrs: dict,
+    knn: int,
 ):
+    """Every group and dataset of the file; the matrix, layer and graph are left to be filled
+    with raw chunk writes. Returns ``(matrix, layer, graph)``, ``graph`` a dict of ``a``, ``b``,
+    ``w`` (or None when ``knn`` is 0)."""
     import h5py
 
     n_cells = len(small["cell"])
-    shape = (len(gene_index), n_cells)
+    # extendable along cells, the way loompy creates a matrix (maxshape (genes, None))
     common = dict(
-        shape=shape,
+        shape=(len(gene_index), n_cells),
+        maxshape=(len(gene_index), None),
         chunks=chunk_shape,
         compression="gzip",
         compression_opts=DEFLATE_LEVEL,
         fillvalue=0,
     )
-    matrix = f.create_dataset(LOOM_MATRIX, dtype=np.int32, shuffle=True, **common)
+    matrix = f.create_dataset(LOOM_MATRIX, dtype=small["dtype"], shuffle=True, **common)
     layer = f.create_group("layers").create_dataset(
         LOOM_LAYER, dtype=np.float32, shuffle=False, **common
     )
@@ -191,10 +272,16 @@ def _create_file(
     text = h5py.string_dtype("utf-8")
 
     def put(group, name: str, values: np.ndarray) -> None:
-        if values.dtype == object:
-            group.create_dataset(name, data=values, dtype=text)
-        else:
-            group.create_dataset(name, data=values, compression="gzip", chunks=True)
+        # chunked and unlimited along the axis, so that loompy (or h5py) can extend it
+        group.create_dataset(
+            name,
+            data=values,
+            dtype=text if values.dtype == object else values.dtype,
+            maxshape=(None, *values.shape[1:]),
+            chunks=(min(max(len(values), 1), ATTR_CHUNK), *values.shape[1:]),
+            compression="gzip",
+            compression_opts=DEFLATE_LEVEL,
+        )
 
     rows = f.create_group("row_attrs")
     put(rows, LOOM_GENE, _string_array(small["gene"][gene_index]))
@@ -207,11 +294,28 @@ def _create_file(
         # "/" separates HDF5 path components; a column "area/region" becomes "area_region"
         put(cols, name.replace("/", "_"), _col_attr(small[f"meta:{name}"]))
     f.create_group("row_graphs")
-    f.create_group("col_graphs")
+    graphs = f.create_group("col_graphs")
+    graph = None
+    if knn:
+        group = graphs.create_group(LOOM_KNN_GRAPH)
+        graph = {
+            name: group.create_dataset(
+                name,
+                shape=(n_cells * knn,),
+                maxshape=(None,),
+                chunks=(chunk_shape[1] * knn,),
+                dtype=dtype,
+                compression="gzip",
+                compression_opts=DEFLATE_LEVEL,
+                shuffle=True,
+                fillvalue=0,
+            )
+            for name, dtype in (("a", np.int32), ("b", np.int32), ("w", np.float32))
+        }
     globals_ = f.create_group("attrs")
     for key, value in attrs.items():
         globals_.create_dataset(key, data=_loom_text(value), dtype=text)
-    return matrix, layer
+    return matrix, layer, graph
 
 
 def _run_params(ds: xr.Dataset, params: dict[str, Any]) -> dict[str, str]:
@@ -230,19 +334,122 @@ def _run_params(ds: xr.Dataset, params: dict[str, Any]) -> dict[str, str]:
     return attrs
 
 
-def _blocks(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int, chunk_shape, level: int):
+def _knn_arrays(ds: xr.Dataset, block_cells: int) -> tuple[da.Array, da.Array] | None:
+    """The store's kNN graph (cell x knn) in blocks of ``block_cells``, or None without one."""
+    if "knn_landmark" not in ds or "knn_weight" not in ds:
+        return None
+    arrays = []
+    for name in ("knn_landmark", "knn_weight"):
+        values = ds[name].transpose("cell", "knn").data
+        if not isinstance(values, da.Array):
+            values = da.from_array(np.asarray(values), chunks=(block_cells, -1))
+        arrays.append(values.rechunk({0: block_cells, 1: -1}))
+    return arrays[0], arrays[1]
+
+
+def _blocks(
+    ds: xr.Dataset,
+    gene_index: np.ndarray,
+    block_cells: int,
+    chunk_shape,
+    level: int,
+    knn: tuple[da.Array, da.Array] | None,
+    is_landmark: np.ndarray,
+):
     """One delayed task per cell block, keyed ``("loom-block-<token>", i)``."""
     counts = ds["counts"].transpose("cell", "gene").data
     if not isinstance(counts, da.Array):
         counts = da.from_array(np.asarray(counts), chunks=(block_cells, -1))
     counts = counts[:, gene_index].rechunk({0: block_cells, 1: -1})
     pieces = counts.to_delayed().ravel()
-    name = "loom-block-" + tokenize(counts, chunk_shape, level)
+    landmarks = None
+    if knn is None:
+        neighbours = weights = [None] * len(pieces)
+    else:
+        neighbours, weights = (array.to_delayed().ravel() for array in knn)
+        # every block checks its edges against the landmark mask: one shared key, not a copy
+        landmarks = dask.delayed(is_landmark, pure=True)
+    name = "loom-block-" + tokenize(counts, knn, is_landmark, chunk_shape, level)
     encode = dask.delayed(_encode_block, pure=True)
     return [
-        encode(piece, i, len(pieces), chunk_shape, level, dask_key_name=(name, i))
+        encode(
+            piece,
+            neighbours[i],
+            weights[i],
+            landmarks,
+            i,
+            len(pieces),
+            i * block_cells,
+            chunk_shape,
+            level,
+            dask_key_name=(name, i),
+        )
         for i, piece in enumerate(pieces)
     ]
+
+
+def knn_graph(ds: xr.Dataset) -> Any:
+    """The store's kNN graph as the loom file holds it: a ``scipy.sparse.coo_matrix``.
+
+    Parameters
+    ----------
+    ds
+        A store after the embed stage, with ``knn_landmark`` and ``knn_weight``.
+
+    Returns
+    -------
+    scipy.sparse.coo_matrix
+        float32, cells x cells: row ``a`` (a cell), column ``b`` (one of its k nearest
+        landmarks, as a cell index), value ``w`` (the membership weight), k edges per cell in
+        cell order, nearest first; what ``loompy.connect(path).col_graphs["KNN"]`` returns.
+
+    Notes
+    -----
+    Computes, and holds the whole graph in memory (12 bytes per edge): for tests and small
+    stores. The loom writer streams it block by block instead.
+    """
+    from scipy import sparse
+
+    if "knn_landmark" not in ds or "knn_weight" not in ds:
+        raise IncompleteStoreError("the store has no kNN graph: run the embed stage again")
+    neighbours, weights = dask.compute(
+        ds["knn_landmark"].transpose("cell", "knn").data,
+        ds["knn_weight"].transpose("cell", "knn").data,
+    )
+    n_cells, k = np.shape(neighbours)
+    cells = np.repeat(np.arange(n_cells, dtype=np.int32), k)
+    return sparse.coo_matrix(
+        (
+            np.asarray(weights, np.float32).ravel(),
+            (cells, np.asarray(neighbours, np.int32).ravel()),
+        ),
+        shape=(n_cells, n_cells),
+    )
+
+
+def _write_block(
+    datasets, encoded, first_cell: int, block_cells: int, chunk_shape: tuple[int, int], k: int
+) -> None:
+    """Append one block's finished chunks (from :func:`_encode_block`) with raw chunk writes."""
+    matrix, layer, graph = datasets
+    matrix_chunks, layer_chunks, graph_chunks = encoded
+    n_genes, n_cells = matrix.shape
+    chunk_genes, chunk_cells = chunk_shape
+    last = min(first_cell + block_cells, n_cells)
+    offsets = [
+        (g0, c0)
+        for g0 in range(0, n_genes, chunk_genes)
+        for c0 in range(first_cell, last, chunk_cells)
+    ]
+    for offset, matrix_chunk, layer_chunk in zip(offsets, matrix_chunks, layer_chunks, strict=True):
+        matrix.id.write_direct_chunk(offset, matrix_chunk)
+        layer.id.write_direct_chunk(offset, layer_chunk)
+    if graph is None:
+        return
+    starts = range(first_cell, last, chunk_cells)
+    for c0, chunks in zip(starts, graph_chunks, strict=True):
+        for name, chunk in zip("abw", chunks, strict=True):
+            graph[name].id.write_direct_chunk((c0 * k,), chunk)
 
 
 def write_loom(
@@ -260,7 +467,9 @@ def write_loom(
     ds
         A store after the embed stage (``xarray.open_zarr`` of ``store.zarr``), with
         ``counts``, ``zero_fraction``, ``selected``, ``X_umap``, ``landmark`` and metadata
-        columns as ``cell`` coordinates. Without ``selected`` every gene is written.
+        columns as ``cell`` coordinates. Without ``selected`` every gene is written. With
+        ``knn_landmark`` and ``knn_weight`` (the embed stage writes them), the cells' kNN
+        graph goes to ``/col_graphs/KNN``; a store embedded without them gets no graph.
     path
         The target file, a local path or an fsspec URL (``s3://bucket/embedding.loom``).
     block_cells
@@ -291,6 +500,12 @@ def write_loom(
     and ASCII with XML character references as loompy writes them (``loompy`` and
     ``anndata`` read them back exactly). The store's stage records go to ``/attrs`` as JSON.
 
+    ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
+    its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
+    streamed and compressed with the cell blocks. The matrix, layer, attributes and graph are
+    all extendable along their axis (as loompy creates them), so loompy's ``add_columns``,
+    ``add_loom`` and ``loompy.combine`` work on the file.
+
     Examples
     --------
     >>> ds = xr.open_zarr("out/store.zarr")  # doctest: +SKIP
@@ -300,7 +515,7 @@ def write_loom(
     import h5py
 
     target = os.fspath(path)
-    check_replaceable(target)
+    check_replaceable(target, "loom")
     small = _loom_inputs(ds)
     gene_index = np.flatnonzero(small["selected"].astype(bool))
     if gene_index.size == 0:
@@ -322,7 +537,9 @@ def write_loom(
             "shuffle": "matrix",
         },
     )
-    blocks = _blocks(ds, gene_index, block_cells, chunk_shape, DEFLATE_LEVEL)
+    knn = _knn_arrays(ds, block_cells)
+    is_landmark = small["landmark"].astype(bool)
+    blocks = _blocks(ds, gene_index, block_cells, chunk_shape, DEFLATE_LEVEL, knn, is_landmark)
 
     if _is_url(target):
         workdir = tempfile.mkdtemp(prefix="distumap-loom-")
@@ -334,25 +551,14 @@ def write_loom(
     started = time.perf_counter()
     try:
         with h5py.File(local, "w", libver="earliest") as f:
-            matrix, layer = _create_file(f, small, gene_index, chunk_shape, attrs)
-            n_genes = gene_index.size
-            for i, (matrix_chunks, layer_chunks) in enumerate(
+            k = 0 if knn is None else knn[0].shape[1]
+            datasets = _create_file(f, small, gene_index, chunk_shape, attrs, k)
+            for i, encoded in enumerate(
                 results_in_order(
                     blocks, stage="export: loom blocks", in_flight=in_flight, client=client
                 )
             ):
-                offsets = [
-                    (g0, i * block_cells + c0)
-                    for g0 in range(0, n_genes, chunk_shape[0])
-                    for c0 in range(
-                        0, min(block_cells, len(small["cell"]) - i * block_cells), chunk_cells
-                    )
-                ]
-                for offset, matrix_chunk, layer_chunk in zip(
-                    offsets, matrix_chunks, layer_chunks, strict=True
-                ):
-                    matrix.id.write_direct_chunk(offset, matrix_chunk)
-                    layer.id.write_direct_chunk(offset, layer_chunk)
+                _write_block(datasets, encoded, i * block_cells, block_cells, chunk_shape, k)
                 if progress:
                     print(
                         f"distumap export: block {i + 1}/{len(blocks)} written",

@@ -4,7 +4,9 @@
 where umap-learn is fitted (task ``umap-fit``). The fitted model is written into the store once;
 a worker plugin loads it on every worker (warming numba up there) and the ``umap-transform``
 tasks, one per store chunk, read it by reference, never inside the task graph. Each task writes
-its chunk of ``X_umap`` and sets its marker, so a re-run resumes and no block is written twice.
+its chunk of ``X_umap`` and of the kNN graph (``knn_landmark``, ``knn_weight``: each cell's k
+nearest landmarks as cell indices, and their membership weights; a landmark's are its k nearest
+other landmarks) and sets its marker, so a re-run resumes and no block is written twice.
 
 The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 :mod:`distumap._format`), validated when it is loaded: a store is data, never code.
@@ -24,7 +26,7 @@ import zarr
 from dask.base import tokenize
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from distumap import _config
+from distumap import _config, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
 from distumap._format import MODEL_GROUP, stages
@@ -169,21 +171,35 @@ def _transform_task(
     first_cell: int,
     landmark_rows: np.ndarray,
     landmark_order: np.ndarray,
+    landmark_cells: np.ndarray,
     *,
     store: str,
     token: str,
+    n_cells: int,
+    color: str | None = None,
 ) -> int:
-    """Embed one store chunk of cells and write it."""
+    """Embed one store chunk of cells and write it, with each cell's nearest landmarks; send an
+    even sample of its points to the dashboard page, coloured by the cell coordinate ``color``."""
     model = _load_model(store, token)
     cells = np.arange(first_cell, first_cell + block.shape[0], dtype=np.int64)
     coords = np.empty((block.shape[0], 2), dtype=np.float32)
+    neighbors = np.empty((block.shape[0], model.n_neighbors), dtype=np.int64)
+    weights = np.empty((block.shape[0], model.n_neighbors), dtype=np.float32)
     is_landmark = np.zeros(block.shape[0], dtype=bool)
     is_landmark[landmark_rows - first_cell] = True
     # landmarks keep their fitted coordinates; only the others are transformed
     coords[is_landmark] = model.landmark_embedding[landmark_order]
+    neighbors[is_landmark], weights[is_landmark] = _model.landmark_knn(model, landmark_order)
     if (~is_landmark).any():
-        coords[~is_landmark] = _model.transform(model, block[~is_landmark], cells[~is_landmark])
-    zarr.open_array(store, path="X_umap", mode="r+")[first_cell : first_cell + len(cells)] = coords
+        coords[~is_landmark], neighbors[~is_landmark], weights[~is_landmark] = _model.transform(
+            model, block[~is_landmark], cells[~is_landmark], return_knn=True
+        )
+    rows = slice(first_cell, first_cell + len(cells))
+    zarr.open_array(store, path="knn_landmark", mode="r+")[rows] = landmark_cells[neighbors]
+    zarr.open_array(store, path="knn_weight", mode="r+")[rows] = weights
+    zarr.open_array(store, path="X_umap", mode="r+")[rows] = coords
+    labels = None if color is None else zarr.open_array(store, path=color, mode="r")[rows]
+    _progress.send_points("embed", first_cell, coords, labels, first_cell=first_cell, total=n_cells)
     return len(cells)
 
 
@@ -216,6 +232,7 @@ def umap(
     min_dist: float | None = None,
     seed: int | None = None,
     transform_epochs: int | None = None,
+    color: str | None = None,
     store: str | None = None,
     progress: bool = False,
 ) -> xr.Dataset:
@@ -236,6 +253,9 @@ def umap(
         umap-learn's parameters (defaults: the tutorial's 30, 0.25 and 999).
     transform_epochs
         SGD epochs for each transformed cell (default ``distumap.transform-epochs``).
+    color
+        A cell coordinate (e.g. ``subclass_label``) that colours the embedding drawn live on the
+        dashboard page; it does not change the result.
     store
         Where to write, if ``ds`` was not opened by :func:`distumap.io.open_store`.
     progress
@@ -244,7 +264,10 @@ def umap(
     Returns
     -------
     xarray.Dataset
-        The store reopened, with ``X_umap`` (cell, umap) and ``landmark`` (cell).
+        The store reopened, with ``X_umap`` (cell, umap), ``landmark`` (cell), and
+        ``knn_landmark`` (int32) and ``knn_weight`` (float32), both (cell, knn): each cell's
+        ``n_neighbors`` nearest landmarks (their cell indices, nearest first) and membership
+        weights. A landmark's neighbours are the nearest *other* landmarks (no self-loops).
 
     Notes
     -----
@@ -271,6 +294,8 @@ def umap(
     if stage.finished:
         return open_store(location)
     ds = open_store(location, require="preprocess")
+    if color is not None and (color not in ds.coords or ds[color].dims != ("cell",)):
+        raise InputError(f"color {color!r}: no such cell coordinate")
     features = log2p1(ds).data
     n_cells = ds.sizes["cell"]
     # the stages embed depends on, not embed's own record: a re-run must find the same token
@@ -284,16 +309,30 @@ def umap(
         is_landmark = _landmark_mask(ds, params)
         chunks = ds["counts"].data.chunks[0]
         stage.start(n_blocks=len(chunks), token=token)
-        placeholder = da.zeros((n_cells, 2), chunks=(chunks, 2), dtype=np.float32)
+        k = params["n_neighbors"]
+
+        def placeholder(width: int, dtype: str) -> da.Array:
+            return da.zeros((n_cells, width), chunks=(chunks, width), dtype=dtype)
+
+        placeholders = {
+            "X_umap": (("cell", "umap"), placeholder(2, "f4")),
+            "knn_landmark": (("cell", "knn"), placeholder(k, "i4")),
+            "knn_weight": (("cell", "knn"), placeholder(k, "f4")),
+        }
+        if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
+            _drop_arrays(location, ["knn_landmark", "knn_weight"])
+            ds = ds.drop_vars(["knn_landmark", "knn_weight"])
         write_variables(
             location,
-            xr.Dataset(
-                {"X_umap": (("cell", "umap"), placeholder), "landmark": ("cell", is_landmark)}
-            ),
+            xr.Dataset({**placeholders, "landmark": ("cell", is_landmark)}),
             compute=False,
-            # a re-embed with other parameters keeps the existing array (same chunks) and rewrites
-            # every block; xarray refuses an encoding for a variable that exists
-            encoding={} if "X_umap" in ds else {"X_umap": {"chunks": (chunks[0], 2)}},
+            # a re-embed with other parameters keeps the existing arrays (same chunks) and
+            # rewrites every block; xarray refuses an encoding for a variable that exists
+            encoding={
+                name: {"chunks": (chunks[0], value[1].shape[1])}
+                for name, value in placeholders.items()
+                if name not in ds
+            },
         )
         rows = np.flatnonzero(is_landmark)
         fit = dask.delayed(_fit_task, pure=False)(
@@ -307,14 +346,17 @@ def umap(
     if client is not None:
         client.register_plugin(ModelPlugin(location, token))
     rows = np.flatnonzero(is_landmark)
+    # every task maps landmark indices to cell indices: one shared key, not a copy per task
+    landmark_cells = dask.delayed(rows.astype(np.int32), name=f"landmark-cells-{token}")
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
     calls = {}
     for i in stage.pending():
         first, last = int(bounds[i]), int(bounds[i + 1])
         lo, hi = np.searchsorted(rows, [first, last])
-        args = (blocks[i], first, rows[lo:hi], np.arange(lo, hi))
-        calls[i] = (args, {"store": location, "token": token})
+        args = (blocks[i], first, rows[lo:hi], np.arange(lo, hi), landmark_cells)
+        kwargs = {"store": location, "token": token, "n_cells": n_cells, "color": color}
+        calls[i] = (args, kwargs)
     transform_started = time.perf_counter()
     stage.run_blocks(
         _transform_task, calls, key="umap-transform", label="embed: transform cells", total=n_cells
@@ -326,6 +368,13 @@ def umap(
         transformed_cells=int(n_cells - len(rows)),
     )
     return open_store(location)
+
+
+def _drop_arrays(store: str, names: list[str]) -> None:
+    group = zarr.open_group(store, mode="r+")
+    for name in names:
+        if name in group:
+            del group[name]
 
 
 def _landmark_mask(ds: xr.Dataset, params: dict[str, Any]) -> np.ndarray:

@@ -39,6 +39,7 @@ __all__ = [
     "LandmarkModel",
     "fit_landmark_model",
     "from_arrays",
+    "landmark_knn",
     "load_model",
     "project",
     "save_model",
@@ -617,7 +618,9 @@ def project(model: LandmarkModel, X: np.ndarray) -> np.ndarray:
     return _project_rows(X, model._components_t, model._mean_offset)
 
 
-def transform(model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray) -> np.ndarray:
+def transform(
+    model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray, *, return_knn: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place cells into the landmark embedding, each independently of the others.
 
     Parameters
@@ -628,12 +631,17 @@ def transform(model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray) -> np
         float32 ``(n, n_genes)``: log2(x+1) values of any cells.
     cell_index
         int64 ``(n,)``: each cell's global row index; it seeds the cell's random stream.
+    return_knn
+        Also return each cell's k nearest landmarks and their membership weights.
 
     Returns
     -------
     numpy.ndarray
         float32 ``(n, 2)``. Row ``i`` depends only on ``X[i]``, ``cell_index[i]`` and the
         model, bit for bit, whatever the batch size, order or worker.
+    neighbors, weights
+        With ``return_knn``: int64 ``(n, k)`` landmark indices, nearest first (ties by index),
+        and float32 ``(n, k)`` membership weights in [0, 1], the ones the SGD starts from.
 
     Notes
     -----
@@ -647,12 +655,19 @@ def transform(model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray) -> np
     if np.any(cell_index < 0):
         raise ValueError("cell_index must be non-negative")
     out = np.empty((X.shape[0], 2), dtype=np.float32)
+    knn_shape = (X.shape[0], model.n_neighbors) if return_knn else (0, 0)
+    all_neighbors = np.empty(knn_shape, dtype=np.int64)
+    all_weights = np.empty(knn_shape, dtype=np.float32)
     block = _block_rows(model.n_landmarks)
     seed = np.uint64(model.seed % 2**64)
     for start in range(0, X.shape[0], block):
         stop = min(start + block, X.shape[0])
         features = project(model, X[start:stop])
         neighbors, dists = _knn(model, features)
+        if return_knn:
+            all_neighbors[start:stop] = neighbors
+            floor = MIN_K_DIST_SCALE * model.mean_distance_reference
+            all_weights[start:stop] = _weights_block(dists, floor)
         out[start:stop] = _embed_block(
             neighbors,
             dists,
@@ -668,7 +683,43 @@ def transform(model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray) -> np
             model.repulsion_strength,
             model.initial_alpha / 4.0,
         )
-    return out
+    return (out, all_neighbors, all_weights) if return_knn else out
+
+
+def landmark_knn(model: LandmarkModel, landmark_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other landmarks of landmarks, with membership weights.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`LandmarkModel`.
+    landmark_index
+        int ``(n,)``: indices into the model's landmarks.
+
+    Returns
+    -------
+    neighbors, weights
+        int64 ``(n, k)`` landmark indices (never the landmark itself), nearest first, and
+        float32 ``(n, k)`` membership weights, computed as :func:`transform` computes them for
+        any other cell. Row ``i`` depends only on ``landmark_index[i]`` and the model.
+
+    Notes
+    -----
+    Computes (numpy in, numpy out), in blocks as :func:`transform` does.
+    """
+    landmark_index = np.ascontiguousarray(landmark_index, dtype=np.int64).reshape(-1)
+    if np.any((landmark_index < 0) | (landmark_index >= model.n_landmarks)):
+        raise ValueError(f"landmark indices must lie in [0, {model.n_landmarks})")
+    neighbors = np.empty((len(landmark_index), model.n_neighbors), dtype=np.int64)
+    weights = np.empty((len(landmark_index), model.n_neighbors), dtype=np.float32)
+    block = _block_rows(model.n_landmarks)
+    for start in range(0, len(landmark_index), block):
+        rows = landmark_index[start : start + block]
+        found, dists = _knn(model, model.landmark_features[rows], exclude=rows)
+        neighbors[start : start + block] = found
+        floor = MIN_K_DIST_SCALE * model.mean_distance_reference
+        weights[start : start + block] = _weights_block(dists, floor)
+    return neighbors, weights
 
 
 def to_arrays(model: LandmarkModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
