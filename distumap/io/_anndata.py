@@ -19,9 +19,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -49,6 +47,7 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
+from distumap.io._files import block_written, partial_name, written_whole
 from distumap.pp import log2p1_values
 
 #: umap-learn's default spread; with ``min_dist`` it fixes the curve parameters a and b
@@ -410,11 +409,6 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _partial_name(target: str) -> str:
-    directory, name = os.path.split(os.path.abspath(target))
-    return os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
-
-
 def _appendable(group, name: str, dtype, shuffle: bool):
     return group.create_dataset(
         name,
@@ -519,13 +513,7 @@ def write_h5ad(
     ]
     n_cells = len(small["cell"])
 
-    if _is_url(target):
-        workdir = tempfile.mkdtemp(prefix="distumap-h5ad-")
-        local = os.path.join(workdir, "embedding.h5ad")
-    else:
-        workdir, local = None, _partial_name(target)
-    started = time.perf_counter()
-    try:
+    with written_whole(target, progress=progress) as local:
         # a chunk cache that holds the partly filled last chunk of each dataset between appends
         with h5py.File(local, "w", libver="earliest", rdcc_nbytes=32 * 2**20) as f:
             el = _H5Elements(f)
@@ -554,30 +542,7 @@ def write_h5ad(
                     _append(dataset, ends)
                 if ends.size:
                     offset = ends[-1:]
-                if progress:
-                    print(
-                        f"distumap export: block {i + 1}/{len(blocks)} written",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        if workdir is not None:
-            import fsspec
-
-            fs, remote = fsspec.core.url_to_fs(target)
-            fs.put_file(local, remote)
-        else:
-            os.replace(local, target)
-    finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif os.path.exists(local):
-            os.unlink(local)
-    if progress:
-        print(
-            f"distumap export: {target} written in {time.perf_counter() - started:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+                block_written(i, len(blocks), progress)
     return target
 
 
@@ -770,7 +735,7 @@ def write_anndata_zarr(
     params = _export_params("anndata-zarr", block_cells, chunk=chunk, compression="blosc-zstd-3")
     uns = _uns(ds, params)
 
-    local = _partial_name(target)
+    local = partial_name(target)
     try:
         root = zarr.open_group(local, mode="w", zarr_format=ZARR_FORMAT)
         el = _ZarrElements(root)
@@ -829,7 +794,7 @@ def write_anndata_zarr(
         run(tasks, stage="export: anndata zarr blocks", client=client)
         zarr.consolidate_metadata(local, zarr_format=ZARR_FORMAT)
         if os.path.exists(target):
-            old = _partial_name(target) + ".old"
+            old = partial_name(target) + ".old"
             os.replace(target, old)
             os.replace(local, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import tempfile
-import time
-import uuid
 import zlib
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +44,7 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
+from distumap.io._files import block_written, written_whole
 from distumap.pp import log2p1_values
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
@@ -541,15 +537,7 @@ def write_loom(
     is_landmark = small["landmark"].astype(bool)
     blocks = _blocks(ds, gene_index, block_cells, chunk_shape, DEFLATE_LEVEL, knn, is_landmark)
 
-    if _is_url(target):
-        workdir = tempfile.mkdtemp(prefix="distumap-loom-")
-        local = os.path.join(workdir, "embedding.loom")
-    else:
-        workdir = None
-        directory, name = os.path.split(os.path.abspath(target))
-        local = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
-    started = time.perf_counter()
-    try:
+    with written_whole(target, progress=progress) as local:
         with h5py.File(local, "w", libver="earliest") as f:
             k = 0 if knn is None else knn[0].shape[1]
             datasets = _create_file(f, small, gene_index, chunk_shape, attrs, k)
@@ -559,29 +547,5 @@ def write_loom(
                 )
             ):
                 _write_block(datasets, encoded, i * block_cells, block_cells, chunk_shape, k)
-                if progress:
-                    print(
-                        f"distumap export: block {i + 1}/{len(blocks)} written",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        if workdir is not None:
-            import fsspec
-
-            # one upload of the finished file (a multipart upload on object stores)
-            fs, remote = fsspec.core.url_to_fs(target)
-            fs.put_file(local, remote)
-        else:
-            os.replace(local, target)
-    finally:
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif os.path.exists(local):
-            os.unlink(local)
-    if progress:
-        print(
-            f"distumap export: {target} written in {time.perf_counter() - started:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+                block_written(i, len(blocks), progress)
     return target

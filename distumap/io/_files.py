@@ -1,0 +1,53 @@
+"""What every single-writer export shares: a file that appears at its target only when whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+
+
+def partial_name(target: str) -> str:
+    """A hidden temporary name next to ``target`` (same file system, so renaming is atomic)."""
+    directory, name = os.path.split(os.path.abspath(target))
+    return os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextlib.contextmanager
+def written_whole(target: str, *, progress: bool = False) -> Iterator[str]:
+    """Yield a local path to write; on success it becomes ``target`` (renamed next to it, or
+    uploaded once for an fsspec URL), on failure it is removed, so a failure never leaves a
+    file at ``target`` and an older file there stays as it was."""
+    url = "://" in target
+    workdir = tempfile.mkdtemp(prefix="distumap-export-") if url else None
+    local = os.path.join(workdir, os.path.basename(target)) if url else partial_name(target)
+    started = time.perf_counter()
+    try:
+        yield local
+        if url:
+            import fsspec
+
+            # one upload of the finished file (a multipart upload on object stores)
+            fs, remote = fsspec.core.url_to_fs(target)
+            fs.put_file(local, remote)
+        else:
+            os.replace(local, target)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif os.path.exists(local):
+            os.unlink(local)
+    if progress:
+        seconds = time.perf_counter() - started
+        print(f"distumap export: {target} written in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
+def block_written(i: int, n_blocks: int, progress: bool) -> None:
+    """The progress line of a single writer that appended block ``i`` of ``n_blocks``."""
+    if progress:
+        print(f"distumap export: block {i + 1}/{n_blocks} written", file=sys.stderr, flush=True)
