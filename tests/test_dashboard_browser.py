@@ -10,7 +10,6 @@ the browser, its driver or selenium is missing.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import threading
@@ -119,31 +118,14 @@ def _coloured_pixels(png: bytes) -> int:
     return int((saturation > 0.25).sum())
 
 
-def _block_points_task():
-    """What the transform task sends once it has written its block (see send_points); made
-    here so that cloudpickle ships it by value (workers cannot import the tests)."""
-
-    def send_block_points(store: str, first: int, last: int, total: int) -> int:
-        import zarr
-
-        from distumap._progress import send_points
-
-        xy = zarr.open_array(store, path="X_umap", mode="r")[first:last]
-        labels = zarr.open_array(store, path="subclass_label", mode="r")[first:last]
-        return send_points(
-            "embed", first, xy, labels, first_cell=first, total=total, max_points=1000
-        )
-
-    return send_block_points
-
-
 def _run_pipeline(matrix: Path, metadata: Path, store: Path, errors: list) -> None:
     try:
         from distumap import io, pp, tl
 
         ds = io.read_csv(matrix, store, metadata=metadata, chunk_cells=CHUNK_CELLS)
         ds = pp.preprocess(ds)
-        tl.umap(ds, landmarks=LANDMARKS)
+        # the transform tasks send their points, coloured by the colour column
+        tl.umap(ds, landmarks=LANDMARKS, color="subclass_label")
     except BaseException as error:  # reported by the main thread
         errors.append(error)
 
@@ -181,20 +163,8 @@ def test_page_in_headless_chromium_during_a_run(tmp_path):
             assert not errors, errors
             assert not run.is_alive()
 
-            # the transform's points, as the transform task sends them once wired to send_points
-            from distributed import get_client
-
-            client = get_client()
-            task = _block_points_task()
-            bounds = [*list(range(0, SPEC.shape[0], CHUNK_CELLS)), SPEC.shape[0]]
-            sent = client.gather(
-                [
-                    client.submit(task, str(store), lo, hi, SPEC.shape[0], pure=False)
-                    for lo, hi in itertools.pairwise(bounds)
-                ]
-            )
-            assert sum(sent) == 1000  # every 3rd of 3,000 cells
-            state = _wait_for_document(driver, lambda s: s["points"] == sum(sent), timeout=30)
+            # the transform tasks' points: every cell of 3,000 (under the 20,000 cap)
+            state = _wait_for_document(driver, lambda s: s["points"] == 3000, timeout=60)
 
         stages = state["stages"]
         assert "3,000 of 3,000 cells ingested" in stages
@@ -202,7 +172,7 @@ def test_page_in_headless_chromium_during_a_run(tmp_path):
         assert "done in" in stages  # the UMAP fit's time, and the stages' times
         assert any("running" in text for text in seen), "never saw a stage running"
         assert len(state["labels"]) > 3  # coloured by subclass_label
-        assert "1,000 points drawn of 3,000 cells, 1 cell in 3" in state["title"]
+        assert "3,000 points drawn of 3,000 cells" in state["title"]
 
         time.sleep(1.0)  # the canvas repaints after the last stream
         png = driver.get_screenshot_as_png()
