@@ -30,7 +30,6 @@ import pandas as pd
 import xarray as xr
 from dask.base import tokenize
 
-from distumap import _config
 from distumap._compute import current_client, results_in_order, run
 from distumap._errors import IncompleteStoreError
 from distumap._format import (
@@ -47,7 +46,13 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
-from distumap.io._files import block_written, partial_name, written_whole
+from distumap.io._files import (
+    block_written,
+    cells_per_block,
+    is_url,
+    partial_name,
+    written_whole,
+)
 from distumap.pp import log2p1_values
 
 #: umap-learn's default spread; with ``min_dist`` it fixes the curve parameters a and b
@@ -114,20 +119,6 @@ def _selected_counts(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int) -
     if not isinstance(counts, da.Array):
         counts = da.from_array(np.asarray(counts), chunks=(block_cells, -1))
     return counts[:, gene_index].rechunk({0: block_cells, 1: -1})
-
-
-def _block_cells(ds: xr.Dataset, block_cells: int | None) -> int:
-    if block_cells is None:
-        counts = ds["counts"]
-        # the variable's own chunks: coordinates read from zarr may be chunked differently
-        chunks = counts.variable.chunks
-        if chunks is not None:
-            block_cells = int(chunks[counts.dims.index("cell")][0])
-        else:
-            block_cells = int(_config.get("chunk-cells"))
-    if block_cells < 1:
-        raise ValueError(f"block_cells must be positive, not {block_cells}")
-    return int(block_cells)
 
 
 # -- the small parts: obs, var, obsm, uns -----------------------------------------------------
@@ -405,10 +396,6 @@ def _csr_group(el, parent, name: str, shape: tuple[int, int]):
 # -- h5ad -------------------------------------------------------------------------------------
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _appendable(group, name: str, dtype, shuffle: bool):
     return group.create_dataset(
         name,
@@ -495,7 +482,7 @@ def write_h5ad(
     gene_index = np.flatnonzero(small["selected"].astype(bool))
     if gene_index.size == 0:
         raise ValueError("no gene is selected: there is nothing to write")
-    block_cells = _block_cells(ds, block_cells)
+    block_cells = cells_per_block(ds, block_cells)
     client = client if client is not None else current_client()
     threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
     # dense raw size bounds a block's CSR pieces (12 bytes per nonzero at most)
@@ -702,7 +689,7 @@ def write_anndata_zarr(
     import zarr
 
     target = os.fspath(path)
-    if _is_url(target):
+    if is_url(target):
         raise ValueError(
             f"{target}: AnnData zarr is written to a file system path that the workers share"
         )
@@ -711,7 +698,7 @@ def write_anndata_zarr(
     gene_index = np.flatnonzero(small["selected"].astype(bool))
     if gene_index.size == 0:
         raise ValueError("no gene is selected: there is nothing to write")
-    block_cells = _block_cells(ds, block_cells)
+    block_cells = cells_per_block(ds, block_cells)
     client = client if client is not None else current_client()
     counts = _selected_counts(ds, gene_index, block_cells)
     token = tokenize(counts)

@@ -25,7 +25,6 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from distumap import _config
 from distumap._compute import current_client, results_in_order
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import (
@@ -44,7 +43,7 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
-from distumap.io._files import block_written, written_whole
+from distumap.io._files import block_written, cells_per_block, written_whole
 from distumap.pp import log2p1_values
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
@@ -157,10 +156,6 @@ def _encode_block(
     return matrix_chunks, layer_chunks, graph
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _loom_text(value: Any) -> str:
     """A string as loompy stores it: ASCII, other characters as XML character references.
 
@@ -222,16 +217,7 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
 
 def _block_cells(ds: xr.Dataset, block_cells: int | None) -> tuple[int, int]:
     """Cells per block and per HDF5 chunk; the block is a whole number of chunks."""
-    if block_cells is None:
-        counts = ds["counts"]
-        # the variable's own chunks: coordinates read from zarr may be chunked differently
-        chunks = counts.variable.chunks
-        if chunks is not None:
-            block_cells = int(chunks[counts.dims.index("cell")][0])
-        else:
-            block_cells = int(_config.get("chunk-cells"))
-    if block_cells < 1:
-        raise ValueError(f"block_cells must be positive, not {block_cells}")
+    block_cells = cells_per_block(ds, block_cells)
     chunk_cells = min(CHUNK_CELLS, block_cells)
     block_cells = -(-block_cells // chunk_cells) * chunk_cells
     return block_cells, chunk_cells

@@ -11,6 +11,30 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import xarray as xr
+
+from distumap import _config
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL rather than a local path."""
+    return "://" in path
+
+
+def cells_per_block(ds: xr.Dataset, block_cells: int | None) -> int:
+    """Cells per export task: ``block_cells``, else the store's own cell chunk (the variable's
+    chunks: coordinates read from zarr may be chunked differently), else the setting."""
+    if block_cells is None:
+        counts = ds["counts"]
+        chunks = counts.variable.chunks
+        if chunks is not None:
+            block_cells = int(chunks[counts.dims.index("cell")][0])
+        else:
+            block_cells = int(_config.get("chunk-cells"))
+    if block_cells < 1:
+        raise ValueError(f"block_cells must be positive, not {block_cells}")
+    return int(block_cells)
+
 
 def partial_name(target: str) -> str:
     """A hidden temporary name next to ``target`` (same file system, so renaming is atomic)."""
@@ -23,7 +47,7 @@ def written_whole(target: str, *, progress: bool = False) -> Iterator[str]:
     """Yield a local path to write; on success it becomes ``target`` (renamed next to it, or
     uploaded once for an fsspec URL), on failure it is removed, so a failure never leaves a
     file at ``target`` and an older file there stays as it was."""
-    url = "://" in target
+    url = is_url(target)
     workdir = tempfile.mkdtemp(prefix="distumap-export-") if url else None
     local = os.path.join(workdir, os.path.basename(target)) if url else partial_name(target)
     started = time.perf_counter()
