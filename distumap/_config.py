@@ -20,6 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "max-zero-fraction": 0.5,
     # a command whose cluster has had no worker this long exits 1 instead of waiting forever
     "no-workers-timeout": "5 minutes",
+    # refuse (exit 2) work whose estimated memory exceeds the workers' limit (distumap._memory)
+    "memory-check": True,
     # embed
     "landmarks": 20000,
     "min-per-group": 50,

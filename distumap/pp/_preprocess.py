@@ -12,7 +12,8 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from distumap import _config, _progress
+from distumap import _config, _memory, _progress
+from distumap._compute import current_client
 from distumap._errors import InputError
 from distumap._stage import Stage
 from distumap._store import open_store, store_of, write_variables
@@ -221,6 +222,11 @@ def preprocess(
         return open_store(location)
     if not isinstance(ds, xr.Dataset):
         ds = open_store(location)
+    counts = ds["counts"]
+    chunk_cells = max(counts.data.chunks[0])
+    _memory.check_blocks(
+        current_client(), "preprocess", chunk_cells, ds.sizes["gene"], counts.dtype.itemsize
+    )
     stage.start()
     (zeros,) = stage.compute([zero_counts(ds).data], label="preprocess: gene statistics")
     n_cells = max(ds.sizes["cell"], 1)

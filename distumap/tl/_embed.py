@@ -26,7 +26,7 @@ import zarr
 from dask.base import tokenize
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from distumap import _config, _progress
+from distumap import _config, _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
 from distumap._format import MODEL_GROUP, stages
@@ -302,11 +302,17 @@ def umap(
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
 
+    client = current_client()
+    # before any heavy work: a block or a fit that cannot fit in a worker is refused (exit 2)
+    _memory.check_blocks(client, "embed", max(ds["counts"].data.chunks[0]), ds.sizes["gene"])
     if stage.resumable(token=token) and _model_saved(location, token):
         is_landmark = ds["landmark"].values  # written when the interrupted run started
         fit_seconds = None  # fitted by the interrupted run
     else:
         is_landmark = _landmark_mask(ds, params)
+        _memory.check_fit(
+            client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
+        )
         chunks = ds["counts"].data.chunks[0]
         stage.start(n_blocks=len(chunks), token=token)
         k = params["n_neighbors"]
@@ -342,7 +348,6 @@ def umap(
         stage.compute([fit], label="embed: fit UMAP on landmarks")
         fit_seconds = round(time.perf_counter() - fit_started, 3)
 
-    client = current_client()
     if client is not None:
         client.register_plugin(ModelPlugin(location, token))
     rows = np.flatnonzero(is_landmark)

@@ -1,0 +1,96 @@
+"""Memory known before the work: a fit or a block that cannot fit in a worker is refused with
+exit 2, the numbers and the flag that fixes it, before anything heavy runs; the store stays
+resumable and the same command with the flag finishes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from distumap import _memory
+from distumap._errors import InputError
+from distumap._store import stage_record
+from distumap.testing import SyntheticSpec, write_dataset
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def small_client():
+    """One worker process with two threads and a 1 GiB memory limit."""
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=True, memory_limit="1GiB", dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:  # fmt: skip
+        yield client
+
+
+def test_fit_estimate_grows_with_the_landmark_matrix_and_pca_costs_less():
+    base = _memory.fit_bytes(20_000, 4_078, 50)
+    assert _memory.fit_bytes(40_000, 4_078, 50) > base
+    assert _memory.fit_bytes(20_000, 10_000, 50) > base
+    assert _memory.fit_bytes(20_000, 4_078, 0) > base  # umap-learn on the genes themselves
+    # the input itself (0.30 GiB) is part of what the fit holds
+    assert base > 20_000 * 4_078 * 4
+
+
+def test_workers_report_their_limit_and_threads(small_client):
+    (worker,) = _memory.workers(small_client)
+    assert worker["memory_limit"] == GIB and worker["nthreads"] == 2
+    assert 0 < worker["memory"] < GIB
+
+
+def test_blocks_are_fitted_to_the_workers_memory(small_client):
+    # two tasks at once, each holding BLOCK_COPIES int32 copies of its block
+    room = _memory.USABLE_SHARE * GIB - _memory.BLOCK_WORKER
+    per_cell = _memory.BLOCK_COPIES * 50_281 * 4
+    expected = int(room / 2 // per_cell) // 64 * 64
+    assert 0 < expected < 1024
+    assert _memory.fit_chunk_cells(small_client, 1024, 50_281) == expected
+    assert _memory.fit_chunk_cells(small_client, 128, 50_281) == 128  # fits: unchanged
+    assert _memory.fit_chunk_cells(small_client, 1024, 50_000_000) == 0  # nothing fits
+    with pytest.raises(InputError, match=rf"re-ingest with --chunk-cells {expected}\b"):
+        _memory.check_blocks(small_client, "preprocess", 1024, 50_281)
+    _memory.check_blocks(small_client, "preprocess", expected, 50_281)
+    with dask.config.set({"distumap.memory-check": False}):
+        assert _memory.fit_chunk_cells(small_client, 1024, 50_281) == 1024
+        _memory.check_blocks(small_client, "preprocess", 1024, 50_281)
+
+
+def test_a_fit_too_large_names_the_flags_that_fix_it(small_client):
+    with pytest.raises(InputError) as error:
+        _memory.check_fit(small_client, 20_000, 4_078, 50, 30)
+    message = str(error.value)
+    assert "20,000 landmarks x 4,078 genes (50 PCs)" in message
+    assert "memory limit is 1.0 GiB" in message
+    flag = float(message.split("--memory-limit ")[1].split("GiB")[0])
+    landmarks = int(message.split("--landmarks ")[1].split(")")[0])
+    assert 1.0 < flag <= 3.0 and 1_000 <= landmarks < 20_000
+    # what the message proposes does fit
+    _memory.check_fit(small_client, landmarks, 4_078, 50, 30)
+    _memory.check_fit(small_client, 2_000, 1_000, 50, 30)
+
+
+def test_run_refuses_the_fit_before_it_starts_and_resumes_with_the_flag(tmp_path):
+    spec = SyntheticSpec(800, 200, seed=5)
+    matrix, _ = write_dataset(tmp_path, spec)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--out", str(out)]
+    cluster = ["--n-workers", "1", "--no-progress"]
+    small = subprocess.run(
+        [*command, *cluster, "--memory-limit", "700MiB"], capture_output=True, text=True
+    )
+    assert small.returncode == 2, small.stderr[-2000:]
+    last = small.stderr.strip().splitlines()[-1]
+    assert "embed: the UMAP fit on 800 landmarks" in last and "--memory-limit" in last
+    store = str(out / "store.zarr")
+    assert stage_record(store, "preprocess")["status"] == "complete"
+    assert stage_record(store, "embed") is None  # refused before the stage started
+    enough = subprocess.run(
+        [*command, *cluster, "--memory-limit", "2GiB"], capture_output=True, text=True
+    )
+    assert enough.returncode == 0, enough.stderr[-2000:]
+    assert stage_record(store, "embed")["status"] == "complete"
