@@ -29,11 +29,14 @@ STAGES: dict[str, str] = {
 STAGE_ORDER = tuple(STAGES)
 
 #: name -> (dims, dtype kind, the stage that writes it)
-STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     # int32 counts; float32 when ingested with --dtype float32 (normalised data)
     "counts": (("cell", "gene"), "values", "ingest"),
     "zero_fraction": (("gene",), "float32", "preprocess"),
     "selected": (("gene",), "bool", "preprocess"),
+    # the selected genes' counts (same dtype as counts), read by everything after preprocess; a
+    # cache (no stage requires it: a store preprocessed before it existed reads counts instead)
+    "selected_counts": (("cell", "selected_gene"), "values", None),
     "X_umap": (("cell", "umap"), "float32", "embed"),
     "landmark": (("cell",), "bool", "embed"),
     # each cell's k nearest landmarks (as cell indices, nearest first) and membership weights;

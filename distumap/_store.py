@@ -251,3 +251,21 @@ def write_variables(store: str | os.PathLike, variables: xr.Dataset, **to_zarr: 
     written = variables.to_zarr(store_url(store), mode="a", consolidated=False, **to_zarr)
     consolidate(store)
     return written
+
+
+def drop_arrays(store: str | os.PathLike, names: list[str]) -> None:
+    """Delete the arrays ``names`` from the store where they exist."""
+    group = zarr.open_group(store_url(store), mode="r+")
+    removed = False
+    for name in names:
+        if name in group:
+            del group[name]
+            removed = True
+    if removed:
+        consolidate(store)
+
+
+def codec_of(store: str | os.PathLike, name: str = "counts") -> dict[str, Any]:
+    """The compressors of array ``name``, as an xarray ``encoding`` entry, so that an array
+    derived from it (a cache of some of its genes) is compressed the same way."""
+    return {"compressors": list(zarr.open_array(store_url(store), path=name, mode="r").compressors)}

@@ -259,7 +259,10 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, fmt, existing, on_clu
         ),
         dtype=counts.dtype,
     )
-    broken = dataset.assign(counts=(("cell", "gene"), poisoned))
+    # without the preprocess cache, so that the writer reads the poisoned counts
+    broken = dataset.drop_vars("selected_counts", errors="ignore").assign(
+        counts=(("cell", "gene"), poisoned)
+    )
     with pytest.raises(RuntimeError, match="disk on fire"), dask.config.set(scheduler="threads"):
         _write(fmt, broken, path, block_cells=CHUNK, client=client)
     assert [p.name for p in tmp_path.iterdir()] == ([path.name] if existing else [])

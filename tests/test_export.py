@@ -237,7 +237,10 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster,
         ),
         dtype=counts.dtype,
     )
-    broken = dataset.assign(counts=(("cell", "gene"), poisoned))
+    # without the preprocess cache, so that the writer reads the poisoned counts
+    broken = dataset.drop_vars("selected_counts", errors="ignore").assign(
+        counts=(("cell", "gene"), poisoned)
+    )
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_loom(broken, path, block_cells=CHUNK, client=client)
     if existing:

@@ -147,7 +147,52 @@ def test_preprocess_stage_writes_the_store_and_skips_when_done(tmp_path, counts)
     assert again.attrs["distumap"]["stages"]["preprocess"] == record
     # other parameters: recomputed
     strict = pp.preprocess(str(store), max_zero_fraction=0.2)
-    np.testing.assert_array_equal(strict["selected"].values, (data.counts == 0).mean(axis=0) < 0.2)
+    strict_sel = (data.counts == 0).mean(axis=0) < 0.2
+    np.testing.assert_array_equal(strict["selected"].values, strict_sel)
+    # the cache follows the new selection
+    np.testing.assert_array_equal(strict["selected_counts"].values, data.counts[:, strict_sel])
+
+
+def test_preprocess_caches_the_selected_genes_and_everything_reads_them(tmp_path):
+    from distumap._format import check_store
+    from distumap._store import progress_array
+    from distumap.testing import write_dataset
+
+    data = synthetic_counts(300, 200, seed=8, zero_genes=2)
+    matrix, _ = write_dataset(tmp_path / "in", data)
+    store = str(tmp_path / "store.zarr")
+    distumap.io.read_csv(matrix, store, chunk_cells=64)
+    out = pp.preprocess(store)
+    _, selected, expected_log = _expected(data.counts)
+    cache = out["selected_counts"]
+    assert cache.dims == ("cell", "selected_gene") and cache.dtype == np.int32
+    assert cache.data.chunks[0] == out["counts"].data.chunks[0]
+    np.testing.assert_array_equal(cache.values, data.counts[:, selected])
+    assert check_store(out) == []
+    # log2p1 and the exporters' counts come from the cache: the full matrix is not needed
+    without_counts = out.drop_vars("counts")
+    np.testing.assert_array_equal(pp.log2p1(without_counts).values, expected_log)
+    np.testing.assert_array_equal(
+        pp.selected_counts(without_counts).compute(), data.counts[:, selected]
+    )
+    # other genes than the cached ones come from counts
+    np.testing.assert_array_equal(
+        pp.selected_counts(out, np.array([0, 5])).compute(), data.counts[:, [0, 5]]
+    )
+
+    # a preprocess interrupted while copying resumes: only the unmarked blocks are copied
+    markers = progress_array(store, "preprocess", mode="r+")
+    markers[2] = False
+    from distumap._store import mark_stage, stage_record
+
+    record = stage_record(store, "preprocess")
+    mark_stage(store, "preprocess", "started", record["params"])
+    import zarr
+
+    zarr.open_array(store, path="selected_counts", mode="r+")[128:192] = -1
+    again = pp.preprocess(store)
+    np.testing.assert_array_equal(again["selected_counts"].values, data.counts[:, selected])
+    assert again.attrs["distumap"]["stages"]["preprocess"]["status"] == "complete"
 
 
 def test_preprocess_refuses_an_incomplete_ingest(tmp_path):

@@ -53,7 +53,7 @@ from distumap.io._files import (
     partial_name,
     written_whole,
 )
-from distumap.pp import log2p1_values
+from distumap.pp import log2p1_values, selected_counts
 
 #: umap-learn's default spread; with ``min_dist`` it fixes the curve parameters a and b
 UMAP_SPREAD = 1.0
@@ -115,10 +115,7 @@ def _row_nnz(counts: np.ndarray) -> np.ndarray:
 
 
 def _selected_counts(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int) -> da.Array:
-    counts = ds["counts"].transpose("cell", "gene").data
-    if not isinstance(counts, da.Array):
-        counts = da.from_array(np.asarray(counts), chunks=(block_cells, -1))
-    return counts[:, gene_index].rechunk({0: block_cells, 1: -1})
+    return selected_counts(ds, gene_index).rechunk({0: block_cells, 1: -1})
 
 
 # -- the small parts: obs, var, obsm, uns -----------------------------------------------------

@@ -44,7 +44,7 @@ from distumap._format import (
 )
 from distumap._progress import report
 from distumap.io._files import block_written, cells_per_block, written_whole
-from distumap.pp import log2p1_values
+from distumap.pp import log2p1_values, selected_counts
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
 CHUNK_GENES = 512
@@ -339,10 +339,7 @@ def _blocks(
     is_landmark: np.ndarray,
 ):
     """One delayed task per cell block, keyed ``("loom-block-<token>", i)``."""
-    counts = ds["counts"].transpose("cell", "gene").data
-    if not isinstance(counts, da.Array):
-        counts = da.from_array(np.asarray(counts), chunks=(block_cells, -1))
-    counts = counts[:, gene_index].rechunk({0: block_cells, 1: -1})
+    counts = selected_counts(ds, gene_index).rechunk({0: block_cells, 1: -1})
     pieces = counts.to_delayed().ravel()
     landmarks = None
     if knn is None:

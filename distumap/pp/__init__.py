@@ -7,8 +7,17 @@ from distumap.pp._preprocess import (
     log2p1,
     log2p1_values,
     preprocess,
+    selected_counts,
     zero_counts,
     zero_fraction,
 )
 
-__all__ = ["filter_genes", "log2p1", "log2p1_values", "preprocess", "zero_counts", "zero_fraction"]
+__all__ = [
+    "filter_genes",
+    "log2p1",
+    "log2p1_values",
+    "preprocess",
+    "selected_counts",
+    "zero_counts",
+    "zero_fraction",
+]

@@ -16,7 +16,7 @@ from distumap import _config, _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
 from distumap._stage import Stage
-from distumap._store import open_store, store_of, write_variables
+from distumap._store import codec_of, drop_arrays, open_store, store_of, write_variables
 
 
 def _zero_count_chunk(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
@@ -108,6 +108,56 @@ def filter_genes(
     )
 
 
+#: the selected genes' counts (cell, selected_gene), written by the preprocess stage: every later
+#: reader (the landmark gather, the transform, each export) reads these few hundred genes instead
+#: of decompressing every gene of every block
+CACHE = "selected_counts"
+
+
+def _cached(ds: xr.Dataset, index: np.ndarray) -> bool:
+    """Whether the store's cache holds exactly the genes ``index``."""
+    if CACHE not in ds or "selected" not in ds or isinstance(ds["selected"].data, da.Array):
+        return False
+    cached = np.flatnonzero(ds["selected"].values)
+    return ds[CACHE].shape[1] == len(cached) and np.array_equal(cached, index)
+
+
+def selected_counts(ds: xr.Dataset, gene_index: np.ndarray | None = None) -> da.Array:
+    """Counts of the selected genes as a (cell, gene) dask array, one block per store chunk.
+
+    Parameters
+    ----------
+    ds
+        The store as a Dataset.
+    gene_index
+        Integer gene indices (default: the ``selected`` genes).
+
+    Returns
+    -------
+    dask.array.Array
+        The preprocess stage's cache (``selected_counts``) when it holds these genes, else a
+        selection from ``counts``. Builds a graph; computes nothing.
+    """
+    if gene_index is None:
+        gene_index = np.flatnonzero(ds["selected"].values)
+    gene_index = np.asarray(gene_index, dtype=np.int64)
+    if _cached(ds, gene_index):
+        return ds[CACHE].data
+    counts = ds["counts"].transpose("cell", "gene").data
+    if not isinstance(counts, da.Array):
+        counts = da.from_array(np.asarray(counts), chunks=(max(1, counts.shape[0]), -1))
+    return counts[:, gene_index]
+
+
+def _select_task(store: str, first: int, last: int, gene_index: np.ndarray) -> int:
+    """Copy the selected genes of cells ``first:last`` into the cache."""
+    import zarr
+
+    counts = zarr.open_array(store, path="counts", mode="r")
+    zarr.open_array(store, path=CACHE, mode="r+")[first:last] = counts[first:last][:, gene_index]
+    return last - first
+
+
 def log2p1_values(counts: np.ndarray) -> np.ndarray:
     """log2(counts + 1) as float32, rounded once from float64: the one rule behind every log2p1
     distumap computes (the lazy map here and the loom layer), so they agree bit for bit."""
@@ -142,9 +192,8 @@ def log2p1(
     --------
     >>> x = distumap.pp.log2p1(ds)  # doctest: +SKIP
     """
-    counts = ds[var]
     if genes is None:
-        index = np.arange(counts.sizes["gene"])
+        index = np.arange(ds.sizes["gene"])
     elif isinstance(genes, str):
         if genes not in ds:
             raise InputError(f"no gene variable {genes!r}: run the preprocess stage first")
@@ -159,6 +208,11 @@ def log2p1(
         index = np.flatnonzero(genes) if genes.dtype == bool else genes.astype(np.int64)
     coords = {"cell": ds["cell"], "gene": ds["gene"].values[index]}
     coords.update({name: c for name, c in ds.coords.items() if c.dims == ("cell",)})
+    if var == "counts" and _cached(ds, index):
+        # the preprocess stage's copy of these genes: a block is read without the other genes
+        counts, index = ds[CACHE], np.arange(len(index))
+    else:
+        counts = ds[var]
     if not isinstance(counts.data, da.Array):
         values = _log2p1_block(np.asarray(counts.values), index)
         return xr.DataArray(values, dims=("cell", "gene"), coords=coords, name="log2p1")
@@ -223,30 +277,57 @@ def preprocess(
     if not isinstance(ds, xr.Dataset):
         ds = open_store(location)
     counts = ds["counts"]
-    chunk_cells = max(counts.data.chunks[0])
+    chunks = counts.data.chunks[0]
     _memory.check_blocks(
-        current_client(), "preprocess", chunk_cells, ds.sizes["gene"], counts.dtype.itemsize
+        current_client(), "preprocess", max(chunks), ds.sizes["gene"], counts.dtype.itemsize
     )
-    stage.start()
-    (zeros,) = stage.compute([zero_counts(ds).data], label="preprocess: gene statistics")
-    n_cells = max(ds.sizes["cell"], 1)
-    selected = (zeros / n_cells) < threshold
-    n_selected = int(selected.sum())
-    if n_selected == 0:
-        # refused before anything is written: the stage stays "started", so a re-run refuses too
-        raise InputError(
-            f"{location}: no gene has a zero fraction below {threshold} "
-            f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
+    if not (stage.resumable() and CACHE in ds):
+        # a cache left by a run with other parameters must not pass for this run's
+        drop_arrays(location, [CACHE])
+        stage.start(n_blocks=len(chunks))
+        (zeros,) = stage.compute([zero_counts(ds).data], label="preprocess: gene statistics")
+        n_cells = max(ds.sizes["cell"], 1)
+        selected = (zeros / n_cells) < threshold
+        n_selected = int(selected.sum())
+        if n_selected == 0:
+            # refused before anything is written: the stage stays "started", so a re-run
+            # refuses too
+            raise InputError(
+                f"{location}: no gene has a zero fraction below {threshold} "
+                f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
+            )
+        genes = xr.Dataset(
+            {
+                "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
+                "selected": ("gene", selected),
+            }
         )
-    genes = xr.Dataset(
-        {
-            "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
-            "selected": ("gene", selected),
-        }
+        write_variables(location, genes)
+        # the cache's array last: with it, a resume knows the gene statistics are written
+        placeholder = da.zeros(
+            (ds.sizes["cell"], n_selected), chunks=(chunks, n_selected), dtype=counts.dtype
+        )
+        write_variables(
+            location,
+            xr.Dataset({CACHE: (("cell", "selected_gene"), placeholder)}),
+            compute=False,
+            encoding={CACHE: {"chunks": (chunks[0], n_selected), **codec_of(location)}},
+        )
+    gene_index = np.flatnonzero(open_store(location)["selected"].values)
+    bounds = np.cumsum((0, *chunks))
+    calls = {
+        block: ((location, int(bounds[block]), int(bounds[block + 1]), gene_index), {})
+        for block in stage.pending()
+    }
+    stage.run_blocks(
+        _select_task,
+        calls,
+        key="select-genes",
+        label="preprocess: copy the selected genes",
+        total=ds.sizes["cell"],
     )
-    write_variables(location, genes)
-    _progress.report("preprocess", n_selected, ds.sizes["gene"])
-    stage.complete(genes_selected=n_selected)
+    _progress.report("preprocess", len(gene_index), ds.sizes["gene"])
+    stage.complete(genes_selected=len(gene_index))
     return open_store(location)
 
 
