@@ -16,6 +16,10 @@ DEFAULTS: dict[str, Any] = {
     "chunk-cells": 1024,
     # ingest: bytes read per line-index task
     "index-block-bytes": 256 * 2**20,
+    # genes-by-cells ingest: values (bytes) of one pass-1 block of gene lines at most; the block
+    # is parsed in memory, so this bounds a worker's memory whatever the file's size. 64 MiB was
+    # as fast as 256 MiB at 20,000 cells x 5,000 genes, with 0.3 GB less at the peak per worker
+    "gene-block-bytes": 64 * 2**20,
     # preprocess
     "max-zero-fraction": 0.5,
     # a command whose cluster has had no worker this long exits 1 instead of waiting forever
@@ -33,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     # epochs keep the quality of 100 (label agreement 0.967 vs 0.969, trustworthiness 0.981 for
     # both) at 2.7x the speed; umap-learn's own transform uses 30 for batches over 10,000 cells
     "transform-epochs": 30,
+    # epochs of UMAP's SGD over the kNN graph of all cells after the transform (0: none); see
+    # benchmarks/RESULTS.md, "Transform refinement"
+    "refine-epochs": 30,
 }
 
 dask.config.update_defaults({"distumap": DEFAULTS})

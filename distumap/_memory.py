@@ -15,6 +15,7 @@ fits, not bounds; ``distumap.memory-check: false`` turns the check off.
 from __future__ import annotations
 
 import math
+import warnings
 
 from distumap import _config
 from distumap._errors import InputError
@@ -189,3 +190,39 @@ def fit_chunk_cells(client, chunk_cells: int, n_genes: int, itemsize: int = 4) -
     if fitted < MIN_CHUNK_CELLS:
         return 0
     return fitted // MIN_CHUNK_CELLS * MIN_CHUNK_CELLS
+
+
+def ingest_chunk_cells(client, chunk_cells: int | None, n_genes: int, itemsize: int = 4) -> int:
+    """Cells per store chunk for an ingest of ``n_genes`` genes.
+
+    Parameters
+    ----------
+    client
+        The distributed client (None: nothing is known about the workers).
+    chunk_cells
+        What the user asked for: kept, or refused if its blocks cannot fit. None takes
+        ``distumap.chunk-cells``, made smaller (with one warning) until a block fits every worker;
+        the chunk size never changes a result, only the number of tasks.
+    n_genes, itemsize
+        The store's width and value size.
+
+    Raises
+    ------
+    InputError
+        When the asked-for blocks, or even the smallest, cannot fit.
+    """
+    if chunk_cells is not None:
+        check_blocks(client, "ingest", chunk_cells, n_genes, itemsize)
+        return chunk_cells
+    default = int(_config.get("chunk-cells"))
+    fitted = fit_chunk_cells(client, default, n_genes, itemsize)
+    if fitted == 0:
+        check_blocks(client, "ingest", MIN_CHUNK_CELLS, n_genes, itemsize)  # raises
+    if fitted < default:
+        warnings.warn(
+            f"ingest: blocks of {default:,} cells x {n_genes:,} genes would not fit in the "
+            f"workers' memory limit; using {fitted:,} cells per chunk (--chunk-cells)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fitted

@@ -14,6 +14,13 @@ usable. The stages (:func:`distumap.io.read_csv`, :func:`distumap.pp.preprocess`
                      key="umap-transform", label="embed: transform cells", total=n_cells)
     stage.complete(seconds=...)
 
+A stage that runs in passes (parse gene blocks, then transpose them into cell chunks) gives each
+pass its own markers with :meth:`Stage.pass_`; only the stage itself is started and completed::
+
+    genes = stage.pass_("ingest_genes")
+    genes.create_markers(n_gene_blocks)
+    genes.run_blocks(parse_gene_block, {i: (args, {}) for i in genes.pending()}, ...)
+
 Block functions return the units they finished (cells, say) or raise
 :class:`~distumap._errors.InputError` for bad input: that error comes back as a result instead of
 being raised on the worker, so Dask does not retry a bad line and the user hears about the
@@ -44,7 +51,7 @@ from distumap._store import (
     store_url,
 )
 
-__all__ = ["Stage", "mark_block", "returning_input_errors", "run_block"]
+__all__ = ["Stage", "StagePass", "mark_block", "returning_input_errors", "run_block"]
 
 
 def mark_block(store: str, stage: str, block: int, units: int, total: int) -> None:
@@ -82,7 +89,100 @@ def run_block(
     return int(units)
 
 
-class Stage:
+class _Blocks:
+    """What runs the blocks of one marker array, ``_progress/<markers>``: finding the pending
+    blocks, one task per block that skips a marked block and marks it once written, and the check
+    that every block was. :class:`Stage` adds the stage's record; :class:`StagePass` is one pass of
+    a stage, with markers of its own."""
+
+    store: str
+    name: str  # the stage, whose record and parameters these blocks belong to
+    markers: str  # the marker array (and the progress events' stage)
+    params: dict[str, Any]
+    record: dict[str, Any] | None
+    progress: bool
+
+    def has_markers(self) -> bool:
+        """Whether the marker array exists (it is written last, so its skeleton can be trusted)."""
+        try:
+            progress_array(self.store, self.markers, mode="r")
+        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+            return False
+        return True
+
+    def pending(self) -> list[int]:
+        """Blocks not yet marked written."""
+        return [int(b) for b in np.flatnonzero(~progress_array(self.store, self.markers, "r")[:])]
+
+    def compute(self, tasks: list, *, label: str) -> list[Any]:
+        """Compute ``tasks`` on the current scheduler with this stage's progress and watchdog."""
+        return run(tasks, stage=label, progress=self.progress)
+
+    def _token(self) -> str:
+        return tokenize(self.store, self.markers, self.params, self.record)
+
+    def run_blocks(
+        self,
+        function: Callable[..., int],
+        calls: Mapping[int, tuple[tuple, dict[str, Any]]],
+        *,
+        key: str,
+        label: str,
+        total: int,
+    ) -> int:
+        """Run ``function(*args, **kwargs)`` for each ``block: (args, kwargs)`` in ``calls``.
+
+        Each task is named ``<key>-<token>-<block>`` so the dashboard shows the stage; a block
+        already marked is skipped on the worker. Raises the earliest block's InputError, and
+        RuntimeError if a block was left unmarked. Returns the units done.
+        """
+        token = self._token()
+        tasks = [
+            dask.delayed(run_block, pure=False)(
+                function,
+                args,
+                kwargs,
+                store=self.store,
+                stage=self.markers,
+                block=block,
+                total=total,
+                dask_key_name=f"{key}-{token}-{block}",
+            )
+            for block, (args, kwargs) in sorted(calls.items())
+        ]
+        return self._finish_blocks(self.compute(tasks, label=label))
+
+    def run_sequential(
+        self, function: Callable[..., int], *args, key: str, label: str, **kwargs
+    ) -> int:
+        """Run one task that writes every pending block in turn and marks each with
+        :func:`mark_block` (an input that cannot be split, such as gzip)."""
+        task = dask.delayed(returning_input_errors, pure=False)(
+            function, *args, dask_key_name=f"{key}-{self._token()}", **kwargs
+        )
+        return self._finish_blocks(self.compute([task], label=label))
+
+    def _finish_blocks(self, results: list[Any]) -> int:
+        errors = [result for result in results if isinstance(result, InputError)]
+        if errors:
+            raise errors[0]
+        self.require_all_blocks()
+        return sum(results)
+
+    def _what(self) -> str:
+        return self.name if self.markers == self.name else f"{self.name} ({self.markers})"
+
+    def require_all_blocks(self) -> None:
+        """Raise RuntimeError unless every block of the stage is marked written."""
+        missing = self.pending()
+        if missing:
+            raise RuntimeError(
+                f"{self.store}: {self._what()} blocks {missing[:10]} were not written; "
+                "run the same command again to resume"
+            )
+
+
+class Stage(_Blocks):
     """One run of stage ``name`` on ``store`` with ``params``.
 
     Parameters
@@ -90,7 +190,8 @@ class Stage:
     store
         Path or fsspec URL of the store.
     name
-        The stage (one of :data:`distumap._format.STAGES`).
+        The stage (one of :data:`distumap._format.STAGES`); its block markers are
+        ``_progress/<name>``.
     params
         What decides the result: a re-run with equal params skips a finished stage and resumes
         an interrupted one; other params start it again.
@@ -116,6 +217,11 @@ class Stage:
         self.started = time.perf_counter()
 
     @property
+    def markers(self) -> str:
+        """The stage's block markers, ``_progress/<name>``."""
+        return self.name
+
+    @property
     def finished(self) -> bool:
         """Whether the stage finished with these parameters (nothing to do)."""
         return self._same_params and self.record.get("status") == "complete"
@@ -130,84 +236,19 @@ class Stage:
             return False
         if any(self.record.get(key) != value for key, value in info.items()):
             return False
-        try:
-            progress_array(self.store, self.name, mode="r")
-        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
-            return False
-        return True
+        return self.has_markers()
 
     def start(self, n_blocks: int | None = None, **info: Any) -> None:
         """Record the stage as started (later stages are invalidated) with fresh block markers."""
         mark_stage(self.store, self.name, "started", self.params, **info)
         if n_blocks is not None:
-            create_progress(self.store, self.name, np.zeros(n_blocks, dtype=bool), chunks=1)
+            create_progress(self.store, self.markers, np.zeros(n_blocks, dtype=bool), chunks=1)
         self.record = stage_record(self.store, self.name)
 
-    def pending(self) -> list[int]:
-        """Blocks not yet marked written."""
-        return [int(b) for b in np.flatnonzero(~progress_array(self.store, self.name, "r")[:])]
-
-    def compute(self, tasks: list, *, label: str) -> list[Any]:
-        """Compute ``tasks`` on the current scheduler with this stage's progress and watchdog."""
-        return run(tasks, stage=label, progress=self.progress)
-
-    def run_blocks(
-        self,
-        function: Callable[..., int],
-        calls: Mapping[int, tuple[tuple, dict[str, Any]]],
-        *,
-        key: str,
-        label: str,
-        total: int,
-    ) -> int:
-        """Run ``function(*args, **kwargs)`` for each ``block: (args, kwargs)`` in ``calls``.
-
-        Each task is named ``<key>-<token>-<block>`` so the dashboard shows the stage; a block
-        already marked is skipped on the worker. Raises the earliest block's InputError, and
-        RuntimeError if a block was left unmarked. Returns the units done.
-        """
-        token = tokenize(self.store, self.name, self.params, self.record)
-        tasks = [
-            dask.delayed(run_block, pure=False)(
-                function,
-                args,
-                kwargs,
-                store=self.store,
-                stage=self.name,
-                block=block,
-                total=total,
-                dask_key_name=f"{key}-{token}-{block}",
-            )
-            for block, (args, kwargs) in sorted(calls.items())
-        ]
-        return self._finish_blocks(self.compute(tasks, label=label))
-
-    def run_sequential(
-        self, function: Callable[..., int], *args, key: str, label: str, **kwargs
-    ) -> int:
-        """Run one task that writes every pending block in turn and marks each with
-        :func:`mark_block` (an input that cannot be split, such as gzip)."""
-        token = tokenize(self.store, self.name, self.params, self.record)
-        task = dask.delayed(returning_input_errors, pure=False)(
-            function, *args, dask_key_name=f"{key}-{token}", **kwargs
-        )
-        return self._finish_blocks(self.compute([task], label=label))
-
-    def _finish_blocks(self, results: list[Any]) -> int:
-        errors = [result for result in results if isinstance(result, InputError)]
-        if errors:
-            raise errors[0]
-        self.require_all_blocks()
-        return sum(results)
-
-    def require_all_blocks(self) -> None:
-        """Raise RuntimeError unless every block of the stage is marked written."""
-        missing = self.pending()
-        if missing:
-            raise RuntimeError(
-                f"{self.store}: {self.name} blocks {missing[:10]} were not written; "
-                "run the same command again to resume"
-            )
+    def pass_(self, markers: str) -> StagePass:
+        """One pass of this stage, with its own block markers ``_progress/<markers>`` (and
+        progress events of that name): see :class:`StagePass`."""
+        return StagePass(self, markers)
 
     def complete(self, **info: Any) -> None:
         """Record the stage as complete: call only once its result is usable."""
@@ -216,3 +257,29 @@ class Stage:
         info = {**kept, **info, "seconds": seconds}
         mark_stage(self.store, self.name, "complete", self.params, **info)
         self.record = stage_record(self.store, self.name)
+
+
+class StagePass(_Blocks):
+    """One pass of a stage that runs in several (pass 1 parses gene blocks, pass 2 writes the
+    cell chunks), made by :meth:`Stage.pass_`.
+
+    It runs, skips, marks and checks its blocks as the stage does, against its own markers
+    ``_progress/<markers>``, under the stage's record and parameters (its tasks' names change
+    when the stage restarts). It records nothing: the stage is started and completed as a whole.
+    """
+
+    def __init__(self, stage: Stage, markers: str):
+        if markers == stage.markers:
+            raise ValueError(f"a pass of {stage.name!r} needs markers of its own, not {markers!r}")
+        self.stage = stage
+        self.store, self.name, self.params = stage.store, stage.name, stage.params
+        self.progress, self.markers = stage.progress, markers
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The stage's record, as it is now."""
+        return self.stage.record
+
+    def create_markers(self, n_blocks: int) -> None:
+        """Fresh markers for the pass's ``n_blocks`` blocks, none written."""
+        create_progress(self.store, self.markers, np.zeros(n_blocks, dtype=bool), chunks=1)

@@ -91,7 +91,7 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
         "--orientation",
         default="cells-by-genes",
         choices=("cells-by-genes", "genes-by-cells"),
-        help="cells in rows (default); genes-by-cells is not read yet",
+        help="CSV/TSV: cells in rows (default) or genes in rows, as most GEO files are",
     )
     parser.add_argument(
         "--chunk-cells", type=int, metavar="N", help="cells per store chunk (default 1024)"

@@ -53,8 +53,26 @@ ROUTE = "/distumap"
 #: the run's total sends up to ``max_points`` per block; this bounds the scheduler's memory)
 _STORED_POINTS = 50_000
 
-#: the task key prefixes of distumap's graphs, counted by state in the JSON
-TASK_PREFIXES = ("parse-csv-block", "gene-stats", "umap-fit", "umap-transform", "loom-block")
+#: the task key prefixes of distumap's graphs, counted by state in the JSON: the scheduler's
+#: prefixes (``dask.utils.key_split``), which stop before a word holding a digit or a "+", so
+#: ``read-10x-h5-block-...``, ``read-h5ad-block-...`` and blocks of mixed inputs
+#: (``read-10x-h5+loom-block-...``) all count as ``read``
+TASK_PREFIXES = (
+    "parse-csv-block",
+    "parse-csv-gzip",
+    "parse-csv-gene-block",
+    "parse-csv-gzip-genes",
+    "transpose-block",
+    "read",
+    "read-mex-block",
+    "read-loom-block",
+    "read-anndata-zarr-block",
+    "read-mex-gzip",
+    "gene-stats",
+    "umap-fit",
+    "umap-transform",
+    "loom-block",
+)
 
 #: tasks whose keys start with this are the UMAP fit (one task ``umap-fit-<token>``)
 FIT_PREFIX = "umap-fit"
@@ -65,7 +83,21 @@ FIT_STEPS = ("PCA of the landmarks", "UMAP of the landmarks", "transform calibra
 
 #: the task key prefixes of each stage's tasks: a stage's time starts when its first task runs
 STAGE_TASKS = {
-    "ingest": ("index-csv", "parse-csv"),
+    # every reader's tasks: the CSV's (parse-csv-block, parse-csv-gzip), genes-by-cells'
+    # (parse-csv-gene-block, parse-csv-gzip-genes, transpose-block), the binary formats'
+    # read-<format>-block (mixed inputs join formats with "+") and read-mex-gzip
+    "ingest": (
+        "index-csv",
+        "parse-csv",
+        "transpose-block",
+        "index-mtx",
+        "transpose-csc",
+        "read-10x-h5",
+        "read-h5ad",
+        "read-anndata-zarr",
+        "read-loom",
+        "read-mex",
+    ),
     "preprocess": ("gene-stats",),
     "embed": ("umap-transform",),
     "export": ("loom-block", "h5ad-block", "anndata-zarr"),

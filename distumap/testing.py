@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "R_DIALECTS",
     "TUTORIAL_CELLS",
     "TUTORIAL_GENES",
     "SyntheticData",
@@ -45,6 +46,7 @@ __all__ = [
     "write_10x_h5",
     "write_anndata_zarr",
     "write_dataset",
+    "write_genes_by_cells_csv",
     "write_h5ad",
     "write_loom",
     "write_matrix_csv",
@@ -116,6 +118,10 @@ class SyntheticSpec:
     zero_genes, zero_cells
         How many genes and cells are all zero, for nasty fixtures. Their positions are seeded
         (see :attr:`zero_gene_indices`), and asking for them changes no other count.
+    depth
+        Sequencing depth: every expected count is multiplied by it. 1 gives ~17,000 counts per
+        cell at 50,281 genes (the tutorial's Smart-seq-like depth); 0.3 at 20,000 genes gives
+        droplet-like sparsity (~1,300 detected genes and ~2,000 counts per cell, as in 10x data).
 
     Examples
     --------
@@ -134,6 +140,7 @@ class SyntheticSpec:
     marker_log2_fold: float = 2.0
     zero_genes: int = 0
     zero_cells: int = 0
+    depth: float = 1.0
 
     def __post_init__(self) -> None:
         if self.n_cells < 0 or self.n_genes < 1:
@@ -144,6 +151,8 @@ class SyntheticSpec:
             raise ValueError("need 0 < smallest_fraction <= 1 / n_subclasses")
         if not 0 <= self.zero_genes <= self.n_genes or not 0 <= self.zero_cells <= self.n_cells:
             raise ValueError("zero_genes and zero_cells must fit in the matrix")
+        if not self.depth > 0:
+            raise ValueError(f"depth must be positive, got {self.depth}")
 
     @classmethod
     def tutorial(cls, *, seed: int = 0, **options) -> SyntheticSpec:
@@ -284,6 +293,77 @@ def synthetic_counts(n_cells: int, n_genes: int, *, seed: int = 0, **options) ->
     return SyntheticSpec(n_cells, n_genes, seed=seed, **options).materialize()
 
 
+@dataclass(frozen=True)
+class _RWriter:
+    """The text one R call writes for a matrix with row and column names."""
+
+    sep: str
+    quote: bool  # names in double quotes (numbers never are)
+    first_cell: str | None  # the header's field above the row names; None: it has none
+    scientific: bool  # whole numbers of a double matrix as R prints them: 100000 as 1e+05
+
+    def name(self, text: str) -> str:
+        return '"' + text.replace('"', '""') + '"' if self.quote else text
+
+    def header(self, names) -> bytes:
+        first = [] if self.first_cell is None else [self.name(self.first_cell)]
+        return self.sep.join([*first, *(self.name(str(n)) for n in names)]).encode()
+
+    def lines(self, counts: np.ndarray, row_names: list[str], eol: str) -> bytes:
+        values = _r_doubles(counts) if self.scientific else counts.astype(str)
+        return "".join(
+            self.sep.join([self.name(name), *row]) + eol
+            for name, row in zip(row_names, values.tolist(), strict=True)
+        ).encode()
+
+
+def _r_doubles(counts: np.ndarray) -> np.ndarray:
+    """Whole numbers as R writes a double: fixed notation unless scientific is shorter
+    (``scipen = 0``: 100000 is ``1e+05``, 12000000 is ``1.2e+07``, 120000 stays)."""
+    text = counts.astype(np.int64).astype(str)
+    for index in zip(*np.nonzero((counts >= 100_000) & (counts % 10 == 0)), strict=True):
+        fixed = text[index]
+        digits = fixed.rstrip("0")
+        mantissa = digits[0] + (f".{digits[1:]}" if len(digits) > 1 else "")
+        scientific = f"{mantissa}e+{len(fixed) - 1:02d}"
+        if len(scientific) < len(fixed):
+            text[index] = scientific
+    return text
+
+
+#: what R writes for the count matrix ``m`` (cells or genes as row names; a double matrix, as R
+#: keeps counts), by the call that writes it: the CSV writers' ``dialect``
+_R_WRITERS = {
+    # write.table(m, "x.txt"): space-separated, quoted names, no header field above the row names
+    "write.table": _RWriter(" ", quote=True, first_cell=None, scientific=True),
+    # write.table(m, "x.tsv", sep="\t")
+    "write.table-tsv": _RWriter("\t", quote=True, first_cell=None, scientific=True),
+    # write.table(m, "x.txt", sep="\t", quote=FALSE)
+    "write.table-tsv-unquoted": _RWriter("\t", quote=False, first_cell=None, scientific=True),
+    # write.csv(m, "x.csv"): a quoted empty field above the row names
+    "write.csv": _RWriter(",", quote=True, first_cell="", scientific=True),
+    # data.table::fwrite(as.data.table(m, keep.rownames = TRUE), "x.csv"): quotes where needed
+    "fwrite": _RWriter(",", quote=False, first_cell="rn", scientific=True),
+    # readr::write_csv(tibble::as_tibble(m, rownames = "rowname"), "x.csv"): readr (since
+    # 1.2) writes whole doubles in fixed notation
+    "write_csv": _RWriter(",", quote=False, first_cell="rowname", scientific=False),
+}
+
+#: the R dialects the CSV writers write (their ``dialect``), named by the R call that writes
+#: them: ``write.table`` (R's default: space-separated, quoted, a header with no field above
+#: the row names), ``write.table-tsv`` (``sep = "\t"``), ``write.table-tsv-unquoted`` (and
+#: ``quote = FALSE``), ``write.csv``, ``fwrite`` (data.table) and ``write_csv`` (readr)
+R_DIALECTS = tuple(_R_WRITERS)
+
+
+def _r_dialect(dialect: str | None) -> _RWriter | None:
+    if dialect is None:
+        return None
+    if dialect not in _R_WRITERS:
+        raise ValueError(f"dialect must be None or one of {', '.join(R_DIALECTS)}, not {dialect!r}")
+    return _R_WRITERS[dialect]
+
+
 def write_matrix_csv(
     path: str | os.PathLike,
     data: SyntheticSpec | SyntheticData,
@@ -292,6 +372,7 @@ def write_matrix_csv(
     final_newline: bool = True,
     compression: Literal["gzip"] | None = None,
     block_cells: int = 256,
+    dialect: str | None = None,
 ) -> Path:
     """Write the count matrix as the tutorial's ``matrix.csv``, streaming blocks of cells.
 
@@ -309,6 +390,9 @@ def write_matrix_csv(
         None or ``"gzip"`` (level 1, no timestamp: the same data gives the same bytes).
     block_cells
         Cells per block; it bounds memory (~6 bytes per count) and does not change the output.
+    dialect
+        None (the tutorial's layout), or one of :data:`R_DIALECTS`: the text that R call
+        writes for the same matrix (cells as row names), line ending and compression as asked.
 
     Returns
     -------
@@ -330,12 +414,15 @@ def write_matrix_csv(
         raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
     if block_cells < 1:
         raise ValueError("block_cells must be positive")
+    r_dialect = _r_dialect(dialect)
     spec, counts_in_memory = _unpack(data)
     path = Path(path)
     if compression == "gzip" and path.suffix != ".gz":
         path = path.with_name(path.name + ".gz")
     eol = np.frombuffer(line_ending.encode(), dtype=np.uint8)
     header = ",".join(["sample_name", *spec.gene_names()]).encode()
+    if r_dialect is not None:
+        header = r_dialect.header(spec.gene_names())
     n_cells = spec.n_cells
     with open(path, "wb") as raw:
         sink = (
@@ -358,6 +445,11 @@ def write_matrix_csv(
                 else:
                     block = np.ascontiguousarray(counts_in_memory[start:stop], dtype=np.int32)
                 names = _name_bytes(start, stop, _model(spec).seed_key)
+                if r_dialect is not None:
+                    text = r_dialect.lines(block, [bytes(n).decode() for n in names], line_ending)
+                    sink.write(text[: -eol.size] if stop == n_cells and not final_newline else text)
+                    del block
+                    continue
                 size = _text_size(block, names.shape[1], eol.size)
                 if buffer.size < size:
                     buffer = np.empty(int(size * 1.25), dtype=np.uint8)
@@ -370,6 +462,163 @@ def write_matrix_csv(
             if sink is not raw:
                 sink.close()
     return path
+
+
+def write_genes_by_cells_csv(
+    path: str | os.PathLike,
+    data: SyntheticSpec | SyntheticData,
+    *,
+    sep: Literal[",", "\t"] = ",",
+    line_ending: Literal["\n", "\r\n"] = "\n",
+    final_newline: bool = True,
+    compression: Literal["gzip"] | None = None,
+    block_genes: int = 256,
+    dialect: str | None = None,
+) -> Path:
+    """Write the count matrix transposed, genes in rows, as most GEO supplementary files are.
+
+    Parameters
+    ----------
+    path
+        Output file. With ``compression="gzip"`` a ``.gz`` suffix is added unless present.
+    data
+        A spec (generated block by block, for any size) or an in-memory dataset.
+    sep
+        ``","`` (CSV) or ``"\\t"`` (TSV).
+    line_ending
+        ``"\\n"`` or ``"\\r\\n"`` (both are valid input).
+    final_newline
+        False leaves the last line unterminated (also valid input).
+    compression
+        None or ``"gzip"`` (level 1, no timestamp: the same data gives the same bytes).
+    block_genes
+        Genes per block; it bounds memory (~10 bytes per count of a block of genes x all cells)
+        and does not change the output.
+    dialect
+        None (pandas' layout), or one of :data:`R_DIALECTS`: the text that R call writes for
+        the transposed matrix (genes as row names), which brings its own separator (leave
+        ``sep`` as it is).
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Notes
+    -----
+    The header is an empty first cell and then the cell names, as pandas writes
+    ``df.T.to_csv()``; then one line ``<gene>,<count>,...`` per gene, in gene order. The counts
+    are exactly :func:`write_matrix_csv`'s, transposed: ingested with
+    ``orientation="genes-by-cells"`` they give the same store.
+
+    Examples
+    --------
+    >>> write_genes_by_cells_csv(tmp_path / "genes.csv", SyntheticSpec(100, 30))  # doctest: +SKIP
+    """
+    if sep not in (",", "\t"):
+        raise ValueError(f"sep must be ',' or '\\t', got {sep!r}")
+    if line_ending not in ("\n", "\r\n"):
+        raise ValueError(f"line_ending must be '\\n' or '\\r\\n', got {line_ending!r}")
+    if compression not in (None, "gzip"):
+        raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
+    if block_genes < 1:
+        raise ValueError("block_genes must be positive")
+    r_dialect = _r_dialect(dialect)
+    if r_dialect is not None and sep != ",":
+        raise ValueError(f"the {dialect} dialect brings its own separator: leave sep as it is")
+    spec, counts_in_memory = _unpack(data)
+    path = Path(path)
+    if compression == "gzip" and path.suffix != ".gz":
+        path = path.with_name(path.name + ".gz")
+    eol = np.frombuffer(line_ending.encode(), dtype=np.uint8)
+    header = sep.join(["", *spec.cell_names()]).encode()
+    if r_dialect is not None:
+        header = r_dialect.header(spec.cell_names())
+    genes = spec.gene_names()
+    if counts_in_memory is None:
+        model = _model(spec)
+        population, scale = spec._cells(0, spec.n_cells)
+    with open(path, "wb") as raw:
+        sink = (
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0)
+            if compression == "gzip"
+            else raw
+        )
+        try:
+            sink.write(header + eol.tobytes())
+            buffer = np.empty(0, dtype=np.uint8)
+            for start in range(0, spec.n_genes, block_genes):
+                stop = min(start + block_genes, spec.n_genes)
+                if counts_in_memory is None:
+                    block = np.empty((spec.n_cells, stop - start), dtype=np.int32)
+                    _fill_gene_range(block, start, model.seed_key, population, scale, model.means)
+                else:
+                    block = counts_in_memory[:, start:stop]
+                rows = np.ascontiguousarray(block.T, dtype=np.int32)  # genes x cells
+                del block
+                for offset, gene in enumerate(genes[start:stop]):
+                    row = rows[offset : offset + 1]
+                    if r_dialect is not None:
+                        text = r_dialect.lines(row, [str(gene)], line_ending)
+                        last = start + offset == spec.n_genes - 1
+                        sink.write(text[: -eol.size] if last and not final_newline else text)
+                        continue
+                    name = np.frombuffer(str(gene).encode(), dtype=np.uint8)[None, :]
+                    size = _text_size(row, name.shape[1], eol.size)
+                    if buffer.size < size:
+                        buffer = np.empty(int(size * 1.25), dtype=np.uint8)
+                    written = _format_rows(row, name, eol, buffer)
+                    if start + offset == spec.n_genes - 1 and not final_newline:
+                        written -= eol.size
+                    text = buffer[:written]
+                    if sep == "\t":  # the kernel writes commas; gene names hold none
+                        text[text == 44] = 9
+                    sink.write(memoryview(text))
+                del rows  # before the next block is made: peak memory holds one block
+        finally:
+            if sink is not raw:
+                sink.close()
+    return path
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_gene_range(out, gene_start, seed_key, population, scale, means):
+    # _fill_counts for genes gene_start:gene_start + out.shape[1] of cells 0:out.shape[0]: the
+    # same draws in the same order for each (cell, gene), so the counts agree bit for bit
+    n_rows, n_genes = out.shape
+    uniform = np.empty(n_genes, dtype=np.float64)
+    p_zero = np.empty(n_genes, dtype=np.float64)
+    exponent_bits = np.empty(n_genes, dtype=np.int64)
+    power_of_two = exponent_bits.view(np.float64)
+    for row in range(n_rows):
+        key = _cell_key(seed_key, row)
+        mean_row = means[population[row]]
+        s = scale[row]
+        for gene in range(n_genes):
+            t = -min(mean_row[gene_start + gene] * s, 700.0) * _LOG2E
+            n = math.floor(t + 0.5)
+            p_zero[gene] = _exp2_fraction(t - n)
+            exponent_bits[gene] = (np.int64(n) + 1023) << 52
+            uniform[gene] = _unit(_mix64(key + np.uint64(gene_start + gene + 1) * _GAMMA))
+        for gene in range(n_genes):
+            p_zero[gene] *= power_of_two[gene]
+            out[row, gene] = uniform[gene] >= p_zero[gene]
+        for gene in range(n_genes):
+            if out[row, gene] == 0:
+                continue
+            lam = mean_row[gene_start + gene] * s
+            state = _mix64(key + np.uint64(gene_start + gene + 1) * _GAMMA)
+            if lam < _PRODUCT_LIMIT:
+                threshold = p_zero[gene]
+                product = uniform[gene]
+                k = 0
+                while product >= threshold:
+                    k += 1
+                    state += _GAMMA
+                    product *= _unit(_mix64(state))
+                out[row, gene] = k
+            else:
+                out[row, gene] = _poisson_ptrs(lam, state)
 
 
 def write_metadata_csv(
@@ -508,6 +757,8 @@ def _model(spec: SyntheticSpec) -> _Model:
         genes = rng.choice(n_genes, size=n_markers, replace=False)
         log_means[sub, genes] += rng.normal(log_fold, 0.3 * log_fold, size=n_markers)
     means = np.exp(log_means)
+    if spec.depth != 1.0:  # exactly the old means at depth 1
+        means *= spec.depth
     # the all-zero genes and cells come from a stream of their own: asking for them changes
     # nothing else in the matrix
     zero_rng = np.random.default_rng([spec.seed, 0x5A45524F])  # "ZERO"

@@ -801,3 +801,70 @@ def test_kernel_parses_any_counts(counts, eol, final_newline, zeros):
     parsed, status, _ = _parse(text, 3, starts=starts)
     assert status == _csv.OK
     np.testing.assert_array_equal(parsed, np.array(counts, dtype=np.int64))
+
+
+# ------------------------------------------------------------------ R's layouts and quoted names
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "sep", "r_header"),
+    [
+        (b"sample_name,A,B\n", b"c1,1,2\n", _csv.COMMA, False),
+        (b',"A","B"\r\n', b'"c1",1,2\r\n', _csv.COMMA, False),  # pandas, write.csv
+        (b'"A"\t"B"\n', b'"c1"\t1\t2\n', _csv.TAB, True),  # write.table(sep = "\t")
+        (b"A\tB\n", b"c1\t1\t2\n", _csv.TAB, True),  # and quote = FALSE
+        (b'"A" "B"\n', b'"c1" 1 2\n', _csv.SPACE, True),  # write.table's default
+        (b"A B\n", b"c1 1 2\n", _csv.SPACE, True),
+        (b'"gene A" "B,1"\n', b'"cell one" 1 2\n', _csv.SPACE, True),  # quoted separators
+        (b'"A"\n', b'"c1" 5\n', _csv.SPACE, True),  # one gene: the data line decides
+        (b"A\n", b"c1,5\n", _csv.COMMA, True),
+        (b"A,B\n", None, _csv.COMMA, False),  # no data line: the usual layout
+        # a data line with one field too many is an error on that line, not R's layout, when
+        # the header names its row-name column or it ends in a separator
+        (b"sample_name,A,B\n", b"c1,1,2,3\n", _csv.COMMA, False),
+        (b",A,B\n", b"c1,1,2,3\n", _csv.COMMA, False),
+        (b"V1,A,B\n", b"c1,1,2,3\n", _csv.COMMA, False),
+        (b"A,B\n", b"c1,1,2,\n", _csv.COMMA, False),
+    ],
+)
+def test_detect_dialect(header, data, sep, r_header):
+    assert _csv.detect_dialect(header, data) == _csv.Dialect(sep, r_header=r_header)
+
+
+def test_quoted_names_hold_separators_in_header_index_and_kernel():
+    text = b'"gene A" "B"\n"cell one" 1 2\n"say ""hi"" 2" 3 4\n"c" 5 6'
+    dialect = _csv.detect_dialect(*text.split(b"\n")[:2])
+    assert dialect == _csv.Dialect(_csv.SPACE, r_header=True)
+    header = text[: text.index(b"\n") + 1]
+    genes = _csv.parse_header(header, "m.txt", dialect.sep, r_header=True)
+    assert genes == ["gene A", "B"]
+    start = len(header)
+    index = _csv.index_block(text[start - 1 :], start - 1, start, len(text) + 1, dialect.sep)
+    assert index.names == ["cell one", 'say "hi" 2', "c"]
+    buf = np.frombuffer(text, np.uint8)
+    counts, status, _ = _csv.parse_block(buf, index.starts, 2, sep=dialect.sep)
+    assert status == _csv.OK
+    np.testing.assert_array_equal(counts, [[1, 2], [3, 4], [5, 6]])
+
+
+@pytest.mark.parametrize("header", ["V1", "rn", "rowname", '""'])
+def test_data_table_and_readr_headers(tmp_path, header):
+    """fwrite writes ``rn`` (``keep.rownames``) or ``V1`` (fread's name for a missing header
+    field), readr ``rowname``, write.csv ``""``; counts of a double matrix as ``1e+05``."""
+    path = tmp_path / "matrix.csv"
+    path.write_text(f"{header},A,B\nc1,1e+05,0\nc2,3,1.2e+07\n")
+    ds = ingest(path, tmp_path / "store.zarr")
+    assert_store_equals(ds, np.array([[100_000, 0], [3, 12_000_000]]), ["c1", "c2"], ["A", "B"])
+    assert stage_record(tmp_path / "store.zarr", "ingest")["rounded"] == 0
+
+
+@pytest.mark.parametrize("orientation", ["cells-by-genes", "genes-by-cells"])
+def test_warnings_name_the_line_that_called_read_or_read_csv(tmp_path, orientation):
+    path = write_matrix_csv(tmp_path / "matrix.csv", DATA, compression="gzip")
+    with pytest.warns(UserWarning, match="gzip-compressed") as caught:
+        dio.read(path, tmp_path / "read.zarr", orientation=orientation, chunk_cells=CHUNK)
+    assert {w.filename for w in caught} == {__file__}
+    if orientation == "cells-by-genes":
+        with pytest.warns(UserWarning, match="gzip-compressed") as caught:
+            ingest(path, tmp_path / "read_csv.zarr")
+        assert {w.filename for w in caught} == {__file__}

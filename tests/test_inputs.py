@@ -3,6 +3,7 @@ size, several inputs at once, resume, and one real multi-process cluster."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
@@ -19,11 +20,13 @@ from distumap._store import mark_stage, progress_array, stage_record
 from distumap.cli import main
 from distumap.io._read import source_labels
 from distumap.testing import (
+    R_DIALECTS,
     synthetic_counts,
     write_10x_h5,
     write_anndata_zarr,
     write_h5ad,
     write_loom,
+    write_matrix_csv,
     write_mex,
 )
 
@@ -229,3 +232,65 @@ def test_a_float32_store_exports_its_values_unrounded(tmp_path):
         np.testing.assert_array_equal(loom[:, :], values[:, selected].T)
     adata = anndata.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_array_equal(adata.X.toarray(), values[:, selected])
+
+
+# ------------------------------------------------------------------ CSV and TSV as R writes them
+
+#: DATA with counts R writes as 1e+05 and 1.2e+07
+R_DATA = dataclasses.replace(DATA, counts=DATA.counts.copy())
+R_DATA.counts[3, 2], R_DATA.counts[200, 30] = 100_000, 12_000_000
+
+
+@pytest.mark.parametrize("dialect", R_DIALECTS)
+def test_every_r_dialect_gives_the_store_of_the_plain_csv(tmp_path, dialect):
+    plain = write_matrix_csv(tmp_path / "plain.csv", R_DATA)
+    path = write_matrix_csv(tmp_path / f"{dialect}.txt", R_DATA, dialect=dialect)
+    for chunk in (64, 1000):
+        with _threads():
+            reference = io.read(plain, tmp_path / f"plain-{chunk}.zarr", chunk_cells=chunk)
+            ds = io.read(path, tmp_path / f"store-{chunk}.zarr", chunk_cells=chunk)
+        assert check_store(ds) == []
+        for name in reference.variables:
+            np.testing.assert_array_equal(ds[name].values, reference[name].values, err_msg=name)
+        np.testing.assert_array_equal(ds["counts"].values, R_DATA.counts)
+        assert ds["counts"].dtype == np.int32
+        assert ds["cell"].values.tolist() == list(R_DATA.cell_names)
+        assert ds["gene"].values.tolist() == list(R_DATA.gene_names)
+        assert ds["counts"].data.chunks == reference["counts"].data.chunks
+
+
+BAD_R = {
+    # case: (file text, message)
+    "write.table short line": (
+        b'"A" "B" "C"\n"c1" 1 2 3\n"c2" 1 2 3\n"c3" 1 2\n',
+        r"line 4: too few fields: found 3 of 4 \(a cell name and 3 values; read as R's "
+        r"write\.table layout",
+    ),
+    "write.table-tsv long line": (
+        b"A\tB\tC\nc1\t1\t2\t3\nc2\t1\t2\t3\t4\n",
+        r"line 3, column 5: too many fields: lines hold a cell name and 3 values, found more",
+    ),
+    "write.csv NA": (
+        b'"","A","B"\n"c1",1,NA\n',
+        r"line 2, column 3 \(gene 'B'\): not an integer count: 'NA'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_R))
+def test_bad_r_files_name_file_and_line(tmp_path, case):
+    text, message = BAD_R[case]
+    path = tmp_path / "bad.txt"
+    path.write_bytes(text)
+    with _threads(), pytest.raises(InputError, match=message) as error:
+        io.read(path, tmp_path / "store.zarr")
+    assert str(error.value).startswith(f"{path}: line ")
+
+
+def test_a_bad_r_file_exits_2(tmp_path, capsys):
+    text, message = BAD_R["write.table short line"]
+    path = tmp_path / "bad.txt"
+    path.write_bytes(text)
+    assert main(["ingest", str(path), str(tmp_path / "cli.zarr"), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{path}: line 4" in last and re.search(message, last), last

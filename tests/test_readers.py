@@ -907,3 +907,182 @@ def test_fsspec_urls(written):
             assert reader.fingerprint()["files"][0]["size"] > 0
     finally:
         memory.rm("/readers", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast paths: blocks into a reused buffer, CSC through one transposition, raw loom chunks
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_blocks_into_one_reused_buffer_leave_nothing_behind(written, case):
+    """Every block overwrites all of the buffer it is given: what the previous block (or
+    garbage) left there never shows through, whatever the sizes."""
+    reader = _open(case, written[case.name])
+    buffer = np.full(64 * N_GENES, 99, dtype=reader.dtype)
+    for start, stop in [(0, 64), (100, 110), (3, 3), (60, 124), (150, 157), (0, 64)]:
+        out = buffer[: (stop - start) * N_GENES].reshape(stop - start, N_GENES)
+        block, rounded = reader.read_counted(start, stop, out=out)
+        assert block is out and rounded == 0
+        np.testing.assert_array_equal(block, DATA.counts[start:stop])
+    bounds = []
+    for i, (start, stop, block, _) in enumerate(
+        reader.iter_blocks(40, start=5, buffers=[buffer, buffer.copy()])
+    ):
+        np.testing.assert_array_equal(block, DATA.counts[start:stop])  # valid until reused
+        assert np.shares_memory(block, buffer) == (i % 2 == 0)
+        bounds.append((start, stop))
+    assert bounds == [(5, 45), (45, 85), (85, 125), (125, 157)]
+
+
+def test_a_buffer_that_does_not_fit_is_refused(written):
+    reader = open_reader(written["h5ad-csr"])
+    for out in (
+        np.empty((9, N_GENES), np.int32),
+        np.empty((10, N_GENES), np.float32),
+        np.empty((N_GENES, 10), np.int32).T,
+    ):
+        with pytest.raises(ValueError, match="out must be a C-contiguous int32 array"):
+            reader.read_counted(0, 10, out=out)
+
+
+@pytest.mark.parametrize("part", [1, 37, 1000, 1 << 20])
+@pytest.mark.parametrize(("first_cell", "chunk"), [(0, 64), (90, 50), (3, 1000)])
+def test_csc_entries_sorted_by_block_rebuild_every_block(written, part, first_cell, chunk):
+    """The transposition's parts, whatever their size and wherever the input starts in the
+    store, give each store block exactly its cells' entries (and rows of other inputs stay)."""
+    reader = open_reader(written["h5ad-csc"])
+    n_blocks = -(-(first_cell + N_CELLS) // chunk)
+    parts = [
+        reader.csc_entries(
+            low, min(low + part, reader.nnz), first_cell=first_cell, chunk_cells=chunk,
+            n_blocks=n_blocks,
+        )
+        for low in range(0, reader.nnz, part)
+    ]  # fmt: skip
+    assert (
+        sum(packed.shape[0] for packed, _ in parts) == reader.nnz == np.count_nonzero(DATA.counts)
+    )
+    store = np.full((n_blocks * chunk, N_GENES), -1, dtype=np.int32)  # cells of other inputs
+    for block in range(n_blocks):
+        out = store[block * chunk : (block + 1) * chunk]
+        lo, hi = max(first_cell, block * chunk), min(first_cell + N_CELLS, (block + 1) * chunk)
+        if lo < hi:
+            out[lo - block * chunk : hi - block * chunk] = 0
+        entries = np.concatenate(
+            [packed[offsets[block] : offsets[block + 1]] for packed, offsets in parts]
+        )
+        assert reader.fill_csc_entries(entries, out, first_cell=block * chunk - first_cell) == 0
+    np.testing.assert_array_equal(store[first_cell : first_cell + N_CELLS], DATA.counts)
+    assert (store[:first_cell] == -1).all() and (store[first_cell + N_CELLS :] == -1).all()
+
+
+def test_csc_ingest_transposes_once_with_several_inputs(written, tmp_path, monkeypatch):
+    """CSC inputs between others, genes in another order, parts of a few entries: the store
+    is exact, no block task passes over the whole matrix, and the scratch is gone."""
+    import anndata
+    import dask
+    import zarr
+
+    from distumap import io
+    from distumap.io import _readers
+
+    order = np.random.default_rng(1).permutation(N_GENES)
+    shuffled = tmp_path / "shuffled.h5ad"
+    anndata.read_h5ad(written["h5ad-csc"])[:, order].copy().write_h5ad(shuffled)
+    monkeypatch.setattr(_readers, "CSC_ENTRIES_PER_PASS", 37)
+    monkeypatch.setattr(
+        _readers.AnnDataReader,
+        "_fill_csc_cells",
+        lambda *args: pytest.fail("a block task passed over the whole CSC matrix"),
+    )
+    store = tmp_path / "store.zarr"
+    inputs = [written["h5ad-csc"], written["10x-v3"], shuffled]
+    with dask.config.set(scheduler="threads", num_workers=2), pytest.warns(UserWarning):
+        ds = io.read(inputs, store, chunk_cells=50)
+    np.testing.assert_array_equal(ds["counts"].values, np.concatenate([DATA.counts] * 3))
+    progress = zarr.open_group(str(store), mode="r")["_progress"]
+    assert not [name for name in progress.keys() if name.startswith(("csc", "ingest_csc"))]
+
+
+def test_csc_ingest_resumes_after_an_interruption(written, tmp_path, monkeypatch):
+    import dask
+
+    from distumap import io
+    from distumap.io import _read, _readers
+
+    monkeypatch.setattr(_readers, "CSC_ENTRIES_PER_PASS", 100)
+    original = _read._read_block
+    calls = []
+
+    def failing(*args):
+        calls.append(args[3])
+        if len(calls) == 3:
+            raise RuntimeError("the worker went away")
+        return original(*args)
+
+    monkeypatch.setattr(_read, "_read_block", failing)
+    store = tmp_path / "store.zarr"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="went"):
+        io.read(written["h5ad-csc"], store, chunk_cells=20)
+    monkeypatch.setattr(_read, "_read_block", original)
+    parts = []
+    original_part = _read._transpose_part
+    monkeypatch.setattr(
+        _read, "_transpose_part", lambda *args: parts.append(args[3]) or original_part(*args)
+    )
+    with dask.config.set(scheduler="synchronous"):
+        ds = io.read(written["h5ad-csc"], store, chunk_cells=20)
+    assert parts == []  # the transposition was done: only the blocks were left
+    np.testing.assert_array_equal(ds["counts"].values, DATA.counts)
+
+
+def test_csc_ingest_names_a_bad_value(tmp_path):
+    import dask
+
+    from distumap import io
+
+    path = write_h5ad(tmp_path / "csc.h5ad", DATA, x="csc")
+    counts = DATA.counts.astype(np.float32)
+    gene, cell = 7, int(np.flatnonzero(counts[:, 7])[-1])
+    with h5py.File(path, "r+") as file:
+        indptr = file["X/indptr"][:]
+        indices = file["X/indices"][indptr[gene] : indptr[gene + 1]]
+        position = indptr[gene] + int(np.flatnonzero(indices == cell)[0])
+        data = file["X/data"][:].astype(np.float32)
+        data[position] = 2.5
+        _replace(file, "X/data", data)
+    with (
+        dask.config.set(scheduler="synchronous"),
+        pytest.raises(
+            InputError,
+            match=rf"csc\.h5ad: dataset /X/data: a fractional count \(2\.5\) for cell {cell}, "
+            rf"gene '{DATA.gene_names[gene]}'",
+        ),
+    ):
+        io.read(path, tmp_path / "store.zarr", chunk_cells=16)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"compression": "lzf"}, {"compression": "gzip", "shuffle": True}, {}],
+    ids=["lzf", "gzip-shuffle", "contiguous"],
+)
+def test_loom_with_other_storage_reads_through_h5py(written, tmp_path, options):
+    """loompy's gzip chunks are inflated directly; any other layout goes through h5py."""
+    path = tmp_path / "other.loom"
+    shutil.copy(written["loom"], path)
+    with h5py.File(path, "r+") as file:
+        matrix = file["matrix"][:]
+        del file["matrix"]
+        file.create_dataset("matrix", data=matrix, **options)
+    np.testing.assert_array_equal(_by_blocks(open_reader(path), [7, 64, 65, 130]), DATA.counts)
+
+
+def test_loom_refused_chunk_value_is_named(tmp_path):
+    path = write_loom(tmp_path / "bad.loom", DATA)
+    with h5py.File(path, "r+") as file:
+        file["matrix"][3, 100] = -4  # genes x cells
+    reader = open_reader(path)
+    np.testing.assert_array_equal(reader.read(0, 64), DATA.counts[:64])
+    with pytest.raises(InputError, match=r"bad\.loom: dataset /matrix: a negative count \(-4\)"):
+        reader.read(64, 128)

@@ -2,12 +2,21 @@
 
 General CSV readers collapse at 50,000 columns; this module reads the bytes itself. A matrix line is
 ``<sample name>,<count>,<count>,...`` with non-negative integer counts; CRLF line ends and a missing
-final newline are accepted. Every function here works on bytes that are already in memory: the
-I/O and the scheduling live in :mod:`distumap.io._ingest`.
+final newline are accepted. A line of a genes-by-cells file, ``<gene>,<count>,...`` with one
+count per cell, has the same shape and goes through the same kernel. Every function here works
+on bytes that are already in memory: the I/O and the scheduling live in
+:mod:`distumap.io._ingest` (and :mod:`distumap.io._transpose`).
+
+The separator (comma, tab, or space as R's ``write.table`` writes by default) comes from the
+header line. The header either has a field above the row names (``sample_name``, empty as
+pandas and ``write.csv`` write it, ``rn``, ...) or, as R's ``write.table`` writes it, none: one
+name fewer than the fields of a data line (:func:`detect_dialect` decides, once, from the first
+data line). Names may be quoted (``"a,b"`` holds a separator); counts are not.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numba
@@ -33,7 +42,36 @@ _PROBLEMS = {
     FRACTIONAL: "a fractional value where integer counts are expected",
 }
 
-COMMA, TAB = ord(","), ord("\t")
+COMMA, TAB, SPACE = ord(","), ord("\t"), ord(" ")
+
+#: first header cells that name the row-name column, never a gene or a cell: a header that starts
+#: with one has a field above the row names, whatever its first data line says (a line with one
+#: field too many is then an error on that line, not R's layout)
+ROW_NAME_COLUMNS = frozenset(
+    {
+        "sample_name", "sample", "cell", "cells", "cell_id", "cell_name", "cellid", "barcode",
+        "barcodes", "gene", "genes", "gene_id", "gene_ids", "gene_name", "gene_symbol", "symbol",
+        "feature", "features", "id", "index", "rn", "rowname", "rownames", "row.names", "v1",
+        "unnamed: 0",
+    }
+)  # fmt: skip
+
+#: a double-quoted field, with ``""`` for a quote inside it (an unrolled loop: linear time)
+_QUOTED = re.compile(rb'"[^"]*(?:""[^"]*)*"')
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a matrix file is written: its separator, and whether its header lacks a field above
+    the row names (``r_header``: R's ``write.table`` layout, one name per column of counts)."""
+
+    sep: int = COMMA
+    r_header: bool = False
+
+    def describe(self) -> dict[str, str | bool]:
+        """What the ingest record says was read: ``{"separator": "tab", "r_header": False}``."""
+        names = {COMMA: "comma", TAB: "tab", SPACE: "space"}
+        return {"separator": names.get(self.sep, chr(self.sep)), "r_header": self.r_header}
 
 
 def _clean_name(raw: bytes) -> str:
@@ -43,37 +81,108 @@ def _clean_name(raw: bytes) -> str:
     return name
 
 
-def separator(line: bytes) -> int:
-    """The field separator of a file, from its header line: a tab if the header has more tabs
-    than commas (TSV, as R and many GEO files write it), else a comma."""
-    return TAB if line.count(b"\t") > line.count(b",") else COMMA
+def _strip_eol(line: bytes) -> bytes:
+    return line.rstrip(b"\n").rstrip(b"\r")
 
 
-def parse_header(line: bytes, source: str, sep: int = COMMA) -> list[str]:
-    """Gene names from the header line ``<cell column>,<gene>,...``.
+def _outside_quotes(text: bytes) -> bytes:
+    """``text`` with each double-quoted part as one ``_``: what separators are counted in."""
+    return _QUOTED.sub(b"_", text) if b'"' in text else text
 
-    The first header cell names the cell column, whatever it says: ``sample_name``, ``cell``,
-    or nothing at all, as pandas writes an index.
+
+def _split_fields(text: bytes, sep: int) -> list[bytes]:
+    """The fields of one line; a separator inside a double-quoted field belongs to the field."""
+    pieces = text.split(bytes([sep]))
+    if b'"' not in text:
+        return pieces
+    fields: list[bytes] = []
+    open_field: bytes | None = None  # a quoted field whose closing quote is still to come
+    for piece in pieces:
+        odd = piece.count(b'"') % 2 == 1
+        if open_field is not None:
+            open_field += bytes([sep]) + piece
+            if odd:
+                fields.append(open_field)
+                open_field = None
+        elif odd and piece.lstrip().startswith(b'"'):
+            open_field = piece
+        else:
+            fields.append(piece)
+    if open_field is not None:  # never closed: as written
+        fields.extend(open_field.split(bytes([sep])))
+    return fields
+
+
+def separator(line: bytes, data_line: bytes = b"") -> int:
+    """The field separator of a file, from its header line (outside quoted names): a tab if it
+    has more tabs than commas (TSV, as R and many GEO files write it), else a comma; a space if
+    it has neither but spaces between names (R's ``write.table`` default). A header with one
+    name and no separator leaves the choice to the first data line."""
+    for text in (line, data_line):
+        bare = _outside_quotes(_strip_eol(text))
+        tabs, commas = bare.count(b"\t"), bare.count(b",")
+        if tabs or commas:
+            return TAB if tabs > commas else COMMA
+        if b" " in bare.strip(b" "):
+            return SPACE
+    return COMMA
+
+
+def detect_dialect(line: bytes, data_line: bytes | None) -> Dialect:
+    """The separator and the header layout of a file, from its header line and its first data
+    line (None if it has none).
+
+    The header lacks the row names' field (R's ``write.table``: ``r_header``) when it has one
+    field fewer than the first data line, and its first name is not one that names a row-name
+    column (:data:`ROW_NAME_COLUMNS`) or empty, and the data line does not end in a separator.
+    The decision is made once: every line is then checked against it.
+    """
+    sep = separator(line, data_line or b"")
+    if data_line is None:
+        return Dialect(sep)
+    header, data = _strip_eol(line), _strip_eol(data_line)
+    first = _clean_name(header[: _first_field_end(header, 0, len(header), bytes([sep]))])
+    if not first or first.lower() in ROW_NAME_COLUMNS or data.endswith(bytes([sep])):
+        return Dialect(sep)
+    header_fields = _outside_quotes(header).count(bytes([sep])) + 1
+    data_fields = _outside_quotes(data).count(bytes([sep])) + 1
+    return Dialect(sep, r_header=data_fields == header_fields + 1)
+
+
+def parse_header(
+    line: bytes,
+    source: str,
+    sep: int = COMMA,
+    *,
+    names: str = "gene",
+    r_header: bool = False,
+) -> list[str]:
+    """Gene names from the header line ``<cell column>,<gene>,...``; with ``names="cell"``, cell
+    names from the header ``<gene column>,<cell>,...`` of a genes-by-cells file.
+
+    The first header cell names the other column, whatever it says: ``sample_name``, ``cell``,
+    or nothing at all, as pandas writes an index. With ``r_header`` (see
+    :func:`detect_dialect`) there is no such cell: every field is a name.
 
     Raises
     ------
     InputError
-        The header is empty or names no gene.
+        The header is empty, names nothing after its first cell, or has an empty name.
     """
-    text = line.rstrip(b"\n").rstrip(b"\r")
-    fields = [_clean_name(field) for field in text.split(bytes([sep]))]
+    other = "gene" if names == "cell" else "cell"
+    fields = [_clean_name(field) for field in _split_fields(_strip_eol(line), sep)]
     if fields == [""]:
         raise InputError(f"{source}: line 1: the file is empty (no header)")
-    genes = fields[1:]
-    if not genes:
+    named = fields if r_header else fields[1:]
+    if not named:
         raise InputError(
-            f"{source}: line 1: the header names no gene after the cell column "
+            f"{source}: line 1: the header names no {names} after the {other} column "
             f"({fields[0][:60]!r}); is the separator a comma or a tab?"
         )
-    for column, gene in enumerate(genes, start=2):
-        if not gene:
-            raise InputError(f"{source}: line 1, column {column}: empty gene name")
-    return genes
+    for column, name in enumerate(named, start=1 if r_header else 2):
+        if not name:
+            raise InputError(f"{source}: line 1, column {column}: empty {names} name")
+    return named
 
 
 def unique_gene_names(genes: list[str], source: str) -> tuple[list[str], list[str]]:
@@ -121,6 +230,7 @@ def index_block(buf: bytes, offset: int, begin: int, end: int, sep: int = COMMA)
     starts: list[int] = []
     names: list[str] = []
     local: list[int] = []
+    sep_byte = bytes([sep])
     stop = end - 1 - offset  # count newlines in buf[begin - 1 - offset : stop]
     count = 0
     pos = buf.find(b"\n", begin - 1 - offset, stop)
@@ -135,8 +245,7 @@ def index_block(buf: bytes, offset: int, begin: int, end: int, sep: int = COMMA)
             or (first == b"\r" and start + 1 >= len(buf))
         )
         if not blank:
-            comma = buf.find(bytes([sep]), start, start + NAME_OVERHANG)
-            limit = comma if comma != -1 else min(len(buf), start + NAME_OVERHANG)
+            limit = _first_field_end(buf, start, min(len(buf), start + NAME_OVERHANG), sep_byte)
             newline = buf.find(b"\n", start, limit)
             starts.append(start + offset)
             names.append(_clean_name(buf[start : newline if newline != -1 else limit]))
@@ -148,6 +257,50 @@ def index_block(buf: bytes, offset: int, begin: int, end: int, sep: int = COMMA)
         local_line=np.asarray(local, dtype=np.int64),
         newlines=count,
     )
+
+
+def _first_field_end(buf, start: int, stop: int, sep: bytes) -> int:
+    """Where the first field of the line at ``start`` ends: at its separator (one inside a
+    quoted name does not count), else at ``stop``; a line's end is the caller's to find."""
+    pos = start
+    if buf[start : start + 1] == b'"':
+        pos = start + 1
+        while True:
+            quote = buf.find(b'"', pos, stop)
+            if quote == -1 or buf.find(b"\n", pos, quote) != -1:
+                pos = start  # not closed on this line: the first separator ends the name
+                break
+            if buf[quote + 1 : quote + 2] == b'"':
+                pos = quote + 2
+                continue
+            pos = quote + 1
+            break
+    end = buf.find(sep, pos, stop)
+    return end if end != -1 else stop
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _skip_name(buf, start, size, sep):  # pragma: no cover - compiled
+    """The position of the separator (or line end) after the name at ``start``; a separator
+    inside a double-quoted name is part of the name, as in :func:`_first_field_end`."""
+    pos = start
+    if pos < size and buf[pos] == 34:  # '"'
+        pos += 1
+        closed = False
+        while pos < size and buf[pos] != 10:
+            if buf[pos] == 34:
+                if pos + 1 < size and buf[pos + 1] == 34:
+                    pos += 2
+                    continue
+                pos += 1
+                closed = True
+                break
+            pos += 1
+        if not closed:
+            pos = start
+    while pos < size and buf[pos] != sep and buf[pos] != 10:
+        pos += 1
+    return pos
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -205,10 +358,8 @@ def _parse_kernel(buf, starts, n_genes, out, error, sep, integer, counters):  # 
     """
     size = buf.shape[0]
     for i in range(starts.shape[0]):
-        pos = starts[i]
-        # the cell name: up to the first separator
-        while pos < size and buf[pos] != sep and buf[pos] != 10:
-            pos += 1
+        # the cell name: up to the first separator outside quotes
+        pos = _skip_name(buf, starts[i], size, sep)
         if pos >= size or buf[pos] != sep:
             _record_error(error, i, 0, pos, buf, pos, False, sep)
             return TOO_FEW
@@ -328,23 +479,47 @@ def raise_parse_error(
     line_numbers: np.ndarray,
     genes: list[str] | np.ndarray,
     integer: bool = True,
+    columns: str = "gene",
+    r_header: bool = False,
 ) -> None:
-    """Raise the :class:`InputError` that names the file, line, column and gene of a parse error."""
+    """Raise the :class:`InputError` that names the file, line, column and gene of a parse error.
+
+    ``genes`` names the columns after the first; in a genes-by-cells file they are cells
+    (``columns="cell"``) and each line is a gene's. With ``r_header`` the header has no field
+    above the row names (R's ``write.table``), which a wrong field count explains.
+    """
     line_index, gene_index, token_start, token_end = (int(v) for v in error[:4])
     line = int(line_numbers[line_index])
     token = bytes(buf[token_start : min(token_end, token_start + 40)]).decode("utf-8", "replace")
     token = token.rstrip("\r")
     n_genes = len(genes)
+    first = "sample_name" if columns == "gene" else "the gene name"
     problem = _PROBLEMS[status] if integer or status != NOT_INTEGER else "not a number"
+    # R's layout is said where a field count is wrong: the file may have meant the other one
+    row = "cell" if columns == "gene" else "gene"
+    layout = (
+        f"; read as R's write.table layout, with no header field above the {row} names, since "
+        "the first line after the header has one field more than the header"
+    )
     if status == TOO_FEW:
+        expected = (
+            f"a {row} name and {n_genes} values{layout}"
+            if r_header
+            else f"{first} and {n_genes} {columns}s"
+        )
         raise InputError(
             f"{source}: line {line}: {problem}: found {gene_index + 1} of {n_genes + 1} "
-            f"(sample_name and {n_genes} genes)"
+            f"({expected})"
         )
     if status == TOO_MANY:
+        expected = (
+            f"lines hold a {row} name and {n_genes} values"
+            if r_header
+            else f"the header has {n_genes + 1} columns"
+        )
         raise InputError(
-            f"{source}: line {line}, column {gene_index + 2}: {problem}: the header has "
-            f"{n_genes + 1} columns, found more ({token!r} after the last gene)"
+            f"{source}: line {line}, column {gene_index + 2}: {problem}: {expected}, found more "
+            f"({token!r} after the last {columns}){layout if r_header else ''}"
         )
     gene = genes[gene_index]
     advice = (
@@ -353,6 +528,6 @@ def raise_parse_error(
         else ""
     )
     raise InputError(
-        f"{source}: line {line}, column {gene_index + 2} (gene {gene!r}): {problem}: "
+        f"{source}: line {line}, column {gene_index + 2} ({columns} {gene!r}): {problem}: "
         f"{token!r}{advice}"
     )

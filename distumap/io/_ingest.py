@@ -124,15 +124,29 @@ def _view_range(source: str, start: int, stop: int) -> tuple[mmap.mmap | bytearr
     return view, offset
 
 
-def _read_header(source: str) -> tuple[list[str], int, int]:
-    """Gene names, the offset where the data lines begin, and the separator."""
+def first_lines(source: str) -> tuple[bytes, bytes | None]:
+    """The header line and the first data line (the first non-blank one after it; None when
+    there is none): what the separator and the header's layout are decided from."""
     with _open_text_stream(source) as f:
         line = f.readline()
-    sep = _csv.separator(line)
-    genes = _csv.parse_header(line, source, sep)
+        while True:
+            data = f.readline()
+            if not data:
+                return line, None
+            if data.rstrip(b"\n").rstrip(b"\r"):
+                return line, data
+
+
+def read_header(source: str, *, names: str = "gene") -> tuple[list[str], int, _csv.Dialect]:
+    """The names in the header (genes; with ``names="cell"``, the cells of a genes-by-cells
+    file), the offset where the data lines begin, and the file's dialect."""
+    line, data_line = first_lines(source)
+    dialect = _csv.detect_dialect(line, data_line)
+    named = _csv.parse_header(line, source, dialect.sep, names=names, r_header=dialect.r_header)
     if not line.endswith(b"\n"):
-        raise InputError(f"{source}: line 1: the header is the whole file; there are no cells")
-    return genes, len(line), sep
+        what = "cells" if names == "gene" else "genes"
+        raise InputError(f"{source}: line 1: the header is the whole file; there are no {what}")
+    return named, len(line), dialect
 
 
 # ---------------------------------------------------------------- the line index
@@ -164,14 +178,16 @@ def _index_stream(
             window, begin = window[end - begin :], end
 
 
-def _build_index(source: str, data_start: int, sep: int, *, progress: bool) -> dict[str, Any]:
-    """Line starts, line numbers and names of every cell line."""
+def _build_index(
+    source: str, data_start: int, sep: int, *, progress: bool, stacklevel: int = 3
+) -> dict[str, Any]:
+    """Line starts, line numbers and names (first fields) of every data line."""
     if _is_gzip(source):
         warnings.warn(
             f"{source} is gzip-compressed: it cannot be split, so it is read sequentially "
             "(twice: index, then parse). Decompress it first for a parallel ingest.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         task = dask.delayed(_index_stream, pure=False)(
             source, data_start, sep, dask_key_name=f"index-csv-gzip-{tokenize(source)}"
@@ -221,7 +237,9 @@ def _check_sample_names(names: list[str], lines: np.ndarray, source: str) -> Non
 # ---------------------------------------------------------------- metadata
 
 
-def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.ndarray]:
+def read_metadata(
+    metadata: str, cells: list[str] | np.ndarray, *, stacklevel: int = 3
+) -> dict[str, np.ndarray]:
     """Metadata columns aligned to ``cells`` (joined on ``sample_name``, or on the first column
     when there is no ``sample_name``).
 
@@ -257,7 +275,7 @@ def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.
             f"{source}: {missing} of {len(cells)} cells have no metadata row; "
             "they get empty labels (and NaN for numeric columns)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     columns: dict[str, np.ndarray] = {}
     renamed: list[str] = []
@@ -277,7 +295,7 @@ def read_metadata(metadata: str, cells: list[str] | np.ndarray) -> dict[str, np.
             f"{source}: metadata column(s) renamed, since distumap's store or exports use the "
             f"name (or it holds '/'): {', '.join(renamed)}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return columns
 
@@ -323,7 +341,7 @@ def create_skeleton(
     )
 
 
-def warn_rounded(store: str, source: str) -> int:
+def warn_rounded(store: str, source: str, *, stacklevel: int = 3) -> int:
     """One warning with the number of float-written counts the ingest rounded; returns it."""
     rounded = int(progress_array(store, "rounded", mode="r")[:].sum())
     if rounded:
@@ -331,7 +349,7 @@ def warn_rounded(store: str, source: str) -> int:
             f"{source}: {rounded:,} counts written as floats (such as 0.999999999999999) were "
             f"rounded to the nearest integer (each within {_csv.ROUNDING_TOLERANCE:g})",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return rounded
 
@@ -348,11 +366,13 @@ def _parse_into_store(
     store: str,
     source: str,
     line_numbers: np.ndarray,
-    sep: int,
+    dialect: _csv.Dialect,
 ) -> int:
     counts = zarr.open_array(store, path="counts", mode="r+")
     out = _block_buffer((len(rel_starts), counts.shape[1]), counts.dtype)
-    parsed, status, error = _csv.parse_block(buf, rel_starts, counts.shape[1], out=out, sep=sep)
+    parsed, status, error = _csv.parse_block(
+        buf, rel_starts, counts.shape[1], out=out, sep=dialect.sep
+    )
     if status:
         genes = zarr.open_array(store, path="gene", mode="r")
         _csv.raise_parse_error(
@@ -363,13 +383,16 @@ def _parse_into_store(
             line_numbers=line_numbers,
             genes=genes[:],
             integer=counts.dtype.kind == "i",
+            r_header=dialect.r_header,
         )
     counts[cells[0] : cells[1]] = parsed
     progress_array(store, "rounded")[block] = error[4]
     return cells[1] - cells[0]
 
 
-def _parse_task(store: str, source: str, block: int, chunk_cells: int, sep: int) -> int:
+def _parse_task(
+    store: str, source: str, block: int, chunk_cells: int, dialect: _csv.Dialect
+) -> int:
     """Parse store chunk ``block`` from its byte range and write it."""
     line_start = progress_array(store, "line_start", mode="r")
     n_cells = line_start.shape[0] - 1
@@ -385,7 +408,7 @@ def _parse_task(store: str, source: str, block: int, chunk_cells: int, sep: int)
         store=store,
         source=source,
         line_numbers=lines,
-        sep=sep,
+        dialect=dialect,
     )
 
 
@@ -402,7 +425,7 @@ def _stream_ranges(source: str, ranges: list[tuple[int, int]]) -> Iterator[bytes
             yield data
 
 
-def _parse_stream_task(store: str, source: str, chunk_cells: int, sep: int) -> int:
+def _parse_stream_task(store: str, source: str, chunk_cells: int, dialect: _csv.Dialect) -> int:
     """Parse every unwritten chunk of a compressed file in one sequential pass, marking each."""
     done = progress_array(store, "ingest", mode="r")[:]
     line_start = progress_array(store, "line_start", mode="r")[:]
@@ -425,7 +448,7 @@ def _parse_stream_task(store: str, source: str, chunk_cells: int, sep: int) -> i
             store=store,
             source=source,
             line_numbers=line_number[first:last],
-            sep=sep,
+            dialect=dialect,
         )
         mark_block(store, "ingest", block, cells, n_cells)
         total += cells
@@ -463,6 +486,7 @@ def read_csv(
     dtype: str = "int32",
     overwrite: bool = False,
     progress: bool = False,
+    stacklevel: int = 2,
 ) -> xr.Dataset:
     """Ingest a count-matrix CSV or TSV (and its metadata) into a zarr store, in parallel.
 
@@ -471,10 +495,12 @@ def read_csv(
     matrix
         Path or fsspec URL of ``matrix.csv``: a header ``<cell column>,<gene>,...`` (any first
         cell: ``sample_name``, ``cell``, or empty as pandas writes it), then one line per cell.
-        The separator (comma or tab) comes from the header line. CRLF line ends, quoted names,
-        a missing final newline and gzip (``.gz``, read sequentially) are accepted. Counts
-        written as floats (``3.0``, ``0.999999999999999``) are rounded when within 1e-6 of an
-        integer, with one warning that counts them.
+        R's ``write.table`` header, with no field above the cell names (one name fewer than
+        the fields of the first line after it), is read too. The separator (comma, tab, or
+        space as ``write.table`` writes by default) comes from the header line. CRLF line ends,
+        quoted names, a missing final newline and gzip (``.gz``, read sequentially) are
+        accepted. Counts written as floats (``3.0``, ``0.999999999999999``, ``1e+05``) are
+        rounded when within 1e-6 of an integer, with one warning that counts those that moved.
     store
         Path or fsspec URL of the zarr store to write.
     metadata
@@ -489,6 +515,9 @@ def read_csv(
         Replace a store that was written from another input or with other parameters.
     progress
         Show progress bars (with a distributed client).
+    stacklevel
+        Whose line the warnings name: 2, the caller of ``read_csv``; a function that wraps it
+        passes one more per frame (:func:`distumap.io.read` passes 3).
 
     Returns
     -------
@@ -514,35 +543,28 @@ def read_csv(
     ... )  # doctest: +SKIP
     """
     source, store = absolute(matrix), store_url(store)
-    chunk_cells = int(_config.get("chunk-cells", chunk_cells))
-    if chunk_cells < 1:
-        raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    chunk_cells = checked_options(chunk_cells, dtype)
     meta_source = absolute(metadata) if metadata is not None else None
     params = _source_params(source, meta_source, chunk_cells, dtype)
     stage = _claim(store, params, overwrite=overwrite, progress=progress)
     if stage.finished:
         return open_store(store)
-    genes, data_start, sep = _read_header(source)
+    genes, data_start, dialect = read_header(source)
     if not stage.resumable():
-        genes, duplicated = _csv.unique_gene_names(genes, source)
-        if duplicated:
-            shown = ", ".join(sorted(set(duplicated))[:5])
-            warnings.warn(
-                f"{source}: line 1: {len(duplicated)} duplicate gene names ({shown}"
-                f"{', ...' if len(set(duplicated)) > 5 else ''}) were made unique "
-                "by appending -1, -2, ...",
-                UserWarning,
-                stacklevel=2,
-            )
-        index = _build_index(source, data_start, sep, progress=progress)
+        genes = unique_genes(genes, source, where="line 1", stacklevel=stacklevel + 1)
+        index = _build_index(
+            source, data_start, dialect.sep, progress=progress, stacklevel=stacklevel + 1
+        )
         if not index["names"]:
             raise InputError(
                 f"{source}: line 2: no cell lines after the header (it names {len(genes)} genes)"
             )
         _check_sample_names(index["names"], index["lines"], source)
-        columns = read_metadata(meta_source, index["names"]) if meta_source else {}
+        columns = (
+            read_metadata(meta_source, index["names"], stacklevel=stacklevel + 1)
+            if meta_source
+            else {}
+        )
         create_skeleton(
             store,
             cells=index["names"],
@@ -564,20 +586,52 @@ def read_csv(
             store,
             source,
             chunk_cells,
-            sep,
+            dialect,
             key="parse-csv-gzip",
             label="ingest: parse (sequential, gzip)",
         )
     else:
         stage.run_blocks(
             _parse_task,
-            {block: ((store, source, block, chunk_cells, sep), {}) for block in stage.pending()},
+            {
+                block: ((store, source, block, chunk_cells, dialect), {})
+                for block in stage.pending()
+            },
             key="parse-csv-block",
             label="ingest: parse blocks",
             total=n_cells,
         )
-    stage.complete(rounded=warn_rounded(store, source))
+    stage.complete(
+        rounded=warn_rounded(store, source, stacklevel=stacklevel + 1), dialect=dialect.describe()
+    )
     return open_store(store)
+
+
+def checked_options(chunk_cells: int | None, dtype: str) -> int:
+    """The chunk size to use (``distumap.chunk-cells`` unless given), after checking it and
+    ``dtype``."""
+    chunk_cells = int(_config.get("chunk-cells", chunk_cells))
+    if chunk_cells < 1:
+        raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return chunk_cells
+
+
+def unique_genes(genes: list[str], source: str, *, where: str, stacklevel: int) -> list[str]:
+    """``genes`` with duplicates made unique (``A``, ``A-1``, ...), and one warning naming them
+    (``where`` they are in the file: ``line 1``, or ``column 1`` of a genes-by-cells file)."""
+    genes, duplicated = _csv.unique_gene_names(genes, source)
+    if duplicated:
+        shown = ", ".join(sorted(set(duplicated))[:5])
+        warnings.warn(
+            f"{source}: {where}: {len(duplicated)} duplicate gene names ({shown}"
+            f"{', ...' if len(set(duplicated)) > 5 else ''}) were made unique "
+            "by appending -1, -2, ...",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return genes
 
 
 def _claim(store: str, params: dict[str, Any], *, overwrite: bool, progress: bool) -> Stage:

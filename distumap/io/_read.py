@@ -11,23 +11,35 @@ boundary of two) and writes the chunk, and resume, progress and errors come from
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import numpy as np
 import xarray as xr
 import zarr
 from dask.base import tokenize
+from zarr.codecs import BloscCodec
 
 from distumap import _config
 from distumap._errors import InputError
-from distumap._format import metadata_name
+from distumap._format import PROGRESS_GROUP, metadata_name
 from distumap._stage import mark_block
-from distumap._store import absolute, open_store, progress_array, store_url
-from distumap.io._ingest import _claim, create_skeleton, read_csv, read_metadata, warn_rounded
+from distumap._store import absolute, create_progress, open_store, progress_array, store_url
+from distumap.io import _readers
+from distumap.io._ingest import (
+    _block_buffer,
+    _claim,
+    create_skeleton,
+    read_csv,
+    read_metadata,
+    warn_rounded,
+)
 from distumap.io._readers import FORMATS, MexReader, Reader, open_reader
+from distumap.io._transpose import read_genes_by_cells
 
 __all__ = ["ORIENTATIONS", "read", "source_labels"]
 
@@ -76,7 +88,10 @@ def read(
         ``"int32"`` (counts; values within 1e-6 of an integer are rounded, one warning counts
         them) or ``"float32"`` (normalised data, stored as it is).
     orientation
-        ``"cells-by-genes"``; ``"genes-by-cells"`` (CSV with genes in rows) is not read yet.
+        For CSV and TSV: ``"cells-by-genes"`` (a line per cell) or ``"genes-by-cells"`` (a line
+        per gene, cells in the header, as most GEO supplementary files are). The store is the
+        same either way; a genes-by-cells file is transposed through a temporary array in the
+        store, with memory bounded per task. The other formats know their own orientation.
     overwrite
         Replace a distumap store made from other input (anything else is never replaced).
     progress
@@ -95,8 +110,9 @@ def read(
 
     Notes
     -----
-    This computes: every cell is read once, on the current scheduler, one task per store chunk.
-    No matrix is gathered on the client; cell and gene names and metadata are. Re-running with
+    This computes: every cell is read once, on the current scheduler, one task per store chunk
+    (a genes-by-cells file: one task per block of gene lines, then one per store chunk). No
+    matrix is gathered on the client; cell and gene names and metadata are. Re-running with
     the same inputs resumes an interrupted ingest.
 
     Examples
@@ -113,19 +129,21 @@ def read(
         raise InputError(f"unknown --format {format!r}: auto, csv, {', '.join(FORMATS)}")
     if orientation not in ORIENTATIONS:
         raise InputError(f"--orientation must be one of {', '.join(ORIENTATIONS)}")
-    if orientation != "cells-by-genes":
-        raise InputError(
-            f"{sources[0]}: --orientation genes-by-cells is not supported yet; transpose the "
-            "file (genes as columns) or convert it to .h5ad"
-        )
     csv = [_is_csv(source, format) for source in sources]
+    if orientation == "genes-by-cells" and not all(csv):
+        other = sources[csv.index(False)]
+        raise InputError(
+            f"{other}: --orientation genes-by-cells is for CSV and TSV files; the other formats "
+            "say which way their matrix lies"
+        )
     if any(csv):
         if len(sources) > 1:
             raise InputError(
                 "several inputs are concatenated for the binary formats (10x, MEX, AnnData, "
                 f"loom) only; ingest CSV files one store at a time ({', '.join(sources)})"
             )
-        return read_csv(
+        ingest = read_genes_by_cells if orientation == "genes-by-cells" else read_csv
+        return ingest(
             sources[0],
             store,
             metadata=metadata,
@@ -133,6 +151,7 @@ def read(
             dtype=dtype,
             overwrite=overwrite,
             progress=progress,
+            stacklevel=3,  # the warnings name the line that called read
         )
     return _read_files(
         sources,
@@ -248,40 +267,201 @@ def _metadata(readers: list[Reader]) -> dict[str, np.ndarray]:
 def _read_block(
     store: str, inputs: tuple, offsets: np.ndarray, block: int, chunk_cells: int
 ) -> int:
-    """Read store chunk ``block`` from the input(s) its cells come from, and write it."""
-    readers, permutations = inputs
+    """Read store chunk ``block`` from the input(s) its cells come from, and write it.
+
+    The chunk is put together in the worker's block buffer, reused from task to task as the CSV
+    parse tasks do: a fresh 80-200 MB array per block costs page faults that take as long as
+    reading the block. A CSC input's cells come from its transposition scratch.
+    """
+    readers, permutations, transposed = inputs
     counts = zarr.open_array(store, path="counts", mode="r+")
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, counts.shape[0])
-    out = np.empty((last - first, counts.shape[1]), dtype=counts.dtype)
+    out = _block_buffer((last - first, counts.shape[1]), counts.dtype)
     rounded = 0
-    for reader, permutation, begin, end in zip(
-        readers, permutations, offsets[:-1], offsets[1:], strict=True
+    for reader, permutation, scratch, begin, end in zip(
+        readers, permutations, transposed, offsets[:-1], offsets[1:], strict=True
     ):
         lo, hi = max(first, int(begin)), min(last, int(end))
         if lo >= hi:
             continue
-        values, moved = reader.read_counted(lo - int(begin), hi - int(begin))
-        out[lo - first : hi - first] = values if permutation is None else values[:, permutation]
-        rounded += moved
+        rows = out[lo - first : hi - first]
+        if scratch is not None:
+            rows[...] = 0
+            column_map = None
+            if permutation is not None:
+                column_map = np.empty_like(permutation)
+                column_map[permutation] = np.arange(permutation.size)
+            rounded += reader.fill_csc_entries(
+                _scratch_entries(store, scratch, block),
+                out,
+                first_cell=first - int(begin),
+                column_map=column_map,
+            )
+        elif permutation is None:
+            rounded += reader.read_counted(lo - int(begin), hi - int(begin), out=rows)[1]
+        else:
+            values, moved = reader.read_counted(lo - int(begin), hi - int(begin))
+            np.take(values, permutation, axis=1, out=rows)
+            rounded += moved
     counts[first:last] = out
     progress_array(store, "rounded")[block] = rounded
     return last - first
 
 
 def _read_sequential(store: str, reader: Reader, chunk_cells: int) -> int:
-    """Read every unwritten chunk of one input that can only be read in order (gzip MEX)."""
+    """Read every unwritten chunk of one input that can only be read in order (gzip MEX).
+
+    This task decompresses and parses; a second thread compresses and writes the block before
+    (the codec releases the GIL), so the sequential stage uses the core that would idle.
+    """
     counts = zarr.open_array(store, path="counts", mode="r+")
+    n_cells = counts.shape[0]
     done = progress_array(store, "ingest", mode="r")[:]
+    shape = (min(chunk_cells, n_cells), counts.shape[1])
+    # two buffers: the writer compresses one while the reader fills the other
+    buffers = [_block_buffer(shape, counts.dtype), np.empty(shape, dtype=counts.dtype)]
     total = 0
-    for begin, end, values, moved in reader.iter_blocks(chunk_cells):
-        block = begin // chunk_cells
-        if done[block]:
-            continue
-        counts[begin:end] = values
+    writing = None  # (future, block, cells, rounded) of the write in flight
+
+    def finish() -> None:
+        nonlocal total, writing
+        if writing is None:
+            return
+        future, block, cells, moved = writing
+        writing = None
+        future.result()
         progress_array(store, "rounded")[block] = moved
-        mark_block(store, "ingest", block, end - begin, counts.shape[0])
-        total += end - begin
+        mark_block(store, "ingest", block, cells, n_cells)
+        total += cells
+
+    with ThreadPoolExecutor(1, thread_name_prefix="distumap-write") as writer:
+        for begin, end, values, moved in reader.iter_blocks(chunk_cells, buffers=buffers):
+            finish()  # the buffer the next block goes into is free again
+            block = begin // chunk_cells
+            if done[block]:
+                continue
+            future = writer.submit(counts.__setitem__, slice(begin, end), values)
+            writing = (future, block, end - begin, moved)
+        finish()
     return total
+
+
+# ---------------------------------------------------------------- CSC inputs: one transposition
+
+#: scratch of the transposition: small integers, compressed fast (it is read once, then deleted)
+_SCRATCH_CODEC = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", typesize=4)
+#: scratch entries per zarr chunk inside a part's shard: a block reads a few of them per part
+_SCRATCH_CHUNK = 1 << 17
+
+
+def _scratch_names(index: int) -> tuple[str, str, str]:
+    """The scratch arrays of CSC input ``index`` (entries, block offsets) and its markers."""
+    return (
+        f"{PROGRESS_GROUP}/csc{index}_entries",
+        f"{PROGRESS_GROUP}/csc{index}_offsets",
+        f"ingest_csc{index}",
+    )
+
+
+def _transpose_part(
+    store: str, reader: Reader, index: int, part: int, first_cell: int, chunk_cells: int
+) -> int:
+    """Transposition part ``part``: its CSC entries sorted by store block, into the scratch."""
+    entries_path, offsets_path, _ = _scratch_names(index)
+    entries = zarr.open_array(store, path=entries_path, mode="r+")
+    table = zarr.open_array(store, path=offsets_path, mode="r+")
+    size = int(entries.attrs["part_entries"])
+    low, high = part * size, min((part + 1) * size, entries.shape[0])
+    packed, offsets = reader.csc_entries(
+        low, high, first_cell=first_cell, chunk_cells=chunk_cells, n_blocks=table.shape[1] - 1
+    )
+    entries[low:high] = packed
+    table[part] = offsets
+    return high - low
+
+
+def _transpose_csc(
+    stage, reader: Reader, index: int, first_cell: int, chunk_cells: int
+) -> tuple[str, int, np.ndarray]:
+    """One pass over a CSC input (genes in columns) that sorts its entries by store block into
+    a scratch array, so that each block task then reads only its own entries, instead of a pass
+    over the whole matrix per block.
+
+    Parts of ``CSC_ENTRIES_PER_PASS`` entries are transposed in parallel tasks (one zarr shard
+    of the scratch each) with their own markers, so an interrupted ingest resumes here too.
+    Returns what :func:`_scratch_entries` needs: the scratch's path, the part size and the
+    table of where each part's entries of each block start.
+    """
+    store = stage.store
+    entries_path, offsets_path, markers = _scratch_names(index)
+    n_blocks = -(-zarr.open_array(store, path="counts", mode="r").shape[0] // chunk_cells)
+    nnz, words, size = reader.nnz, reader.packed_words, int(_readers.CSC_ENTRIES_PER_PASS)
+    n_parts = -(-nnz // size)
+    try:
+        fresh = int(zarr.open_array(store, path=entries_path, mode="r").attrs["part_entries"])
+        fresh = fresh != size or progress_array(store, markers, mode="r").shape[0] != n_parts
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        fresh = True
+    if fresh and nnz:
+        inner = _SCRATCH_CHUNK if size % _SCRATCH_CHUNK == 0 else size
+        group = zarr.open_group(store, mode="r+", use_consolidated=False)
+        group = group.require_group(PROGRESS_GROUP)
+        entries = group.create_array(
+            entries_path.rsplit("/", 1)[1],
+            shape=(nnz, words),
+            dtype=np.uint32,
+            chunks=(inner, words),
+            shards=(size, words) if inner < size else None,
+            compressors=[_SCRATCH_CODEC],
+            fill_value=0,
+            overwrite=True,
+        )
+        entries.attrs["part_entries"] = size
+        group.create_array(
+            offsets_path.rsplit("/", 1)[1],
+            shape=(n_parts, n_blocks + 1),
+            dtype=np.int64,
+            chunks=(1, n_blocks + 1),
+            fill_value=0,
+            overwrite=True,
+        )
+        create_progress(store, markers, np.zeros(n_parts, dtype=bool), chunks=1)  # last
+    if not nnz:
+        return entries_path, size, np.zeros((0, n_blocks + 1), dtype=np.int64)
+    parts = copy.copy(stage)
+    parts.name = markers  # the parts' markers and progress; the stage's record is untouched
+    parts.run_blocks(
+        _transpose_part,
+        {p: ((store, reader, index, p, first_cell, chunk_cells), {}) for p in parts.pending()},
+        key="transpose-csc-part",
+        label="ingest: sort the CSC matrix by cell block",
+        total=nnz,
+    )
+    return entries_path, size, zarr.open_array(store, path=offsets_path, mode="r")[:]
+
+
+def _scratch_entries(store: str, scratch: tuple[str, int, np.ndarray], block: int) -> np.ndarray:
+    """Every entry of store block ``block`` in a CSC input's scratch, in the file's order."""
+    path, size, table = scratch
+    pieces = [
+        (part * size + int(table[part, block]), part * size + int(table[part, block + 1]))
+        for part in range(table.shape[0])
+        if table[part, block] < table[part, block + 1]
+    ]
+    if not pieces:
+        return np.zeros((0, 3), dtype=np.uint32)
+    entries = zarr.open_array(store, path=path, mode="r")
+    return np.concatenate([entries[low:high] for low, high in pieces])
+
+
+def _drop_scratch(store: str, index: int) -> None:
+    entries, offsets, markers = _scratch_names(index)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    for name in (entries, offsets, f"{PROGRESS_GROUP}/{markers}"):
+        try:
+            del group[name]
+        except (KeyError, FileNotFoundError, zarr.errors.NodeNotFoundError):
+            pass
 
 
 def _index_mex(reader: MexReader, *, progress: bool) -> None:
@@ -360,10 +540,13 @@ def _read_files(
             label="ingest: read matrix.mtx.gz (sequential)",
         )
     else:
-        for reader in readers:
+        transposed: list[tuple | None] = [None] * len(readers)
+        for i, reader in enumerate(readers):
             if isinstance(reader, MexReader) and not reader.compressed:
                 _index_mex(reader, progress=progress)
-        shared = dask.delayed((readers, permutations), pure=True, traverse=False)
+            if reader.orientation == "genes" and stage.pending():
+                transposed[i] = _transpose_csc(stage, reader, i, int(offsets[i]), chunk_cells)
+        shared = dask.delayed((readers, permutations, transposed), pure=True, traverse=False)
         stage.run_blocks(
             _read_block,
             {b: ((store, shared, offsets, b, chunk_cells), {}) for b in stage.pending()},
@@ -371,5 +554,8 @@ def _read_files(
             label=f"ingest: read {kinds} blocks",
             total=int(offsets[-1]),
         )
+        for i, reader in enumerate(readers):
+            if reader.orientation == "genes":
+                _drop_scratch(store, i)
     stage.complete(rounded=warn_rounded(store, ", ".join(sources)), formats=kinds)
     return open_store(store)

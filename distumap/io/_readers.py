@@ -16,6 +16,11 @@ the names, negative counts, and fractional counts when the dtype is int32. Value
 integer are rounded and counted: :meth:`Reader.read_counted` returns the count with the block (what
 ingest tasks use), :meth:`Reader.read` adds it to :attr:`Reader.rounded`.
 
+Blocks are filled by compiled kernels that check, convert and place every value in one pass,
+straight into a block the caller may reuse (``out=``): no fresh array per block and no Python
+per entry. A kernel only accepts or refuses; a refused block is read again on the checked path
+(``_read_checked``, numpy), whose message names the file, the place and the gene.
+
 Examples
 --------
 >>> reader = open_reader("pbmc_10k_v3.h5")  # doctest: +SKIP
@@ -31,9 +36,13 @@ import contextlib
 import gzip
 import html
 import itertools
+import mmap
 import os
+import queue
 import re
+import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -215,6 +224,161 @@ def _dense_rows(
     return out
 
 
+def _buffer_view(buffers: list[np.ndarray] | None, i: int, rows: int, columns: int):
+    """The first ``rows`` x ``columns`` values of ``buffers[i % len(buffers)]`` (None without)."""
+    if not buffers:
+        return None
+    buffer = buffers[i % len(buffers)].reshape(-1)
+    return buffer[: rows * columns].reshape(rows, columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled fast paths: check, convert and place values in one pass over the output block
+#
+# Each kernel writes straight into the caller's block (a buffer reused from block to block) and
+# accepts exactly what :func:`_checked_values` accepts. When a value is not acceptable it stops
+# with _REFUSED, and the reader re-reads the block on its checked path, whose message names the
+# file, the place and the gene: the fast path never has to know how to explain a problem.
+
+_ACCEPTED, _REFUSED = 0, 1
+#: an empty column map: keep every column as it is
+_NO_MAP = np.zeros(0, dtype=np.int64)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _accept(value, integer):  # pragma: no cover - compiled
+    """``(ok, rounded, converted)`` for one value: finite and non-negative, and for an integer
+    target within ROUNDING_TOLERANCE of an integer that fits int32."""
+    number = float(value)
+    if not (number >= 0.0) or number == np.inf:  # NaN fails the comparison
+        return False, 0, number
+    if not integer:
+        return True, 0, number
+    nearest = np.rint(number)
+    if abs(number - nearest) > ROUNDING_TOLERANCE or nearest > _INT32_MAX:
+        return False, 0, number
+    return True, 1 if nearest != number else 0, nearest
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fill_rows(indptr, columns, values, column_map, integer, out):  # pragma: no cover - compiled
+    """Row ``r`` of ``out``: zeros, then ``values[k]`` at ``columns[k]`` (mapped through
+    ``column_map`` when it is not empty; -1 drops the entry) for ``k`` in
+    ``indptr[r]:indptr[r + 1]``. Returns ``(status, rounded)``."""
+    mapped = column_map.shape[0] > 0
+    rounded = 0
+    for row in range(out.shape[0]):
+        out[row, :] = 0
+        for k in range(indptr[row], indptr[row + 1]):
+            column = columns[k]
+            if mapped:
+                column = column_map[column]
+                if column < 0:
+                    continue
+            ok, moved, number = _accept(values[k], integer)
+            if not ok:
+                return _REFUSED, rounded
+            rounded += moved
+            out[row, column] = number
+    return _ACCEPTED, rounded
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fill_entries(rows, columns, values, column_map, integer, out):  # pragma: no cover - compiled
+    """``out[rows[k], column_map[columns[k]]] = values[k]`` (``out`` already zeroed; an empty map
+    keeps the columns). Returns ``(status, rounded)``."""
+    mapped = column_map.shape[0] > 0
+    rounded = 0
+    for k in range(values.shape[0]):
+        column = column_map[columns[k]] if mapped else columns[k]
+        ok, moved, number = _accept(values[k], integer)
+        if not ok:
+            return _REFUSED, rounded
+        rounded += moved
+        out[rows[k], column] = number
+    return _ACCEPTED, rounded
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fill_dense(block, integer, out):  # pragma: no cover - compiled
+    """``out[:] = block``, checked and converted (``block`` may be ``out`` itself)."""
+    rounded = 0
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            ok, moved, number = _accept(block[i, j], integer)
+            if not ok:
+                return _REFUSED, rounded
+            rounded += moved
+            out[i, j] = number
+    return _ACCEPTED, rounded
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _fill_transposed(block, first_gene, first_cell, integer, out):  # pragma: no cover - compiled
+    """``out[first_cell + c, first_gene + g] = block[g, c]`` for the part of the genes x cells
+    ``block`` that falls inside ``out`` (cells x genes), checked and converted; tiled so that
+    both sides stay in cache."""
+    genes = min(block.shape[0], out.shape[1] - first_gene)
+    cell_lo, cell_hi = max(0, -first_cell), min(block.shape[1], out.shape[0] - first_cell)
+    rounded = 0
+    tile = 64
+    for g0 in range(0, genes, tile):
+        g1 = min(g0 + tile, genes)
+        for c0 in range(cell_lo, cell_hi, tile):
+            c1 = min(c0 + tile, cell_hi)
+            for c in range(c0, c1):
+                for g in range(g0, g1):
+                    ok, moved, number = _accept(block[g, c], integer)
+                    if not ok:
+                        return _REFUSED, rounded
+                    rounded += moved
+                    out[first_cell + c, first_gene + g] = number
+    return _ACCEPTED, rounded
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _bucket_by_block(
+    indptr, first_entry, cells, value_words, first_cell, chunk_cells, packed, offsets
+):  # pragma: no cover - compiled
+    """Sort CSC entries ``first_entry + k`` (cell ``cells[k]`` of gene column ``g``, where
+    ``indptr[g] <= first_entry + k < indptr[g + 1]``) by store block, stably.
+
+    The store cell is ``first_cell + cells[k]``, its block ``// chunk_cells``. Entry ``k`` goes to
+    ``packed[p] = (row in its block, gene, *value_words[k])``; ``offsets`` (one more than the
+    blocks) receives where each block's entries start.
+    """
+    n = cells.shape[0]
+    offsets[:] = 0
+    for k in range(n):
+        offsets[(first_cell + cells[k]) // chunk_cells + 1] += 1
+    for b in range(1, offsets.shape[0]):
+        offsets[b] += offsets[b - 1]
+    cursor = offsets[:-1].copy()
+    gene = 0
+    while indptr[gene + 1] <= first_entry:
+        gene += 1
+    words = value_words.shape[1]
+    for k in range(n):
+        while indptr[gene + 1] <= first_entry + k:
+            gene += 1
+        cell = first_cell + cells[k]
+        block = cell // chunk_cells
+        p = cursor[block]
+        cursor[block] = p + 1
+        packed[p, 0] = cell - block * chunk_cells
+        packed[p, 1] = gene
+        for w in range(words):
+            packed[p, 2 + w] = value_words[k, w]
+
+
+def _packed_dtype(dtype: np.dtype) -> np.dtype:
+    """How values travel in 32-bit words: narrower numbers are widened, losslessly."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize >= 4:
+        return dtype.newbyteorder("=")
+    return np.dtype(np.float32) if dtype.kind == "f" else np.dtype(np.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # the interface
 
@@ -243,8 +407,8 @@ class Reader(abc.ABC):
         int32 or float32.
     orientation : str
         ``"cells"`` when a cell range is contiguous on disk (10x, MEX, CSR and dense AnnData,
-        loom); ``"genes"`` for CSC AnnData, where :meth:`read` passes over the whole matrix and
-        :meth:`read_genes` is the cheap direction.
+        loom); ``"genes"`` for CSC AnnData, where :meth:`read` passes over the whole matrix (an
+        ingest transposes it once instead) and :meth:`read_genes` is the cheap direction.
     rounded : int
         Values rounded to integers by :meth:`read` calls on this object (near-integer floats).
     dropped_features : int
@@ -332,18 +496,22 @@ class Reader(abc.ABC):
 
     # -- counts --
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """The dense ``(stop - start, n_genes)`` block of cells ``[start, stop)``.
 
         Parameters
         ----------
         start, stop
             Cell range, ``0 <= start <= stop <= n_cells``.
+        out
+            Where to put the block: a C-contiguous array of that shape and :attr:`dtype`, whose
+            contents are replaced (a buffer reused from block to block saves a fresh allocation
+            per block, whose page faults cost as much as reading it). None: a new array.
 
         Returns
         -------
         numpy.ndarray
-            C-contiguous, :attr:`dtype`.
+            C-contiguous, :attr:`dtype`: ``out`` when given.
 
         Raises
         ------
@@ -357,34 +525,100 @@ class Reader(abc.ABC):
         rounded to integers are added to :attr:`rounded`; use :meth:`read_counted` in tasks that
         run elsewhere.
         """
-        block, rounded = self.read_counted(start, stop)
+        block, rounded = self.read_counted(start, stop, out=out)
         self.rounded += rounded
         return block
 
-    def read_counted(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+    def read_counted(
+        self, start: int, stop: int, *, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int]:
         """Like :meth:`read`, and also return how many near-integer values were rounded."""
         start, stop = self._check_range(start, stop, self.n_cells, "cells")
-        return self._read(start, stop)
+        out = self._output(stop - start, out)
+        if stop == start:
+            return out, 0
+        return out, self._read(start, stop, out)
+
+    def _output(self, n_cells: int, out: np.ndarray | None) -> np.ndarray:
+        shape = (n_cells, self.n_genes)
+        if out is None:
+            return np.empty(shape, dtype=self.dtype)
+        if out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be a C-contiguous {self.dtype.name} array of shape {shape}, not "
+                f"{out.dtype.name} {out.shape}"
+            )
+        return out
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        """Put the block of cells ``[start, stop)`` (checked, not empty) into ``out`` and return
+        the number of rounded values. Readers override it with a compiled fast path; this one
+        copies the checked path's block."""
+        block, rounded = self._read_checked(start, stop)
+        out[...] = block
+        return rounded
 
     @abc.abstractmethod
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, int]:
-        """The block and the number of rounded values; the range is checked."""
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+        """The block and the number of rounded values, read on the path whose errors name the
+        place of a bad value: the reference that the fast paths fall back on."""
+
+    def _refused(self, start: int, stop: int) -> None:
+        """A fast path refused a value of cells ``[start, stop)``: the checked path names it."""
+        self._read_checked(start, stop)
+        raise RuntimeError(
+            f"{self.source}: cells {start}:{stop}: the compiled reader refused a value that the "
+            "checked reader accepts (a distumap bug; please report it)"
+        )
+
+    def _fill_sparse_rows(
+        self,
+        indptr: np.ndarray,
+        columns: np.ndarray,
+        values: np.ndarray,
+        out: np.ndarray,
+        column_map: np.ndarray | None = None,
+    ) -> int | None:
+        """Compiled: the rows of a CSR slice into ``out``; the rounded values, or None when a
+        value was refused (the checked path then names it)."""
+        if values.dtype.kind == "b":
+            values = values.view(np.uint8)
+        if values.dtype.kind not in "iuf":
+            return None
+        status, rounded = _fill_rows(
+            indptr,
+            columns,
+            values,
+            _NO_MAP if column_map is None else column_map,
+            self.dtype == np.int32,
+            out,
+        )
+        return None if status != _ACCEPTED else int(rounded)
 
     def iter_blocks(
-        self, chunk_cells: int, start: int = 0, stop: int | None = None
+        self,
+        chunk_cells: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        buffers: list[np.ndarray] | None = None,
     ) -> Iterator[tuple[int, int, np.ndarray, int]]:
         """Blocks of ``chunk_cells`` cells in order: ``(start, stop, block, rounded)``.
 
-        Readers of sequential-only files (gzip MEX) read the file once for all blocks.
+        Readers of sequential-only files (gzip MEX) read the file once for all blocks. With
+        ``buffers`` (C-contiguous, :attr:`dtype`, at least ``chunk_cells`` x :attr:`n_genes`
+        values each), block ``i`` is a view of ``buffers[i % len(buffers)]``: it stays valid
+        until that buffer comes round again.
         """
         if chunk_cells < 1:
             raise ValueError("chunk_cells must be positive")
         start, stop = self._check_range(
             start, self.n_cells if stop is None else stop, self.n_cells, "cells"
         )
-        for begin in range(start, stop, chunk_cells):
+        for i, begin in enumerate(range(start, stop, chunk_cells)):
             end = min(begin + chunk_cells, stop)
-            block, rounded = self.read_counted(begin, end)
+            out = _buffer_view(buffers, i, end - begin, self.n_genes)
+            block, rounded = self.read_counted(begin, end, out=out)
             yield begin, end, block, rounded
 
     def fingerprint(self) -> dict[str, Any]:
@@ -705,7 +939,7 @@ class TenxH5Reader(Reader):
             _, ids = self._feature_nodes(file[self._group])
             return self._kept(_load_strings(ids, self.source))
 
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
         with _hdf5(self.source) as file:
             group = file[self._group]
             indptr, features, values = _major_slice(
@@ -728,6 +962,16 @@ class TenxH5Reader(Reader):
 
         values, rounded = self._convert(values, locate)
         return _dense_rows(indptr, genes, values, self.n_genes), rounded
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        with _hdf5(self.source) as file:
+            indptr, features, values = _major_slice(
+                file[self._group], start, stop, self._n_features, self.source
+            )
+        rounded = self._fill_sparse_rows(indptr, features, values, out, self._gene_map)
+        if rounded is None:
+            self._refused(start, stop)
+        return rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,6 +1026,16 @@ def _dataframe_index(frame: Any, source: str) -> np.ndarray:
     return _load_strings(_child(frame, key, source), source)
 
 
+def _dataframe_length(frame: Any, source: str) -> int:
+    """Rows of an obs/var frame, from its index's shape (loading 100,000 names to count them
+    took a tenth of a second)."""
+    node = _child(frame, _attr(frame, "_index", "_index"), source)
+    shape = getattr(node, "shape", None)
+    if shape is not None and len(shape) == 1:
+        return int(shape[0])
+    return len(_dataframe_index(frame, source))
+
+
 def _dataframe_columns(frame: Any, source: str) -> dict[str, np.ndarray]:
     index_key = _attr(frame, "_index", "_index")
     order = _attr(frame, "column-order")
@@ -811,8 +1065,9 @@ class AnnDataReader(Reader):
     For CSR and dense matrices a cell range is contiguous (:attr:`orientation` ``"cells"``). For
     CSC (``"genes"``) :meth:`read` makes one pass over the whole matrix per block, in pieces of
     :data:`CSC_ENTRIES_PER_PASS` entries, keeping the entries of the block's cells: memory stays
-    bounded, time grows with the number of blocks. :meth:`read_genes` reads gene columns
-    directly, for an ingest that goes through gene blocks.
+    bounded, time grows with the number of blocks. An ingest instead sorts the entries by store
+    block once (:meth:`csc_entries`, in parallel parts) and builds each block from its own
+    entries (:meth:`fill_csc_entries`). :meth:`read_genes` reads gene columns directly.
 
     Parameters
     ----------
@@ -837,8 +1092,8 @@ class AnnDataReader(Reader):
         with self._open() as root:
             if "obs" not in root or "var" not in root:
                 raise InputError(f"{self.source}: not an AnnData file: no obs and var groups")
-            self.n_cells = len(_dataframe_index(root["obs"], self.source))
-            self.n_genes = len(_dataframe_index(root["var"], self.source))
+            self.n_cells = _dataframe_length(root["obs"], self.source)
+            self.n_genes = _dataframe_length(root["var"], self.source)
             matrix = self._matrix(root)
             self._path = _node_name(matrix)
             self._inspect(matrix)
@@ -898,6 +1153,7 @@ class AnnDataReader(Reader):
         _check_indptr(loaded, data.shape[0], _node_name(indptr), source)
         if not csr:
             self._indptr = loaded  # n_genes + 1 numbers: the CSC passes plan with it
+            self._data_dtype = np.dtype(data.dtype)
 
     # -- names --
 
@@ -923,7 +1179,7 @@ class AnnDataReader(Reader):
 
     # -- counts --
 
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
         with self._open() as root:
             matrix = root[self._path]
             if self._encoding == "dense":
@@ -940,6 +1196,81 @@ class AnnDataReader(Reader):
                 return _dense_rows(indptr, genes, values, self.n_genes), rounded
             return self._read_csc_cells(matrix, start, stop)
 
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        with self._open() as root:
+            matrix = root[self._path]
+            if self._encoding == "dense":
+                rounded = self._fill_dense_rows(matrix, start, stop, out)
+            elif self._encoding == "csr_matrix":
+                indptr, genes, values = _major_slice(matrix, start, stop, self.n_genes, self.source)
+                rounded = self._fill_sparse_rows(indptr, genes, values, out)
+            else:
+                rounded = self._fill_csc_cells(matrix, start, stop, out)
+        if rounded is None:
+            self._refused(start, stop)
+        return rounded
+
+    def _fill_dense_rows(self, matrix: Any, start: int, stop: int, out: np.ndarray) -> int | None:
+        if isinstance(matrix, h5py.Dataset) and matrix.dtype == out.dtype:
+            try:  # straight into the block: no fresh array
+                matrix.read_direct(out, np.s_[start:stop])
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise InputError(
+                    f"{self.source}: dataset {self._path}: cannot read ({exc})"
+                ) from exc
+            block = out
+        else:
+            block = _load(matrix, self.source, slice(start, stop))
+        if block.dtype.kind == "b":
+            block = block.view(np.uint8)
+        if block.dtype.kind not in "iuf":
+            return None
+        status, rounded = _fill_dense(block, self.dtype == np.int32, out)
+        return None if status != _ACCEPTED else int(rounded)
+
+    def _fill_csc_cells(self, matrix: Any, start: int, stop: int, out: np.ndarray) -> int | None:
+        """The block from one pass over the whole CSC matrix, in pieces (an ingest transposes
+        the matrix once instead: see :meth:`csc_entries`)."""
+        out[...] = 0
+        rounded = 0
+        data, indices = matrix["data"], matrix["indices"]
+        for low, high in self._csc_pieces():
+            cells = _load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
+            self._check_minor(cells, self.n_cells, low, matrix)
+            selected = np.flatnonzero((cells >= start) & (cells < stop))
+            if selected.size == 0:
+                continue
+            values = _load(data, self.source, slice(low, high))[selected]
+            if values.dtype.kind == "b":
+                values = values.view(np.uint8)
+            if values.dtype.kind not in "iuf":
+                return None
+            genes = np.searchsorted(self._indptr, low + selected, side="right") - 1
+            status, piece = _fill_entries(
+                cells[selected] - start, genes, values, _NO_MAP, self.dtype == np.int32, out
+            )
+            if status != _ACCEPTED:
+                return None
+            rounded += piece
+        return int(rounded)
+
+    def _csc_pieces(self) -> list[tuple[int, int]]:
+        """Entry ranges of whole gene columns holding about CSC_ENTRIES_PER_PASS entries each."""
+        indptr = self._indptr
+        bounds = np.unique(
+            np.concatenate(
+                [
+                    np.searchsorted(
+                        indptr, np.arange(0, indptr[-1], CSC_ENTRIES_PER_PASS), side="right"
+                    )
+                    - 1,
+                    [self.n_genes],
+                ]
+            )
+        )
+        pieces = [(int(indptr[g0]), int(indptr[g1])) for g0, g1 in itertools.pairwise(bounds)]
+        return [(low, high) for low, high in pieces if low < high]
+
     def _convert_dense(self, block: np.ndarray, start: int) -> tuple[np.ndarray, int]:
         n_columns = block.shape[1]
 
@@ -955,23 +1286,8 @@ class AnnDataReader(Reader):
         indptr = self._indptr
         if stop == start:
             return out, 0
-        # pieces of whole gene columns holding about CSC_ENTRIES_PER_PASS entries each
-        bounds = np.unique(
-            np.concatenate(
-                [
-                    np.searchsorted(
-                        indptr, np.arange(0, indptr[-1], CSC_ENTRIES_PER_PASS), side="right"
-                    )
-                    - 1,
-                    [self.n_genes],
-                ]
-            )
-        )
         data, indices = matrix["data"], matrix["indices"]
-        for g0, g1 in itertools.pairwise(bounds):
-            low, high = int(indptr[g0]), int(indptr[g1])
-            if low == high:
-                continue
+        for low, high in self._csc_pieces():
             cells = _load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
             self._check_minor(cells, self.n_cells, low, matrix)
             selected = np.flatnonzero((cells >= start) & (cells < stop))
@@ -988,6 +1304,112 @@ class AnnDataReader(Reader):
             rounded += piece_rounded
             _scatter_entries(rows, genes.astype(np.int64), values, out)
         return out, rounded
+
+    # -- CSC: one transposition pass instead of a pass per block --
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of a CSC matrix (0 for others)."""
+        return int(self._indptr[-1]) if self._encoding == "csc_matrix" else 0
+
+    @property
+    def packed_words(self) -> int:
+        """32-bit words per entry of :meth:`csc_entries`: row, gene and the value."""
+        return 2 + _packed_dtype(self._data_dtype).itemsize // 4
+
+    def csc_entries(
+        self, low: int, high: int, *, first_cell: int, chunk_cells: int, n_blocks: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Entries ``[low, high)`` of the CSC matrix, sorted by the store block of their cell.
+
+        Parameters
+        ----------
+        low, high
+            Entry range (any, not only whole genes).
+        first_cell
+            The store's index of this input's first cell.
+        chunk_cells, n_blocks
+            The store's chunking: cell ``c`` of this input is in block
+            ``(first_cell + c) // chunk_cells``.
+
+        Returns
+        -------
+        packed : numpy.ndarray
+            uint32, ``(high - low, packed_words)``: the cell's row in its block, the gene, and
+            the value's bits (as :func:`_packed_dtype` says), block by block, each block's
+            entries in the file's order.
+        offsets : numpy.ndarray
+            int64, ``n_blocks + 1``: where each block's entries start in ``packed``.
+
+        Notes
+        -----
+        Reads the range once (memory: ~4 words per entry). Cell indices are checked here;
+        values are checked by :meth:`fill_csc_entries`, which knows their block.
+        """
+        with self._open() as root:
+            matrix = root[self._path]
+            cells = _load(matrix["indices"], self.source, slice(low, high))
+            self._check_minor(cells, self.n_cells, low, matrix)
+            values = _load(matrix["data"], self.source, slice(low, high))
+        if values.dtype.kind not in "biuf":
+
+            def locate(bad: int) -> tuple[str, str, int]:
+                gene = int(np.searchsorted(self._indptr, low + bad, side="right")) - 1
+                return f"dataset {self._path}/data", str(int(cells[bad])), gene
+
+            self._convert(values, locate)  # names the value that is not a number
+        values = values.astype(_packed_dtype(values.dtype), copy=False)
+        words = np.ascontiguousarray(values).view(np.uint32).reshape(values.shape[0], -1)
+        packed = np.empty((high - low, 2 + words.shape[1]), dtype=np.uint32)
+        offsets = np.empty(n_blocks + 1, dtype=np.int64)
+        if high > low:
+            _bucket_by_block(
+                self._indptr, low, cells, words, first_cell, chunk_cells, packed, offsets
+            )
+        else:
+            offsets[:] = 0
+        return packed, offsets
+
+    def fill_csc_entries(
+        self,
+        packed: np.ndarray,
+        out: np.ndarray,
+        *,
+        first_cell: int,
+        column_map: np.ndarray | None = None,
+    ) -> int:
+        """Put entries of :meth:`csc_entries` (of one store block) into that block ``out``,
+        whose rows they fall in are already zero; returns the values rounded.
+
+        ``first_cell`` is this input's cell in ``out``'s first row (for error messages);
+        ``column_map`` (optional) gives each gene's column in ``out``.
+        """
+        if packed.shape[0] == 0:
+            return 0
+        dtype = _packed_dtype(self._data_dtype)
+        rows, genes = packed[:, 0], packed[:, 1]
+        values = np.ascontiguousarray(packed[:, 2:]).view(dtype).reshape(-1)
+        kernel_values = values.view(np.uint8) if values.dtype.kind == "b" else values
+        if kernel_values.dtype.kind in "iuf":
+            status, rounded = _fill_entries(
+                rows,
+                genes,
+                kernel_values,
+                _NO_MAP if column_map is None else column_map,
+                self.dtype == np.int32,
+                out,
+            )
+            if status == _ACCEPTED:
+                return int(rounded)
+
+        def locate(bad: int) -> tuple[str, str, int]:
+            return f"dataset {self._path}/data", str(first_cell + int(rows[bad])), int(genes[bad])
+
+        self._convert(values, locate)
+        raise RuntimeError(
+            f"{self.source}: the compiled reader refused a value that the checked reader "
+            "accepts (a distumap bug; please report it)"
+        )
 
     def _check_minor(self, indices: np.ndarray, size: int, low: int, matrix: Any) -> None:
         if indices.size and (indices.min() < 0 or indices.max() >= size):
@@ -1060,6 +1482,23 @@ class AnnDataZarrReader(AnnDataReader):
 
 # ---------------------------------------------------------------------------------------------
 # loom
+
+
+def _filters(dataset: h5py.Dataset) -> list[int]:
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
+def _deflated_chunks(dataset: h5py.Dataset) -> bool:
+    """Whether the dataset is 2-D, chunked, of native numbers, and stored raw or deflated only
+    (loompy's gzip): then its chunks can be read and inflated directly."""
+    return (
+        len(dataset.shape) == 2
+        and dataset.chunks is not None
+        and dataset.dtype.kind in "iuf"
+        and dataset.dtype.isnative
+        and _filters(dataset) in ([], [h5py.h5z.FILTER_DEFLATE])
+    )
 
 
 class LoomReader(Reader):
@@ -1137,7 +1576,7 @@ class LoomReader(Reader):
                     columns[name] = _load(node, self.source)
         return columns
 
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
         with _hdf5(self.source) as file:
             block = _load(file[self._path], self.source, np.s_[:, start:stop]).T
         n_genes = self.n_genes
@@ -1147,6 +1586,51 @@ class LoomReader(Reader):
 
         values, rounded = self._convert(np.ascontiguousarray(block), locate)
         return np.ascontiguousarray(values), rounded
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        integer = self.dtype == np.int32
+        with _hdf5(self.source) as file:
+            matrix = file[self._path]
+            status, rounded = _REFUSED, 0
+            if _deflated_chunks(matrix):
+                status, rounded = self._fill_from_chunks(matrix, start, stop, out)
+            if status != _ACCEPTED:  # other filters, a missing chunk, or a refused value
+                block = _load(matrix, self.source, np.s_[:, start:stop])
+                if block.dtype.kind == "b":
+                    block = block.view(np.uint8)
+                if block.dtype.kind in "iuf":
+                    status, rounded = _fill_transposed(block, 0, 0, integer, out)
+        if status != _ACCEPTED:
+            self._refused(start, stop)
+        return int(rounded)
+
+    def _fill_from_chunks(
+        self, matrix: h5py.Dataset, start: int, stop: int, out: np.ndarray
+    ) -> tuple[int, int]:
+        """The block from the raw chunks that hold it, inflated here and transposed into
+        ``out`` chunk by chunk: h5py would assemble a genes x cells block first (a fresh array),
+        and transposing that costs more than inflating it."""
+        chunk_genes, chunk_cells = matrix.chunks
+        deflated = bool(_filters(matrix))
+        integer = self.dtype == np.int32
+        dtype = matrix.dtype
+        expected = chunk_genes * chunk_cells * dtype.itemsize
+        rounded = 0
+        for c0 in range(start - start % chunk_cells, stop, chunk_cells):
+            for g0 in range(0, self.n_genes, chunk_genes):
+                try:
+                    mask, raw = matrix.id.read_direct_chunk((g0, c0))
+                    data = zlib.decompress(raw) if deflated and not mask & 1 else raw
+                except (OSError, ValueError, KeyError, RuntimeError, zlib.error):
+                    return _REFUSED, 0  # h5py's own read says what is wrong
+                if len(data) != expected:
+                    return _REFUSED, 0
+                chunk = np.frombuffer(data, dtype=dtype).reshape(chunk_genes, chunk_cells)
+                status, moved = _fill_transposed(chunk, g0, c0 - start, integer, out)
+                if status != _ACCEPTED:
+                    return status, 0
+                rounded += moved
+        return _ACCEPTED, rounded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1322,6 +1806,113 @@ def _mtx_parse_kernel(buf, rows, cols, values, lines, error):  # pragma: no cove
     return n, _MTX_OK
 
 
+#: kernel status: stopped before a line whose column lies past the block (the block is complete)
+_MTX_PAST = 2
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _mtx_fill(
+    buf, pos, first_column, last_column, n_rows, n_cells, gene_map, integer_field, integer, strict,
+    out, state,
+):  # fmt: skip  # pragma: no cover - compiled
+    """Parse the ``row col value`` lines of ``buf`` from ``pos`` straight into the block ``out``:
+    an entry whose 1-based column ``c`` has ``first_column < c <= last_column`` goes to
+    ``out[c - first_column - 1, gene]``. ``state`` holds (last column seen, entries, rounded
+    values, rows of ``out`` zeroed so far) across calls: the lines are sorted by column, so a row
+    is zeroed just before its first entry (in cache), and the caller zeroes the rows after the
+    last one.
+
+    Returns ``(pos, status)``: _ACCEPTED at the end of ``buf``; _MTX_PAST at the start of a line
+    whose column is past ``last_column`` (not consumed); _REFUSED at a line that the checked
+    path must explain (malformed, out of range, not sorted, not a count). With ``strict`` every
+    column must lie in the block (an indexed read); otherwise lines before it are checked and
+    skipped (a sequential read).
+    """
+    size = buf.shape[0]
+    mapped = gene_map.shape[0] > 0
+    while pos < size:
+        begin = pos
+        # fast path for Cell Ranger's lines, "<digits> <digits> <digits>\n", written out here:
+        # numba compiles the helpers' (value, position) returns into a loop 4x slower
+        row = col = -1
+        value = 0.0
+        parsed = True
+        p = pos
+        for field in range(3):
+            number = 0
+            digits = 0
+            while p < size:
+                c = buf[p]
+                if c < 48 or c > 57:
+                    break
+                number = number * 10 + (c - 48)
+                p += 1
+                digits += 1
+            if digits == 0 or digits > 18 or p >= size or buf[p] != (10 if field == 2 else 32):
+                parsed = False
+                break
+            if field == 0:
+                row = number
+            elif field == 1:
+                col = number
+            else:
+                value = float(number)
+            p += 1
+        if parsed:
+            pos = p
+        else:
+            after = _blank_line(buf, begin, size)
+            if after >= 0:
+                pos = after
+                continue
+            p = _skip_blanks(buf, begin, size)
+            row, p = _parse_index(buf, p, size)
+            ok = row >= 0 and p < size and (buf[p] == 32 or buf[p] == 9)
+            col = -1
+            if ok:
+                p = _skip_blanks(buf, p, size)
+                col, p = _parse_index(buf, p, size)
+                ok = col >= 0 and p < size and (buf[p] == 32 or buf[p] == 9)
+            if ok:
+                p = _skip_blanks(buf, p, size)
+                value, p, ok = _parse_value(buf, p, size)
+            if ok:
+                p = _line_end(buf, p, size)
+                ok = p >= 0
+            if not ok:
+                return begin, _REFUSED
+            pos = p
+        if col < 1 or col > n_cells or col < state[0]:
+            return begin, _REFUSED
+        if col > last_column:
+            return begin, (_REFUSED if strict else _MTX_PAST)
+        state[0] = col
+        state[1] += 1
+        if col <= first_column:
+            if strict:
+                return begin, _REFUSED
+            continue
+        if row < 1 or row > n_rows:
+            return begin, _REFUSED
+        gene = row - 1
+        if mapped:
+            gene = gene_map[gene]
+            if gene < 0:
+                continue
+        if integer_field and value != np.rint(value):
+            return begin, _REFUSED
+        ok, moved, number = _accept(value, integer)
+        if not ok:
+            return begin, _REFUSED
+        state[2] += moved
+        row = col - first_column - 1
+        while state[3] <= row:
+            out[state[3], :] = 0
+            state[3] += 1
+        out[row, gene] = number
+    return pos, _ACCEPTED
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _mtx_index_kernel(
     buf, first, end, n_cells, rec_cols, rec_offsets, rec_lines, out
@@ -1341,17 +1932,39 @@ def _mtx_index_kernel(
     status = _MTX_OK
     while pos < end:
         begin = pos
-        after = _blank_line(buf, pos, size)
-        if after >= 0:
-            pos = after
-            line += 1
-            continue
-        p = _skip_blanks(buf, pos, size)
-        row, p = _parse_index(buf, p, size)
-        col = -1
-        if row >= 0 and p < size and (buf[p] == 32 or buf[p] == 9):
-            p = _skip_blanks(buf, p, size)
-            col, p = _parse_index(buf, p, size)
+        # fast path: "<digits> <digits> " (see _mtx_fill on why it is written out)
+        p = pos
+        row = col = -1
+        for field in range(2):
+            number = 0
+            digits = 0
+            while p < size:
+                c = buf[p]
+                if c < 48 or c > 57:
+                    break
+                number = number * 10 + (c - 48)
+                p += 1
+                digits += 1
+            if digits == 0 or digits > 18 or p >= size or buf[p] != 32:
+                row = col = -1
+                break
+            if field == 0:
+                row = number
+            else:
+                col = number
+            p += 1
+        if col < 0:
+            after = _blank_line(buf, pos, size)
+            if after >= 0:
+                pos = after
+                line += 1
+                continue
+            p = _skip_blanks(buf, pos, size)
+            row, p = _parse_index(buf, p, size)
+            col = -1
+            if row >= 0 and p < size and (buf[p] == 32 or buf[p] == 9):
+                p = _skip_blanks(buf, p, size)
+                col, p = _parse_index(buf, p, size)
         if col < 0:
             status = _MTX_BAD_LINE
         elif col < 1 or col > n_cells:
@@ -1417,6 +2030,50 @@ def _open_stream(source: str) -> Iterator[Any]:
                 yield stream
         else:
             yield raw
+
+
+def _read_ahead(source: str, skip: int, piece: int) -> Iterator[bytes]:
+    """The (decompressed) bytes of ``source`` after the first ``skip``, in pieces of ``piece``
+    bytes, read one piece ahead in a thread: zlib releases the GIL, so inflating the next piece
+    overlaps parsing this one. Errors of the stream are raised here."""
+    pieces: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException) -> None:
+        while not stop.is_set():
+            try:
+                pieces.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            with _open_stream(source) as stream:
+                if len(stream.read(skip)) < skip:
+                    put(b"")
+                    return
+                while not stop.is_set():
+                    item = stream.read(piece)
+                    put(item)
+                    if not item:
+                        return
+        except BaseException as exc:  # handed to the reader, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="distumap-inflate", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = pieces.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _read_text_lines(source: str) -> list[str]:
@@ -1616,17 +2273,16 @@ class MexReader(Reader):
         results, in order, to :meth:`set_index`.
         """
         offset = begin - 1 if begin > self.data_start else begin
-        with fsspec.open(self.matrix_file, "rb") as file:
-            file.seek(offset)
-            raw = file.read(end + _MTX_OVERHANG - offset)
-        buf = np.frombuffer(raw, dtype=np.uint8)
+        raw, shift = self._raw(offset, end + _MTX_OVERHANG)
+        buf = np.frombuffer(raw, dtype=np.uint8)[shift:] if len(raw) else np.zeros(0, np.uint8)
         if begin > self.data_start:
-            newline = raw.find(b"\n", 0, end - offset)
-            first = end - offset if newline == -1 else newline + 1
+            newline = raw.find(b"\n", shift, shift + end - offset) - shift
+            first = end - offset if newline < 0 else newline + 1
         else:
             first = 0
         stop = min(end - offset, buf.size)
-        capacity = min(self.n_cells, int(np.count_nonzero(buf[first:stop] == 10)) + 1) + 1
+        # a line with an entry takes at least 5 bytes ("1 1 1", the last one without "\n")
+        capacity = min(self.n_cells, max(0, stop - first) // 5 + 1) + 1
         columns = np.empty(capacity, dtype=np.int64)
         offsets = np.empty(capacity, dtype=np.int64)
         lines = np.empty(capacity, dtype=np.int64)
@@ -1635,8 +2291,8 @@ class MexReader(Reader):
         n, n_lines, n_entries, status = (int(v) for v in out[:4])
         error = None
         if status != _MTX_OK:
-            at = int(out[5])
-            text = raw[at : raw.find(b"\n", at) if raw.find(b"\n", at) != -1 else at + 80]
+            at = shift + int(out[5])
+            text = bytes(raw[at : at + 200]).split(b"\n")[0]
             text = text[:80].decode("utf-8", "replace").rstrip("\r")
             error = (status, int(out[4]), text, int(out[6]))
         return MexIndexBlock(
@@ -1807,7 +2463,7 @@ class MexReader(Reader):
             _scatter_entries(cols - (1 + start), genes, values, out)
         return out, rounded
 
-    def _read(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
         if start == stop:
             return np.zeros((0, self.n_genes), dtype=self.dtype), 0
         if self.compressed:
@@ -1829,8 +2485,82 @@ class MexReader(Reader):
             )
         return self._dense(start, stop, rows, cols, values, lines)
 
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        if self.compressed:
+            blocks = self._stream_fill(stop - start, start, stop, [out])
+            with contextlib.closing(blocks):
+                _, _, _, rounded = next(blocks)
+            return rounded
+        begin, end = self.byte_range(start, stop)
+        buf = self._bytes(begin, end)
+        state = np.zeros(4, dtype=np.int64)
+        _, status = self._fill(buf, 0, start, stop, out, state, strict=True)
+        del buf
+        if status != _ACCEPTED:
+            self._refused(start, stop)
+        out[state[3] :] = 0
+        return int(state[2])
+
+    def _fill(
+        self,
+        buf: np.ndarray,
+        pos: int,
+        start: int,
+        stop: int,
+        out: np.ndarray,
+        state: np.ndarray,
+        *,
+        strict: bool,
+    ) -> tuple[int, int]:
+        return _mtx_fill(
+            buf,
+            pos,
+            start,
+            stop,
+            self._n_rows,
+            self.n_cells,
+            _NO_MAP if self._gene_map is None else self._gene_map,
+            self.field == "integer",
+            self.dtype == np.int32,
+            strict,
+            out,
+            state,
+        )
+
+    def _bytes(self, begin: int, end: int) -> np.ndarray:
+        """Bytes ``[begin, end)`` of ``matrix.mtx`` (see :meth:`_raw`)."""
+        raw, shift = self._raw(begin, end)
+        if len(raw) - shift != max(0, end - begin):
+            raise InputError(f"{self.matrix_file}: the file is shorter than its index (changed?)")
+        return np.frombuffer(raw, dtype=np.uint8)[shift:] if end > begin else np.zeros(0, np.uint8)
+
+    def _raw(self, begin: int, end: int) -> tuple[Any, int]:
+        """Bytes ``[begin, end)`` of ``matrix.mtx`` (fewer at its end) as ``(raw, shift)``: they
+        are ``raw[shift:]``. A local file is memory-mapped (the page cache is parsed in place,
+        with no copy and no fresh allocation), others are read."""
+        if end <= begin:
+            return b"", 0
+        if _is_local(self.matrix_file):
+            with open(_local(self.matrix_file), "rb") as file:
+                end = min(end, os.fstat(file.fileno()).st_size)
+                if end <= begin:
+                    return b"", 0
+                offset = begin - begin % mmap.ALLOCATIONGRANULARITY
+                view = mmap.mmap(
+                    file.fileno(), end - offset, offset=offset, access=mmap.ACCESS_READ
+                )
+                return view, begin - offset
+        with fsspec.open(self.matrix_file, "rb") as file:
+            file.seek(begin)
+            return file.read(end - begin), 0
+
     def iter_blocks(
-        self, chunk_cells: int, start: int = 0, stop: int | None = None
+        self,
+        chunk_cells: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        buffers: list[np.ndarray] | None = None,
     ) -> Iterator[tuple[int, int, np.ndarray, int]]:
         """Blocks of ``chunk_cells`` cells in order; a gzip file is decompressed once."""
         if chunk_cells < 1:
@@ -1838,9 +2568,85 @@ class MexReader(Reader):
         stop = self.n_cells if stop is None else stop
         start, stop = self._check_range(start, stop, self.n_cells, "cells")
         if self.compressed:
-            yield from self._stream_blocks(chunk_cells, start, stop)
+            yield from self._stream_fill(chunk_cells, start, stop, buffers)
         else:
-            yield from super().iter_blocks(chunk_cells, start, stop)
+            yield from super().iter_blocks(chunk_cells, start, stop, buffers=buffers)
+
+    def _stream_fill(
+        self, chunk_cells: int, start: int, stop: int, buffers: list[np.ndarray] | None
+    ) -> Iterator[tuple[int, int, np.ndarray, int]]:
+        """One sequential pass: blocks of cells ``[start, stop)`` in order, parsed by the
+        compiled kernel straight into the blocks (``buffers`` in turn, or new arrays). Whatever
+        the kernel refuses, the checked pass (:meth:`_stream_blocks`) explains."""
+        # last column seen, entries, rounded values, rows of the block zeroed
+        state = np.zeros(4, dtype=np.int64)
+        index = 0
+
+        def block(begin: int) -> tuple[int, np.ndarray]:
+            end = min(begin + chunk_cells, stop)
+            view = _buffer_view(buffers, index, end - begin, self.n_genes)
+            state[3] = 0
+            return end, self._output(end - begin, view)
+
+        if start == stop:
+            return
+        block_start = start
+        block_stop, out = block(block_start)
+        try:
+            for buf in self._pieces():
+                pos = 0
+                while True:
+                    pos, status = self._fill(
+                        buf, pos, block_start, block_stop, out, state, strict=False
+                    )
+                    if status == _ACCEPTED:
+                        break
+                    if status == _REFUSED:
+                        self._refused_stream(chunk_cells, start, stop)
+                    # a column past the block: the block is complete
+                    out[state[3] :] = 0
+                    yield block_start, block_stop, out, int(state[2])
+                    state[2] = 0
+                    if block_stop == stop:
+                        return
+                    index += 1
+                    block_start = block_stop
+                    block_stop, out = block(block_start)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            self._refused_stream(chunk_cells, start, stop)
+        if state[1] != self.nnz:
+            self._refused_stream(chunk_cells, start, stop)
+        while True:
+            out[state[3] :] = 0
+            yield block_start, block_stop, out, int(state[2])
+            state[2] = 0
+            if block_stop == stop:
+                return
+            index += 1
+            block_start = block_stop
+            block_stop, out = block(block_start)
+
+    def _pieces(self) -> Iterator[np.ndarray]:
+        """The data region, decompressed, in pieces of whole lines (the last one may lack its
+        newline), as uint8 arrays."""
+        carry = b""
+        for chunk in _read_ahead(self.matrix_file, self.data_start, _MTX_STREAM_PIECE):
+            data = carry + chunk
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield np.frombuffer(data, dtype=np.uint8, count=cut)
+        if carry:
+            yield np.frombuffer(carry, dtype=np.uint8)
+
+    def _refused_stream(self, chunk_cells: int, start: int, stop: int) -> None:
+        """The kernel refused a line of the gzip stream: the checked pass names it."""
+        for _ in self._stream_blocks(chunk_cells, start, stop):
+            pass
+        raise RuntimeError(
+            f"{self.matrix_file}: the compiled reader refused a line that the checked reader "
+            "accepts (a distumap bug; please report it)"
+        )
 
     def _stream(self) -> Iterator[tuple[np.ndarray, ...]]:
         """The entries of the data region in file order, in pieces: (rows, cols, values, lines)."""
