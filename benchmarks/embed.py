@@ -87,6 +87,9 @@ def main() -> None:
         "--landmarks", type=int, nargs="+", default=[20_000], help="one or more counts to compare"
     )
     parser.add_argument("--pca", type=int, default=50)
+    parser.add_argument(
+        "--refine-epochs", type=int, default=None, help="default: distumap.refine-epochs"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="4GiB", help="per worker (4GiB)")
     parser.add_argument("--seed", type=int, default=0)
@@ -175,7 +178,9 @@ def main() -> None:
     results["distumap"] = []
     for landmarks in args.landmarks:
         started = time.perf_counter()
-        ds = distumap.tl.umap(ds, landmarks=landmarks, pca=args.pca)
+        ds = distumap.tl.umap(
+            ds, landmarks=landmarks, pca=args.pca, refine_epochs=args.refine_epochs
+        )
         embed_seconds = time.perf_counter() - started
         record = ds.attrs["distumap"]["stages"]["embed"]
         transformed = args.cells - record["landmarks_used"]
@@ -191,6 +196,10 @@ def main() -> None:
                 "transform_cells_per_s_per_worker": round(
                     transformed / max(record["transform_seconds"], 1e-9) / n_workers
                 ),
+                # the refinement over all cells (distumap.tl._refine; 0 epochs: none)
+                "refine_epochs": record["params"].get("refine_epochs", 0),
+                "refine_knn_seconds": record.get("refine_knn_seconds"),
+                "refine_epochs_seconds": record.get("refine_epochs_seconds"),
                 **_quality(features, ds["X_umap"].values, labels, sample),
             }
         )

@@ -343,3 +343,143 @@ def test_quality_against_a_full_fit(model_pca, model_raw, data):
         trust = trustworthiness(X[subsample], emb[subsample], n_neighbors=15)
         assert agreement >= 0.97 * full_agreement, (agreement, full_agreement)
         assert trust >= full_trust - 0.03, (trust, full_trust)
+
+
+# ------------------------------------------------ the refinement's kernels (distumap.tl._refine)
+
+
+def _refine_inputs(model, data):
+    """What the embed stage hands the refinement: start positions, features, nearest landmarks."""
+    X, _, landmarks = data
+    is_landmark = np.zeros(N_CELLS, dtype=bool)
+    is_landmark[landmarks] = True
+    rest = np.flatnonzero(~is_landmark)
+    positions = np.empty((N_CELLS, 2), dtype=np.float32)
+    nearest = np.empty((N_CELLS, model.n_neighbors), dtype=np.int64)
+    features = np.empty((N_CELLS, model.landmark_features.shape[1]), dtype=np.float32)
+    positions[landmarks] = model.landmark_embedding
+    nearest[landmarks], _ = _model.landmark_knn(model, np.arange(len(landmarks)))
+    features[landmarks] = model.landmark_features
+    moved = np.empty((len(rest), features.shape[1]), dtype=np.float32)
+    positions[rest], nearest[rest], _ = transform(
+        model, X[rest], rest, return_knn=True, features_out=moved
+    )
+    features[rest] = moved
+    return positions, features, is_landmark, nearest
+
+
+def test_transform_hands_out_the_features_it_projects(model_pca, data):
+    X, _, _ = data
+    features = np.empty((50, 20), dtype=np.float32)
+    placed = transform(model_pca, X[:50], np.arange(50), features_out=features)
+    np.testing.assert_array_equal(features, project(model_pca, X[:50]))
+    np.testing.assert_array_equal(placed, transform(model_pca, X[:50], np.arange(50)))
+    with pytest.raises(ValueError, match="features_out"):
+        transform(model_pca, X[:50], np.arange(50), features_out=features[:10])
+
+
+def test_refine_knn_is_exact_when_the_buckets_hold_every_cell(model_pca, data):
+    from distumap.tl import _refine
+
+    _, features, is_landmark, nearest = _refine_inputs(model_pca, data)
+    home = _refine.home_buckets(is_landmark, nearest)
+    cells = np.arange(0, N_CELLS, 7)
+    every_bucket = np.tile(np.arange(N_LANDMARKS), (len(cells), 1))
+    found, dist, examined = _refine.cell_knn(
+        _refine.bucket_index(home, N_LANDMARKS, features),
+        cells,
+        every_bucket,
+        k=K,
+        max_candidates=N_CELLS,
+        bucket_cap=N_CELLS,
+    )
+    assert examined == len(cells) * N_CELLS
+    exact = np.sqrt(((features[cells, None, :].astype(np.float64) - features[None]) ** 2).sum(-1))
+    # (the kernel sums in another, fixed order: distances agree to rounding, ranks exactly)
+    exact[np.arange(len(cells)), cells] = np.inf  # never the cell itself
+    order = np.lexsort((np.broadcast_to(np.arange(N_CELLS), exact.shape), exact), axis=1)[:, :K]
+    np.testing.assert_array_equal(found, order)
+    np.testing.assert_allclose(dist, np.take_along_axis(exact, order, 1), rtol=1e-12)
+
+
+def test_refine_knn_through_the_landmarks_finds_most_neighbours(model_pca, data):
+    from sklearn.neighbors import NearestNeighbors
+
+    from distumap.tl import _refine
+
+    _, features, is_landmark, nearest = _refine_inputs(model_pca, data)
+    home = _refine.home_buckets(is_landmark, nearest)
+    found, weights, _ = _refine.nearest_cells(
+        _refine.bucket_index(home, N_LANDMARKS, features),
+        np.arange(N_CELLS),
+        home,
+        nearest,
+        mean_distance=model_pca.mean_distance_reference,
+    )
+    exact = NearestNeighbors(n_neighbors=16).fit(features).kneighbors(return_distance=False)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, exact, strict=True)])
+    assert recall > 0.8, recall  # 0.95 measured; a bucket search that lost its way falls far
+    assert weights.dtype == np.float32 and ((weights > 0) & (weights <= 1)).all()
+    np.testing.assert_array_equal(weights[:, 0], 1.0)  # rho: the nearest is fully connected
+
+
+def test_symmetrize_is_umaps_fuzzy_union():
+    import scipy.sparse as sp
+
+    from distumap.tl import _refine
+
+    rng = np.random.default_rng(0)
+    n, k = 200, 6
+    neighbors = np.stack(
+        [rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)]
+    )
+    neighbors[:5, -1] = -1  # fewer neighbours than k
+    weights = rng.random((n, k)).astype(np.float32)
+    graph = _refine.symmetrize(neighbors, weights)
+    valid = neighbors >= 0
+    rows = np.repeat(np.arange(n), k)[valid.ravel()]
+    directed = sp.csr_matrix(
+        (weights[valid].astype(np.float64), (rows, neighbors[valid])), shape=(n, n)
+    )
+    expected = (directed + directed.T - directed.multiply(directed.T)).toarray()
+    union = np.zeros((n, n))
+    out_rows = np.repeat(np.arange(n), k)
+    union[out_rows[valid.ravel()], neighbors[valid]] = graph.out_weight[valid]
+    in_rows = np.repeat(np.arange(n), np.diff(graph.in_start))
+    assert not union[in_rows, graph.in_source].any()  # an edge is held once per cell
+    union[in_rows, graph.in_source] = graph.in_weight
+    np.testing.assert_allclose(union, expected, rtol=1e-6)
+    for i in range(n):  # in-edges in ascending source order: a fixed order of updates
+        sources = graph.in_source[graph.in_start[i] : graph.in_start[i + 1]]
+        assert (np.diff(sources) > 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 97, N_CELLS])
+def test_refine_epochs_identical_across_chunk_sizes(model_pca, data, chunk):
+    from distumap.tl import _refine
+
+    positions, features, is_landmark, nearest = _refine_inputs(model_pca, data)
+    settings = _refine.RefineSettings(n_epochs=3)
+    whole = _refine.refine_embedding(
+        positions, features, is_landmark, nearest, model_pca, settings=settings
+    )
+    assert whole.dtype == np.float32 and np.isfinite(whole).all()
+    assert not np.array_equal(whole, positions)
+    chunked = _refine.refine_embedding(
+        positions, features, is_landmark, nearest, model_pca, settings=settings, chunk=chunk
+    )
+    np.testing.assert_array_equal(chunked, whole)
+
+
+def test_refine_can_hold_the_landmarks(model_pca, data):
+    from distumap.tl import _refine
+
+    positions, features, is_landmark, nearest = _refine_inputs(model_pca, data)
+    settings = _refine.RefineSettings(n_epochs=3, move_landmarks=False)
+    out = _refine.refine_embedding(
+        positions, features, is_landmark, nearest, model_pca, settings=settings
+    )
+    np.testing.assert_array_equal(out[is_landmark], positions[is_landmark])
+    assert not np.array_equal(out[~is_landmark], positions[~is_landmark])
+    with pytest.raises(ValueError, match="epoch"):
+        _refine.epoch(positions, [0], None, [False], epoch=3, n_epochs=3, a=1.0, b=1.0)

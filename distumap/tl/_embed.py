@@ -1,4 +1,5 @@
-"""Embed: landmarks, a UMAP fit on them (on a worker), and a parallel, batch-invariant transform.
+"""Embed: landmarks, a UMAP fit on them (on a worker), a parallel, batch-invariant transform,
+and a chunk-invariant refinement of every cell over the kNN graph of all cells.
 
 "Fit small, transform big": a seeded sample of cells (the landmarks) is gathered on one worker,
 where umap-learn is fitted (task ``umap-fit``). The fitted model is written into the store once;
@@ -8,13 +9,29 @@ its chunk of ``X_umap`` and of the kNN graph (``knn_landmark``, ``knn_weight``: 
 nearest landmarks as cell indices, and their membership weights; a landmark's are its k nearest
 other landmarks) and sets its marker, so a re-run resumes and no block is written twice.
 
+Transformed cells sit worse than fitted ones, since the transform places each against the
+landmarks alone. With ``refine_epochs`` (default ``distumap.refine-epochs``) every cell then
+moves with UMAP's SGD over its nearest *cells* (:mod:`distumap.tl._refine`), in epochs that read
+only the previous epoch's positions, so that the result stays independent of chunks and workers:
+``umap-refine-knn`` tasks build the graph and ``umap-refine-epoch`` tasks run the epochs. The steps
+before the last (the transform included) mark their tasks in ``_progress/embed-refine``; the last
+epoch writes ``X_umap``, one task per store chunk, and sets the stage's own markers, which vouch for
+``X_umap`` as when nothing is refined: each chunk of it is written once. The exported kNN graph
+stays the landmark graph.
+
 The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 :mod:`distumap._format`), validated when it is loaded: a store is data, never code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import threading
 import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -29,11 +46,18 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distumap import _config, _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
-from distumap._format import MODEL_GROUP, stages
-from distumap._stage import Stage
-from distumap._store import open_store, read_group, store_of, write_group, write_variables
+from distumap._format import MODEL_GROUP, PROGRESS_GROUP, stages
+from distumap._stage import Stage, StagePass
+from distumap._store import (
+    open_store,
+    progress_array,
+    read_group,
+    store_of,
+    write_group,
+    write_variables,
+)
 from distumap.pp import log2p1
-from distumap.tl import _model
+from distumap.tl import _model, _refine
 
 
 def landmarks(
@@ -126,6 +150,7 @@ def _load_model(store: str, token: str) -> _model.LandmarkModel:
         raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
     model = _model.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
     _model.warm_up(model)
+    _refine.warm_up()
     return model
 
 
@@ -151,6 +176,7 @@ class ModelPlugin(WorkerPlugin):
 
     def teardown(self, worker=None) -> None:
         _load_model.cache_clear()
+        _clear_refine_caches()
 
 
 def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, Any]) -> np.ndarray:
@@ -177,9 +203,13 @@ def _transform_task(
     token: str,
     n_cells: int,
     color: str | None = None,
+    refine: bool = False,
 ) -> int:
     """Embed one store chunk of cells and write it, with each cell's nearest landmarks; send an
-    even sample of its points to the dashboard page, coloured by the cell coordinate ``color``."""
+    even sample of its points to the dashboard page, coloured by the cell coordinate ``color``.
+    With ``refine``, the coordinates are where the refinement starts, not the result: they go
+    to ``_progress/refine-start`` with the cells' kNN features and nearest landmark, and
+    ``X_umap`` is left to the refinement's last epoch."""
     model = _load_model(store, token)
     cells = np.arange(first_cell, first_cell + block.shape[0], dtype=np.int64)
     coords = np.empty((block.shape[0], 2), dtype=np.float32)
@@ -190,17 +220,348 @@ def _transform_task(
     # landmarks keep their fitted coordinates; only the others are transformed
     coords[is_landmark] = model.landmark_embedding[landmark_order]
     neighbors[is_landmark], weights[is_landmark] = _model.landmark_knn(model, landmark_order)
+    # the refinement searches all cells' kNN features: keep the ones computed here
+    features = None
+    if refine:
+        features = np.empty((block.shape[0], model.landmark_features.shape[1]), np.float32)
+        features[is_landmark] = model.landmark_features[landmark_order]
     if (~is_landmark).any():
+        moved = None if features is None else np.empty_like(features[~is_landmark])
         coords[~is_landmark], neighbors[~is_landmark], weights[~is_landmark] = _model.transform(
-            model, block[~is_landmark], cells[~is_landmark], return_knn=True
+            model, block[~is_landmark], cells[~is_landmark], return_knn=True, features_out=moved
         )
+        if features is not None:
+            features[~is_landmark] = moved
     rows = slice(first_cell, first_cell + len(cells))
+    if refine:
+        # a landmark's bucket is its own; another cell's is its nearest landmark's
+        home = neighbors[:, 0].astype(np.int32)
+        home[is_landmark] = landmark_order
+        _write_scratch(store, rows, features=features, home=home, start=coords)
     zarr.open_array(store, path="knn_landmark", mode="r+")[rows] = landmark_cells[neighbors]
     zarr.open_array(store, path="knn_weight", mode="r+")[rows] = weights
-    zarr.open_array(store, path="X_umap", mode="r+")[rows] = coords
+    if not refine:
+        zarr.open_array(store, path="X_umap", mode="r+")[rows] = coords
     labels = None if color is None else zarr.open_array(store, path=color, mode="r")[rows]
     _progress.send_points("embed", first_cell, coords, labels, first_cell=first_cell, total=n_cells)
     return len(cells)
+
+
+# ---------------------------------------------------------------- the refinement, on the cluster
+#
+# After the transform, ``refine_epochs`` epochs of UMAP's SGD over the kNN graph of all cells
+# (distumap.tl._refine) run as steps of the embed stage, each a set of tasks over contiguous
+# cell ranges (a few store chunks each, REFINE_TASK_CELLS): ``umap-refine-knn`` tasks find their
+# cells' nearest cells, then each epoch's ``umap-refine-epoch`` tasks read every cell's position
+# after the previous epoch and write their own cells' new ones. Whole arrays that every task of
+# a step reads (all features, the graph, the positions) are read once per worker process. The
+# working arrays live beside the stage's markers (``_progress/refine-*``, hidden from xarray);
+# the last epoch writes ``X_umap``.
+
+#: the refinement's working arrays: name -> (trailing shape, dtype, writer); "features" is as
+#: wide as the kNN features. Each is chunked as its writer's tasks cover cells (a store chunk
+#: for the transform, a refinement task's cells for the refinement), so that no two tasks
+#: share a chunk and a whole array is read in a few large chunks.
+_SCRATCH = {
+    "features": (None, "f4", "transform"),  # every cell's kNN features
+    "home": ((), "i4", "transform"),  # each cell's bucket: its nearest landmark (or itself)
+    "start": ((2,), "f4", "transform"),  # the transform's coordinates, where epoch 0 starts
+    "neighbors": ((_refine.RefineSettings.n_neighbors,), "i4", "refine"),
+    "weights": ((_refine.RefineSettings.n_neighbors,), "f4", "refine"),
+    "xy-0": ((2,), "f4", "refine"),  # the positions after even epochs
+    "xy-1": ((2,), "f4", "refine"),  # ... and after odd ones
+}
+
+
+def _scratch_path(name: str) -> str:
+    return f"{PROGRESS_GROUP}/refine-{name}"
+
+
+def _n_features(params: dict[str, Any], n_genes: int) -> int:
+    """Width of the kNN features: ``pca`` components, or the selected genes themselves when
+    there are not more of them (as :func:`distumap.tl._model.fit_landmark_model` decides)."""
+    return params["pca"] if 0 < params["pca"] < n_genes else n_genes
+
+
+def _create_scratch(
+    store: str, n_cells: int, chunk: int, chunks_per_task: int, n_features: int
+) -> None:
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    progress = group.require_group(PROGRESS_GROUP)
+    for name, (tail, dtype, writer) in _SCRATCH.items():
+        tail = (n_features,) if tail is None else tail
+        rows = chunk * (chunks_per_task if writer == "refine" else 1)
+        progress.create_array(
+            f"refine-{name}",
+            shape=(n_cells, *tail),
+            chunks=(min(rows, max(n_cells, 1)), *tail),
+            dtype=dtype,
+            fill_value=0,
+            overwrite=True,
+        )
+
+
+def _write_scratch(store: str, rows: slice, **arrays: np.ndarray) -> None:
+    for name, value in arrays.items():
+        zarr.open_array(store, path=_scratch_path(name), mode="r+")[rows] = value
+
+
+def _read_scratch(store: str, name: str) -> np.ndarray:
+    return zarr.open_array(store, path=_scratch_path(name), mode="r")[...]
+
+
+class _WorkerCache:
+    """Arrays that every task of a step reads whole (all cells' features, the graph, the last
+    epoch's positions): read once per process and shared by its tasks and threads."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:  # one reader per process; the others wait for its copy
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = build()
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_SEARCH = _WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
+_GRAPH = _WorkerCache(1)  # the symmetrised graph of all cells (epochs)
+_POSITIONS = _WorkerCache(1)  # all positions after the previous epoch
+
+
+def _clear_refine_caches() -> None:
+    for cache in (_SEARCH, _GRAPH, _POSITIONS):
+        cache.clear()
+
+
+def _search_index(store: str, n_landmarks: int):
+    home = _read_scratch(store, "home")
+    return home, _refine.bucket_index(home, n_landmarks, _read_scratch(store, "features"))
+
+
+def _refine_knn_task(
+    first: int,
+    last: int,
+    landmark_cells: np.ndarray,
+    *,
+    store: str,
+    token: str,
+    run: str,
+    settings: dict[str, Any],
+) -> int:
+    """The nearest cells of one block's cells, and their membership weights."""
+    model = _load_model(store, token)
+    home, index = _SEARCH.get((store, token, run), lambda: _search_index(store, model.n_landmarks))
+    rows = slice(first, last)
+    neighbors, weights, _ = _refine.nearest_cells(
+        index,
+        np.arange(first, last),
+        home[rows],
+        np.searchsorted(landmark_cells, _read_rows(store, "knn_landmark", rows)),
+        mean_distance=model.mean_distance_reference,
+        settings=_refine.RefineSettings(**settings),
+    )
+    _write_scratch(store, rows, neighbors=neighbors, weights=weights)
+    return last - first
+
+
+def _read_rows(store: str, path: str, rows: slice) -> np.ndarray:
+    return zarr.open_array(store, path=path, mode="r")[rows]
+
+
+def _positions_after(store: str, epoch: int) -> str:
+    """Where the positions after ``epoch`` live (-1: the transform's)."""
+    return _scratch_path("start" if epoch < 0 else f"xy-{epoch % 2}")
+
+
+def _refine_epoch_task(
+    first: int,
+    last: int,
+    landmark_rows: np.ndarray,
+    *,
+    store: str,
+    token: str,
+    run: str,
+    epoch: int,
+    settings: dict[str, Any],
+    n_cells: int,
+    color: str | None = None,
+) -> int:
+    """One epoch for cells ``first:last``: new positions from every cell's previous ones. The
+    last epoch writes ``X_umap`` (one store chunk a task) and sends its points to the page."""
+    _SEARCH.clear()  # the kNN step is over: its features need not stay in memory
+    model = _load_model(store, token)
+    graph = _GRAPH.get(
+        (store, token, run),
+        lambda: _refine.symmetrize(
+            _read_scratch(store, "neighbors"), _read_scratch(store, "weights")
+        ),
+    )
+    source = _positions_after(store, epoch - 1)
+    positions = _POSITIONS.get(
+        (store, token, run, epoch),
+        lambda: zarr.open_array(store, path=source, mode="r")[...],
+    )
+    frozen = np.zeros(last - first, dtype=bool)
+    if not settings["move_landmarks"]:
+        frozen[landmark_rows - first] = True
+    coords = _refine.epoch(
+        positions,
+        np.arange(first, last),
+        graph,
+        frozen,
+        epoch=epoch,
+        n_epochs=settings["n_epochs"],
+        a=model.a,
+        b=model.b,
+        gamma=model.repulsion_strength,
+        initial_alpha=settings["initial_alpha"],
+        negative_sample_rate=model.negative_sample_rate,
+        seed=model.seed,
+    )
+    if epoch < settings["n_epochs"] - 1:
+        zarr.open_array(store, path=_positions_after(store, epoch), mode="r+")[first:last] = coords
+        return last - first
+    zarr.open_array(store, path="X_umap", mode="r+")[first:last] = coords
+    labels = None if color is None else zarr.open_array(store, path=color, mode="r")[first:last]
+    _progress.send_points("embed", first, coords, labels, first_cell=first, total=n_cells)
+    return last - first
+
+
+#: the markers of the embed stage's steps before the last one when it refines (the transform,
+#: the nearest cells, every epoch but the last), one after the other: ``_progress/embed`` keeps
+#: vouching for ``X_umap``, which only the last epoch writes
+REFINE_MARKERS = "embed-refine"
+
+
+class _Steps(StagePass):
+    """One step of the embed stage (the transform, the nearest cells or an epoch) as a pass of
+    the stage: ``count`` tasks, whose markers are ``_progress/embed-refine[first:first + count]``
+    (one array for every step, so the dashboard shows them as one row)."""
+
+    def __init__(self, stage: Stage, first: int, count: int):
+        super().__init__(stage, REFINE_MARKERS)
+        self.blocks = range(first, first + count)
+
+    def pending(self) -> list[int]:
+        # this step's markers only: reading every step's would cost more than a step
+        start, stop = self.blocks.start, self.blocks.stop
+        done = progress_array(self.store, self.markers, mode="r")[start:stop]
+        return [start + int(block) for block in np.flatnonzero(~done)]
+
+
+#: cells per refinement task, about: an epoch is cheap per cell (~2 us), so each task takes
+#: several store chunks, or the per-task cost (markers, opening arrays) would outweigh it
+REFINE_TASK_CELLS = 32768
+
+
+def _refine_epochs(params: dict[str, Any], is_landmark: np.ndarray) -> int:
+    """The epochs to run: none when every cell is a landmark (umap-learn's fit is the result)."""
+    return params["refine_epochs"] if not is_landmark.all() else 0
+
+
+def _refine_layout(n_chunks: int, chunk_cells: int, epochs: int) -> dict[str, int]:
+    """How many store chunks one refinement task covers (the last epoch's tasks take one each,
+    as they write ``X_umap``), and how many markers :data:`REFINE_MARKERS` holds: one per store
+    chunk for the transform, then one per task for the nearest cells and each earlier epoch."""
+    per_task = max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
+    n_tasks = -(-n_chunks // per_task)
+    return {"refine_chunks_per_task": per_task, "refine_markers": n_chunks + epochs * n_tasks}
+
+
+def _refine_stage(
+    stage: Stage,
+    params: dict[str, Any],
+    bounds: np.ndarray,
+    rows: np.ndarray,
+    landmark_cells: Any,
+    *,
+    token: str,
+    color: str | None,
+) -> dict[str, float]:
+    """Run the refinement's steps that are not done yet, in order; return their timings."""
+    n_epochs = params["refine_epochs"]
+    settings = dataclasses.asdict(dataclasses.replace(_refine.RefineSettings(), n_epochs=n_epochs))
+    n_chunks, n_cells = len(bounds) - 1, int(bounds[-1])
+    # the run that started the stage chose the tasks' extent: a resumed run keeps it
+    per_task = stage.record.get("refine_chunks_per_task")
+    if per_task is None:  # a record without it: the layout the markers were made with
+        per_task = _refine_layout(n_chunks, int(bounds[1] - bounds[0]), n_epochs)[
+            "refine_chunks_per_task"
+        ]
+    edges = np.append(bounds[:-1:per_task], bounds[-1])
+    n_tasks = len(edges) - 1
+    common = {"store": stage.store, "token": token, "run": stage.record.get("run", "")}
+    # the dashboard counts the steps before the last in one total: a cell per step
+    steps_total = n_cells * (1 + n_epochs)
+
+    def calls(step: Stage, edges: np.ndarray, **extra: Any) -> dict[int, tuple]:
+        todo = {}
+        for block in step.pending():
+            task = block - (step.blocks.start if isinstance(step, _Steps) else 0)
+            first, last = int(edges[task]), int(edges[task + 1])
+            if "epoch" in extra:  # an epoch needs the task's landmarks (to hold them, maybe)
+                lo, hi = np.searchsorted(rows, [first, last])
+                args = (first, last, rows[lo:hi])
+            else:  # the kNN step maps landmark cells to landmark numbers: one shared key
+                args = (first, last, landmark_cells)
+            todo[block] = (args, {**common, "settings": settings, **extra})
+        return todo
+
+    seconds = {}
+    try:
+        started = time.perf_counter()
+        step = _Steps(stage, n_chunks, n_tasks)
+        step.run_blocks(
+            _refine_knn_task,
+            calls(step, edges),
+            key="umap-refine-knn",
+            label="embed: refine, nearest cells",
+            total=steps_total,
+        )
+        seconds["refine_knn_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        for epoch in range(n_epochs):
+            label = f"embed: refine, epoch {epoch + 1}/{n_epochs}"
+            extra = {"epoch": epoch, "n_cells": n_cells}
+            if epoch < n_epochs - 1:
+                step = _Steps(stage, n_chunks + (1 + epoch) * n_tasks, n_tasks)
+                todo = calls(step, edges, **extra)
+                step.run_blocks(
+                    _refine_epoch_task,
+                    todo,
+                    key="umap-refine-epoch",
+                    label=label,
+                    total=steps_total,
+                )
+            else:  # the last: a task per store chunk writes X_umap and sets the stage's marker
+                last_started = time.perf_counter()
+                todo = calls(stage, bounds, **extra, color=color)
+                stage.run_blocks(
+                    _refine_epoch_task, todo, key="umap-refine-epoch", label=label, total=n_cells
+                )
+                seconds["refine_last_epoch_seconds"] = round(time.perf_counter() - last_started, 3)
+        seconds["refine_epochs_seconds"] = round(time.perf_counter() - started, 3)
+    finally:
+        # the workers' copies of whole arrays (hundreds of MB at a million cells) go
+        _clear_refine_caches()
+        client = current_client()
+        if client is not None and client.status == "running":
+            # fire and forget: a lost cluster has nothing left to free, and must not hang here
+            with contextlib.suppress(Exception):
+                client.run(_clear_refine_caches, wait=False)
+    return seconds
 
 
 def _embed_params(**given: Any) -> dict[str, Any]:
@@ -211,14 +572,21 @@ def _embed_params(**given: Any) -> dict[str, Any]:
         "min_dist": "min-dist",
         "seed": "seed",
         "transform_epochs": "transform-epochs",
+        "refine_epochs": "refine-epochs",
     }
     params = {key: _config.get(option, given.get(key)) for key, option in names.items()}
-    for key in ("landmarks", "pca", "n_neighbors", "seed", "transform_epochs"):
+    for key in ("landmarks", "pca", "n_neighbors", "seed", "transform_epochs", "refine_epochs"):
         params[key] = int(params[key])
     params["min_dist"] = float(params["min_dist"])
     params["stratify"] = given.get("stratify")
-    if params["pca"] < 0 or params["n_neighbors"] < 2:
-        raise InputError("pca must be >= 0 and n_neighbors >= 2")
+    if params["pca"] < 0 or params["n_neighbors"] < 2 or params["refine_epochs"] < 0:
+        raise InputError("pca and refine_epochs must be >= 0 and n_neighbors >= 2")
+    if params["pca"] == 0 and params["refine_epochs"] > 0:
+        # the refinement searches every cell's features on every worker: principal components
+        # are small enough for that, a cell's raw genes are not
+        if given.get("refine_epochs") is not None:
+            raise InputError("refine_epochs needs principal components (pca > 0)")
+        params["refine_epochs"] = 0
     return params
 
 
@@ -232,6 +600,7 @@ def umap(
     min_dist: float | None = None,
     seed: int | None = None,
     transform_epochs: int | None = None,
+    refine_epochs: int | None = None,
     color: str | None = None,
     store: str | None = None,
     progress: bool = False,
@@ -253,6 +622,11 @@ def umap(
         umap-learn's parameters (defaults: the tutorial's 30, 0.25 and 999).
     transform_epochs
         SGD epochs for each transformed cell (default ``distumap.transform-epochs``).
+    refine_epochs
+        Epochs of UMAP's SGD over the kNN graph of *all* cells after the transform (default
+        ``distumap.refine-epochs``; 0 keeps the transform's coordinates). Every cell moves
+        towards its nearest cells, found through the landmarks; landmarks move too. Needs
+        ``pca > 0``; with ``pca=0`` the default is 0. See :mod:`distumap.tl._refine`.
     color
         A cell coordinate (e.g. ``subclass_label``) that colours the embedding drawn live on the
         dashboard page; it does not change the result.
@@ -272,9 +646,11 @@ def umap(
     Notes
     -----
     This computes. Features are log2(x+1) of the selected genes, built lazily from ``counts``.
-    A cell's coordinates depend only on its own values, its index and the fitted model, never on
-    the chunk size or the number of workers. A finished stage with the same parameters is
-    skipped; an interrupted one resumes with the blocks not yet written.
+    A cell's coordinates depend only on its own values, its index and the fitted model (and,
+    when refined, on the previous epoch's coordinates of all cells), never on the chunk size or
+    the number of workers. A finished stage with the same parameters is skipped; an
+    interrupted one resumes with the blocks not yet written, the refinement with the epoch it
+    was in.
 
     Examples
     --------
@@ -289,6 +665,7 @@ def umap(
         min_dist=min_dist,
         seed=seed,
         transform_epochs=transform_epochs,
+        refine_epochs=refine_epochs,
     )
     stage = Stage(location, "embed", params, requires="preprocess", progress=progress)
     if stage.finished:
@@ -314,7 +691,11 @@ def umap(
             client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
         )
         chunks = ds["counts"].data.chunks[0]
-        stage.start(n_blocks=len(chunks), token=token)
+        epochs = _refine_epochs(params, is_landmark)
+        layout = _refine_layout(len(chunks), chunks[0], epochs) if epochs else {}
+        markers = layout.pop("refine_markers", 0)
+        # a run id keys the workers' caches of whole arrays, so that no cache outlives its run
+        stage.start(n_blocks=len(chunks), token=token, run=uuid.uuid4().hex, **layout)
         k = params["n_neighbors"]
 
         def placeholder(width: int, dtype: str) -> da.Array:
@@ -340,6 +721,15 @@ def umap(
                 if name not in ds
             },
         )
+        if epochs:
+            stage.pass_(REFINE_MARKERS).create_markers(markers)
+            _create_scratch(
+                location,
+                n_cells,
+                chunks[0],
+                layout["refine_chunks_per_task"],
+                _n_features(params, features.shape[1]),
+            )
         rows = np.flatnonzero(is_landmark)
         fit = dask.delayed(_fit_task, pure=False)(
             features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
@@ -356,21 +746,36 @@ def umap(
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
     calls = {}
-    for i in stage.pending():
+    refining = _refine_epochs(params, is_landmark) > 0
+    # refining, the transform is a step before the result: its markers are the refinement's
+    transform = _Steps(stage, 0, len(blocks)) if refining else stage
+    transform_total = n_cells * (1 + params["refine_epochs"]) if refining else n_cells
+    for i in transform.pending():
         first, last = int(bounds[i]), int(bounds[i + 1])
         lo, hi = np.searchsorted(rows, [first, last])
         args = (blocks[i], first, rows[lo:hi], np.arange(lo, hi), landmark_cells)
         kwargs = {"store": location, "token": token, "n_cells": n_cells, "color": color}
-        calls[i] = (args, kwargs)
+        calls[i] = (args, {**kwargs, "refine": refining})
     transform_started = time.perf_counter()
-    stage.run_blocks(
-        _transform_task, calls, key="umap-transform", label="embed: transform cells", total=n_cells
+    transform.run_blocks(
+        _transform_task,
+        calls,
+        key="umap-transform",
+        label="embed: transform cells",
+        total=transform_total,
     )
+    transform_seconds = round(time.perf_counter() - transform_started, 3)
+    refined = {}
+    if refining:
+        refined = _refine_stage(
+            stage, params, bounds, rows, landmark_cells, token=token, color=color
+        )
     stage.complete(
         landmarks_used=len(rows),
         fit_seconds=fit_seconds,
-        transform_seconds=round(time.perf_counter() - transform_started, 3),
+        transform_seconds=transform_seconds,
         transformed_cells=int(n_cells - len(rows)),
+        **refined,
     )
     return open_store(location)
 

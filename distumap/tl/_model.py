@@ -619,7 +619,12 @@ def project(model: LandmarkModel, X: np.ndarray) -> np.ndarray:
 
 
 def transform(
-    model: LandmarkModel, X: np.ndarray, cell_index: np.ndarray, *, return_knn: bool = False
+    model: LandmarkModel,
+    X: np.ndarray,
+    cell_index: np.ndarray,
+    *,
+    return_knn: bool = False,
+    features_out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place cells into the landmark embedding, each independently of the others.
 
@@ -633,6 +638,9 @@ def transform(
         int64 ``(n,)``: each cell's global row index; it seeds the cell's random stream.
     return_knn
         Also return each cell's k nearest landmarks and their membership weights.
+    features_out
+        float32 ``(n, n_features)``, optional: receives the cells' kNN features (what
+        :func:`project` returns), computed here anyway, for callers that keep them.
 
     Returns
     -------
@@ -654,6 +662,9 @@ def transform(
         raise ValueError(f"{X.shape[0]} cells but {cell_index.shape[0]} cell indices")
     if np.any(cell_index < 0):
         raise ValueError("cell_index must be non-negative")
+    n_features = model.landmark_features.shape[1]
+    if features_out is not None and features_out.shape != (X.shape[0], n_features):
+        raise ValueError(f"features_out must have shape {(X.shape[0], n_features)}")
     out = np.empty((X.shape[0], 2), dtype=np.float32)
     knn_shape = (X.shape[0], model.n_neighbors) if return_knn else (0, 0)
     all_neighbors = np.empty(knn_shape, dtype=np.int64)
@@ -663,6 +674,8 @@ def transform(
     for start in range(0, X.shape[0], block):
         stop = min(start + block, X.shape[0])
         features = project(model, X[start:stop])
+        if features_out is not None:
+            features_out[start:stop] = features
         neighbors, dists = _knn(model, features)
         if return_knn:
             all_neighbors[start:stop] = neighbors
