@@ -258,9 +258,10 @@ def kernel_floor(path: Path, chunk_cells: int, repeats: int = 5) -> dict:
     """The parse kernel alone on one chunk's bytes in memory, into a warm buffer (one core)."""
     from distumap.io import _csv, _ingest
 
-    genes, data_start = _ingest._read_header(str(path))
+    genes, data_start, dialect = _ingest.read_header(str(path))
     size = path.stat().st_size
-    index = _ingest._index_task(str(path), data_start, min(size, data_start + (1 << 30)), size)
+    end = min(size, data_start + (1 << 30))
+    index = _ingest._index_task(str(path), data_start, end, size, dialect.sep)
     starts = index.starts[: chunk_cells + 1]
     end = int(starts[-1]) if len(starts) > chunk_cells else size
     starts = starts[:chunk_cells]
@@ -290,11 +291,12 @@ def phase_costs(path: Path, chunk_cells: int) -> dict:
 
     from distumap.io import _csv, _ingest
 
-    genes, data_start = _ingest._read_header(str(path))
+    genes, data_start, dialect = _ingest.read_header(str(path))
     size = path.stat().st_size
     cpu = time.process_time
     started = cpu()
-    index = _ingest._index_task(str(path), data_start, min(size, data_start + (1 << 30)), size)
+    end = min(size, data_start + (1 << 30))
+    index = _ingest._index_task(str(path), data_start, end, size, dialect.sep)
     index_span = min(size, data_start + (1 << 30)) - data_start
     index_cost = (cpu() - started) / index_span * 1e9
     starts = index.starts[: chunk_cells + 1]

@@ -45,7 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from ingest import GIB, Sampler, machine  # noqa: E402  (the ingest benchmark's sampler)
+from ingest import GIB, Sampler, machine, start_cluster  # noqa: E402  (the ingest benchmark's)
 
 #: format -> (file name, distumap's format name)
 FORMATS = {
@@ -194,21 +194,6 @@ def warm_page_cache(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ distumap
-
-
-def start_cluster(n_workers: int, memory_limit: str):
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=":0",
-    )
-    client = Client(cluster)
-    pids = client.run(os.getpid)
-    return cluster, client, pids
 
 
 def _store_totals(store: Path) -> dict:

@@ -139,6 +139,13 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transform-epochs", type=int, metavar="N", help="SGD epochs per transformed cell (30)"
     )
+    parser.add_argument(
+        "--refine-epochs",
+        type=int,
+        metavar="N",
+        help="epochs that move every cell over its nearest cells after the transform "
+        "(default 30; 0: keep the transform's coordinates)",
+    )
 
 
 def _formats(text: str) -> list[str]:
@@ -305,6 +312,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
         "min_dist": args.min_dist,
         "seed": args.seed,
         "transform_epochs": args.transform_epochs,
+        "refine_epochs": args.refine_epochs,
         "progress": args.progress,
     }
 

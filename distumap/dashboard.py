@@ -69,8 +69,11 @@ TASK_PREFIXES = (
     "read-anndata-zarr-block",
     "read-mex-gzip",
     "gene-stats",
+    "select-genes",
     "umap-fit",
     "umap-transform",
+    "umap-refine-knn",
+    "umap-refine-epoch",
     "loom-block",
 )
 
@@ -98,8 +101,8 @@ STAGE_TASKS = {
         "read-loom",
         "read-mex",
     ),
-    "preprocess": ("gene-stats",),
-    "embed": ("umap-transform",),
+    "preprocess": ("gene-stats", "select-genes"),
+    "embed": ("umap-transform", "umap-refine"),
     "export": ("loom-block", "h5ad-block", "anndata-zarr"),
 }
 _WATCHED = (FIT_PREFIX, *(prefix for prefixes in STAGE_TASKS.values() for prefix in prefixes))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from distumap.cli import build_parser, main
+from distumap.cli import _embed_kwargs, build_parser, main
 from distumap.testing import synthetic_counts, write_dataset
 
 
@@ -60,6 +60,8 @@ def test_run_options_follow_the_contract():
             "1",
             "--max-zero-fraction",
             "0.4",
+            "--refine-epochs",
+            "5",
             "--scheduler",
             "tcp://127.0.0.1:8786",
             "--no-progress",
@@ -67,6 +69,7 @@ def test_run_options_follow_the_contract():
     )
     assert (args.chunk_cells, args.landmarks, args.pca, args.seed) == (512, 100, 0, 1)
     assert args.scheduler == "tcp://127.0.0.1:8786" and args.progress is False
+    assert _embed_kwargs(args)["refine_epochs"] == 5 and _embed_kwargs(args)["pca"] == 0
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["run", "m.csv"])  # --out is required
     assert exit_.value.code == 2

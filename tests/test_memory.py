@@ -22,9 +22,14 @@ GIB = 2**30
 @pytest.fixture(scope="module")
 def small_client():
     """One worker process with two threads and a 1 GiB memory limit."""
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=True, memory_limit="1GiB", dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:  # fmt: skip
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=True,
+        memory_limit="1GiB",
+        dashboard_address=":0",
+    )
+    with cluster, Client(cluster) as client:
         yield client
 
 
@@ -94,3 +99,25 @@ def test_run_refuses_the_fit_before_it_starts_and_resumes_with_the_flag(tmp_path
     )
     assert enough.returncode == 0, enough.stderr[-2000:]
     assert stage_record(store, "embed")["status"] == "complete"
+
+
+def test_an_ingest_fits_its_chunks_to_the_workers_before_reading(tmp_path, small_client):
+    from distumap import io
+    from distumap.testing import write_10x_h5
+
+    spec = SyntheticSpec(700, 50_281, seed=3, depth=0.02)
+    h5 = tmp_path / "wide.h5"
+    write_10x_h5(h5, spec)
+    expected = _memory.fit_chunk_cells(small_client, 1024, 50_281)
+    assert 0 < expected < 700
+    with pytest.raises(InputError, match=rf"--chunk-cells {expected}\b"):
+        io.read(h5, tmp_path / "asked.zarr", chunk_cells=1024, progress=False)
+    assert stage_record(tmp_path / "asked.zarr", "ingest") is None  # refused before any work
+    with pytest.warns(UserWarning, match=rf"using {expected:,} cells per chunk"):
+        ds = io.read(h5, tmp_path / "fitted.zarr", progress=False)
+    assert ds["counts"].data.chunks[0][0] == expected
+    assert int(ds["counts"].sum()) == int(spec.counts().sum())
+    # the finished store keeps its chunks whatever the workers have now
+    with dask.config.set({"distumap.memory-check": False}):
+        again = io.read(h5, tmp_path / "fitted.zarr", progress=False)
+    assert again["counts"].data.chunks == ds["counts"].data.chunks

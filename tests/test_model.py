@@ -483,3 +483,19 @@ def test_refine_can_hold_the_landmarks(model_pca, data):
     assert not np.array_equal(out[~is_landmark], positions[~is_landmark])
     with pytest.raises(ValueError, match="epoch"):
         _refine.epoch(positions, [0], None, [False], epoch=3, n_epochs=3, a=1.0, b=1.0)
+
+
+def test_the_fit_uses_the_exact_knn_of_the_landmarks(monkeypatch):
+    from distumap.tl import _model
+
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(300, 7)).astype(np.float32)
+    features[17] = features[3]  # a tie: ranked by index
+    monkeypatch.setattr(_model, "SELF_KNN_ROWS", 64)  # several blocks, a short last one
+    index, dist = _model._self_knn(features, 10)
+    exact = np.sqrt(((features[:, None, :].astype(np.float64) - features[None]) ** 2).sum(-1))
+    expected = np.lexsort((np.broadcast_to(np.arange(300), exact.shape), exact), axis=1)[:, :10]
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_allclose(dist, np.take_along_axis(exact, expected, 1), rtol=1e-6)
+    assert (index[:, 0] == np.arange(300))[np.arange(300) != 17].all()  # itself first
+    assert index[17, 0] == 3 and index[17, 1] == 17 and dist[17, 0] == 0

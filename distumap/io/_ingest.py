@@ -43,6 +43,7 @@ from distumap._store import (
     occupied,
     open_store,
     progress_array,
+    stage_record,
     store_url,
 )
 from distumap.io import _csv
@@ -543,13 +544,14 @@ def read_csv(
     ... )  # doctest: +SKIP
     """
     source, store = absolute(matrix), store_url(store)
-    chunk_cells = checked_options(chunk_cells, dtype)
+    checked_options(chunk_cells, dtype)
     meta_source = absolute(metadata) if metadata is not None else None
-    params = _source_params(source, meta_source, chunk_cells, dtype)
+    params = _source_params(source, meta_source, 0, dtype)
+    genes, data_start, dialect = read_header(source)
+    params["chunk_cells"] = chunk_cells = fitted_chunk_cells(store, chunk_cells, len(genes), params)
     stage = _claim(store, params, overwrite=overwrite, progress=progress)
     if stage.finished:
         return open_store(store)
-    genes, data_start, dialect = read_header(source)
     if not stage.resumable():
         genes = unique_genes(genes, source, where="line 1", stacklevel=stacklevel + 1)
         index = _build_index(
@@ -616,6 +618,30 @@ def checked_options(chunk_cells: int | None, dtype: str) -> int:
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     return chunk_cells
+
+
+def fitted_chunk_cells(
+    store: str, chunk_cells: int | None, n_genes: int, params: dict[str, Any]
+) -> int:
+    """Cells per store chunk for an ingest of ``n_genes`` genes into ``store`` with ``params``
+    (the stage's parameters but the chunk size), fitted to the workers' memory before any
+    block is read.
+
+    A given ``chunk_cells`` is kept, or refused (exit 2, naming the flag) when its blocks
+    cannot fit. Without one, a store already ingested (or begun) from the same input keeps its
+    chunks, and a new ingest takes ``distumap.chunk-cells``, made smaller (with one warning)
+    until a block fits every worker (:func:`distumap._memory.ingest_chunk_cells`).
+    """
+    from distumap import _memory
+    from distumap._compute import current_client
+
+    if chunk_cells is None and is_store(store):
+        before = dict((stage_record(store, "ingest") or {}).get("params") or {})
+        begun = before.pop("chunk_cells", None)
+        if begun and before == {k: v for k, v in params.items() if k != "chunk_cells"}:
+            return int(begun)  # resuming or re-running: the store's own chunks
+    itemsize = np.dtype(params["dtype"]).itemsize
+    return _memory.ingest_chunk_cells(current_client(), chunk_cells, n_genes, itemsize)
 
 
 def unique_genes(genes: list[str], source: str, *, where: str, stacklevel: int) -> list[str]:

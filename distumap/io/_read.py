@@ -11,7 +11,6 @@ boundary of two) and writes the chunk, and resume, progress and errors come from
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import warnings
@@ -24,16 +23,17 @@ import zarr
 from dask.base import tokenize
 from zarr.codecs import BloscCodec
 
-from distumap import _config
 from distumap._errors import InputError
 from distumap._format import PROGRESS_GROUP, metadata_name
 from distumap._stage import mark_block
-from distumap._store import absolute, create_progress, open_store, progress_array, store_url
+from distumap._store import absolute, open_store, progress_array, store_url
 from distumap.io import _readers
 from distumap.io._ingest import (
     _block_buffer,
     _claim,
+    checked_options,
     create_skeleton,
+    fitted_chunk_cells,
     read_csv,
     read_metadata,
     warn_rounded,
@@ -157,7 +157,7 @@ def read(
         sources,
         store_url(store),
         metadata=absolute(metadata) if metadata is not None else None,
-        chunk_cells=int(_config.get("chunk-cells", chunk_cells)),
+        chunk_cells=chunk_cells,
         format=format,
         layer=layer,
         dtype=dtype,
@@ -425,11 +425,10 @@ def _transpose_csc(
             fill_value=0,
             overwrite=True,
         )
-        create_progress(store, markers, np.zeros(n_parts, dtype=bool), chunks=1)  # last
+        stage.pass_(markers).create_markers(n_parts)  # last
     if not nnz:
         return entries_path, size, np.zeros((0, n_blocks + 1), dtype=np.int64)
-    parts = copy.copy(stage)
-    parts.name = markers  # the parts' markers and progress; the stage's record is untouched
+    parts = stage.pass_(markers)  # the parts' own markers; the stage's record is untouched
     parts.run_blocks(
         _transpose_part,
         {p: ((store, reader, index, p, first_cell, chunk_cells), {}) for p in parts.pending()},
@@ -483,26 +482,26 @@ def _read_files(
     store: str,
     *,
     metadata: str | None,
-    chunk_cells: int,
+    chunk_cells: int | None,
     format: str,
     layer: str | None,
     dtype: str,
     overwrite: bool,
     progress: bool,
 ) -> xr.Dataset:
-    if chunk_cells < 1:
-        raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
+    checked_options(chunk_cells, dtype)
     readers = [open_reader(source, format=format, layer=layer, dtype=dtype) for source in sources]
     params = {
         "inputs": [reader.fingerprint() for reader in readers],
         "metadata": metadata,
-        "chunk_cells": chunk_cells,
+        "chunk_cells": 0,
         "dtype": dtype,
     }
+    genes, permutations = _aligned_genes(readers)
+    params["chunk_cells"] = chunk_cells = fitted_chunk_cells(store, chunk_cells, len(genes), params)
     stage = _claim(store, params, overwrite=overwrite, progress=progress)
     if stage.finished:
         return open_store(store)
-    genes, permutations = _aligned_genes(readers)
     labels = source_labels(sources)
     offsets = np.cumsum([0, *(reader.n_cells for reader in readers)])
     if offsets[-1] == 0:

@@ -459,25 +459,67 @@ def _block_rows(n_landmarks: int) -> int:
 
 
 def _knn(model: LandmarkModel, features: np.ndarray, exclude: np.ndarray | None = None):
-    k = model.n_neighbors
-    n_land = model.n_landmarks
+    return _knn_of(
+        features,
+        model.landmark_features,
+        model._landmark_sqnorm,
+        model._landmark_norm_max,
+        model.n_neighbors,
+        exclude,
+    )
+
+
+def _knn_of(
+    features: np.ndarray,
+    landmarks: np.ndarray,
+    landmark_sqnorm: np.ndarray,
+    norm_max: float,
+    k: int,
+    exclude: np.ndarray | None = None,
+):
+    """Each row's exact k nearest ``landmarks``: (indices, Euclidean distances), ranked by
+    (distance, index); ``exclude[i]`` (>= 0) is a landmark row ``i`` may not have."""
+    n_land = len(landmarks)
     if exclude is None:
         exclude = np.full(len(features), -1, dtype=np.int64)
     n_available = n_land - 1 if np.any(exclude >= 0) else n_land
     if n_available < k:
         raise ValueError(f"n_neighbors={k} needs more than {n_available} landmarks")
     n_candidates = min(k + CANDIDATE_MARGIN, n_available)
-    dots = features @ model.landmark_features.T
+    dots = features @ landmarks.T
     return _exact_knn_block(
         features,
         np.ascontiguousarray(dots, dtype=np.float32),
-        model.landmark_features,
-        model._landmark_sqnorm,
-        model._landmark_norm_max,
+        landmarks,
+        landmark_sqnorm,
+        norm_max,
         k,
         n_candidates,
         np.ascontiguousarray(exclude, dtype=np.int64),
     )
+
+
+#: rows per block of the landmarks' own kNN (the block's dot products: rows x landmarks float32)
+SELF_KNN_ROWS = 512
+
+
+def _self_knn(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest landmarks of every landmark, itself first (distance 0), as
+    umap-learn's ``precomputed_knn`` takes them: int64 indices and float32 distances.
+
+    Exact, and ranked by (distance, index), so the same for any BLAS and thread count; in
+    blocks of :data:`SELF_KNN_ROWS` rows, so memory stays at one block's dot products."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    sqnorm = _row_sqnorms(features)
+    norm_max = float(np.sqrt(sqnorm.max())) if len(sqnorm) else 0.0
+    indices = np.empty((len(features), k), dtype=np.int64)
+    distances = np.empty((len(features), k), dtype=np.float32)
+    for start in range(0, len(features), SELF_KNN_ROWS):
+        stop = min(start + SELF_KNN_ROWS, len(features))
+        index, dist = _knn_of(features[start:stop], features, sqnorm, norm_max, k)
+        indices[start:stop] = index
+        distances[start:stop] = dist
+    return indices, distances
 
 
 def _as_matrix(X: np.ndarray, width: int) -> np.ndarray:
@@ -566,8 +608,16 @@ def fit_landmark_model(
     with warnings.catch_warnings():
         # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        # the landmarks' exact kNN, from the same kernel as the transform's, instead of
+        # pynndescent's approximate one: no NN-descent to compile or run in each fit
+        warnings.filterwarnings("ignore", message=".*is not an NNDescent object.*")
+        knn = _self_knn(features, n_neighbors)
         reducer = umap.UMAP(
-            n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_components=2
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            random_state=seed,
+            n_components=2,
+            precomputed_knn=(*knn, None),
         ).fit(features)
 
     model = LandmarkModel(
