@@ -53,6 +53,10 @@ OPTIONAL_COORDS = {"gene_ids": ("gene",), "source": ("cell",)}
 
 #: the subgroup of the store that holds per-block markers and the line index
 PROGRESS_GROUP = "_progress"
+#: per store chunk and gene, the cells with a non-zero value (int32, blocks x genes, one chunk
+#: per block), written by the ingest's block tasks while the block is in memory: the
+#: preprocess sums it instead of decompressing every count once more for its statistics
+NONZERO = f"{PROGRESS_GROUP}/nonzero"
 
 #: the fitted UMAP model: a subgroup of plain float32 arrays and JSON attributes, never a pickle
 MODEL_GROUP = "umap_model"

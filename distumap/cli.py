@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
@@ -366,10 +367,19 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
     ds = tl.umap(ds, **_embed_kwargs(args), color=color)
-    for path in exports:
-        io.write(ds, path, progress=args.progress)
-    pl.umap(ds, color=color, path=png)
-    pl.umap_html(ds, color=color, path=html)
+
+    def pictures() -> None:
+        pl.umap(ds, color=color, path=png)
+        pl.umap_html(ds, color=color, path=html)
+
+    # each export has one writer, on this process: the loom's waits on the workers (which
+    # deflate its chunks), the h5ad's on its own deflate and the pictures on this process,
+    # so they overlap instead of queueing (h5py serialises the HDF5 calls themselves)
+    with ThreadPoolExecutor(max_workers=len(exports) + 1, thread_name_prefix="export") as pool:
+        jobs = [pool.submit(io.write, ds, path, progress=args.progress) for path in exports]
+        jobs.append(pool.submit(pictures))
+        for job in jobs:
+            job.result()
     print(f"distumap: wrote {', '.join([store, *exports, png])} and {html}")
 
 

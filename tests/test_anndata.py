@@ -312,7 +312,10 @@ def test_h5ad_progress_lines(dataset, tmp_path, capsys):
     with dask.config.set(scheduler="threads"):
         write_h5ad(dataset, path, block_cells=600, progress=True)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[:2] == ["distumap export: block 1/2 written", "distumap export: block 2/2 written"]
+    assert lines[:2] == [
+        "distumap export: embedding.h5ad: block 1/2 written",
+        "distumap export: embedding.h5ad: block 2/2 written",
+    ]
     assert lines[2].startswith(f"distumap export: {path} written in")
 
 

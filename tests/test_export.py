@@ -270,7 +270,10 @@ def test_fsspec_memory_target(dataset, tmp_path, capsys):
     url = "memory://distumap-test/embedding.loom"
     assert write_loom(dataset, url, block_cells=2_048, progress=True) == url
     lines = capsys.readouterr().err.splitlines()
-    assert lines[:2] == ["distumap export: block 1/2 written", "distumap export: block 2/2 written"]
+    assert lines[:2] == [
+        "distumap export: embedding.loom: block 1/2 written",
+        "distumap export: embedding.loom: block 2/2 written",
+    ]
     assert lines[2].startswith(f"distumap export: {url} written in")
     fs = fsspec.filesystem("memory")
     local = tmp_path / "copy.loom"
@@ -322,3 +325,16 @@ def test_without_selection_every_gene_is_written(tmp_path):
     _validate(path)
     matrix, *_ = _matrix_and_layer(path)
     np.testing.assert_array_equal(matrix, ds["counts"].values.T)
+
+
+def test_a_single_writer_prints_twenty_progress_lines_not_one_per_block(capsys):
+    from distumap.io._files import block_written
+
+    for i in range(977):
+        block_written("out/embedding.loom", i, 977, True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 21  # every 48 blocks, and the last
+    assert lines[0] == "distumap export: embedding.loom: block 48/977 written"
+    assert lines[-1] == "distumap export: embedding.loom: block 977/977 written"
+    block_written("out/embedding.loom", 0, 977, False)
+    assert capsys.readouterr().err == ""

@@ -202,3 +202,35 @@ def test_preprocess_refuses_an_incomplete_ingest(tmp_path):
         distumap.io.read_csv(bad, tmp_path / "s.zarr", chunk_cells=1)
     with pytest.raises(IncompleteStoreError, match="ingest stage is incomplete"):
         pp.preprocess(str(tmp_path / "s.zarr"))
+
+
+@pytest.mark.parametrize("reader", ["csv", "10x-h5", "mex-gz"])
+def test_gene_statistics_come_from_the_ingest_blocks(tmp_path, reader):
+    """The ingest counts each block's non-zero cells per gene while the block is in memory;
+    the preprocess sums those rows instead of reading every count again."""
+    import zarr
+
+    from distumap._format import NONZERO
+    from distumap._store import drop_arrays
+    from distumap.testing import SyntheticSpec, write_10x_h5, write_matrix_csv, write_mex
+
+    spec = SyntheticSpec(300, 120, seed=9)
+    truth = spec.counts()
+    source = tmp_path / {"csv": "m.csv", "10x-h5": "m.h5", "mex-gz": "mex"}[reader]
+    {"csv": write_matrix_csv, "10x-h5": write_10x_h5, "mex-gz": write_mex}[reader](source, spec)
+    store = str(tmp_path / "store.zarr")
+    distumap.io.read(source, store, chunk_cells=64)
+    rows = zarr.open_array(store, path=NONZERO, mode="r")[:]
+    expected = [(truth[b : b + 64] != 0).sum(axis=0) for b in range(0, 300, 64)]
+    np.testing.assert_array_equal(rows, expected)
+    out = pp.preprocess(store)
+    np.testing.assert_array_equal(out["zero_fraction"].values, _expected(truth)[0])
+
+    # the statistics are those rows: one more non-zero cell for gene 0 shows in its fraction
+    zarr.open_array(store, path=NONZERO, mode="r+")[0, 0] = rows[0, 0] + 1
+    shifted = pp.preprocess(store, max_zero_fraction=0.4)["zero_fraction"].values
+    assert shifted[0] == np.float32(((truth[:, 0] == 0).sum() - 1) / 300)
+    # a store without them (written before they existed) reads the counts, same result
+    drop_arrays(store, [NONZERO])
+    again = pp.preprocess(store, max_zero_fraction=0.45)
+    np.testing.assert_array_equal(again["zero_fraction"].values, _expected(truth)[0])

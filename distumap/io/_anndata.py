@@ -526,7 +526,7 @@ def write_h5ad(
                     _append(dataset, ends)
                 if ends.size:
                     offset = ends[-1:]
-                block_written(i, len(blocks), progress)
+                block_written(path, i, len(blocks), progress)
     return target
 
 

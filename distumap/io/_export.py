@@ -530,5 +530,5 @@ def write_loom(
                 )
             ):
                 _write_block(datasets, encoded, i * block_cells, block_cells, chunk_shape, k)
-                block_written(i, len(blocks), progress)
+                block_written(path, i, len(blocks), progress)
     return target

@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec
 from distumap import _config
 from distumap._compute import run
 from distumap._errors import InputError
-from distumap._format import ATTR, FORMAT_VERSION, metadata_name
+from distumap._format import ATTR, FORMAT_VERSION, NONZERO, PROGRESS_GROUP, metadata_name
 from distumap._stage import Stage, mark_block
 from distumap._store import (
     absolute,
@@ -336,10 +336,32 @@ def create_skeleton(
         consolidated=False,
         encoding={"counts": {"chunks": (chunk_cells, n_genes), "compressors": [COUNTS_CODEC]}},
     )
+    n_blocks = -(-n_cells // chunk_cells)
     # per block: float-written counts that were rounded (one warning at the end)
-    create_progress(
-        store, "rounded", np.zeros(-(-n_cells // chunk_cells), dtype=np.int64), chunks=1
+    create_progress(store, "rounded", np.zeros(n_blocks, dtype=np.int64), chunks=1)
+    # per block and gene: the cells with a non-zero value, what the preprocess's gene
+    # statistics need, counted while the block is in memory (see write_block)
+    zarr.open_group(store, mode="r+", use_consolidated=False).require_group(
+        PROGRESS_GROUP
+    ).create_array(
+        NONZERO.rsplit("/", 1)[1],
+        shape=(n_blocks, n_genes),
+        chunks=(1, n_genes),
+        dtype=np.int32,
+        fill_value=0,
+        overwrite=True,
     )
+
+
+def write_block(store: str, block: int, first: int, values: np.ndarray) -> None:
+    """Write store chunk ``block`` (its cells from ``first``) and its non-zero cells per gene.
+
+    Every reader's block task ends here, before its marker: the counts and the statistics of a
+    marked block are both written, and a block written again rewrites both.
+    """
+    zarr.open_array(store, path="counts", mode="r+")[first : first + len(values)] = values
+    nonzero = np.count_nonzero(values, axis=0).astype(np.int32)
+    zarr.open_array(store, path=NONZERO, mode="r+")[block] = nonzero
 
 
 def warn_rounded(store: str, source: str, *, stacklevel: int = 3) -> int:
@@ -386,7 +408,7 @@ def _parse_into_store(
             integer=counts.dtype.kind == "i",
             r_header=dialect.r_header,
         )
-    counts[cells[0] : cells[1]] = parsed
+    write_block(store, block, cells[0], parsed)
     progress_array(store, "rounded")[block] = error[4]
     return cells[1] - cells[0]
 

@@ -37,6 +37,7 @@ from distumap.io._ingest import (
     read_csv,
     read_metadata,
     warn_rounded,
+    write_block,
 )
 from distumap.io._readers import FORMATS, MexReader, Reader, open_reader
 from distumap.io._transpose import read_genes_by_cells
@@ -274,7 +275,7 @@ def _read_block(
     reading the block. A CSC input's cells come from its transposition scratch.
     """
     readers, permutations, transposed = inputs
-    counts = zarr.open_array(store, path="counts", mode="r+")
+    counts = zarr.open_array(store, path="counts", mode="r")
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, counts.shape[0])
     out = _block_buffer((last - first, counts.shape[1]), counts.dtype)
     rounded = 0
@@ -303,7 +304,7 @@ def _read_block(
             values, moved = reader.read_counted(lo - int(begin), hi - int(begin))
             np.take(values, permutation, axis=1, out=rows)
             rounded += moved
-    counts[first:last] = out
+    write_block(store, block, first, out)
     progress_array(store, "rounded")[block] = rounded
     return last - first
 
@@ -314,7 +315,7 @@ def _read_sequential(store: str, reader: Reader, chunk_cells: int) -> int:
     This task decompresses and parses; a second thread compresses and writes the block before
     (the codec releases the GIL), so the sequential stage uses the core that would idle.
     """
-    counts = zarr.open_array(store, path="counts", mode="r+")
+    counts = zarr.open_array(store, path="counts", mode="r")
     n_cells = counts.shape[0]
     done = progress_array(store, "ingest", mode="r")[:]
     shape = (min(chunk_cells, n_cells), counts.shape[1])
@@ -340,7 +341,7 @@ def _read_sequential(store: str, reader: Reader, chunk_cells: int) -> int:
             block = begin // chunk_cells
             if done[block]:
                 continue
-            future = writer.submit(counts.__setitem__, slice(begin, end), values)
+            future = writer.submit(write_block, store, block, begin, values)
             writing = (future, block, end - begin, moved)
         finish()
     return total

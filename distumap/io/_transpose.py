@@ -60,6 +60,7 @@ from distumap.io._ingest import (
     read_metadata,
     unique_genes,
     warn_rounded,
+    write_block,
 )
 
 __all__ = ["gene_block", "read_genes_by_cells"]
@@ -230,7 +231,7 @@ def _transpose_task(store: str, block: int, chunk_cells: int) -> int:
     for start in range(0, n_genes, genes_per_block):
         stop = min(start + genes_per_block, n_genes)
         _transpose_into(intermediate[start:stop, first:last], out[:, start:stop])
-    counts[first:last] = out
+    write_block(store, block, first, out)
     return last - first
 
 

@@ -15,8 +15,16 @@ from dask.base import tokenize
 from distumap import _config, _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
+from distumap._format import NONZERO
 from distumap._stage import Stage
-from distumap._store import codec_of, drop_arrays, open_store, store_of, write_variables
+from distumap._store import (
+    codec_of,
+    drop_arrays,
+    open_store,
+    stage_record,
+    store_of,
+    write_variables,
+)
 
 
 def _zero_count_chunk(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
@@ -47,6 +55,35 @@ def zero_counts(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
         concatenate=True,
     )
     return xr.DataArray(reduced, dims=("gene",))
+
+
+def _ingested_zero_counts(location: str, ds: xr.Dataset) -> da.Array | None:
+    """Zero counts per gene from the per-block non-zero counts the ingest wrote (``NONZERO``),
+    as a ``gene-stats`` reduction over those small rows; None for a store without them."""
+    import zarr
+
+    try:
+        nonzero = zarr.open_array(location, path=NONZERO, mode="r")
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        return None
+    if nonzero.shape != (len(ds["counts"].data.chunks[0]), ds.sizes["gene"]):
+        return None
+    rows = da.from_zarr(nonzero, chunks=(NONZERO_ROWS_PER_TASK, -1))
+    reduced = da.reduction(
+        rows,
+        chunk=_sum,
+        combine=_sum,
+        aggregate=_sum,
+        axis=0,
+        dtype=np.int64,
+        name=f"gene-stats-{tokenize(location, NONZERO, stage_record(location, 'ingest'))}",
+        concatenate=True,
+    )
+    return ds.sizes["cell"] - reduced
+
+
+#: store blocks' non-zero rows per gene-stats task (each row is 4 bytes x genes)
+NONZERO_ROWS_PER_TASK = 64
 
 
 def zero_fraction(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
@@ -285,7 +322,11 @@ def preprocess(
         # a cache left by a run with other parameters must not pass for this run's
         drop_arrays(location, [CACHE])
         stage.start(n_blocks=len(chunks))
-        (zeros,) = stage.compute([zero_counts(ds).data], label="preprocess: gene statistics")
+        # from the ingest's per-block non-zero counts where it wrote them, else a pass over
+        # every count (a store written before they existed)
+        stats = _ingested_zero_counts(location, ds)
+        stats = zero_counts(ds).data if stats is None else stats
+        (zeros,) = stage.compute([stats], label="preprocess: gene statistics")
         n_cells = max(ds.sizes["cell"], 1)
         selected = (zeros / n_cells) < threshold
         n_selected = int(selected.sum())
