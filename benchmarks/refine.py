@@ -116,7 +116,7 @@ def full_fit(pcs: np.ndarray, path: Path) -> tuple[np.ndarray, float | None]:
     return embedding, seconds
 
 
-def landmark_start(X: np.ndarray, n_landmarks: int):
+def landmark_start(X: np.ndarray, n_landmarks: int, transform_epochs: int = 30):
     """The landmark model, the transform of the other cells, and what the refinement needs."""
     import xarray as xr
 
@@ -128,7 +128,12 @@ def landmark_start(X: np.ndarray, n_landmarks: int):
     rows, rest = np.flatnonzero(is_landmark), np.flatnonzero(~is_landmark)
     started = time.perf_counter()
     model = _model.fit_landmark_model(
-        X[rows], n_pca=50, n_neighbors=30, min_dist=0.25, seed=999, transform_epochs=30
+        X[rows],
+        n_pca=50,
+        n_neighbors=30,
+        min_dist=0.25,
+        seed=999,
+        transform_epochs=transform_epochs,
     )
     fit_seconds = time.perf_counter() - started
     _model.warm_up(model)
@@ -236,7 +241,9 @@ def quality(args) -> dict:
         print(json.dumps({"full_fit": result["full_fit"]}), flush=True)
     result["runs"] = []
     for n_landmarks in args.landmarks:
-        model, is_landmark, start, nearest, features, timing = landmark_start(X, n_landmarks)
+        model, is_landmark, start, nearest, features, timing = landmark_start(
+            X, n_landmarks, args.transform_epochs
+        )
         settings = _refine.RefineSettings()
         graph, neighbors, info = build_graph(features, is_landmark, nearest, model, settings)
         info["recall"] = knn_recall(features, neighbors, sample)
@@ -366,6 +373,9 @@ def main() -> None:
     parser.add_argument("--landmarks", type=int, nargs="+", default=[1_000, 3_000])
     parser.add_argument("--epochs", type=int, nargs="+", default=[0, 10, 30, 100])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--transform-epochs", type=int, default=30, help="the transform's own SGD epochs"
+    )
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--skip-full-fit", action="store_true")
     parser.add_argument("--workers", type=int, default=2)

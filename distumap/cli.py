@@ -138,7 +138,10 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-dist", type=float, metavar="D", help="UMAP min_dist (0.25)")
     parser.add_argument("--seed", type=int, help="random seed (999)")
     parser.add_argument(
-        "--transform-epochs", type=int, metavar="N", help="SGD epochs per transformed cell (30)"
+        "--transform-epochs",
+        type=int,
+        metavar="N",
+        help="SGD epochs per transformed cell (default 10, or 30 with --refine-epochs 0)",
     )
     parser.add_argument(
         "--refine-epochs",

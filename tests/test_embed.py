@@ -312,3 +312,15 @@ def test_refinement_places_transformed_cells_as_well_as_landmarks():
     # landmarks' agreement before refinement
     assert transformed_after >= transformed_before + 0.04, (transformed_before, transformed_after)
     assert transformed_after >= landmarks_before, (landmarks_before, transformed_after)
+
+
+def test_the_transform_takes_fewer_epochs_when_the_refinement_follows():
+    from distumap.tl._embed import TRANSFORM_EPOCHS, TRANSFORM_EPOCHS_REFINED, _embed_params
+
+    assert TRANSFORM_EPOCHS_REFINED < TRANSFORM_EPOCHS
+    assert _embed_params()["transform_epochs"] == TRANSFORM_EPOCHS_REFINED
+    assert _embed_params(refine_epochs=0)["transform_epochs"] == TRANSFORM_EPOCHS
+    assert _embed_params(pca=0)["transform_epochs"] == TRANSFORM_EPOCHS  # no refinement there
+    assert _embed_params(transform_epochs=7)["transform_epochs"] == 7
+    with dask.config.set({"distumap.transform-epochs": 12}):
+        assert _embed_params(refine_epochs=0)["transform_epochs"] == 12

@@ -575,7 +575,7 @@ def _embed_params(**given: Any) -> dict[str, Any]:
         "refine_epochs": "refine-epochs",
     }
     params = {key: _config.get(option, given.get(key)) for key, option in names.items()}
-    for key in ("landmarks", "pca", "n_neighbors", "seed", "transform_epochs", "refine_epochs"):
+    for key in ("landmarks", "pca", "n_neighbors", "seed", "refine_epochs"):
         params[key] = int(params[key])
     params["min_dist"] = float(params["min_dist"])
     params["stratify"] = given.get("stratify")
@@ -587,7 +587,18 @@ def _embed_params(**given: Any) -> dict[str, Any]:
         if given.get("refine_epochs") is not None:
             raise InputError("refine_epochs needs principal components (pca > 0)")
         params["refine_epochs"] = 0
+    if params["transform_epochs"] is None:
+        # the refinement's epochs continue from the transform's: fewer of these do
+        refined = params["refine_epochs"] > 0
+        params["transform_epochs"] = TRANSFORM_EPOCHS_REFINED if refined else TRANSFORM_EPOCHS
+    params["transform_epochs"] = int(params["transform_epochs"])
     return params
+
+
+#: the transform's SGD epochs by default, without and with the refinement after it (see the
+#: ``transform-epochs`` setting in distumap._config for the measurements)
+TRANSFORM_EPOCHS = 30
+TRANSFORM_EPOCHS_REFINED = 10
 
 
 def umap(
@@ -621,7 +632,8 @@ def umap(
     n_neighbors, min_dist, seed
         umap-learn's parameters (defaults: the tutorial's 30, 0.25 and 999).
     transform_epochs
-        SGD epochs for each transformed cell (default ``distumap.transform-epochs``).
+        SGD epochs for each transformed cell (default ``distumap.transform-epochs``, which
+        when unset is 10 if the refinement follows and 30 if not).
     refine_epochs
         Epochs of UMAP's SGD over the kNN graph of *all* cells after the transform (default
         ``distumap.refine-epochs``; 0 keeps the transform's coordinates). Every cell moves
