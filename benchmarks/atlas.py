@@ -76,6 +76,8 @@ class TreeSampler:
         self.interval = interval
         self.tree_peak = 0
         self.peaks: dict[str, int] = {}
+        self.started = self._next_trace = time.perf_counter()
+        self.client_trace: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -106,6 +108,10 @@ class TreeSampler:
                 total += rss
                 name = self._name(proc)
                 self.peaks[name] = max(self.peaks.get(name, 0), rss)
+                if name == "client" and time.perf_counter() >= self._next_trace:
+                    # the client process (with the scheduler) once a second, to place its peak
+                    self.client_trace.append((round(time.perf_counter() - self.started), rss))
+                    self._next_trace = time.perf_counter() + 1.0
             self.tree_peak = max(self.tree_peak, total)
             self._stop.wait(self.interval)
 
@@ -117,6 +123,7 @@ class TreeSampler:
             "tree_peak_gib": round(self.tree_peak / GIB, 2),
             "client_peak_gib": round(self.peaks.get("client", 0) / GIB, 2),
             "worker_peaks_gib": [round(v / GIB, 2) for v in workers],
+            "client_gib_by_second": [(t, round(v / GIB, 2)) for t, v in self.client_trace],
         }
 
 

@@ -44,17 +44,22 @@ def zero_counts(ds: xr.Dataset, *, var: str = "counts") -> xr.DataArray:
     counts = ds[var]
     if not isinstance(counts.data, da.Array):
         return xr.DataArray(np.equal(counts.values, 0).sum(axis=0), dims=("gene",))
-    reduced = da.reduction(
-        counts.data,
-        chunk=_zero_count_chunk,
+    reduced = _gene_stats(counts.data, _zero_count_chunk, tokenize(counts.data))
+    return xr.DataArray(reduced, dims=("gene",))
+
+
+def _gene_stats(array: da.Array, chunk, token: str) -> da.Array:
+    """The int64 per-gene sum over cell blocks of ``chunk(block)``: tasks ``gene-stats``."""
+    return da.reduction(
+        array,
+        chunk=chunk,
         combine=_sum,
         aggregate=_sum,
         axis=0,
         dtype=np.int64,
-        name=f"gene-stats-{tokenize(counts.data)}",
+        name=f"gene-stats-{token}",
         concatenate=True,
     )
-    return xr.DataArray(reduced, dims=("gene",))
 
 
 def _ingested_zero_counts(location: str, ds: xr.Dataset) -> da.Array | None:
@@ -69,17 +74,8 @@ def _ingested_zero_counts(location: str, ds: xr.Dataset) -> da.Array | None:
     if nonzero.shape != (len(ds["counts"].data.chunks[0]), ds.sizes["gene"]):
         return None
     rows = da.from_zarr(nonzero, chunks=(NONZERO_ROWS_PER_TASK, -1))
-    reduced = da.reduction(
-        rows,
-        chunk=_sum,
-        combine=_sum,
-        aggregate=_sum,
-        axis=0,
-        dtype=np.int64,
-        name=f"gene-stats-{tokenize(location, NONZERO, stage_record(location, 'ingest'))}",
-        concatenate=True,
-    )
-    return ds.sizes["cell"] - reduced
+    token = tokenize(location, NONZERO, stage_record(location, "ingest"))
+    return ds.sizes["cell"] - _gene_stats(rows, _sum, token)
 
 
 #: store blocks' non-zero rows per gene-stats task (each row is 4 bytes x genes)
