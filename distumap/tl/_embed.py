@@ -347,7 +347,9 @@ def _clear_refine_caches() -> None:
 
 def _search_index(store: str, n_landmarks: int):
     home = _read_scratch(store, "home")
-    return home, _refine.bucket_index(home, n_landmarks, _read_scratch(store, "features"))
+    # the features in store chunks, placed in bucket order as read: one copy, not two
+    features = zarr.open_array(store, path=_scratch_path("features"), mode="r")
+    return home, _refine.bucket_index(home, n_landmarks, features)
 
 
 def _refine_knn_task(

@@ -139,7 +139,8 @@ def bucket_index(home: np.ndarray, n_landmarks: int, features: np.ndarray) -> Bu
     n_landmarks
         Number of landmarks.
     features
-        float32 ``(n_cells, n_features)``: every cell's kNN features.
+        float32 ``(n_cells, n_features)``: every cell's kNN features, in memory or an array
+        read in row blocks (a zarr array): then only the copy in bucket order is held whole.
 
     Returns
     -------
@@ -149,20 +150,20 @@ def bucket_index(home: np.ndarray, n_landmarks: int, features: np.ndarray) -> Bu
     home = np.asarray(home, dtype=np.int64).reshape(-1)
     if home.size and (home.min() < 0 or home.max() >= n_landmarks):
         raise ValueError(f"bucket numbers must lie in [0, {n_landmarks})")
-    if len(features) != len(home):
-        raise ValueError(f"{len(home)} cells but features for {len(features)}")
+    if features.shape[0] != len(home):
+        raise ValueError(f"{len(home)} cells but features for {features.shape[0]}")
     counts = np.bincount(home, minlength=n_landmarks)
     start = np.zeros(n_landmarks + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
     order = np.argsort(home, kind="stable")
     row = np.empty(len(home), dtype=np.int64)
     row[order] = np.arange(len(home))
-    return BucketIndex(
-        start=start,
-        cells=order.astype(np.int32),
-        features=np.ascontiguousarray(np.asarray(features, dtype=np.float32)[order]),
-        row=row,
-    )
+    ordered = np.empty((len(home), features.shape[1]), dtype=np.float32)
+    step = int(getattr(features, "chunks", (len(home),))[0]) or 1
+    for first in range(0, len(home), step):
+        # each block of rows goes straight to its places in bucket order
+        ordered[row[first : first + step]] = np.asarray(features[first : first + step])
+    return BucketIndex(start=start, cells=order.astype(np.int32), features=ordered, row=row)
 
 
 def candidate_landmarks(home: np.ndarray, knn_landmark: np.ndarray) -> np.ndarray:
