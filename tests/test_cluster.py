@@ -181,20 +181,33 @@ class BlockWatch:
 
 
 def _kill_mid_stage(
-    proc: subprocess.Popen, watch: BlockWatch, stage: str, pid: int, deadline: float
+    proc: subprocess.Popen,
+    watch: BlockWatch,
+    stage: str,
+    pid: int,
+    deadline: float,
+    *,
+    markers: str | None = None,
 ) -> int:
-    """SIGKILL ``pid`` once some but not all of ``stage``'s blocks are written; returns how many
+    """SIGKILL ``pid`` once some but not all of ``stage``'s blocks are written (by the first
+    ``N_BLOCKS`` of the ``markers`` progress array instead, where given); returns how many
     were written at the moment of the kill."""
+    name = markers or stage
+
+    def written() -> np.ndarray | None:
+        state = watch.markers(name)
+        return None if state is None or len(state) < N_BLOCKS else state[:N_BLOCKS]
+
     while True:
         assert proc.poll() is None, f"the run ended before the {stage} kill: {proc.returncode}"
         assert time.monotonic() < deadline, f"the {stage} stage did not start in time"
-        markers = watch.poll()[stage]
-        if markers is not None and N_BLOCKS // 5 <= markers.sum() < N_BLOCKS:
+        watch.poll()
+        done = written()
+        if done is not None and N_BLOCKS // 5 <= done.sum() < N_BLOCKS:
             os.kill(pid, signal.SIGKILL)
-            done = int(markers.sum())
-            after = watch.markers(stage)
+            after = written()
             assert after is not None and not after.all(), f"{stage} finished before the kill"
-            return done
+            return int(done.sum())
         time.sleep(0.03)
 
 
@@ -389,7 +402,9 @@ def test_killed_client_resumes_with_the_same_command(cluster, data, embedded, tm
     watch = BlockWatch(store)
     proc = _start_cli(args, tmp_path / "killed-client.log")
     try:
-        transformed = _kill_mid_stage(proc, watch, "embed", proc.pid, time.monotonic() + 300)
+        transformed = _kill_mid_stage(
+            proc, watch, "embed", proc.pid, time.monotonic() + 300, markers="embed-refine"
+        )
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -430,8 +445,12 @@ def test_workers_killed_mid_ingest_and_mid_transform_are_replaced(
     try:
         deadline = time.monotonic() + 300
         ingested = _kill_mid_stage(proc, watch, "ingest", first[0], deadline)
-        # the other original worker, which is busy: its partner may still be restarting
-        transformed = _kill_mid_stage(proc, watch, "embed", first[1], deadline)
+        # the other original worker, which is busy: its partner may still be restarting. The
+        # transform's blocks are the first markers of the embed stage's steps (the stage's own
+        # markers are set by the refinement's last epoch, too quick a window to aim at)
+        transformed = _kill_mid_stage(
+            proc, watch, "embed", first[1], deadline, markers="embed-refine"
+        )
         _watch_until_exit(proc, watch)
     finally:
         if proc.poll() is None:
