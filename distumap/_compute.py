@@ -167,8 +167,11 @@ def run(
     try:
         pending = list(futures)
         while pending:
+            # one look a second, not one per finished task: a FIRST_COMPLETED wait makes an
+            # asyncio task for every pending future each time one finishes, O(tasks^2) on the
+            # client (at a million cells, a third of a core while the workers need it)
             try:
-                wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                wait(pending, timeout=POLL_SECONDS)
             except TimeoutError:
                 pass
             pending = [f for f in pending if not f.done()]
