@@ -324,3 +324,36 @@ def test_the_transform_takes_fewer_epochs_when_the_refinement_follows():
     assert _embed_params(transform_epochs=7)["transform_epochs"] == 7
     with dask.config.set({"distumap.transform-epochs": 12}):
         assert _embed_params(refine_epochs=0)["transform_epochs"] == 12
+
+
+def test_prepared_workers_take_the_fit_and_it_is_the_same_fit(tmp_path, dataset, local_client):
+    from distributed import get_task_stream
+
+    tl.prepare_workers(local_client)
+    workers = sorted(local_client.scheduler_info()["workers"])
+    with get_task_stream(local_client) as stream:
+        prepared = _embedded(tmp_path, dataset, 250, "prepared")
+    fits = [task["worker"] for task in stream.data if str(task["key"]).startswith("umap-fit")]
+    assert fits == [workers[0]]  # the worker that imported umap-learn in the background
+    with dask.config.set(scheduler="threads"):
+        reference = _embedded(tmp_path, dataset, 64, "reference")
+    np.testing.assert_array_equal(prepared["X_umap"].values, reference["X_umap"].values)
+
+
+@pytest.mark.parametrize(
+    ("part", "compiled", "imports_umap"),
+    [("kernels", "_exact_knn_block", False), ("umap", "_project_rows", True)],
+)
+def test_each_warm_up_part_compiles_its_own_kernels(part, compiled, imports_umap):
+    # a fresh process: in this one, other tests have compiled everything already
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from distumap.tl import _model\n"
+        f"_model.warm_up_fit({part!r})\n"
+        f"print(bool(_model.{compiled}.signatures), 'umap' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(part == "kernels"), str(imports_umap)]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from distumap.tl._embed import landmarks, umap
+from distumap.tl._embed import landmarks, prepare_workers, umap
 
-__all__ = ["landmarks", "umap"]
+__all__ = ["landmarks", "prepare_workers", "umap"]

@@ -26,6 +26,7 @@ The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import threading
 import time
@@ -58,6 +59,8 @@ from distumap._store import (
 )
 from distumap.pp import log2p1
 from distumap.tl import _model, _refine
+
+logger = logging.getLogger(__name__)
 
 
 def landmarks(
@@ -148,10 +151,7 @@ def _load_model(store: str, token: str) -> _model.LandmarkModel:
     arrays, attrs = read_group(store, MODEL_GROUP)
     if attrs.get("token") != token:
         raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
-    model = _model.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
-    _model.warm_up(model)
-    _refine.warm_up()
-    return model
+    return _model.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
 
 
 def _model_saved(store: str, token: str) -> bool:
@@ -163,20 +163,87 @@ def _model_saved(store: str, token: str) -> bool:
 
 
 class ModelPlugin(WorkerPlugin):
-    """Worker plugin: loads the fitted model on each worker once and compiles the kernels there,
-    so the dashboard shows transform work, not compilation."""
+    """Worker plugin: loads the fitted model on each worker once and compiles the kernels the
+    run will use there (the transform's when some cells are not landmarks, the refinement's when
+    it runs), so the dashboard shows transform work, not compilation."""
 
     name = "distumap-umap-model"
 
-    def __init__(self, store: str, token: str):
+    def __init__(self, store: str, token: str, *, transform: bool = True, refine: bool = True):
         self.store, self.token = store, token
+        self.transform, self.refine = transform, refine
 
     def setup(self, worker=None) -> None:
-        _load_model(self.store, self.token)
+        model = _load_model(self.store, self.token)
+        if self.transform:
+            _model.warm_up(model)
+        if self.refine:
+            _refine.warm_up()
 
     def teardown(self, worker=None) -> None:
         _load_model.cache_clear()
         _clear_refine_caches()
+
+
+class FitKernelsPlugin(WorkerPlugin):
+    """Worker plugin: compiles the fit's kernels in a background thread while the ingest and the
+    preprocess run (see :func:`prepare_workers`). ``parts`` maps worker addresses to the part
+    of :func:`distumap.tl._model.warm_up_fit` each compiles; other workers compile nothing."""
+
+    name = "distumap-fit-kernels"
+
+    def __init__(self, parts: dict[str, str]):
+        self.parts = parts
+
+    def setup(self, worker=None) -> None:
+        part = self.parts.get(getattr(worker, "address", None))
+        if part is not None:
+            threading.Thread(
+                target=_warm_up_fit, args=(part,), name="distumap-warm-up-fit", daemon=True
+            ).start()
+
+
+def _warm_up_fit(part: str) -> None:
+    try:
+        _model.warm_up_fit(part)
+    except Exception:  # the fit itself reports real problems, with their context
+        logger.debug("warming the fit's kernels up failed", exc_info=True)
+
+
+#: scheduler address -> the worker :func:`prepare_workers` chose there, where the fit then goes
+_fit_workers: dict[str, str] = {}
+
+
+def prepare_workers(client=None) -> None:
+    """Have workers compile the UMAP fit's kernels now, in the background; the fit goes there.
+
+    On a fresh install numba compiles umap-learn, pynndescent and the fit's kernels on first
+    use: about 15 s of a small dataset's first run, after the ingest and the preprocess. Called
+    before them, the compilation overlaps them, on one or two workers (numba's on-disk cache
+    shares the kernels), and :func:`umap` sends the fit to the worker that imported umap-learn,
+    while it lives. With the cache warm it is a second or two of loading.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``; default the current one. Without one (dask's local
+        schedulers), or without workers yet, nothing happens: the fit compiles when it runs.
+
+    Examples
+    --------
+    >>> distumap.tl.prepare_workers()  # doctest: +SKIP
+    >>> ds = distumap.io.read("matrix.csv", "store.zarr")  # doctest: +SKIP
+    """
+    client = client if client is not None else current_client()
+    if client is None:
+        return
+    workers = sorted(client.scheduler_info()["workers"])
+    if workers:
+        # numba's cache is shared: importing umap-learn (pynndescent compiles, ~10 s cold) and
+        # distumap's kernels (~5 s) go to two workers at once where there are two
+        parts = {workers[0]: "umap", workers[1]: "kernels"} if len(workers) > 1 else {}
+        client.register_plugin(FitKernelsPlugin(parts or {workers[0]: "all"}))
+        _fit_workers[client.scheduler.address] = workers[0]
 
 
 def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, Any]) -> np.ndarray:
@@ -745,22 +812,28 @@ def umap(
                 _n_features(params, features.shape[1]),
             )
         rows = np.flatnonzero(is_landmark)
-        fit = dask.delayed(_fit_task, pure=False)(
-            features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
-        )
+        prepared = _fit_workers.get(client.scheduler.address) if client is not None else None
+        where = {"workers": [prepared], "allow_other_workers": True} if prepared else {}
+        with dask.annotate(**where):
+            fit = dask.delayed(_fit_task, pure=False)(
+                features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
+            )
         fit_started = time.perf_counter()
         stage.compute([fit], label="embed: fit UMAP on landmarks")
         fit_seconds = round(time.perf_counter() - fit_started, 3)
 
+    refining = _refine_epochs(params, is_landmark) > 0
     if client is not None:
-        client.register_plugin(ModelPlugin(location, token))
+        # with every cell a landmark (small data) nothing is transformed or refined: compiling
+        # those kernels in every worker would be most of a small run's first time
+        plugin = ModelPlugin(location, token, transform=not is_landmark.all(), refine=refining)
+        client.register_plugin(plugin)
     rows = np.flatnonzero(is_landmark)
     # every task maps landmark indices to cell indices: one shared key, not a copy per task
     landmark_cells = dask.delayed(rows.astype(np.int32), name=f"landmark-cells-{token}")
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
     calls = {}
-    refining = _refine_epochs(params, is_landmark) > 0
     # refining, the transform is a step before the result: its markers are the refinement's
     transform = _Steps(stage, 0, len(blocks)) if refining else stage
     transform_total = n_cells * (1 + params["refine_epochs"]) if refining else n_cells

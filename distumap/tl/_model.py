@@ -46,6 +46,7 @@ __all__ = [
     "to_arrays",
     "transform",
     "warm_up",
+    "warm_up_fit",
 ]
 
 # umap-learn's constants for the sigma search (umap/umap_.py), kept identical on purpose
@@ -844,6 +845,35 @@ def load_model(path: str) -> LandmarkModel:
             f"{path}: no distumap UMAP model here (save_model writes a zarr group)"
         ) from None
     return from_arrays(arrays, attrs, source=str(path))
+
+
+def warm_up_fit(part: str = "all") -> None:
+    """Compile (or load from numba's cache) what a fit runs, on a tiny seeded problem; kernels
+    compile by argument types, not sizes, so the real fit finds them compiled.
+
+    ``part`` is ``"umap"`` (importing umap-learn, which compiles pynndescent, and umap-learn's
+    fit), ``"kernels"`` (distumap's own: the projection, the exact kNN, the calibration) or
+    ``"all"``: two processes sharing numba's cache can take one part each.
+    """
+    rng = np.random.default_rng(0)
+    X = rng.random((64, 8), dtype=np.float32)
+    if part in ("kernels", "all"):
+        components_t = rng.random((8, 4), dtype=np.float32)
+        features = _project_rows(X, components_t, np.zeros(4))
+        _, dists = _self_knn(features, 5)
+        exclude = np.arange(len(features), dtype=np.int64)
+        sqnorm = _row_sqnorms(features)
+        _, dists = _knn_of(features, features, sqnorm, float(np.sqrt(sqnorm.max())), 5, exclude)
+        _weights_block(dists, 0.1)
+    if part in ("umap", "all"):
+        import umap
+
+        dist = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1, dtype=np.float32))
+        index = np.argsort(dist, axis=1, kind="stable")[:, :5].astype(np.int64)
+        knn = (index, np.take_along_axis(dist, index, axis=1).astype(np.float32), None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            umap.UMAP(n_neighbors=5, min_dist=0.25, random_state=0, precomputed_knn=knn).fit(X)
 
 
 def warm_up(model: LandmarkModel) -> None:
