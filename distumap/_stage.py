@@ -40,7 +40,7 @@ import zarr
 from dask.base import tokenize
 
 from distumap import _progress
-from distumap._compute import run
+from distumap._compute import release_worker_memory, run
 from distumap._errors import InputError
 from distumap._store import (
     create_progress,
@@ -257,6 +257,7 @@ class Stage(_Blocks):
         info = {**kept, **info, "seconds": seconds}
         mark_stage(self.store, self.name, "complete", self.params, **info)
         self.record = stage_record(self.store, self.name)
+        release_worker_memory()  # the next stage starts from what the workers hold, not a peak
 
 
 class StagePass(_Blocks):

@@ -45,7 +45,7 @@ from dask.base import tokenize
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from distumap import _config, _memory, _progress
-from distumap._compute import current_client
+from distumap._compute import current_client, trim_memory
 from distumap._errors import InputError
 from distumap._format import MODEL_GROUP, PROGRESS_GROUP, stages
 from distumap._stage import Stage, StagePass
@@ -410,6 +410,7 @@ _POSITIONS = _WorkerCache(1)  # all positions after the previous epoch
 def _clear_refine_caches() -> None:
     for cache in (_SEARCH, _GRAPH, _POSITIONS):
         cache.clear()
+    trim_memory()
 
 
 def _search_index(store: str, n_landmarks: int):

@@ -555,7 +555,9 @@ class Graph:
 @njit(cache=True, nogil=True)
 def _symmetrize(neighbors, weights):
     n, k = neighbors.shape
-    # in-edges by target, sources ascending (a counting sort over targets)
+    # in-edges by target, sources ascending (a counting sort over targets); an in-edge whose
+    # reverse the target also holds is flipped to -1 - source, so no mask or slot array is kept
+    # beside it (at a million cells x 15, each would be 15-60 MB more at the stage's peak)
     in_start = np.zeros(n + 1, dtype=np.int64)
     for i in range(n):
         for e in range(k):
@@ -564,24 +566,21 @@ def _symmetrize(neighbors, weights):
     for i in range(n):
         in_start[i + 1] += in_start[i]
     in_source = np.empty(in_start[n], dtype=np.int32)
-    in_slot = np.empty(in_start[n], dtype=np.int32)
     fill = in_start[:-1].copy()
     for i in range(n):
         for e in range(k):
             j = neighbors[i, e]
             if j >= 0:
                 in_source[fill[j]] = i
-                in_slot[fill[j]] = e
                 fill[j] += 1
     # an out-edge's union weight, with its reverse's weight when the target lists the source
     out_weight = np.zeros((n, k), dtype=np.float32)
-    lone = np.ones(in_start[n], dtype=np.bool_)
     for i in range(n):
         for t in range(in_start[i], in_start[i + 1]):
             j = in_source[t]
             for e in range(k):
                 if neighbors[i, e] == j:
-                    lone[t] = False
+                    in_source[t] = -1 - j
                     break
         for e in range(k):
             j = neighbors[i, e]
@@ -599,16 +598,22 @@ def _symmetrize(neighbors, weights):
     for i in range(n):
         count = 0
         for t in range(in_start[i], in_start[i + 1]):
-            if lone[t]:
+            if in_source[t] >= 0:
                 count += 1
         lone_start[i + 1] = lone_start[i] + count
     lone_source = np.empty(lone_start[n], dtype=np.int32)
     lone_weight = np.empty(lone_start[n], dtype=np.float32)
     at = 0
-    for t in range(in_start[n]):
-        if lone[t]:
-            lone_source[at] = in_source[t]
-            lone_weight[at] = weights[in_source[t], in_slot[t]]
+    for i in range(n):
+        for t in range(in_start[i], in_start[i + 1]):
+            j = in_source[t]
+            if j < 0:
+                continue
+            lone_source[at] = j
+            for e in range(k):  # the edge j -> i: i is in j's row once
+                if neighbors[j, e] == i:
+                    lone_weight[at] = weights[j, e]
+                    break
             at += 1
     return out_weight, lone_start, lone_source, lone_weight
 
