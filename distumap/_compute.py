@@ -204,15 +204,25 @@ def trim_memory() -> int:
         return 0
 
 
-def release_worker_memory(client=None) -> None:
-    """Have every worker of ``client`` (default: the current one) run :func:`trim_memory`,
-    without waiting: a lost cluster has nothing to free, and must not hang the caller."""
+async def _trim_memory_async() -> int:
+    return trim_memory()
+
+
+def on_workers_later(function, client=None) -> None:
+    """Run ``function`` (a coroutine function: distributed runs only those without waiting) on
+    every worker of ``client`` (default: the current one), without waiting for it: best effort,
+    since a lost cluster has nothing left to do it on and must not hang the caller."""
     client = client if client is not None else current_client()
     if client is not None and client.status == "running":
         try:
-            client.run(trim_memory, wait=False)
+            client.run(function, wait=False)
         except Exception:  # best effort: never the reason a stage fails
             pass
+
+
+def release_worker_memory(client=None) -> None:
+    """Have every worker of ``client`` (default: the current one) run :func:`trim_memory`."""
+    on_workers_later(_trim_memory_async, client)
 
 
 def own_graphs(tasks: Sequence[Any]) -> list[Any]:

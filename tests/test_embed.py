@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import numpy as np
 import pytest
@@ -223,6 +225,21 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
         for ds in (small, on_cluster)
     ]
     assert chunks_per_task == [2, 1]
+    # the workers dropped their copies of the graph, the positions and the index after the stage
+    # (sent without waiting: give the workers a moment)
+    held = None
+    for _ in range(50):
+        held = local_client.run(_refine_caches_held)
+        if not any(held.values()):
+            break
+        time.sleep(0.1)
+    assert len(held) == 2 and not any(held.values())
+
+
+def _refine_caches_held() -> int:
+    from distumap.tl import _embed
+
+    return sum(len(cache._items) for cache in (_embed._SEARCH, _embed._GRAPH, _embed._POSITIONS))
 
 
 def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):

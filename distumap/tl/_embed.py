@@ -25,7 +25,6 @@ The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import dataclasses
 import threading
@@ -45,7 +44,7 @@ from dask.base import tokenize
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from distumap import _config, _memory, _progress
-from distumap._compute import current_client, trim_memory
+from distumap._compute import current_client, on_workers_later, trim_memory
 from distumap._errors import InputError
 from distumap._format import MODEL_GROUP, PROGRESS_GROUP, stages
 from distumap._stage import Stage, StagePass
@@ -413,6 +412,10 @@ def _clear_refine_caches() -> None:
     trim_memory()
 
 
+async def _clear_refine_caches_async() -> None:
+    _clear_refine_caches()
+
+
 def _search_index(store: str, n_landmarks: int):
     home = _read_scratch(store, "home")
     # the features in store chunks, placed in bucket order as read: one copy, not two
@@ -626,11 +629,7 @@ def _refine_stage(
     finally:
         # the workers' copies of whole arrays (hundreds of MB at a million cells) go
         _clear_refine_caches()
-        client = current_client()
-        if client is not None and client.status == "running":
-            # fire and forget: a lost cluster has nothing left to free, and must not hang here
-            with contextlib.suppress(Exception):
-                client.run(_clear_refine_caches, wait=False)
+        on_workers_later(_clear_refine_caches_async)
     return seconds
 
 
