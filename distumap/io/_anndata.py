@@ -455,7 +455,8 @@ def write_h5ad(
     into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
     sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
     resizable HDF5 datasets (chunks of 256 Ki elements, deflate level 1, counts and indices
-    byte-shuffled), keeping at most two blocks per worker thread (and 2 GiB of raw block data)
+    byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
+    sparsity), keeping at most two blocks per worker thread (and 2 GiB of raw block data)
     in flight, so its memory does not grow with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
@@ -507,11 +508,13 @@ def write_h5ad(
             layer_group = _csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
             x_data = _appendable(x_group, "data", _x_dtype(ds), shuffle=True)
             layer_data = _appendable(layer_group, "data", np.float32, shuffle=False)
-            indices = [_appendable(g, "indices", np.int32, True) for g in (x_group, layer_group)]
-            indptr = [_appendable(g, "indptr", np.int64, True) for g in (x_group, layer_group)]
+            indices = _appendable(x_group, "indices", np.int32, True)
+            indptr = _appendable(x_group, "indptr", np.int64, True)
+            # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
+            # hard links, which every reader follows), deflated once on this process, not twice
+            layer_group["indices"], layer_group["indptr"] = indices, indptr
             offset = np.zeros(1, dtype=np.int64)
-            for dataset in indptr:
-                _append(dataset, offset)
+            _append(indptr, offset)
             for i, (data, layer, block_indices, row_nnz) in enumerate(
                 results_in_order(
                     blocks, stage="export: h5ad blocks", in_flight=in_flight, client=client
@@ -520,10 +523,8 @@ def write_h5ad(
                 _append(x_data, data)
                 _append(layer_data, layer)
                 ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)
-                for dataset in indices:
-                    _append(dataset, block_indices)
-                for dataset in indptr:
-                    _append(dataset, ends)
+                _append(indices, block_indices)
+                _append(indptr, ends)
                 if ends.size:
                     offset = ends[-1:]
                 block_written(path, i, len(blocks), progress)
