@@ -25,8 +25,8 @@ The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import threading
 import time
 import uuid

@@ -24,6 +24,7 @@ model, bit for bit, whatever the block size, order or number of workers.
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,9 @@ __all__ = [
     "warm_up",
     "warm_up_fit",
 ]
+
+#: held around each umap-learn fit and the warning filters it sets (see fit_landmark_model)
+_UMAP_FIT_LOCK = threading.Lock()
 
 # umap-learn's constants for the sigma search (umap/umap_.py), kept identical on purpose
 SMOOTH_K_TOLERANCE = 1e-5
@@ -606,7 +610,9 @@ def fit_landmark_model(
         offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
         features = _project_rows(X, components_t, offset.astype(np.float64))
 
-    with warnings.catch_warnings():
+    # warning filters are process-wide: one umap-learn fit at a time changes them (a background
+    # warm_up_fit may run beside the real fit in the same worker)
+    with _UMAP_FIT_LOCK, warnings.catch_warnings():
         # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
         # the landmarks' exact kNN, from the same kernel as the transform's, instead of
@@ -871,7 +877,7 @@ def warm_up_fit(part: str = "all") -> None:
         dist = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1, dtype=np.float32))
         index = np.argsort(dist, axis=1, kind="stable")[:, :5].astype(np.int64)
         knn = (index, np.take_along_axis(dist, index, axis=1).astype(np.float32), None)
-        with warnings.catch_warnings():
+        with _UMAP_FIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             umap.UMAP(n_neighbors=5, min_dist=0.25, random_state=0, precomputed_knn=knn).fit(X)
 
