@@ -78,6 +78,7 @@ class TreeSampler:
         self.peaks: dict[str, int] = {}
         self.started = self._next_trace = time.perf_counter()
         self.client_trace: list[tuple[int, int]] = []
+        self.worker_trace: dict[int, int] = {}  # second -> the largest worker's RSS in it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -108,6 +109,9 @@ class TreeSampler:
                 total += rss
                 name = self._name(proc)
                 self.peaks[name] = max(self.peaks.get(name, 0), rss)
+                if name.startswith("worker-"):
+                    second = round(time.perf_counter() - self.started)
+                    self.worker_trace[second] = max(self.worker_trace.get(second, 0), rss)
                 if name == "client" and time.perf_counter() >= self._next_trace:
                     # the client process (with the scheduler) once a second, to place its peak
                     self.client_trace.append((round(time.perf_counter() - self.started), rss))
@@ -124,6 +128,9 @@ class TreeSampler:
             "client_peak_gib": round(self.peaks.get("client", 0) / GIB, 2),
             "worker_peaks_gib": [round(v / GIB, 2) for v in workers],
             "client_gib_by_second": [(t, round(v / GIB, 2)) for t, v in self.client_trace],
+            "worker_gib_by_second": [
+                (t, round(v / GIB, 2)) for t, v in sorted(self.worker_trace.items())
+            ],
         }
 
 

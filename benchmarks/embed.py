@@ -91,10 +91,15 @@ def main() -> None:
         "--refine-epochs", type=int, default=None, help="default: distumap.refine-epochs"
     )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--memory-limit", default="4GiB", help="per worker (4GiB)")
+    parser.add_argument(
+        "--memory-limit", default="4GiB", help="per worker (4GiB); 'default': distumap run's own"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-full-fit", action="store_true")
     parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument(
+        "--end-to-end-only", action="store_true", help="the CLI run alone (implies --end-to-end)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "embed-results.json"))
     args = parser.parse_args()
 
@@ -121,7 +126,7 @@ def main() -> None:
         "shape": [args.cells, args.genes],
     }
 
-    if args.end_to_end:
+    if args.end_to_end or args.end_to_end_only:
         out = directory / "run"
         command = [
             sys.executable,
@@ -143,9 +148,9 @@ def main() -> None:
             "--overwrite",
             "--dashboard-address",
             ":0",
-            "--memory-limit",
-            args.memory_limit,
         ]
+        if args.memory_limit != "default":
+            command += ["--memory-limit", args.memory_limit]
         started = time.perf_counter()
         process = subprocess.Popen(command)
         with TreePeak(process.pid) as peak:
@@ -163,7 +168,19 @@ def main() -> None:
             "csv_gb": round(matrix.stat().st_size / 1e9, 2),
             "exit": process.returncode,
         }
+        if process.returncode == 0:
+            import zarr
+
+            stages = zarr.open_group(str(out / "store.zarr"), mode="r").attrs["distumap"]["stages"]
+            results["end_to_end"]["stage_seconds"] = {
+                name: record.get("seconds") for name, record in stages.items()
+            }
+            for name in ("fit_seconds", "transform_seconds", "refine_epochs_seconds"):
+                results["end_to_end"][name] = stages["embed"].get(name)
         print(json.dumps(results["end_to_end"]), flush=True)
+        if args.end_to_end_only:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+            return
 
     client = distumap.connect(
         n_workers=args.workers, memory_limit=args.memory_limit, dashboard_address=":0"
