@@ -187,7 +187,12 @@ def _select_task(store: str, first: int, last: int, gene_index: np.ndarray) -> i
     import zarr
 
     counts = zarr.open_array(store, path="counts", mode="r")
-    zarr.open_array(store, path=CACHE, mode="r+")[first:last] = counts[first:last][:, gene_index]
+    # an orthogonal selection: zarr copies the selected genes out of each decoded chunk, where
+    # counts[first:last][:, gene_index] would first copy the whole block into a new array (206 MB
+    # at 50,281 genes, freshly faulted in: 0.22-0.78 s a chunk instead of 0.17-0.19)
+    zarr.open_array(store, path=CACHE, mode="r+")[first:last] = counts.oindex[
+        first:last, gene_index
+    ]
     return last - first
 
 
