@@ -866,9 +866,9 @@ def warm_up_fit(part: str = "all") -> None:
     if part in ("kernels", "all"):
         components_t = rng.random((8, 4), dtype=np.float32)
         features = _project_rows(X, components_t, np.zeros(4))
-        _, dists = _self_knn(features, 5)
-        exclude = np.arange(len(features), dtype=np.int64)
+        # the kernels of _self_knn and of the calibration (which excludes each row's own)
         sqnorm = _row_sqnorms(features)
+        exclude = np.arange(len(features), dtype=np.int64)
         _, dists = _knn_of(features, features, sqnorm, float(np.sqrt(sqnorm.max())), 5, exclude)
         _weights_block(dists, 0.1)
     if part in ("umap", "all"):
