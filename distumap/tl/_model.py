@@ -300,18 +300,20 @@ def _exact_knn_block(
 
 
 @njit(cache=True, nogil=True)
-def _membership_weights(dists, floor):
-    """umap-learn's transform weights for one row: rho = 0, bandwidth 1, target log2(k)."""
+def _bandwidth(dists, first, rho, target):
+    """umap-learn's binary search for a row's sigma: the sum over the finite ``dists[first:]``
+    of ``exp(-(d - rho) / sigma)`` (1 where ``d <= rho``) within tolerance of ``target``.
+    Shared by the transform's weights and the refinement's fit-time weights."""
     k = dists.shape[0]
-    target = np.log2(k)
     lo = 0.0
     hi = np.inf
     mid = 1.0
     for _ in range(_SIGMA_SEARCH_STEPS):
         psum = 0.0
-        # as in umap-learn, the nearest neighbour is left out of the sum
-        for j in range(1, k):
-            d = dists[j]
+        for j in range(first, k):
+            if not np.isfinite(dists[j]):
+                continue
+            d = dists[j] - rho
             psum += np.exp(-(d / mid)) if d > 0.0 else 1.0
         if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
             break
@@ -324,7 +326,15 @@ def _membership_weights(dists, floor):
                 mid *= 2.0
             else:
                 mid = (lo + hi) / 2.0
-    sigma = max(mid, floor)
+    return mid
+
+
+@njit(cache=True, nogil=True)
+def _membership_weights(dists, floor):
+    """umap-learn's transform weights for one row: rho = 0, bandwidth 1, target log2(k)."""
+    k = dists.shape[0]
+    # as in umap-learn, the nearest neighbour is left out of the sum
+    sigma = max(_bandwidth(dists, 1, 0.0, np.log2(k)), floor)
     weights = np.empty(k, dtype=np.float64)
     for j in range(k):
         if dists[j] <= 0.0 or sigma == 0.0:

@@ -43,9 +43,8 @@ import numpy as np
 from numba import njit
 
 from distumap.tl._model import (
-    _SIGMA_SEARCH_STEPS,
     MIN_K_DIST_SCALE,
-    SMOOTH_K_TOLERANCE,
+    _bandwidth,
     _clip,
     _splitmix64,
 )
@@ -331,28 +330,7 @@ def _fit_weights_block(dists, target, floor):
             if dists[i, j] > 0.0 and np.isfinite(dists[i, j]):
                 rho = dists[i, j]
                 break
-        lo = 0.0
-        hi = np.inf
-        mid = 1.0
-        for _ in range(_SIGMA_SEARCH_STEPS):
-            psum = 0.0
-            for j in range(k):
-                if not np.isfinite(dists[i, j]):
-                    continue
-                d = dists[i, j] - rho
-                psum += np.exp(-(d / mid)) if d > 0.0 else 1.0
-            if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
-                break
-            if psum > target:
-                hi = mid
-                mid = (lo + hi) / 2.0
-            else:
-                lo = mid
-                if hi == np.inf:
-                    mid *= 2.0
-                else:
-                    mid = (lo + hi) / 2.0
-        sigma = max(mid, floor)
+        sigma = max(_bandwidth(dists[i], 0, rho, target), floor)
         for j in range(k):
             if not np.isfinite(dists[i, j]):
                 continue
