@@ -240,8 +240,11 @@ def prepare_workers(client=None) -> None:
     if workers:
         # numba's cache is shared: importing umap-learn (pynndescent compiles, ~10 s cold) and
         # distumap's kernels (~5 s) go to two workers at once where there are two
-        parts = {workers[0]: "umap", workers[1]: "kernels"} if len(workers) > 1 else {}
-        client.register_plugin(FitKernelsPlugin(parts or {workers[0]: "all"}))
+        if len(workers) > 1:
+            parts = {workers[0]: "umap", workers[1]: "kernels"}
+        else:
+            parts = {workers[0]: "all"}
+        client.register_plugin(FitKernelsPlugin(parts))
         _fit_workers[client.scheduler.address] = workers[0]
 
 
