@@ -220,6 +220,29 @@ def test_block_size_does_not_change_contents(
     _assert_contents(_read(fmt, path), dataset)
 
 
+@pytest.mark.parametrize("h5ad_chunk", [1_000, 3_000])
+def test_h5ad_chunks_span_blocks(dataset, tmp_path, monkeypatch, h5ad_chunk):
+    """The CSR datasets are filled in whole chunks written raw: chunks that span many blocks
+    and a padded last chunk read back as the same values as one chunk does."""
+    import h5py
+
+    reference, path = tmp_path / "one-chunk.h5ad", tmp_path / "chunks.h5ad"
+    with dask.config.set(scheduler="threads"):
+        _write("h5ad", dataset, reference, block_cells=CHUNK)
+        monkeypatch.setattr("distumap.io._anndata.H5AD_CHUNK", h5ad_chunk)
+        _write("h5ad", dataset, path, block_cells=7)
+    want = _arrays("h5ad", reference)
+    got = _arrays("h5ad", path)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    with h5py.File(path, "r") as f:
+        data = f["X/data"]
+        assert data.chunks == (h5ad_chunk,) and data.compression == "gzip" and data.shuffle
+        assert len(data) > 2 * h5ad_chunk and len(data) % h5ad_chunk  # a partial last chunk
+        assert data.id.get_num_chunks() == -(-len(data) // h5ad_chunk)
+    _assert_contents(_read("h5ad", path), dataset)
+
+
 def _task_keys(client) -> list:
     def keys(dask_scheduler):  # run on the scheduler: the keys of the tasks it has seen
         return [ts.key for ts in dask_scheduler.tasks.values()] + [

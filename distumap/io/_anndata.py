@@ -47,8 +47,10 @@ from distumap._format import (
 )
 from distumap._progress import report
 from distumap.io._files import (
+    DEFLATE_LEVEL,
     block_written,
     cells_per_block,
+    deflate,
     is_url,
     partial_name,
     written_whole,
@@ -62,8 +64,6 @@ UMAP_SPREAD = 1.0
 
 #: HDF5 chunk of the 1-D CSR datasets, in elements (1 MiB of int32)
 H5AD_CHUNK = 2**18
-#: zlib level for HDF5; 1 costs a fraction of level 6's time for nearly the same size on counts
-DEFLATE_LEVEL = 1
 #: raw bytes of the blocks computed ahead of the h5ad writer, at most
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
 #: zarr format of the AnnData zarr: v2 is what anndata 0.12 writes by default and what every
@@ -393,24 +393,44 @@ def _csr_group(el, parent, name: str, shape: tuple[int, int]):
 # -- h5ad -------------------------------------------------------------------------------------
 
 
-def _appendable(group, name: str, dtype, shuffle: bool):
-    return group.create_dataset(
-        name,
-        shape=(0,),
-        maxshape=(None,),
-        dtype=dtype,
-        chunks=(H5AD_CHUNK,),
-        compression="gzip",
-        compression_opts=DEFLATE_LEVEL,
-        shuffle=shuffle,
-    )
+class _Appendable:
+    """A resizable 1-D HDF5 dataset that takes values block by block and stores them in whole
+    chunks, each deflated here (ISA-L releases the GIL, unlike h5py's own filter) and written
+    raw; the last, partly filled chunk goes in padded when :meth:`close` is called."""
 
+    def __init__(self, group, name: str, dtype, shuffle: bool):
+        self.dataset = group.create_dataset(
+            name,
+            shape=(0,),
+            maxshape=(None,),
+            dtype=dtype,
+            chunks=(H5AD_CHUNK,),
+            compression="gzip",
+            compression_opts=DEFLATE_LEVEL,
+            shuffle=shuffle,
+        )
+        self.shuffle = shuffle
+        self.tail = np.empty(0, dtype=self.dataset.dtype)  # values after the last whole chunk
 
-def _append(dataset, values: np.ndarray) -> None:
-    start = dataset.shape[0]
-    if values.size:
-        dataset.resize((start + values.size,))
-        dataset[start:] = values
+    def append(self, values: np.ndarray) -> None:
+        values = np.concatenate([self.tail, np.asarray(values, dtype=self.dataset.dtype)])
+        whole = len(values) - len(values) % H5AD_CHUNK
+        self._write(values[:whole])
+        self.tail = values[whole:]
+
+    def close(self) -> None:
+        padded = np.zeros(-len(self.tail) % H5AD_CHUNK, dtype=self.tail.dtype)
+        self._write(np.concatenate([self.tail, padded]), len(self.tail))
+        self.tail = self.tail[:0]
+
+    def _write(self, values: np.ndarray, size: int | None = None) -> None:
+        start = self.dataset.shape[0]
+        if not len(values):
+            return
+        self.dataset.resize((start + (len(values) if size is None else size),))
+        for offset in range(0, len(values), H5AD_CHUNK):
+            chunk = deflate(values[offset : offset + H5AD_CHUNK], shuffle=self.shuffle)
+            self.dataset.id.write_direct_chunk((start + offset,), chunk)
 
 
 def _export_params(fmt: str, block_cells: int, **extra: Any) -> dict[str, Any]:
@@ -454,8 +474,8 @@ def write_h5ad(
     This computes: the cluster reads every cell block, keeps the selected genes and turns them
     into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
     sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
-    resizable HDF5 datasets (chunks of 256 Ki elements, deflate level 1, counts and indices
-    byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
+    resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process at ISA-L's
+    level 1 and written raw, counts and indices byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
     sparsity), keeping at most two blocks per worker thread (and 2 GiB of raw block data)
     in flight, so its memory does not grow with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
@@ -506,28 +526,30 @@ def write_h5ad(
             shape = (n_cells, int(gene_index.size))
             x_group = _csr_group(el, f, "X", shape)
             layer_group = _csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
-            x_data = _appendable(x_group, "data", _x_dtype(ds), shuffle=True)
-            layer_data = _appendable(layer_group, "data", np.float32, shuffle=False)
-            indices = _appendable(x_group, "indices", np.int32, True)
-            indptr = _appendable(x_group, "indptr", np.int64, True)
+            x_data = _Appendable(x_group, "data", _x_dtype(ds), shuffle=True)
+            layer_data = _Appendable(layer_group, "data", np.float32, shuffle=False)
+            indices = _Appendable(x_group, "indices", np.int32, True)
+            indptr = _Appendable(x_group, "indptr", np.int64, True)
             # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
             # hard links, which every reader follows), deflated once on this process, not twice
-            layer_group["indices"], layer_group["indptr"] = indices, indptr
+            layer_group["indices"], layer_group["indptr"] = indices.dataset, indptr.dataset
             offset = np.zeros(1, dtype=np.int64)
-            _append(indptr, offset)
+            indptr.append(offset)
             for i, (data, layer, block_indices, row_nnz) in enumerate(
                 results_in_order(
                     blocks, stage="export: h5ad blocks", in_flight=in_flight, client=client
                 )
             ):
-                _append(x_data, data)
-                _append(layer_data, layer)
+                x_data.append(data)
+                layer_data.append(layer)
                 ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)
-                _append(indices, block_indices)
-                _append(indptr, ends)
+                indices.append(block_indices)
+                indptr.append(ends)
                 if ends.size:
                     offset = ends[-1:]
                 block_written(path, i, len(blocks), progress)
+            for dataset in (x_data, layer_data, indices, indptr):
+                dataset.close()
     return target
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,24 +42,22 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
-from distumap.io._files import block_written, cells_per_block, written_whole
+from distumap.io._files import (
+    DEFLATE_LEVEL,
+    block_written,
+    cells_per_block,
+    deflate,
+    written_whole,
+)
 from distumap.pp import log2p1_values, selected_counts
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
 CHUNK_GENES = 512
 CHUNK_CELLS = 256
-#: zlib level; 1 costs a fraction of level 6's time for nearly the same size on counts
-DEFLATE_LEVEL = 1
 #: raw bytes (counts and layer) of the blocks computed ahead of the writer, at most
 IN_FLIGHT_RAW_BYTES = 4 * 2**30
 #: HDF5 chunk length of the row and column attributes (values along genes or cells)
 ATTR_CHUNK = 65_536
-
-
-def _shuffle(chunk: np.ndarray) -> bytes:
-    """HDF5's shuffle filter: byte j of every element together, then byte j+1, ..."""
-    raw = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1, chunk.dtype.itemsize)
-    return raw.T.tobytes()
 
 
 def _encode_graph(
@@ -69,7 +66,6 @@ def _encode_graph(
     is_landmark: np.ndarray,
     first_cell: int,
     chunk_cells: int,
-    level: int,
 ) -> list[tuple[bytes, bytes, bytes]]:
     """One cell block's kNN edges as compressed chunks of ``a``, ``b`` and ``w``.
 
@@ -103,7 +99,7 @@ def _encode_graph(
             piece = values[start : start + size]
             if len(piece) < size:
                 piece = np.concatenate([piece, np.zeros(size - len(piece), piece.dtype)])
-            encoded.append(zlib.compress(_shuffle(piece), level))
+            encoded.append(deflate(piece, shuffle=True))
         chunks.append(tuple(encoded))
     return chunks
 
@@ -122,7 +118,6 @@ def _encode_block(
     n_blocks: int,
     first_cell: int,
     chunk_shape: tuple[int, int],
-    level: int,
 ) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes, bytes]]]:
     """One cell block (cells x selected genes, int32) as compressed loom chunks.
 
@@ -132,9 +127,7 @@ def _encode_block(
     """
     graph = []
     if knn_landmark is not None:
-        graph = _encode_graph(
-            knn_landmark, knn_weight, is_landmark, first_cell, chunk_shape[1], level
-        )
+        graph = _encode_graph(knn_landmark, knn_weight, is_landmark, first_cell, chunk_shape[1])
     matrix = np.asarray(counts, dtype=matrix_dtype(counts.dtype)).T
     chunk_genes, chunk_cells = chunk_shape
     n_genes, n_cells = matrix.shape
@@ -147,11 +140,11 @@ def _encode_block(
                 padded[...] = 0
                 padded[: piece.shape[0], : piece.shape[1]] = piece
                 piece = padded
-            matrix_chunks.append(zlib.compress(_shuffle(piece), level))
+            matrix_chunks.append(deflate(piece, shuffle=True))
             log2p1 = log2p1_values(piece)
             # no shuffle here: log2(k + 1) takes few distinct 4-byte values, which deflate
             # finds whole; shuffled, the layer is half as large again and slower to compress
-            layer_chunks.append(zlib.compress(log2p1.tobytes(), level))
+            layer_chunks.append(deflate(log2p1))
     report("export", 1, n_blocks, block=index)
     return matrix_chunks, layer_chunks, graph
 
@@ -334,7 +327,6 @@ def _blocks(
     gene_index: np.ndarray,
     block_cells: int,
     chunk_shape,
-    level: int,
     knn: tuple[da.Array, da.Array] | None,
     is_landmark: np.ndarray,
 ):
@@ -348,7 +340,7 @@ def _blocks(
         neighbours, weights = (array.to_delayed().ravel() for array in knn)
         # every block checks its edges against the landmark mask: one shared key, not a copy
         landmarks = dask.delayed(is_landmark, pure=True)
-    name = "loom-block-" + tokenize(counts, knn, is_landmark, chunk_shape, level)
+    name = "loom-block-" + tokenize(counts, knn, is_landmark, chunk_shape)
     encode = dask.delayed(_encode_block, pure=True)
     return [
         encode(
@@ -360,7 +352,6 @@ def _blocks(
             len(pieces),
             i * block_cells,
             chunk_shape,
-            level,
             dask_key_name=(name, i),
         )
         for i, piece in enumerate(pieces)
@@ -472,8 +463,8 @@ def write_loom(
     compressed on the cluster (tasks ``loom-block``), and the client writes the finished
     chunks in cell order with ``write_direct_chunk``, keeping at most two blocks per worker
     thread (and 4 GiB of raw block data) in flight. The HDF5 chunks are 512 genes x 256
-    cells, deflated at zlib level 1 (the counts byte-shuffled first): filters every HDF5
-    library has. The file is written under a temporary name next to the target (or locally,
+    cells, deflated (ISA-L level 1, on the workers; the counts byte-shuffled first): filters
+    every HDF5 library has. The file is written under a temporary name next to the target (or locally,
     for a URL) and only renamed (or uploaded) once complete, so a failure leaves nothing at
     ``path``. Strings are variable-length, as loom 3.0.0 and ``loompy.LoomValidator`` expect,
     and ASCII with XML character references as loompy writes them (``loompy`` and
@@ -518,7 +509,7 @@ def write_loom(
     )
     knn = _knn_arrays(ds, block_cells)
     is_landmark = small["landmark"].astype(bool)
-    blocks = _blocks(ds, gene_index, block_cells, chunk_shape, DEFLATE_LEVEL, knn, is_landmark)
+    blocks = _blocks(ds, gene_index, block_cells, chunk_shape, knn, is_landmark)
 
     with written_whole(target, progress=progress) as local:
         with h5py.File(local, "w", libver="earliest") as f:
