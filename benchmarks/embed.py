@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -128,6 +129,8 @@ def main() -> None:
 
     if args.end_to_end or args.end_to_end_only:
         out = directory / "run"
+        # from scratch: a finished store in ``out`` would be resumed, not recomputed
+        shutil.rmtree(out, ignore_errors=True)
         command = [
             sys.executable,
             "-m",
