@@ -234,3 +234,24 @@ def test_gene_statistics_come_from_the_ingest_blocks(tmp_path, reader):
     drop_arrays(store, [NONZERO])
     again = pp.preprocess(store, max_zero_fraction=0.45)
     np.testing.assert_array_equal(again["zero_fraction"].values, _expected(truth)[0])
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint16", "float32"])
+def test_log2p1_values_follow_one_rule_bit_for_bit(dtype):
+    """The table of small counts gives the bits of log2(x + 1.0) rounded once to float32, and
+    values outside it (large, negative, fractional) are computed by that rule."""
+    from distumap.pp._preprocess import log2p1_values
+
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    values = [*range(5_000), 65535, 1_000_000, 2**31 - 1]  # every entry of the table, and past it
+    if info is not None:
+        values = [v for v in values if v <= info.max] + ([-1, -2, -5000] if info.min < 0 else [])
+    else:
+        values += [0.5, 3.25, -0.5]
+    x = np.array(values * 3, dtype=dtype).reshape(3, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log2(0) and log2 of a negative
+        want = np.log2(x + 1.0).astype(np.float32)
+        got = log2p1_values(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    assert log2p1_values(np.zeros((0, 4), dtype=dtype)).shape == (0, 4)

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -64,6 +65,8 @@ UMAP_SPREAD = 1.0
 
 #: HDF5 chunk of the 1-D CSR datasets, in elements (1 MiB of int32)
 H5AD_CHUNK = 2**18
+#: threads that deflate the h5ad's chunks on the client (ISA-L releases the GIL)
+DEFLATE_THREADS = 2
 #: raw bytes of the blocks computed ahead of the h5ad writer, at most
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
 #: zarr format of the AnnData zarr: v2 is what anndata 0.12 writes by default and what every
@@ -398,7 +401,8 @@ class _Appendable:
     chunks, each deflated here (ISA-L releases the GIL, unlike h5py's own filter) and written
     raw; the last, partly filled chunk goes in padded when :meth:`close` is called."""
 
-    def __init__(self, group, name: str, dtype, shuffle: bool):
+    def __init__(self, group, name: str, dtype, shuffle: bool, pool: ThreadPoolExecutor):
+        self.pool = pool  # deflates a block's chunks side by side
         self.dataset = group.create_dataset(
             name,
             shape=(0,),
@@ -428,8 +432,12 @@ class _Appendable:
         if not len(values):
             return
         self.dataset.resize((start + (len(values) if size is None else size),))
-        for offset in range(0, len(values), H5AD_CHUNK):
-            chunk = deflate(values[offset : offset + H5AD_CHUNK], shuffle=self.shuffle)
+        offsets = range(0, len(values), H5AD_CHUNK)
+        chunks = self.pool.map(
+            lambda offset: deflate(values[offset : offset + H5AD_CHUNK], shuffle=self.shuffle),
+            offsets,
+        )
+        for offset, chunk in zip(offsets, chunks, strict=True):
             self.dataset.id.write_direct_chunk((start + offset,), chunk)
 
 
@@ -475,7 +483,7 @@ def write_h5ad(
     into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
     sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
     resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process at ISA-L's
-    level 1 and written raw, counts and indices byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
+    level 1 by two threads and written raw, counts and indices byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
     sparsity), keeping at most two blocks per worker thread (and 2 GiB of raw block data)
     in flight, so its memory does not grow with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
@@ -518,18 +526,18 @@ def write_h5ad(
     ]
     n_cells = len(small["cell"])
 
-    with written_whole(target, progress=progress) as local:
-        # a chunk cache that holds the partly filled last chunk of each dataset between appends
-        with h5py.File(local, "w", libver="earliest", rdcc_nbytes=32 * 2**20) as f:
+    deflating = ThreadPoolExecutor(DEFLATE_THREADS, thread_name_prefix="h5ad-deflate")
+    with written_whole(target, progress=progress) as local, deflating as pool:
+        with h5py.File(local, "w", libver="earliest") as f:
             el = _H5Elements(f)
             _write_annotations(el, small, gene_index, uns)
             shape = (n_cells, int(gene_index.size))
             x_group = _csr_group(el, f, "X", shape)
             layer_group = _csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
-            x_data = _Appendable(x_group, "data", _x_dtype(ds), shuffle=True)
-            layer_data = _Appendable(layer_group, "data", np.float32, shuffle=False)
-            indices = _Appendable(x_group, "indices", np.int32, True)
-            indptr = _Appendable(x_group, "indptr", np.int64, True)
+            x_data = _Appendable(x_group, "data", _x_dtype(ds), True, pool)
+            layer_data = _Appendable(layer_group, "data", np.float32, False, pool)
+            indices = _Appendable(x_group, "indices", np.int32, True, pool)
+            indptr = _Appendable(x_group, "indptr", np.int64, True, pool)
             # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
             # hard links, which every reader follows), deflated once on this process, not twice
             layer_group["indices"], layer_group["indptr"] = indices.dataset, indptr.dataset
