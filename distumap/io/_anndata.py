@@ -482,10 +482,11 @@ def write_h5ad(
     This computes: the cluster reads every cell block, keeps the selected genes and turns them
     into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
     sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
-    resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process at ISA-L's
-    level 1 by two threads and written raw, counts and indices byte-shuffled; the layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
-    sparsity), keeping at most two blocks per worker thread (and 2 GiB of raw block data)
-    in flight, so its memory does not grow with the number of cells. ``obs`` holds the cell
+    resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process by two
+    threads at ISA-L's level 1 and written raw, counts and indices byte-shuffled; the layer's
+    ``indices`` and ``indptr`` are hard links to ``X``'s, its sparsity), keeping at most two
+    blocks per worker thread (and 2 GiB of raw block data) in flight, so its memory does not
+    grow with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
     ``obsm["X_umap"]`` the embedding; ``uns["umap"]["params"]`` what ``scanpy.tl.umap`` keeps

@@ -463,12 +463,12 @@ def write_loom(
     compressed on the cluster (tasks ``loom-block``), and the client writes the finished
     chunks in cell order with ``write_direct_chunk``, keeping at most two blocks per worker
     thread (and 4 GiB of raw block data) in flight. The HDF5 chunks are 512 genes x 256
-    cells, deflated (ISA-L level 1, on the workers; the counts byte-shuffled first): filters
-    every HDF5 library has. The file is written under a temporary name next to the target (or locally,
-    for a URL) and only renamed (or uploaded) once complete, so a failure leaves nothing at
-    ``path``. Strings are variable-length, as loom 3.0.0 and ``loompy.LoomValidator`` expect,
-    and ASCII with XML character references as loompy writes them (``loompy`` and
-    ``anndata`` read them back exactly). The store's stage records go to ``/attrs`` as JSON.
+    cells, deflated on the workers (ISA-L level 1; the counts byte-shuffled first): filters
+    every HDF5 library has. The file is written under a temporary name next to the target (or
+    locally, for a URL) and only renamed (or uploaded) once complete, so a failure leaves
+    nothing at ``path``. Strings are variable-length, as loom 3.0.0 and
+    ``loompy.LoomValidator`` expect, and ASCII with XML character references as loompy writes
+    them (``loompy`` and ``anndata`` read them back exactly). The store's stage records go to ``/attrs`` as JSON.
 
     ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
     its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
