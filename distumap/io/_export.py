@@ -468,7 +468,8 @@ def write_loom(
     locally, for a URL) and only renamed (or uploaded) once complete, so a failure leaves
     nothing at ``path``. Strings are variable-length, as loom 3.0.0 and
     ``loompy.LoomValidator`` expect, and ASCII with XML character references as loompy writes
-    them (``loompy`` and ``anndata`` read them back exactly). The store's stage records go to ``/attrs`` as JSON.
+    them (``loompy`` and ``anndata`` read them back exactly). The store's stage records go to
+    ``/attrs`` as JSON.
 
     ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
     its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
