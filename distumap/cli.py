@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import dask
@@ -21,6 +21,9 @@ from distumap._errors import InputError
 
 #: `distumap run --formats`: the export files it may write beside the store
 RUN_EXPORTS = {"loom": "embedding.loom", "h5ad": "embedding.h5ad", "zarr": "embedding.zarr"}
+#: the export kinds whose writers take the embedding last (``embedded=``): `distumap run`
+#: starts them before the embed
+EARLY_EXPORTS = ("loom", "h5ad")
 #: the pictures `distumap run` draws, and their kinds
 RUN_PICTURES = {"umap.png": "png", "umap.html": "html"}
 
@@ -370,18 +373,32 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     ds = _ingest(args, inputs, store, metadata)
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
-    ds = tl.umap(ds, **_embed_kwargs(args), color=color)
 
-    def pictures() -> None:
+    def pictures(ds) -> None:
         pl.umap(ds, color=color, path=png)
         pl.umap_html(ds, color=color, path=html)
 
     # each export has one writer, on this process: the loom's waits on the workers (which
     # deflate its chunks), the h5ad's on its own deflate and the pictures on this process,
-    # so they overlap instead of queueing (h5py serialises the HDF5 calls themselves)
+    # so they overlap instead of queueing (h5py serialises the HDF5 calls themselves). The
+    # HDF5 writers start before the embed and write the count layers while it runs (the fit
+    # leaves its worker's core to them), then add what the embedding gives them.
+    early = [path for path in exports if files[path] in EARLY_EXPORTS]
+    embedded: Future = Future()
     with ThreadPoolExecutor(max_workers=len(exports) + 1, thread_name_prefix="export") as pool:
-        jobs = [pool.submit(io.write, ds, path, progress=args.progress) for path in exports]
-        jobs.append(pool.submit(pictures))
+        jobs = [
+            pool.submit(io.write, ds, path, progress=args.progress, embedded=embedded)
+            for path in early
+        ]
+        try:
+            ds = tl.umap(ds, **_embed_kwargs(args), color=color)
+        except BaseException as error:  # the early writers stop at their next block
+            embedded.set_exception(error)
+            raise
+        embedded.set_result(ds)
+        later = [path for path in exports if path not in early]
+        jobs += [pool.submit(io.write, ds, path, progress=args.progress) for path in later]
+        jobs.append(pool.submit(pictures, ds))
         for job in jobs:
             job.result()
     print(f"distumap: wrote {', '.join([store, *exports, png])} and {html}")

@@ -75,6 +75,7 @@ TASK_PREFIXES = (
     "umap-refine-knn",
     "umap-refine-epoch",
     "loom-block",
+    "loom-graph-block",
 )
 
 #: tasks whose keys start with this are the UMAP fit (one task ``umap-fit-<token>``)
@@ -103,7 +104,7 @@ STAGE_TASKS = {
     ),
     "preprocess": ("gene-stats", "select-genes"),
     "embed": ("umap-transform", "umap-refine"),
-    "export": ("loom-block", "h5ad-block", "anndata-zarr"),
+    "export": ("loom-block", "loom-graph-block", "h5ad-block", "anndata-zarr"),
 }
 _WATCHED = (FIT_PREFIX, *(prefix for prefixes in STAGE_TASKS.values() for prefix in prefixes))
 

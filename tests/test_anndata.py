@@ -374,3 +374,55 @@ def test_scanpy_reads_and_draws_it(dataset, tmp_path, fmt):
         assert len(figure.axes[0].collections[0].get_offsets()) == N_CELLS
     finally:
         plt.close("all")
+
+
+def _before_embed(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` as the preprocess leaves it: no embedding, graph or embed record."""
+    record = dict(ds.attrs["distumap"])
+    record["stages"] = {k: v for k, v in record["stages"].items() if k != "embed"}
+    embed = ["X_umap", "landmark", "knn_landmark", "knn_weight"]
+    return ds.drop_vars([name for name in embed if name in ds]).assign_attrs(distumap=record)
+
+
+@pytest.mark.cluster
+def test_h5ad_x_first_then_the_embedding(dataset, tmp_path, local_client, capsys):
+    """With ``embedded``, X and the layer are written from a store without an embedding while
+    the embed runs; the file is the one written from the embedded store."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    path, reference = tmp_path / "early.h5ad", tmp_path / "reference.h5ad"
+    embedded: Future = Future()
+    writer = threading.Thread(
+        target=write_h5ad,
+        args=(_before_embed(dataset), path),
+        kwargs={"client": local_client, "embedded": embedded, "progress": True, "block_cells": 600},
+    )
+    writer.start()
+    deadline = time.monotonic() + 30
+    while "block 2/2 written" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "X was not written before the embedding"
+    assert writer.is_alive() and not path.exists()  # waiting for the embedding, not done
+    embedded.set_result(dataset)
+    writer.join(timeout=60)
+    assert not writer.is_alive()
+    write_h5ad(dataset, reference, client=local_client, block_cells=600)
+    adata = _read("h5ad", path)
+    _assert_contents(adata, dataset)
+    assert adata.uns["distumap"]["stages"]["embed"]["status"] == "complete"
+    want = _arrays("h5ad", reference)
+    for name, got in _arrays("h5ad", path).items():
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+
+
+@pytest.mark.cluster
+def test_h5ad_of_a_failed_embed_leaves_no_file(dataset, tmp_path, local_client):
+    from concurrent.futures import Future
+
+    embedded: Future = Future()
+    embedded.set_exception(RuntimeError("the embed failed"))
+    with pytest.raises(RuntimeError, match="the embed failed"):
+        write_h5ad(_before_embed(dataset), tmp_path / "early.h5ad", embedded=embedded)
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import dask.array as da
 import h5py
@@ -338,3 +340,61 @@ def test_a_single_writer_prints_twenty_progress_lines_not_one_per_block(capsys):
     assert lines[-1] == "distumap export: embedding.loom: block 977/977 written"
     block_written("out/embedding.loom", 0, 977, False)
     assert capsys.readouterr().err == ""
+
+
+def _before_embed(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` as the preprocess leaves it: no embedding, graph or embed record."""
+    attrs = {"distumap": {**ds.attrs["distumap"]}}
+    attrs["distumap"]["stages"] = {
+        k: v for k, v in attrs["distumap"]["stages"].items() if k != "embed"
+    }
+    dropped = ds.drop_vars(["X_umap", "landmark", "knn_landmark", "knn_weight"])
+    return dropped.assign_attrs(attrs)
+
+
+@pytest.mark.cluster
+def test_count_layers_first_then_the_embedding(dataset, tmp_path, local_client, capsys):
+    """With ``embedded``, the count layers are written from a store without an embedding while
+    the embed runs; the file is the one written from the embedded store, byte for byte in its
+    arrays, with the embed's record."""
+    import threading
+    from concurrent.futures import Future
+
+    path, reference = tmp_path / "early.loom", tmp_path / "reference.loom"
+    write_loom(dataset, reference, client=local_client)
+    embedded: Future = Future()
+    written = {}
+    writer = threading.Thread(
+        target=lambda: written.update(
+            path=write_loom(
+                _before_embed(dataset), path, client=local_client, embedded=embedded, progress=True
+            )
+        )
+    )
+    writer.start()
+    deadline = time.monotonic() + 30
+    while "block 3/3 written" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert time.monotonic() < deadline, "the count layers were not written before the embedding"
+    assert writer.is_alive() and not path.exists()  # waiting for the embedding, not done
+    embedded.set_result(dataset)
+    writer.join(timeout=60)
+    assert written["path"] == str(path)
+    _validate(path)
+    _assert_contents(path, dataset)
+    for got, want in zip(_matrix_and_layer(path), _matrix_and_layer(reference), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with h5py.File(path, "r") as f:
+        assert "landmarks" in f["attrs/distumap_embed_params"][()].decode()
+
+
+@pytest.mark.cluster
+def test_a_failed_embed_leaves_no_file(dataset, tmp_path, local_client):
+    from concurrent.futures import Future
+
+    embedded: Future = Future()
+    embedded.set_exception(RuntimeError("the embed failed"))
+    path = tmp_path / "early.loom"
+    with pytest.raises(RuntimeError, match="the embed failed"):
+        write_loom(_before_embed(dataset), path, client=local_client, embedded=embedded)
+    assert list(tmp_path.iterdir()) == []

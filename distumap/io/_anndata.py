@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -32,7 +32,6 @@ import xarray as xr
 from dask.base import tokenize
 
 from distumap._compute import current_client, results_in_order, run
-from distumap._errors import IncompleteStoreError
 from distumap._format import (
     ANNDATA_EMBEDDING,
     ANNDATA_GENE_IDS,
@@ -52,8 +51,12 @@ from distumap.io._files import (
     block_written,
     cells_per_block,
     deflate,
+    embedded_store,
     is_url,
     partial_name,
+    raise_if_failed,
+    require_variables,
+    selected_genes,
     written_whole,
 )
 from distumap.pp import log2p1_values, selected_counts
@@ -131,11 +134,7 @@ def _key(name: Any) -> str:
 
 def _inputs(ds: xr.Dataset) -> dict[str, Any]:
     """The small arrays of the file, computed together (they are small and concrete)."""
-    missing = [name for name in ANNDATA_REQUIRED if name not in ds]
-    if missing:
-        raise IncompleteStoreError(
-            f"the dataset lacks {', '.join(missing)}: run the preprocess and embed stages first"
-        )
+    require_variables(ds, ANNDATA_REQUIRED)
     metadata = [
         name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"
     ]
@@ -452,6 +451,7 @@ def write_h5ad(
     block_cells: int | None = None,
     progress: bool = False,
     client=None,
+    embedded: Future | None = None,
 ) -> str:
     """Write the selected genes' counts, log2(x+1), the embedding and the metadata as h5ad.
 
@@ -471,6 +471,12 @@ def write_h5ad(
     client
         The ``distributed.Client`` to compute on; defaults to the current client if there is
         one, else dask's configured (threaded) scheduler.
+    embedded
+        A :class:`concurrent.futures.Future` of the embedded store (what
+        :func:`distumap.tl.umap` returns), for a caller that embeds while this writes: ``ds``
+        then need only be preprocessed, ``X`` and the layer are written from it first, and the
+        rest once ``embedded`` has its result. If it fails instead, so does the export, at the
+        next block, leaving nothing at ``path``.
 
     Returns
     -------
@@ -505,10 +511,11 @@ def write_h5ad(
 
     target = os.fspath(path)
     check_replaceable(target, "h5ad")
-    small = _inputs(ds)
-    gene_index = np.flatnonzero(small["selected"].astype(bool))
-    if gene_index.size == 0:
-        raise ValueError("no gene is selected: there is nothing to write")
+    # refused before any block is computed: a store without what the export needs (or, without
+    # ``embedded``, with clashing metadata columns)
+    require_variables(ds, ("counts", "zero_fraction"))
+    small = None if embedded else _inputs(ds)
+    gene_index = selected_genes(ds)
     block_cells = cells_per_block(ds, block_cells)
     client = client if client is not None else current_client()
     threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
@@ -516,7 +523,6 @@ def write_h5ad(
     block_bytes = 12 * block_cells * gene_index.size
     in_flight = max(2, min(2 * threads, IN_FLIGHT_RAW_BYTES // block_bytes))
     params = _export_params("h5ad", block_cells, chunk=H5AD_CHUNK, compression="deflate-1")
-    uns = _uns(ds, params)
 
     counts = _selected_counts(ds, gene_index, block_cells)
     pieces = counts.to_delayed().ravel()
@@ -525,14 +531,12 @@ def write_h5ad(
     blocks = [
         encode(piece, i, len(pieces), dask_key_name=(name, i)) for i, piece in enumerate(pieces)
     ]
-    n_cells = len(small["cell"])
+    shape = (ds.sizes["cell"], int(gene_index.size))
 
     deflating = ThreadPoolExecutor(DEFLATE_THREADS, thread_name_prefix="h5ad-deflate")
     with written_whole(target, progress=progress) as local, deflating as pool:
         with h5py.File(local, "w", libver="earliest") as f:
             el = _H5Elements(f)
-            _write_annotations(el, small, gene_index, uns)
-            shape = (n_cells, int(gene_index.size))
             x_group = _csr_group(el, f, "X", shape)
             layer_group = _csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
             x_data = _Appendable(x_group, "data", _x_dtype(ds), True, pool)
@@ -549,6 +553,7 @@ def write_h5ad(
                     blocks, stage="export: h5ad blocks", in_flight=in_flight, client=client
                 )
             ):
+                raise_if_failed(embedded)
                 x_data.append(data)
                 layer_data.append(layer)
                 ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)
@@ -559,6 +564,11 @@ def write_h5ad(
                 block_written(path, i, len(blocks), progress)
             for dataset in (x_data, layer_data, indices, indptr):
                 dataset.close()
+            # the rest needs the embedding: the embedded store, once the embed has finished
+            if small is None:
+                ds = embedded_store(ds, embedded, gene_index)
+                small = _inputs(ds)
+            _write_annotations(el, small, gene_index, _uns(ds, params))
     return target
 
 
@@ -724,9 +734,7 @@ def write_anndata_zarr(
         )
     check_replaceable(target, "anndata-zarr")
     small = _inputs(ds)
-    gene_index = np.flatnonzero(small["selected"].astype(bool))
-    if gene_index.size == 0:
-        raise ValueError("no gene is selected: there is nothing to write")
+    gene_index = selected_genes(ds)
     block_cells = cells_per_block(ds, block_cells)
     client = client if client is not None else current_client()
     counts = _selected_counts(ds, gene_index, block_cells)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +48,10 @@ from distumap.io._files import (
     block_written,
     cells_per_block,
     deflate,
+    embedded_store,
+    raise_if_failed,
+    require_variables,
+    selected_genes,
     written_whole,
 )
 from distumap.pp import log2p1_values, selected_counts
@@ -110,24 +115,14 @@ def matrix_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def _encode_block(
-    counts: np.ndarray,
-    knn_landmark: np.ndarray | None,
-    knn_weight: np.ndarray | None,
-    is_landmark: np.ndarray | None,
-    index: int,
-    n_blocks: int,
-    first_cell: int,
-    chunk_shape: tuple[int, int],
-) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes, bytes]]]:
+    counts: np.ndarray, index: int, n_blocks: int, chunk_shape: tuple[int, int]
+) -> tuple[list[bytes], list[bytes]]:
     """One cell block (cells x selected genes, int32) as compressed loom chunks.
 
     Returns the chunks of ``/matrix`` and of ``/layers/log2p1``, row-major over the block's
-    chunk grid, and those of the kNN graph (empty without one). Edge chunks are padded to the
-    full chunk shape, as HDF5 expects of a raw chunk write.
+    chunk grid. Edge chunks are padded to the full chunk shape, as HDF5 expects of a raw chunk
+    write.
     """
-    graph = []
-    if knn_landmark is not None:
-        graph = _encode_graph(knn_landmark, knn_weight, is_landmark, first_cell, chunk_shape[1])
     matrix = np.asarray(counts, dtype=matrix_dtype(counts.dtype)).T
     chunk_genes, chunk_cells = chunk_shape
     n_genes, n_cells = matrix.shape
@@ -146,7 +141,7 @@ def _encode_block(
             # finds whole; shuffled, the layer is half as large again and slower to compress
             layer_chunks.append(deflate(log2p1))
     report("export", 1, n_blocks, block=index)
-    return matrix_chunks, layer_chunks, graph
+    return matrix_chunks, layer_chunks
 
 
 def _loom_text(value: Any) -> str:
@@ -178,11 +173,7 @@ def _col_attr(values: np.ndarray) -> np.ndarray:
 
 def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     """The small arrays of the loom file, computed together (they are small and concrete)."""
-    missing = [name for name in ("counts", "zero_fraction", "X_umap", "landmark") if name not in ds]
-    if missing:
-        raise IncompleteStoreError(
-            f"the dataset lacks {', '.join(missing)}: run the preprocess and embed stages first"
-        )
+    require_variables(ds, ("counts", "zero_fraction", "X_umap", "landmark"))
     metadata = [
         name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"
     ]
@@ -216,7 +207,25 @@ def _block_cells(ds: xr.Dataset, block_cells: int | None) -> tuple[int, int]:
     return block_cells, chunk_cells
 
 
-def _create_file(
+def _create_matrix(f, shape: tuple[int, int], dtype, chunk_shape: tuple[int, int]):
+    """``/matrix`` and ``/layers/log2p1``, left to be filled with raw chunk writes."""
+    # extendable along cells, the way loompy creates a matrix (maxshape (genes, None))
+    common = dict(
+        shape=shape,
+        maxshape=(shape[0], None),
+        chunks=chunk_shape,
+        compression="gzip",
+        compression_opts=DEFLATE_LEVEL,
+        fillvalue=0,
+    )
+    matrix = f.create_dataset(LOOM_MATRIX, dtype=dtype, shuffle=True, **common)
+    layer = f.create_group("layers").create_dataset(
+        LOOM_LAYER, dtype=np.float32, shuffle=False, **common
+    )
+    return matrix, layer
+
+
+def _create_annotations(
     f,
     small: dict[str, Any],
     gene_index: np.ndarray,
@@ -224,26 +233,12 @@ def _create_file(
     attrs: dict,
     knn: int,
 ):
-    """Every group and dataset of the file; the matrix, layer and graph are left to be filled
-    with raw chunk writes. Returns ``(matrix, layer, graph)``, ``graph`` a dict of ``a``, ``b``,
-    ``w`` (or None when ``knn`` is 0)."""
+    """Every group and dataset of the file but the matrix and the layer; the graph is left to be
+    filled with raw chunk writes. Returns it, a dict of ``a``, ``b``, ``w`` (or None when
+    ``knn`` is 0)."""
     import h5py
 
     n_cells = len(small["cell"])
-    # extendable along cells, the way loompy creates a matrix (maxshape (genes, None))
-    common = dict(
-        shape=(len(gene_index), n_cells),
-        maxshape=(len(gene_index), None),
-        chunks=chunk_shape,
-        compression="gzip",
-        compression_opts=DEFLATE_LEVEL,
-        fillvalue=0,
-    )
-    matrix = f.create_dataset(LOOM_MATRIX, dtype=small["dtype"], shuffle=True, **common)
-    layer = f.create_group("layers").create_dataset(
-        LOOM_LAYER, dtype=np.float32, shuffle=False, **common
-    )
-
     text = h5py.string_dtype("utf-8")
 
     def put(group, name: str, values: np.ndarray) -> None:
@@ -290,7 +285,7 @@ def _create_file(
     globals_ = f.create_group("attrs")
     for key, value in attrs.items():
         globals_.create_dataset(key, data=_loom_text(value), dtype=text)
-    return matrix, layer, graph
+    return graph
 
 
 def _run_params(ds: xr.Dataset, params: dict[str, Any]) -> dict[str, str]:
@@ -322,39 +317,37 @@ def _knn_arrays(ds: xr.Dataset, block_cells: int) -> tuple[da.Array, da.Array] |
     return arrays[0], arrays[1]
 
 
-def _blocks(
-    ds: xr.Dataset,
-    gene_index: np.ndarray,
-    block_cells: int,
-    chunk_shape,
-    knn: tuple[da.Array, da.Array] | None,
-    is_landmark: np.ndarray,
-):
+def _blocks(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int, chunk_shape):
     """One delayed task per cell block, keyed ``("loom-block-<token>", i)``."""
     counts = selected_counts(ds, gene_index).rechunk({0: block_cells, 1: -1})
     pieces = counts.to_delayed().ravel()
-    landmarks = None
-    if knn is None:
-        neighbours = weights = [None] * len(pieces)
-    else:
-        neighbours, weights = (array.to_delayed().ravel() for array in knn)
-        # every block checks its edges against the landmark mask: one shared key, not a copy
-        landmarks = dask.delayed(is_landmark, pure=True)
-    name = "loom-block-" + tokenize(counts, knn, is_landmark, chunk_shape)
+    name = "loom-block-" + tokenize(counts, chunk_shape)
     encode = dask.delayed(_encode_block, pure=True)
     return [
+        encode(piece, i, len(pieces), chunk_shape, dask_key_name=(name, i))
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def _graph_blocks(
+    knn: tuple[da.Array, da.Array], is_landmark: np.ndarray, block_cells: int, chunk_cells: int
+):
+    """One delayed task per cell block of the graph, keyed ``("loom-graph-block-<token>", i)``."""
+    neighbours, weights = (array.to_delayed().ravel() for array in knn)
+    # every block checks its edges against the landmark mask: one shared key, not a copy
+    landmarks = dask.delayed(is_landmark, pure=True)
+    name = "loom-graph-block-" + tokenize(knn, is_landmark, chunk_cells)
+    encode = dask.delayed(_encode_graph, pure=True)
+    return [
         encode(
-            piece,
             neighbours[i],
             weights[i],
             landmarks,
-            i,
-            len(pieces),
             i * block_cells,
-            chunk_shape,
+            chunk_cells,
             dask_key_name=(name, i),
         )
-        for i, piece in enumerate(pieces)
+        for i in range(len(neighbours))
     ]
 
 
@@ -398,11 +391,10 @@ def knn_graph(ds: xr.Dataset) -> Any:
 
 
 def _write_block(
-    datasets, encoded, first_cell: int, block_cells: int, chunk_shape: tuple[int, int], k: int
+    matrix, layer, encoded, first_cell: int, block_cells: int, chunk_shape: tuple[int, int]
 ) -> None:
-    """Append one block's finished chunks (from :func:`_encode_block`) with raw chunk writes."""
-    matrix, layer, graph = datasets
-    matrix_chunks, layer_chunks, graph_chunks = encoded
+    """Write one block's finished chunks (from :func:`_encode_block`) with raw chunk writes."""
+    matrix_chunks, layer_chunks = encoded
     n_genes, n_cells = matrix.shape
     chunk_genes, chunk_cells = chunk_shape
     last = min(first_cell + block_cells, n_cells)
@@ -414,10 +406,15 @@ def _write_block(
     for offset, matrix_chunk, layer_chunk in zip(offsets, matrix_chunks, layer_chunks, strict=True):
         matrix.id.write_direct_chunk(offset, matrix_chunk)
         layer.id.write_direct_chunk(offset, layer_chunk)
-    if graph is None:
-        return
-    starts = range(first_cell, last, chunk_cells)
-    for c0, chunks in zip(starts, graph_chunks, strict=True):
+
+
+def _write_graph_block(
+    graph, encoded, first_cell: int, block_cells: int, chunk_cells: int, k: int
+) -> None:
+    """Write one block's graph chunks (from :func:`_encode_graph`) with raw chunk writes."""
+    n_cells = graph["a"].shape[0] // k
+    starts = range(first_cell, min(first_cell + block_cells, n_cells), chunk_cells)
+    for c0, chunks in zip(starts, encoded, strict=True):
         for name, chunk in zip("abw", chunks, strict=True):
             graph[name].id.write_direct_chunk((c0 * k,), chunk)
 
@@ -429,6 +426,7 @@ def write_loom(
     block_cells: int | None = None,
     progress: bool = False,
     client=None,
+    embedded: Future | None = None,
 ) -> str:
     """Write the selected genes' counts, log2(x+1), the embedding and the metadata as loom.
 
@@ -451,6 +449,12 @@ def write_loom(
         The ``distributed.Client`` to compute on; defaults to the current client if there is
         one (unless dask's ``scheduler`` setting names another), else dask's configured
         (threaded) scheduler.
+    embedded
+        A :class:`concurrent.futures.Future` of the embedded store (what
+        :func:`distumap.tl.umap` returns), for a caller that embeds while this writes: ``ds``
+        then need only be preprocessed, the count layers are written from it first, and the
+        rest once ``embedded`` has its result. If it fails instead, so does the export, at the
+        next block, leaving nothing at ``path``.
 
     Returns
     -------
@@ -473,7 +477,8 @@ def write_loom(
 
     ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
     its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
-    streamed and compressed with the cell blocks. The matrix, layer, attributes and graph are
+    compressed on the cluster in cell blocks after the matrix (tasks ``loom-graph-block``).
+    The matrix, layer, attributes and graph are
     all extendable along their axis (as loompy creates them), so loompy's ``add_columns``,
     ``add_loom`` and ``loompy.combine`` work on the file.
 
@@ -487,10 +492,12 @@ def write_loom(
 
     target = os.fspath(path)
     check_replaceable(target, "loom")
-    small = _loom_inputs(ds)
-    gene_index = np.flatnonzero(small["selected"].astype(bool))
-    if gene_index.size == 0:
-        raise ValueError("no gene is selected: there is nothing to write")
+    # refused before any block is computed: a store without what the export needs (or, without
+    # ``embedded``, with metadata columns loom cannot hold)
+    require_variables(ds, ("counts", "zero_fraction"))
+    small = None if embedded else _loom_inputs(ds)
+    gene_index = selected_genes(ds)
+    n_cells = ds.sizes["cell"]
     block_cells, chunk_cells = _block_cells(ds, block_cells)
     chunk_shape = (min(CHUNK_GENES, gene_index.size), chunk_cells)
     client = client if client is not None else current_client()
@@ -499,28 +506,43 @@ def write_loom(
     # bounds what finished (compressed, usually a third of raw) blocks can hold on the client
     block_bytes = 8 * block_cells * gene_index.size
     in_flight = max(2, min(2 * threads, IN_FLIGHT_RAW_BYTES // block_bytes))
-    attrs = _run_params(
-        ds,
-        {
-            "block_cells": block_cells,
-            "chunks": list(chunk_shape),
-            "compression": f"deflate-{DEFLATE_LEVEL}",
-            "shuffle": "matrix",
-        },
-    )
-    knn = _knn_arrays(ds, block_cells)
-    is_landmark = small["landmark"].astype(bool)
-    blocks = _blocks(ds, gene_index, block_cells, chunk_shape, knn, is_landmark)
+    blocks = _blocks(ds, gene_index, block_cells, chunk_shape)
 
     with written_whole(target, progress=progress) as local:
         with h5py.File(local, "w", libver="earliest") as f:
-            k = 0 if knn is None else knn[0].shape[1]
-            datasets = _create_file(f, small, gene_index, chunk_shape, attrs, k)
+            shape = (gene_index.size, n_cells)
+            matrix, layer = _create_matrix(f, shape, matrix_dtype(ds["counts"].dtype), chunk_shape)
             for i, encoded in enumerate(
                 results_in_order(
                     blocks, stage="export: loom blocks", in_flight=in_flight, client=client
                 )
             ):
-                _write_block(datasets, encoded, i * block_cells, block_cells, chunk_shape, k)
+                raise_if_failed(embedded)
+                _write_block(matrix, layer, encoded, i * block_cells, block_cells, chunk_shape)
                 block_written(path, i, len(blocks), progress)
+            # the rest needs the embedding: the embedded store, once the embed has finished
+            if small is None:
+                ds = embedded_store(ds, embedded, gene_index)
+                small = _loom_inputs(ds)
+            attrs = _run_params(
+                ds,
+                {
+                    "block_cells": block_cells,
+                    "chunks": list(chunk_shape),
+                    "compression": f"deflate-{DEFLATE_LEVEL}",
+                    "shuffle": "matrix",
+                },
+            )
+            knn = _knn_arrays(ds, block_cells)
+            k = 0 if knn is None else knn[0].shape[1]
+            graph = _create_annotations(f, small, gene_index, chunk_shape, attrs, k)
+            if knn is not None:
+                is_landmark = small["landmark"].astype(bool)
+                graph_blocks = _graph_blocks(knn, is_landmark, block_cells, chunk_cells)
+                for i, encoded in enumerate(
+                    results_in_order(
+                        graph_blocks, stage="export: loom graph", in_flight=in_flight, client=client
+                    )
+                ):
+                    _write_graph_block(graph, encoded, i * block_cells, block_cells, chunk_cells, k)
     return target

@@ -10,12 +10,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import numpy as np
 import xarray as xr
 from isal import isal_zlib
 
 from distumap import _config
+from distumap._errors import IncompleteStoreError
 
 #: deflate level of the HDF5 exports' chunks, in ISA-L's scale (0-3): level 1 compresses
 #: counts as small as zlib's level 1 does at ~5x its speed (benchmarks/RESULTS.md, Export)
@@ -51,6 +53,53 @@ def deflate(values: np.ndarray, *, shuffle: bool = False) -> bytes:
     if shuffle:  # HDF5's shuffle filter: byte j of every element together, then byte j+1, ...
         values = values.view(np.uint8).reshape(-1, values.dtype.itemsize).T
     return isal_zlib.compress(np.ascontiguousarray(values), DEFLATE_LEVEL)
+
+
+def require_variables(ds: xr.Dataset, names: tuple[str, ...]) -> None:
+    """Refuse a dataset without ``names`` (a store before the stages that write them)."""
+    missing = [name for name in names if name not in ds]
+    if missing:
+        raise IncompleteStoreError(
+            f"the dataset lacks {', '.join(missing)}: run the preprocess and embed stages first"
+        )
+
+
+def selected_genes(ds: xr.Dataset) -> np.ndarray:
+    """The indices of the genes an export writes: the selected ones, or every gene."""
+    if "selected" not in ds:
+        return np.arange(ds.sizes["gene"])
+    gene_index = np.flatnonzero(np.asarray(ds["selected"].values, dtype=bool))
+    if gene_index.size == 0:
+        raise ValueError("no gene is selected: there is nothing to write")
+    return gene_index
+
+
+#: what the embed stage adds to a store and the exports write beside the counts
+EMBED = ("X_umap", "landmark")
+
+
+def raise_if_failed(embedded: Future | None) -> None:
+    """Raise now the error of an ``embedded`` future that has failed (the embed the export
+    waits for), rather than after the export's last block."""
+    if embedded is not None and embedded.done() and embedded.exception() is not None:
+        raise embedded.exception()
+
+
+def embedded_store(ds: xr.Dataset, embedded: Future | None, gene_index: np.ndarray) -> xr.Dataset:
+    """The store an export takes its embedding from: ``ds``, or ``embedded``'s result once the
+    embed has finished; that must be the same cells and genes the export wrote from ``ds``."""
+    if embedded is None:
+        return ds
+    final = embedded.result()
+    for name in ("counts", "zero_fraction", *EMBED):
+        if name not in final:
+            raise IncompleteStoreError(f"the embedded store lacks {name}")
+    if final.sizes["cell"] != ds.sizes["cell"] or (
+        "selected" in final
+        and not np.array_equal(np.flatnonzero(final["selected"].values), gene_index)
+    ):
+        raise ValueError("the embedded store has other cells or genes than the one exported")
+    return final
 
 
 def partial_name(target: str) -> str:

@@ -50,7 +50,8 @@ def write(ds: xr.Dataset, path: str | os.PathLike, *, progress: bool = False, **
     progress
         Report progress on stderr.
     **options
-        Passed to the writer (``block_cells``, ``client``).
+        Passed to the writer (``block_cells``, ``client``; ``embedded`` for loom and h5ad: a
+        ``concurrent.futures.Future`` of the embedded store, ``ds`` then only preprocessed).
 
     Returns
     -------
