@@ -253,13 +253,14 @@ def own_graphs(tasks: Sequence[Any]) -> list[Any]:
 
 
 def results_in_order(
-    tasks: Sequence[Any], *, stage: str, in_flight: int, client=None
+    tasks: Sequence[Any], *, stage: str, in_flight: int, client=None, priority: int = 0
 ) -> Iterator[Any]:
     """Yield the results of ``tasks`` in order, computing at most ``in_flight`` ahead.
 
     For single writers (HDF5): the cluster computes blocks ahead while the caller writes the
     previous ones, and memory stays bounded by ``in_flight`` results whatever the task count.
-    ``client`` defaults to the current distributed client (none: dask's local scheduler).
+    ``client`` defaults to the current distributed client (none: dask's local scheduler);
+    ``priority`` is its task priority (below 0: the workers run any other ready task first).
     """
     client = client if client is not None else current_client()
     if client is None:
@@ -272,7 +273,7 @@ def results_in_order(
     upcoming = iter(tasks)
     try:
         for task in upcoming:
-            pending.append(client.compute(task, retries=2))
+            pending.append(client.compute(task, retries=2, priority=priority))
             if len(pending) >= in_flight:
                 break
         while pending:
@@ -284,7 +285,7 @@ def results_in_order(
                 _reraise(error, stage, client)
             future.release()
             for task in upcoming:
-                pending.append(client.compute(task, retries=2))
+                pending.append(client.compute(task, retries=2, priority=priority))
                 break
             yield result
     finally:

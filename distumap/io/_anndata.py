@@ -31,7 +31,7 @@ import pandas as pd
 import xarray as xr
 from dask.base import tokenize
 
-from distumap._compute import current_client, results_in_order, run
+from distumap._compute import current_client, run
 from distumap._format import (
     ANNDATA_EMBEDDING,
     ANNDATA_GENE_IDS,
@@ -52,9 +52,9 @@ from distumap.io._files import (
     cells_per_block,
     deflate,
     embedded_store,
+    export_blocks,
     is_url,
     partial_name,
-    raise_if_failed,
     require_variables,
     selected_genes,
     written_whole,
@@ -549,11 +549,14 @@ def write_h5ad(
             offset = np.zeros(1, dtype=np.int64)
             indptr.append(offset)
             for i, (data, layer, block_indices, row_nnz) in enumerate(
-                results_in_order(
-                    blocks, stage="export: h5ad blocks", in_flight=in_flight, client=client
+                export_blocks(
+                    blocks,
+                    stage="export: h5ad blocks",
+                    in_flight=in_flight,
+                    client=client,
+                    embedded=embedded,
                 )
             ):
-                raise_if_failed(embedded)
                 x_data.append(data)
                 layer_data.append(layer)
                 ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)

@@ -49,7 +49,7 @@ from distumap.io._files import (
     cells_per_block,
     deflate,
     embedded_store,
-    raise_if_failed,
+    export_blocks,
     require_variables,
     selected_genes,
     written_whole,
@@ -513,11 +513,14 @@ def write_loom(
             shape = (gene_index.size, n_cells)
             matrix, layer = _create_matrix(f, shape, matrix_dtype(ds["counts"].dtype), chunk_shape)
             for i, encoded in enumerate(
-                results_in_order(
-                    blocks, stage="export: loom blocks", in_flight=in_flight, client=client
+                export_blocks(
+                    blocks,
+                    stage="export: loom blocks",
+                    in_flight=in_flight,
+                    client=client,
+                    embedded=embedded,
                 )
             ):
-                raise_if_failed(embedded)
                 _write_block(matrix, layer, encoded, i * block_cells, block_cells, chunk_shape)
                 block_written(path, i, len(blocks), progress)
             # the rest needs the embedding: the embedded store, once the embed has finished

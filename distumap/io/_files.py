@@ -17,6 +17,7 @@ import xarray as xr
 from isal import isal_zlib
 
 from distumap import _config
+from distumap._compute import results_in_order
 from distumap._errors import IncompleteStoreError
 
 #: deflate level of the HDF5 exports' chunks, in ISA-L's scale (0-3): level 1 compresses
@@ -74,15 +75,28 @@ def selected_genes(ds: xr.Dataset) -> np.ndarray:
     return gene_index
 
 
+#: the task priority of an export's blocks while the embed runs: below the embed's tasks
+#: (priority 0), so that they take the cores the embed leaves idle rather than delay it
+BESIDE_THE_EMBED = -1
 #: what the embed stage adds to a store and the exports write beside the counts
 EMBED = ("X_umap", "landmark")
 
 
-def raise_if_failed(embedded: Future | None) -> None:
-    """Raise now the error of an ``embedded`` future that has failed (the embed the export
-    waits for), rather than after the export's last block."""
-    if embedded is not None and embedded.done() and embedded.exception() is not None:
-        raise embedded.exception()
+def export_blocks(
+    blocks: list, *, stage: str, in_flight: int, client, embedded: Future | None
+) -> Iterator:
+    """The results of a single writer's block tasks, in order (``results_in_order``).
+
+    While the embed that ``embedded`` waits for runs, the blocks run below its priority (they
+    take the cores it leaves idle), and its failure stops them at the next block rather than
+    after the last."""
+    priority = BESIDE_THE_EMBED if embedded is not None else 0
+    for result in results_in_order(
+        blocks, stage=stage, in_flight=in_flight, client=client, priority=priority
+    ):
+        if embedded is not None and embedded.done() and embedded.exception() is not None:
+            raise embedded.exception()
+        yield result
 
 
 def embedded_store(ds: xr.Dataset, embedded: Future | None, gene_index: np.ndarray) -> xr.Dataset:
