@@ -868,3 +868,20 @@ def test_warnings_name_the_line_that_called_read_or_read_csv(tmp_path, orientati
         with pytest.warns(UserWarning, match="gzip-compressed") as caught:
             ingest(path, tmp_path / "read_csv.zarr")
         assert {w.filename for w in caught} == {__file__}
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32", "int64", "uint16"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_nonzero_per_gene_is_count_nonzero(dtype, order):
+    from distumap.io._ingest import nonzero_per_gene
+
+    rng = np.random.default_rng(3)
+    values = (rng.random((257, 131)) < 0.3) * rng.integers(1, 9, (257, 131))
+    values = np.asarray(values, dtype=dtype, order=order)
+    values[:, 7] = 0  # a gene no cell has
+    if dtype == "float32":
+        values[0, 0], values[1, 1], values[2, 2] = np.nan, -0.0, 1e-30
+    got = nonzero_per_gene(values)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.count_nonzero(values, axis=0))
+    assert got[7] == 0 and nonzero_per_gene(values[:0]).tolist() == [0] * 131
