@@ -398,3 +398,16 @@ def test_a_failed_embed_leaves_no_file(dataset, tmp_path, local_client):
     with pytest.raises(RuntimeError, match="the embed failed"):
         write_loom(_before_embed(dataset), path, client=local_client, embedded=embedded)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.cluster
+def test_an_embedding_of_other_cells_is_refused(dataset, tmp_path, local_client):
+    from concurrent.futures import Future
+
+    embedded: Future = Future()
+    embedded.set_result(dataset.isel(cell=slice(0, 100)))
+    with pytest.raises(ValueError, match="other cells or genes"):
+        write_loom(
+            _before_embed(dataset), tmp_path / "x.loom", client=local_client, embedded=embedded
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,6 @@
-"""What every single-writer export shares: a file that appears at its target only when whole."""
+"""What every export shares: a file that appears at its target only when whole, the deflate of
+the HDF5 chunks, the genes written, and the block loop of a single writer that may run beside
+the embed it takes the embedding from."""
 
 from __future__ import annotations
 
@@ -78,8 +80,6 @@ def selected_genes(ds: xr.Dataset) -> np.ndarray:
 #: the task priority of an export's blocks while the embed runs: below the embed's tasks
 #: (priority 0), so that they take the cores the embed leaves idle rather than delay it
 BESIDE_THE_EMBED = -1
-#: what the embed stage adds to a store and the exports write beside the counts
-EMBED = ("X_umap", "landmark")
 
 
 def export_blocks(
@@ -105,9 +105,7 @@ def embedded_store(ds: xr.Dataset, embedded: Future | None, gene_index: np.ndarr
     if embedded is None:
         return ds
     final = embedded.result()
-    for name in ("counts", "zero_fraction", *EMBED):
-        if name not in final:
-            raise IncompleteStoreError(f"the embedded store lacks {name}")
+    require_variables(final, ("counts", "zero_fraction", "X_umap", "landmark"))
     if final.sizes["cell"] != ds.sizes["cell"] or (
         "selected" in final
         and not np.array_equal(np.flatnonzero(final["selected"].values), gene_index)
