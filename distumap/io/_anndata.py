@@ -144,9 +144,7 @@ def _inputs(ds: xr.Dataset) -> dict[str, Any]:
     )
     if clashes:
         raise ValueError(f"metadata column(s) {clashes} clash with other obs columns")
-    selected = ds["selected"] if "selected" in ds else xr.ones_like(ds["zero_fraction"], bool)
     small = {
-        "selected": selected.data,
         "gene": ds["gene"].data,
         "zero_fraction": ds["zero_fraction"].data,
         "cell": ds["cell"].data,

@@ -182,9 +182,7 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     clashes = sorted({name.replace("/", "_") for name in metadata} & set(LOOM_COL_ATTRS))
     if clashes:
         raise InputError(f"metadata column(s) {clashes} clash with loom's own column attributes")
-    selected = ds["selected"] if "selected" in ds else xr.ones_like(ds["zero_fraction"], bool)
     small = {
-        "selected": selected.data,
         "gene": ds["gene"].data,
         "zero_fraction": ds["zero_fraction"].data,
         "cell": ds["cell"].data,
@@ -195,7 +193,6 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     (small,) = dask.compute(small)
     small = {key: np.asarray(value) for key, value in small.items()}
     small["metadata"] = metadata
-    small["dtype"] = matrix_dtype(ds["counts"].dtype)
     return small
 
 
@@ -478,9 +475,9 @@ def write_loom(
     ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
     its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
     compressed on the cluster in cell blocks after the matrix (tasks ``loom-graph-block``).
-    The matrix, layer, attributes and graph are
-    all extendable along their axis (as loompy creates them), so loompy's ``add_columns``,
-    ``add_loom`` and ``loompy.combine`` work on the file.
+    The matrix, layer, attributes and graph are all extendable along their axis (as loompy
+    creates them), so loompy's ``add_columns``, ``add_loom`` and ``loompy.combine`` work on
+    the file.
 
     Examples
     --------

@@ -90,12 +90,16 @@ def export_blocks(
     While the embed that ``embedded`` waits for runs, the blocks run below its priority (they
     take the cores it leaves idle), and its failure stops them at the next block rather than
     after the last."""
+    def stop_if_failed() -> None:
+        if embedded is not None and embedded.done() and embedded.exception() is not None:
+            raise embedded.exception()
+
+    stop_if_failed()  # an embed that has already failed: no block is computed
     priority = BESIDE_THE_EMBED if embedded is not None else 0
     for result in results_in_order(
         blocks, stage=stage, in_flight=in_flight, client=client, priority=priority
     ):
-        if embedded is not None and embedded.done() and embedded.exception() is not None:
-            raise embedded.exception()
+        stop_if_failed()
         yield result
 
 
