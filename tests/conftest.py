@@ -13,6 +13,54 @@ from pathlib import Path
 
 import pytest
 
+#: clusters started in this process so far: loopback clusters and in-process schedulers
+_started: dict[str, int] = {"loopback": 0}
+_CLUSTERS_BEFORE = pytest.StashKey[tuple[int, frozenset[str]]]()
+_CLUSTERS_AFTER_CALL = pytest.StashKey[tuple[int, frozenset[str]]]()
+
+
+def _clusters_started() -> tuple[int, frozenset[str]]:
+    from distributed import Scheduler
+
+    return _started["loopback"], frozenset(s.id for s in list(Scheduler._instances))
+
+
+#: fixtures that start a cluster: a test that asks for one is a `cluster` test
+CLUSTER_FIXTURES = frozenset({"loopback_cluster", "local_client", "small_client"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[_CLUSTERS_BEFORE] = _clusters_started()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    finally:
+        item.stash[_CLUSTERS_AFTER_CALL] = _clusters_started()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    # A cluster that a test (or a fixture it asked for) starts must carry the marker, so that
+    # `-m "not cluster"` really runs without one. Checked once the fixtures are torn down.
+    result = yield
+    before = item.stash.get(_CLUSTERS_BEFORE, None)
+    if before is not None and item.get_closest_marker("cluster") is None:
+        seen = [item.stash.get(_CLUSTERS_AFTER_CALL, before), _clusters_started()]
+        if any(loopback > before[0] or schedulers - before[1] for loopback, schedulers in seen):
+            pytest.fail(f"{item.nodeid} starts a dask cluster but is not marked `cluster`")
+    return result
+
 
 def _dask_command(*args: str) -> list[str]:
     # `python -m dask` runs the same entry point as the `dask` script, in this interpreter
@@ -55,6 +103,7 @@ def start_loopback_cluster(
     """Start the cluster; ``preload`` goes to the scheduler (workers take theirs from ``env``,
     e.g. ``DASK_DISTRIBUTED__WORKER__PRELOAD``)."""
     directory.mkdir(parents=True, exist_ok=True)
+    _started["loopback"] += 1
     scheduler_file = directory / "scheduler.json"
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     log = open(directory / "scheduler.log", "wb")
@@ -128,6 +177,37 @@ def loopback_cluster(tmp_path_factory) -> LoopbackCluster:
     cluster = start_loopback_cluster(tmp_path_factory.mktemp("loopback"))
     yield cluster
     stop_loopback_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def s3_environment():
+    """A moto S3 server on 127.0.0.1 and the environment that points s3fs at it (given to a
+    cluster's processes as a pod's environment points them at an object store), or None where
+    s3fs or moto is not installed: the tests that need S3 skip, the cluster they share does not."""
+    try:
+        import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+    }
+    server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(s3_environment):
+    """The S3 environment, for a test that needs it; skips where s3fs or moto is missing."""
+    if s3_environment is None:
+        pytest.skip("s3fs and moto[server] are not installed (the test extra has them)")
+    return s3_environment
 
 
 @pytest.fixture(scope="session")

@@ -247,25 +247,6 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1, and the environment that points s3fs at it (given to the
-    loopback cluster's processes, as a pod's environment points it at an object store)."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-    }
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def embedded_run(data, tmp_path_factory):
     """The reference run, started first and left to run beside the cluster's start: `distumap
     run` on its embedded cluster of two worker processes. The landmark count comes from the
@@ -281,14 +262,14 @@ def embedded_run(data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(embedded_run, s3_endpoint, tmp_path_factory):
+def cluster(embedded_run, s3_environment, tmp_path_factory):
     from conftest import start_loopback_cluster, stop_loopback_cluster
 
     directory = tmp_path_factory.mktemp("cluster")
     preload = directory / "distumap_test_padding.py"
     preload.write_text(PRELOAD)
     env = {
-        **s3_endpoint,
+        **(s3_environment or {}),
         "DISTUMAP_TEST_BLOCK_DELAY": str(BLOCK_DELAY),
         # conftest's `preload` goes to the scheduler; workers take theirs from dask's config
         "DASK_DISTRIBUTED__WORKER__PRELOAD": repr([str(preload)]),

@@ -164,6 +164,7 @@ def test_an_interrupted_read_resumes_only_the_missing_blocks(files, tmp_path, mo
     np.testing.assert_array_equal(ds["counts"].values, DATA.counts)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -183,6 +184,7 @@ def test_bad_10x_files_exit_2_naming_file_and_dataset(tmp_path, damage, message,
     assert "bad.h5" in error and re.search(message, error), error
 
 
+@pytest.mark.cluster
 def test_truncated_hdf5_exits_2(tmp_path, capsys):
     path = write_h5ad(tmp_path / "cut.h5ad", DATA)
     path.write_bytes(path.read_bytes()[:2000])
@@ -287,6 +289,7 @@ def test_bad_r_files_name_file_and_line(tmp_path, case):
     assert str(error.value).startswith(f"{path}: line ")
 
 
+@pytest.mark.cluster
 def test_a_bad_r_file_exits_2(tmp_path, capsys):
     text, message = BAD_R["write.table short line"]
     path = tmp_path / "bad.txt"

@@ -146,6 +146,7 @@ def test_clashing_metadata_names_are_settled_at_ingest(data, tmp_path):
         assert f.ca["CellID"][0] == meta["sample_name"][0]
 
 
+@pytest.mark.cluster
 def test_a_filter_that_keeps_no_gene_is_refused_every_time(data, tmp_path):
     store = tmp_path / "store.zarr"
     with dask.config.set(scheduler="threads"):

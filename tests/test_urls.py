@@ -106,25 +106,6 @@ def test_memory_urls_through_every_stage(local):
 # ---------------------------------------------------------------- S3 over HTTP (moto)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 and the environment that points s3fs at it."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
-    }
-    yield env
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint, local, monkeypatch):
     """A fresh bucket holding the dataset; s3fs in this process talks to the moto server."""
