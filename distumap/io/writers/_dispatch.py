@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import xarray as xr
 
 from distumap._errors import InputError
-from distumap._format import EXPORT_FORMATS
-from distumap.io._anndata import write_anndata_zarr, write_h5ad
-from distumap.io._export import write_loom
+from distumap.io.writers._base import Writer, registered_writers
 
-#: the writer of each export kind (see ``distumap._format.EXPORT_FORMATS``)
-WRITERS: dict[str, Callable[..., str]] = {
-    "loom": write_loom,
-    "h5ad": write_h5ad,
-    "anndata-zarr": write_anndata_zarr,
-}
+# isort: off
+# the formats register as they are imported, in the order the suffixes are listed to users
+from distumap.io.writers import loom  # noqa: F401
+from distumap.io.writers import h5ad  # noqa: F401
+from distumap.io.writers import anndata_zarr  # noqa: F401
+
+# isort: on
+
+
+def export_suffixes() -> dict[str, str]:
+    """Every output suffix a writer claims, and the name of that writer (``".loom": "loom"``)."""
+    return {
+        suffix: writer.name
+        for writer in registered_writers().values()
+        for suffix in writer.suffixes
+    }
+
+
+def writer_named(name: str) -> Writer:
+    """The registered writer of export kind ``name`` (``"loom"``, ``"h5ad"``, ...)."""
+    writers = registered_writers()
+    if name not in writers:
+        raise ValueError(f"no writer is named {name!r}; there are {', '.join(writers)}")
+    return writers[name]
 
 
 def export_kind(path: str | os.PathLike) -> str:
@@ -29,11 +44,12 @@ def export_kind(path: str | os.PathLike) -> str:
         The suffix names no format distumap writes.
     """
     name = os.fspath(path).rstrip("/")
-    for suffix, kind in EXPORT_FORMATS.items():
+    suffixes = export_suffixes()
+    for suffix, kind in suffixes.items():
         if name.endswith(suffix):
             return kind
     raise InputError(
-        f"{name}: the export format comes from the name; use one of {', '.join(EXPORT_FORMATS)}"
+        f"{name}: the export format comes from the name; use one of {', '.join(suffixes)}"
     )
 
 
@@ -67,4 +83,4 @@ def write(ds: xr.Dataset, path: str | os.PathLike, *, progress: bool = False, **
     >>> distumap.io.write(ds, "out/embedding.h5ad")  # doctest: +SKIP
     'out/embedding.h5ad'
     """
-    return WRITERS[export_kind(path)](ds, path, progress=progress, **options)
+    return writer_named(export_kind(path)).write(ds, path, progress=progress, **options)
