@@ -66,8 +66,9 @@ def write(ds: xr.Dataset, path: str | os.PathLike, *, progress: bool = False, **
     progress
         Report progress on stderr.
     **options
-        Passed to the writer (``block_cells``, ``client``; ``embedded`` for loom and h5ad: a
-        ``concurrent.futures.Future`` of the embedded store, ``ds`` then only preprocessed).
+        Passed to the writer (``block_cells``, ``client``; ``embedded`` for a writer that
+        ``takes_embedded``, loom and h5ad: a ``concurrent.futures.Future`` of the embedded
+        store, ``ds`` then only preprocessed).
 
     Returns
     -------

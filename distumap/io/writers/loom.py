@@ -569,7 +569,7 @@ class LoomWriter(Writer):
         small = None if embedded else _loom_inputs(ds)
         layout = _Layout.of(ds, selected_genes(ds), block_cells)
         client = client if client is not None else current_client()
-        # the raw-size cap bounds what finished (compressed, usually a third of raw) blocks hold
+        # the raw-size cap bounds what finished (compressed) blocks can hold on the client
         block_bytes = 8 * layout.block_cells * layout.gene_index.size
         in_flight = blocks_in_flight(client, block_bytes, IN_FLIGHT_RAW_BYTES)
         blocks = _blocks(ds, layout.gene_index, layout.block_cells, layout.chunk_shape)
