@@ -134,7 +134,7 @@ def run_one(method: str, store: Path, out: Path, workers: int) -> dict:
     import dask
 
     import distumap
-    from distumap.io._anndata import write_anndata_zarr, write_h5ad
+    from distumap.io.writers import write_anndata_zarr, write_h5ad
 
     warnings.simplefilter("ignore")  # anndata's zarr-v2 notice, loompy's deprecations
     client = None

@@ -151,9 +151,6 @@ def metadata_name(name: str, taken: set[str]) -> str:
     return key
 
 
-#: export formats by the output's suffix (``distumap export STORE OUT``) and their kind
-EXPORT_FORMATS = {".loom": "loom", ".h5ad": "h5ad", ".zarr": "anndata-zarr"}
-
 #: how distumap marks the files it writes, so that it only ever replaces its own: PNG files
 #: carry it in their "Software" text chunk, HTML pages in a generator meta tag, HDF5 files
 #: (loom, h5ad) and zarr groups in their attributes

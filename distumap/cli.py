@@ -21,9 +21,6 @@ from distumap._errors import InputError
 
 #: `distumap run --formats`: the export files it may write beside the store
 RUN_EXPORTS = {"loom": "embedding.loom", "h5ad": "embedding.h5ad", "zarr": "embedding.zarr"}
-#: the export kinds whose writers take the embedding last (``embedded=``): `distumap run`
-#: starts them before the embed
-EARLY_EXPORTS = ("loom", "h5ad")
 #: the pictures `distumap run` draws, and their kinds
 RUN_PICTURES = {"umap.png": "png", "umap.html": "html"}
 
@@ -363,6 +360,7 @@ def _ingest(args: argparse.Namespace, inputs: list[str], store: str, metadata: s
 
 def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
+    from distumap.io.writers import writer_named
 
     store, files = _outputs(out, args.formats)
     exports = [path for path, kind in files.items() if kind not in RUN_PICTURES.values()]
@@ -381,9 +379,10 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     # each export has one writer, on this process: the loom's waits on the workers (which
     # deflate its chunks), the h5ad's on its own deflate and the pictures on this process,
     # so they overlap instead of queueing (h5py serialises the HDF5 calls themselves). The
-    # HDF5 writers start before the embed and write the count layers while it runs (the fit
-    # leaves its worker's core to them), then add what the embedding gives them.
-    early = [path for path in exports if files[path] in EARLY_EXPORTS]
+    # writers that take the embedding last (the HDF5 ones) start before the embed and write
+    # the count layers while it runs (the fit leaves its worker's core to them), then add
+    # what the embedding gives them.
+    early = [path for path in exports if writer_named(files[path]).takes_embedded]
     embedded: Future = Future()
     with ThreadPoolExecutor(max_workers=len(exports) + 1, thread_name_prefix="export") as pool:
         jobs = [

@@ -15,7 +15,7 @@ import distumap
 from distumap import tl
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._progress import TOPIC
-from distumap.io._anndata import write_anndata_zarr, write_h5ad
+from distumap.io.writers import write_anndata_zarr, write_h5ad
 from distumap.pp._preprocess import log2p1_values
 from distumap.testing import synthetic_counts, write_dataset
 
@@ -212,7 +212,7 @@ def test_block_size_does_not_change_contents(
         _write(fmt, dataset, reference, block_cells=CHUNK)
         if zarr_chunk_min is not None:
             # small zarr chunks: most lie inside a block, some span many blocks
-            monkeypatch.setattr("distumap.io._anndata.ZARR_CHUNK_MIN", zarr_chunk_min)
+            monkeypatch.setattr("distumap.io.writers.anndata_zarr.ZARR_CHUNK_MIN", zarr_chunk_min)
         _write(fmt, dataset, path, block_cells=block_cells)
     want = _arrays(fmt, reference)
     for name, got in _arrays(fmt, path).items():
@@ -229,7 +229,7 @@ def test_h5ad_chunks_span_blocks(dataset, tmp_path, monkeypatch, h5ad_chunk):
     reference, path = tmp_path / "one-chunk.h5ad", tmp_path / "chunks.h5ad"
     with dask.config.set(scheduler="threads"):
         _write("h5ad", dataset, reference, block_cells=CHUNK)
-        monkeypatch.setattr("distumap.io._anndata.H5AD_CHUNK", h5ad_chunk)
+        monkeypatch.setattr("distumap.io.writers.h5ad.H5AD_CHUNK", h5ad_chunk)
         _write("h5ad", dataset, path, block_cells=7)
     want = _arrays("h5ad", reference)
     got = _arrays("h5ad", path)
@@ -308,11 +308,11 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, fmt, existing, on_clu
 def test_zarr_failure_after_blocks_were_written_leaves_nothing(dataset, tmp_path, monkeypatch):
     import threading
 
-    from distumap.io import _anndata
+    from distumap.io.writers import anndata_zarr
 
     # the nonzero count passes; the third block to build its CSR pieces fails, when others
     # have already written their chunks into the temporary folder
-    calls, lock, build = [], threading.Lock(), _anndata._csr_pieces
+    calls, lock, build = [], threading.Lock(), anndata_zarr.csr_pieces
 
     def failing_third(counts):
         with lock:
@@ -321,7 +321,7 @@ def test_zarr_failure_after_blocks_were_written_leaves_nothing(dataset, tmp_path
                 raise RuntimeError("disk on fire")
         return build(counts)
 
-    monkeypatch.setattr(_anndata, "_csr_pieces", failing_third)
+    monkeypatch.setattr(anndata_zarr, "csr_pieces", failing_third)
     path = tmp_path / "embedding.zarr"
     with pytest.raises(RuntimeError, match="disk on fire"), dask.config.set(scheduler="threads"):
         write_anndata_zarr(dataset, path, block_cells=100)

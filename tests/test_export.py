@@ -14,7 +14,7 @@ import xarray as xr
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import check_loom, written_by_distumap
 from distumap._progress import TOPIC
-from distumap.io._export import knn_graph, write_loom
+from distumap.io.writers.loom import knn_graph, write_loom
 
 N_CELLS, N_GENES, CHUNK, KNN = 3_000, 300, 1_024, 5
 
@@ -330,7 +330,7 @@ def test_without_selection_every_gene_is_written(tmp_path):
 
 
 def test_a_single_writer_prints_twenty_progress_lines_not_one_per_block(capsys):
-    from distumap.io._files import block_written
+    from distumap.io.writers._blocks import block_written
 
     for i in range(977):
         block_written("out/embedding.loom", i, 977, True)

@@ -22,7 +22,7 @@ import distumap
 from distumap import tl
 from distumap._format import MODEL_GROUP, check_loom
 from distumap._store import read_group, store_of
-from distumap.io._export import knn_graph, write_loom
+from distumap.io.writers.loom import knn_graph, write_loom
 from distumap.testing import synthetic_counts, write_dataset
 from distumap.tl import _model
 

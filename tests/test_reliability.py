@@ -46,7 +46,7 @@ def _modules() -> list[str]:
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """A fresh worker process is exactly such an interpreter: an import cycle there is a hang."""
     modules = _modules()
-    assert "distumap.pp._preprocess" in modules and "distumap.io._export" in modules
+    assert "distumap.pp._preprocess" in modules and "distumap.io.writers.loom" in modules
 
     def attempt(module: str) -> tuple[str, int, str]:
         done = subprocess.run(
@@ -78,7 +78,7 @@ def _pickle_loading(module: str, name: str) -> list[str]:
         ("distumap.pp._preprocess", "_log2p1_block"),
         ("distumap.tl._embed", "_transform_task"),
         ("distumap.io._ingest", "_parse_task"),
-        ("distumap.io._export", "_encode_block"),
+        ("distumap.io.writers.loom", "_encode_block"),
         ("distumap._stage", "run_block"),
     ],
 )

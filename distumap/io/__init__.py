@@ -4,11 +4,15 @@ exports."""
 from __future__ import annotations
 
 from distumap._store import open_store
-from distumap.io._anndata import write_anndata_zarr, write_h5ad
-from distumap.io._export import write_loom
 from distumap.io._ingest import read_csv, read_metadata
 from distumap.io._read import read
-from distumap.io._write import export_kind, write
+from distumap.io.writers import (
+    export_kind,
+    write,
+    write_anndata_zarr,
+    write_h5ad,
+    write_loom,
+)
 
 __all__ = [
     "export_kind",

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,18 +45,28 @@ from distumap._format import (
     check_replaceable,
 )
 from distumap._progress import report
-from distumap.io._files import (
+from distumap.io.writers._base import Writer
+from distumap.io.writers._blocks import (
     DEFLATE_LEVEL,
+    block_tasks,
     block_written,
+    blocks_in_flight,
     cells_per_block,
+    counts_in_blocks,
     deflate,
-    embedded_store,
     export_blocks,
+)
+from distumap.io.writers._inputs import (
+    EMBEDDED_VARIABLES,
+    cell_metadata,
+    embedded_store,
+    matrix_dtype,
     require_variables,
     selected_genes,
-    written_whole,
+    small_arrays,
 )
-from distumap.pp import log2p1_values, selected_counts
+from distumap.io.writers._target import written_whole
+from distumap.pp import log2p1_values
 
 #: HDF5 chunk shape (genes, cells): 512 x 256 x 4 bytes is 512 KiB before compression
 CHUNK_GENES = 512
@@ -107,11 +119,6 @@ def _encode_graph(
             encoded.append(deflate(piece, shuffle=True))
         chunks.append(tuple(encoded))
     return chunks
-
-
-def matrix_dtype(dtype: np.dtype) -> np.dtype:
-    """The loom matrix holds the store's values: int32 counts, or float32 (``--dtype float32``)."""
-    return np.dtype(np.float32 if np.dtype(dtype).kind == "f" else np.int32)
 
 
 def _encode_block(
@@ -173,25 +180,14 @@ def _col_attr(values: np.ndarray) -> np.ndarray:
 
 def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     """The small arrays of the loom file, computed together (they are small and concrete)."""
-    require_variables(ds, ("counts", "zero_fraction", "X_umap", "landmark"))
-    metadata = [
-        name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"
-    ]
+    require_variables(ds, EMBEDDED_VARIABLES)
+    metadata = cell_metadata(ds)
     # ingest renames such columns (distumap._format.metadata_name); a store written otherwise
     # is refused here, before any block is computed
     clashes = sorted({name.replace("/", "_") for name in metadata} & set(LOOM_COL_ATTRS))
     if clashes:
         raise InputError(f"metadata column(s) {clashes} clash with loom's own column attributes")
-    small = {
-        "gene": ds["gene"].data,
-        "zero_fraction": ds["zero_fraction"].data,
-        "cell": ds["cell"].data,
-        "X_umap": ds["X_umap"].transpose("cell", ...).data,
-        "landmark": ds["landmark"].data,
-        **{f"meta:{name}": ds.coords[name].data for name in metadata},
-    }
-    (small,) = dask.compute(small)
-    small = {key: np.asarray(value) for key, value in small.items()}
+    small: dict[str, Any] = small_arrays(ds, metadata)
     small["metadata"] = metadata
     return small
 
@@ -316,14 +312,9 @@ def _knn_arrays(ds: xr.Dataset, block_cells: int) -> tuple[da.Array, da.Array] |
 
 def _blocks(ds: xr.Dataset, gene_index: np.ndarray, block_cells: int, chunk_shape):
     """One delayed task per cell block, keyed ``("loom-block-<token>", i)``."""
-    counts = selected_counts(ds, gene_index).rechunk({0: block_cells, 1: -1})
-    pieces = counts.to_delayed().ravel()
+    counts = counts_in_blocks(ds, gene_index, block_cells)
     name = "loom-block-" + tokenize(counts, chunk_shape)
-    encode = dask.delayed(_encode_block, pure=True)
-    return [
-        encode(piece, i, len(pieces), chunk_shape, dask_key_name=(name, i))
-        for i, piece in enumerate(pieces)
-    ]
+    return block_tasks(counts, _encode_block, name, chunk_shape)
 
 
 def _graph_blocks(
@@ -485,64 +476,118 @@ def write_loom(
     >>> distumap.io.write_loom(ds, "out/embedding.loom")  # doctest: +SKIP
     'out/embedding.loom'
     """
-    import h5py
+    return LoomWriter().write(
+        ds, path, block_cells=block_cells, progress=progress, client=client, embedded=embedded
+    )
 
-    target = os.fspath(path)
-    check_replaceable(target, "loom")
-    # refused before any block is computed: a store without what the export needs (or, without
-    # ``embedded``, with metadata columns loom cannot hold)
-    require_variables(ds, ("counts", "zero_fraction"))
-    small = None if embedded else _loom_inputs(ds)
-    gene_index = selected_genes(ds)
-    n_cells = ds.sizes["cell"]
-    block_cells, chunk_cells = _block_cells(ds, block_cells)
-    chunk_shape = (min(CHUNK_GENES, gene_index.size), chunk_cells)
-    client = client if client is not None else current_client()
-    threads = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
-    # two blocks per thread keep the workers busy while the writer appends; the raw-size cap
-    # bounds what finished (compressed, usually a third of raw) blocks can hold on the client
-    block_bytes = 8 * block_cells * gene_index.size
-    in_flight = max(2, min(2 * threads, IN_FLIGHT_RAW_BYTES // block_bytes))
-    blocks = _blocks(ds, gene_index, block_cells, chunk_shape)
 
-    with written_whole(target, progress=progress) as local:
-        with h5py.File(local, "w", libver="earliest") as f:
-            shape = (gene_index.size, n_cells)
-            matrix, layer = _create_matrix(f, shape, matrix_dtype(ds["counts"].dtype), chunk_shape)
-            for i, encoded in enumerate(
-                export_blocks(
-                    blocks,
-                    stage="export: loom blocks",
-                    in_flight=in_flight,
-                    client=client,
-                    embedded=embedded,
-                )
-            ):
-                _write_block(matrix, layer, encoded, i * block_cells, block_cells, chunk_shape)
-                block_written(path, i, len(blocks), progress)
-            # the rest needs the embedding: the embedded store, once the embed has finished
-            if small is None:
-                ds = embedded_store(ds, embedded, gene_index)
-                small = _loom_inputs(ds)
-            attrs = _run_params(
-                ds,
-                {
-                    "block_cells": block_cells,
-                    "chunks": list(chunk_shape),
-                    "compression": f"deflate-{DEFLATE_LEVEL}",
-                    "shuffle": "matrix",
-                },
-            )
-            knn = _knn_arrays(ds, block_cells)
-            k = 0 if knn is None else knn[0].shape[1]
-            graph = _create_annotations(f, small, gene_index, chunk_shape, attrs, k)
-            if knn is not None:
-                is_landmark = small["landmark"].astype(bool)
-                graph_blocks = _graph_blocks(knn, is_landmark, block_cells, chunk_cells)
-                for i, encoded in enumerate(
-                    results_in_order(
-                        graph_blocks, stage="export: loom graph", in_flight=in_flight, client=client
-                    )
-                ):
-                    _write_graph_block(graph, encoded, i * block_cells, block_cells, chunk_cells, k)
-    return target
+@dataclass(frozen=True)
+class _Layout:
+    """How a loom file is cut: the genes it writes, cells per block and per HDF5 chunk."""
+
+    gene_index: np.ndarray
+    n_cells: int
+    block_cells: int
+    chunk_cells: int
+
+    @classmethod
+    def of(cls, ds: xr.Dataset, gene_index: np.ndarray, block_cells: int | None) -> _Layout:
+        block_cells, chunk_cells = _block_cells(ds, block_cells)
+        return cls(gene_index, ds.sizes["cell"], block_cells, chunk_cells)
+
+    @property
+    def chunk_shape(self) -> tuple[int, int]:
+        return (min(CHUNK_GENES, self.gene_index.size), self.chunk_cells)
+
+
+def _write_matrix(
+    f, dtype, layout: _Layout, results: Iterator, n_blocks: int, path, progress: bool
+) -> None:
+    """``/matrix`` and ``/layers/log2p1`` from the blocks' encoded chunks, in cell order."""
+    shape = (layout.gene_index.size, layout.n_cells)
+    matrix, layer = _create_matrix(f, shape, dtype, layout.chunk_shape)
+    block_cells, chunk_shape = layout.block_cells, layout.chunk_shape
+    for i, encoded in enumerate(results):
+        _write_block(matrix, layer, encoded, i * block_cells, block_cells, chunk_shape)
+        block_written(path, i, n_blocks, progress)
+
+
+def _write_the_rest(
+    f, ds: xr.Dataset, small: dict[str, Any], layout: _Layout, in_flight: int, client
+) -> None:
+    """Everything the embedding gives: the attributes, the groups and the kNN graph."""
+    attrs = _run_params(
+        ds,
+        {
+            "block_cells": layout.block_cells,
+            "chunks": list(layout.chunk_shape),
+            "compression": f"deflate-{DEFLATE_LEVEL}",
+            "shuffle": "matrix",
+        },
+    )
+    knn = _knn_arrays(ds, layout.block_cells)
+    k = 0 if knn is None else knn[0].shape[1]
+    graph = _create_annotations(f, small, layout.gene_index, layout.chunk_shape, attrs, k)
+    if knn is None:
+        return
+    is_landmark = small["landmark"].astype(bool)
+    block_cells, chunk_cells = layout.block_cells, layout.chunk_cells
+    graph_blocks = _graph_blocks(knn, is_landmark, block_cells, chunk_cells)
+    for i, encoded in enumerate(
+        results_in_order(
+            graph_blocks, stage="export: loom graph", in_flight=in_flight, client=client
+        )
+    ):
+        _write_graph_block(graph, encoded, i * block_cells, block_cells, chunk_cells, k)
+
+
+class LoomWriter(Writer):
+    """``*.loom``: :func:`write_loom`; it takes the embedding last."""
+
+    name = "loom"
+    suffixes = (".loom",)
+    takes_embedded = True
+
+    def write(
+        self,
+        ds: xr.Dataset,
+        path: str | os.PathLike,
+        *,
+        progress: bool = False,
+        embedded: Future | None = None,
+        block_cells: int | None = None,
+        client=None,
+    ) -> str:
+        """See :func:`write_loom`."""
+        import h5py
+
+        target = os.fspath(path)
+        check_replaceable(target, "loom")
+        # refused before any block is computed: a store without what the export needs (or, without
+        # ``embedded``, with metadata columns loom cannot hold)
+        require_variables(ds, ("counts", "zero_fraction"))
+        small = None if embedded else _loom_inputs(ds)
+        layout = _Layout.of(ds, selected_genes(ds), block_cells)
+        client = client if client is not None else current_client()
+        # the raw-size cap bounds what finished (compressed) blocks can hold on the client
+        block_bytes = 8 * layout.block_cells * layout.gene_index.size
+        in_flight = blocks_in_flight(client, block_bytes, IN_FLIGHT_RAW_BYTES)
+        blocks = _blocks(ds, layout.gene_index, layout.block_cells, layout.chunk_shape)
+        results = export_blocks(
+            blocks,
+            stage="export: loom blocks",
+            in_flight=in_flight,
+            client=client,
+            embedded=embedded,
+        )
+        dtype = matrix_dtype(ds["counts"].dtype)
+
+        with written_whole(target, progress=progress) as local:
+            with h5py.File(local, "w", libver="earliest") as f:
+                _write_matrix(f, dtype, layout, results, len(blocks), path, progress)
+                # the rest needs the embedding: the embedded store, once the embed has finished
+                if small is None:
+                    ds = embedded_store(ds, embedded, layout.gene_index)
+                    small = _loom_inputs(ds)
+                _write_the_rest(f, ds, small, layout, in_flight, client)
+        return target

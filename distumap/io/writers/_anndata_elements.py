@@ -1,0 +1,319 @@
+"""anndata's on-disk elements, written with h5py or zarr directly: the ``encoding-type`` and
+``encoding-version`` of every element, dataframes, nested mappings, the CSR groups and the CSR
+pieces of a block, and the small parts every AnnData export holds (``obs``, ``var``, ``obsm``,
+``uns``), so that ``.h5ad`` and AnnData zarr share one layout above two backends."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from distumap._format import (
+    ANNDATA_EMBEDDING,
+    ANNDATA_GENE_IDS,
+    ANNDATA_LANDMARK,
+    ANNDATA_REQUIRED,
+    ANNDATA_UNS_RECORD,
+    ANNDATA_UNS_UMAP,
+    ANNDATA_ZERO_FRACTION,
+    ATTR,
+    ENCODINGS,
+)
+from distumap.io.writers._blocks import DEFLATE_LEVEL
+from distumap.io.writers._inputs import cell_metadata, require_variables, small_arrays
+from distumap.pp import log2p1_values
+
+#: umap-learn's default spread; with ``min_dist`` it fixes the curve parameters a and b
+UMAP_SPREAD = 1.0
+#: zarr format of the AnnData zarr: v2 is what anndata 0.12 writes by default and what every
+#: anndata since 0.7 (zarr-python 2 or 3) reads
+ZARR_FORMAT = 2
+#: zarr chunk of the per-cell arrays (indptr, obs columns, obsm), in cells
+ZARR_CELL_CHUNK = 2**18
+
+
+def zarr_compressor():
+    """The compressor of every zarr array of an AnnData zarr export."""
+    import numcodecs
+
+    return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+def csr_pieces(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A block of counts (cells x selected genes) as CSR: X's data, the layer's data, indices
+    and the nonzeros of every row."""
+    # counts stay int32; a float32 store (--dtype float32) keeps its values as they are
+    counts = np.ascontiguousarray(counts)
+    if counts.dtype.kind not in "f":
+        counts = counts.astype(np.int32, copy=False)
+    flat = np.flatnonzero(counts)
+    data = counts.reshape(-1)[flat]
+    indices = (flat % max(counts.shape[1], 1)).astype(np.int32)
+    row_nnz = np.count_nonzero(counts, axis=1).astype(np.int64)
+    return data, log2p1_values(data), indices, row_nnz
+
+
+# -- the small parts: obs, var, obsm, uns -----------------------------------------------------
+
+
+def _key(name: Any) -> str:
+    # "/" separates path components in HDF5 and zarr; a column "area/region" is "area_region"
+    return str(name).replace("/", "_")
+
+
+def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
+    """The small arrays of the file, computed together (they are small and concrete)."""
+    require_variables(ds, ANNDATA_REQUIRED)
+    metadata = cell_metadata(ds)
+    keys = [_key(name) for name in metadata]
+    clashes = sorted(
+        {key for key in keys if keys.count(key) > 1 or key in (ANNDATA_LANDMARK, "_index")}
+    )
+    if clashes:
+        raise ValueError(f"metadata column(s) {clashes} clash with other obs columns")
+    extra = {}
+    if ANNDATA_GENE_IDS in ds.coords and ds.coords[ANNDATA_GENE_IDS].dims == ("gene",):
+        extra["gene_ids"] = ds.coords[ANNDATA_GENE_IDS].data
+    small: dict[str, Any] = small_arrays(ds, metadata, **extra)
+    small["metadata"] = dict(zip(keys, metadata, strict=True))
+    return small
+
+
+def _text(values: np.ndarray) -> np.ndarray:
+    return np.array(["" if v is None else str(v) for v in values.tolist()], dtype=object)
+
+
+def _categorical(values: np.ndarray) -> pd.Categorical:
+    """Strings as anndata keeps them: a categorical of str, missing values as code -1."""
+    series = pd.Series(values, dtype=object)
+    missing = series.isna().to_numpy()
+    text = series.astype(str).where(~missing)
+    return pd.Categorical(text)
+
+
+def _ab_params(min_dist: float, spread: float = UMAP_SPREAD) -> tuple[float, float]:
+    """umap-learn's ``find_ab_params``: the curve 1 / (1 + a d^2b) fitted to the target
+    membership (1 below ``min_dist``, exponential decay above). Same inputs, same fit; here to
+    spare the export umap-learn's import (numba compiles for seconds)."""
+    from scipy.optimize import curve_fit
+
+    def curve(x, a, b):
+        return 1.0 / (1.0 + a * x ** (2 * b))
+
+    xv = np.linspace(0, spread * 3, 300)
+    yv = np.zeros(xv.shape)
+    yv[xv < min_dist] = 1.0
+    yv[xv >= min_dist] = np.exp(-(xv[xv >= min_dist] - min_dist) / spread)
+    params, _ = curve_fit(curve, xv, yv)
+    return float(params[0]), float(params[1])
+
+
+def uns_record(ds: xr.Dataset, export_params: dict[str, Any]) -> dict[str, Any]:
+    """``uns``: scanpy's UMAP record and the store's stage records with this export added."""
+    record = json.loads(json.dumps(ds.attrs.get(ATTR, {}), default=str))
+    if isinstance(record, str):
+        record = json.loads(record)
+    record.setdefault("stages", {})["export"] = {"status": "complete", "params": export_params}
+    embed = record["stages"].get("embed", {}).get("params", {}) or {}
+    # what scanpy.tl.umap keeps: the curve parameters and the seed
+    umap_params: dict[str, Any] = {}
+    if embed.get("min_dist") is not None:
+        a, b = _ab_params(float(embed["min_dist"]))
+        umap_params.update(a=a, b=b)
+    if embed.get("seed") is not None:
+        umap_params["random_state"] = int(embed["seed"])
+    return {ANNDATA_UNS_UMAP: {"params": umap_params}, ANNDATA_UNS_RECORD: record}
+
+
+# -- one writer per backend, one layout above them ----------------------------------------------
+
+
+def _encode(node, kind: str) -> None:
+    node.attrs["encoding-type"] = kind
+    node.attrs["encoding-version"] = ENCODINGS[kind]
+
+
+class H5Elements:
+    """anndata elements in an HDF5 file."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def group(self, parent, name: str, kind: str = "dict"):
+        node = parent.create_group(name)
+        _encode(node, kind)
+        return node
+
+    def array(self, parent, name: str, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        options = {}
+        if values.size > 4096:
+            options = dict(compression="gzip", compression_opts=DEFLATE_LEVEL, chunks=True)
+        _encode(parent.create_dataset(name, data=values, **options), "array")
+
+    def strings(self, parent, name: str, values: np.ndarray) -> None:
+        import h5py
+
+        node = parent.create_dataset(name, data=_text(values), dtype=h5py.string_dtype("utf-8"))
+        _encode(node, "string-array")
+
+    def scalar(self, parent, name: str, value) -> None:
+        import h5py
+
+        if isinstance(value, str):
+            node = parent.create_dataset(name, data=value, dtype=h5py.string_dtype("utf-8"))
+            _encode(node, "string")
+        else:
+            _encode(parent.create_dataset(name, data=np.array(value)), "numeric-scalar")
+
+    def string_list_attr(self, node, name: str, values: list[str]) -> None:
+        import h5py
+
+        node.attrs.create(name, values, dtype=h5py.string_dtype("utf-8"))
+
+
+class ZarrElements:
+    """anndata elements in a zarr (format 2) group."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def group(self, parent, name: str, kind: str = "dict"):
+        node = parent.create_group(name)
+        _encode(node, kind)
+        return node
+
+    def empty(self, parent, name: str, shape: tuple[int, ...], dtype, chunks: tuple[int, ...]):
+        return parent.create_array(
+            name, shape=shape, dtype=dtype, chunks=chunks, compressors=zarr_compressor()
+        )
+
+    def array(self, parent, name: str, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        chunks = (max(1, min(len(values), ZARR_CELL_CHUNK)), *values.shape[1:])
+        node = self.empty(parent, name, values.shape, values.dtype, chunks)
+        node[...] = values
+        _encode(node, "array")
+
+    def strings(self, parent, name: str, values: np.ndarray) -> None:
+        import numcodecs
+        from zarr.core.dtype import VariableLengthUTF8
+
+        values = _text(values)
+        node = parent.create_array(
+            name,
+            shape=values.shape,
+            chunks=(max(1, min(len(values), ZARR_CELL_CHUNK)),),
+            dtype=VariableLengthUTF8(),
+            filters=[numcodecs.VLenUTF8()],
+            fill_value="",
+            compressors=zarr_compressor(),
+        )
+        node[...] = values
+        _encode(node, "string-array")
+
+    def scalar(self, parent, name: str, value) -> None:
+        import numcodecs
+        from zarr.core.dtype import VariableLengthUTF8
+
+        if isinstance(value, str):
+            node = parent.create_array(
+                name,
+                shape=(),
+                dtype=VariableLengthUTF8(),
+                filters=[numcodecs.VLenUTF8()],
+                fill_value="",
+                compressors=None,
+            )
+            node[...] = np.array(value, dtype=object)
+            _encode(node, "string")
+        else:
+            value = np.array(value)
+            node = parent.create_array(name, shape=(), dtype=value.dtype, compressors=None)
+            node[...] = value
+            _encode(node, "numeric-scalar")
+
+    def string_list_attr(self, node, name: str, values: list[str]) -> None:
+        node.attrs[name] = list(values)
+
+
+def _dataframe(el, parent, name: str, index: np.ndarray, columns: dict[str, Any]) -> None:
+    """A pandas DataFrame as anndata writes it: ``_index`` plus one element per column."""
+    group = el.group(parent, name, "dataframe")
+    group.attrs["_index"] = "_index"
+    el.string_list_attr(group, "column-order", list(columns))
+    el.strings(group, "_index", index)
+    for key, values in columns.items():
+        if isinstance(values, pd.Categorical):
+            node = el.group(group, key, "categorical")
+            node.attrs["ordered"] = bool(values.ordered)
+            el.array(node, "codes", np.asarray(values.codes))
+            el.strings(node, "categories", np.asarray(values.categories, dtype=object))
+        elif np.asarray(values).dtype.kind in "OUST":
+            el.strings(group, key, np.asarray(values))
+        else:
+            el.array(group, key, np.asarray(values))
+
+
+def _mapping(el, parent, name: str, content: dict[str, Any]) -> None:
+    """A nested dict as anndata's ``dict`` encoding; values other than numbers, bools and
+    strings (lists, None) as JSON strings."""
+    group = el.group(parent, name, "dict")
+    for key, value in content.items():
+        key = _key(key)
+        if isinstance(value, dict):
+            _mapping(el, group, key, value)
+        elif isinstance(value, str | bool | int | float | np.number | np.bool_):
+            el.scalar(group, key, value)
+        else:
+            el.scalar(group, key, json.dumps(value, sort_keys=True, default=str))
+
+
+def _obs_columns(small: dict[str, Any]) -> dict[str, Any]:
+    columns: dict[str, Any] = {}
+    for key, name in small["metadata"].items():
+        values = small[f"meta:{name}"]
+        if values.dtype.kind in "biuf":
+            columns[key] = values
+        else:
+            columns[key] = _categorical(values)
+    columns[ANNDATA_LANDMARK] = small["landmark"].astype(bool)
+    return columns
+
+
+def _var_columns(small: dict[str, Any], gene_index: np.ndarray) -> dict[str, Any]:
+    columns: dict[str, Any] = {
+        ANNDATA_ZERO_FRACTION: small["zero_fraction"][gene_index].astype(np.float32)
+    }
+    if "gene_ids" in small:
+        columns[ANNDATA_GENE_IDS] = _text(small["gene_ids"][gene_index])
+    return columns
+
+
+def write_annotations(el, small: dict[str, Any], gene_index: np.ndarray, uns: dict) -> None:
+    """Everything but X and the layer: obs, var, obsm, uns and the empty groups."""
+    root = el.root
+    _encode(root, "anndata")
+    _dataframe(el, root, "obs", small["cell"], _obs_columns(small))
+    _dataframe(el, root, "var", small["gene"][gene_index], _var_columns(small, gene_index))
+    obsm = el.group(root, "obsm")
+    el.array(obsm, ANNDATA_EMBEDDING, small["X_umap"].astype(np.float32))
+    for name in ("varm", "obsp", "varp"):
+        el.group(root, name)
+    _mapping(el, root, "uns", uns)
+
+
+def csr_group(el, parent, name: str, shape: tuple[int, int]):
+    """An empty ``csr_matrix`` group of ``shape``, for the caller to fill."""
+    group = el.group(parent, name, "csr_matrix")
+    group.attrs["shape"] = [int(n) for n in shape]
+    return group
+
+
+def export_params(fmt: str, block_cells: int, **extra: Any) -> dict[str, Any]:
+    """The export's record in ``uns["distumap"]``: the format, cells per block and ``extra``."""
+    return {"format": fmt, "block_cells": int(block_cells), **extra}
