@@ -43,8 +43,8 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
+from distumap._palette import MISSING_COLOR, MISSING_LABEL, palette
 from distumap._progress import POINTS_TOPIC, STAGES, TOPIC
-from distumap.pl._palette import MISSING_COLOR, MISSING_LABEL, palette
 
 #: where the page lives on the dashboard server (the JSON is at ``ROUTE + "/progress.json"``)
 ROUTE = "/distumap"
