@@ -3,6 +3,7 @@ folder, optionally with CITE-seq antibody features that readers must leave out."
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,31 @@ def _antibody_counts(start: int, stop: int, n_antibodies: int) -> np.ndarray:
     cells = np.arange(start, stop, dtype=np.int64)[:, None]
     features = np.arange(n_antibodies, dtype=np.int64)[None, :]
     return ((cells * 7 + features * 3) % 11).astype(np.int32)
+
+
+def _check_version(version: int, antibody_features: int) -> None:
+    if version not in (2, 3):
+        raise ValueError(f"version must be 2 or 3, got {version!r}")
+    if antibody_features and version != 3:
+        raise ValueError("antibody features need version 3")
+
+
+def _feature_blocks(data: SyntheticSpec | SyntheticData, block_cells: int, antibody_features: int):
+    """``(start, stop, counts)`` blocks of cells x features: the genes, then the antibodies."""
+    for start, stop, block in cell_blocks(data, block_cells):
+        if antibody_features:
+            block = np.hstack([block, _antibody_counts(start, stop, antibody_features)])
+        yield start, stop, block
+        del block  # before the next block is made (a caller that deletes its own holds one)
+
+
+def _features(spec: SyntheticSpec, antibody_features: int):
+    """Names, ids and types of the features: the genes, then the antibodies."""
+    antibodies = range(1, antibody_features + 1)
+    names = np.concatenate([spec.gene_names(), [f"AB{j}_TotalSeqB" for j in antibodies]])
+    ids = np.concatenate([synthetic_gene_ids(spec.n_genes), [f"AB{j}" for j in antibodies]])
+    types = np.array(["Gene Expression"] * spec.n_genes + [_ANTIBODY] * antibody_features)
+    return names, ids, types
 
 
 def write_10x_h5(
@@ -77,71 +103,81 @@ def write_10x_h5(
     """
     import h5py
 
-    if version not in (2, 3):
-        raise ValueError(f"version must be 2 or 3, got {version!r}")
-    if antibody_features and version != 3:
-        raise ValueError("antibody features need version 3")
+    _check_version(version, antibody_features)
     spec, _ = unpack(data)
     path = Path(path)
-    n_features = spec.n_genes + antibody_features
-    names = np.concatenate(
-        [spec.gene_names(), [f"AB{j + 1}_TotalSeqB" for j in range(antibody_features)]]
-    )
-    ids = np.concatenate(
-        [synthetic_gene_ids(spec.n_genes), [f"AB{j + 1}" for j in range(antibody_features)]]
-    )
-    types = np.array(["Gene Expression"] * spec.n_genes + [_ANTIBODY] * antibody_features)
     with h5py.File(path, "w") as file:
         file.attrs["filetype"] = "matrix"
         file.attrs["library_ids"] = np.array([b"LKTX"])
         file.attrs["chemistry_description"] = "Single Cell 3' v3"
         group = file.create_group("matrix" if version == 3 else genome)
         options = dict(compression="gzip", compression_opts=_TENX_COMPRESSION)
-        values = group.create_dataset(
-            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(_TENX_CHUNK,),
-            **options,
-        )  # fmt: skip
-        indices = group.create_dataset(
-            "indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_TENX_CHUNK,),
-            **options,
-        )  # fmt: skip
-        barcodes = group.create_dataset(
-            "barcodes", shape=(spec.n_cells,), dtype=f"S{NAME_WIDTH}", **options
-        )
-        indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
-        nnz = 0
-        for start, stop, block in cell_blocks(data, block_cells):
-            if antibody_features:
-                block = np.hstack([block, _antibody_counts(start, stop, antibody_features)])
-            cells, features = np.nonzero(block)  # row-major: each cell's features in order
-            values.resize((nnz + cells.size,))
-            indices.resize((nnz + cells.size,))
-            values[nnz:] = block[cells, features]
-            indices[nnz:] = features
-            indptr[start + 1 : stop + 1] = nnz + np.cumsum(
-                np.bincount(cells, minlength=stop - start)
-            )
-            nnz += cells.size
-            barcodes[start:stop] = name_bytes(start, stop, model_of(spec).seed_key).view(
-                f"S{NAME_WIDTH}"
-            )[:, 0]
-            del block, cells, features
+        columns = _csc_datasets(group, spec.n_cells, options)
+        indptr = _append_blocks(columns, data, block_cells, antibody_features)
         group.create_dataset("indptr", data=indptr, **options)
+        n_features = spec.n_genes + antibody_features
         group.create_dataset("shape", data=np.array([n_features, spec.n_cells], dtype=np.int32))
-        as_bytes = np.char.encode
-        if version == 3:
-            features_group = group.create_group("features")
-            features_group.create_dataset("name", data=as_bytes(names), **options)
-            features_group.create_dataset("id", data=as_bytes(ids), **options)
-            features_group.create_dataset("feature_type", data=as_bytes(types), **options)
-            features_group.create_dataset(
-                "genome", data=as_bytes(np.full(n_features, genome)), **options
-            )
-            features_group.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
-        else:
-            group.create_dataset("genes", data=as_bytes(ids), **options)
-            group.create_dataset("gene_names", data=as_bytes(names), **options)
+        _write_h5_features(group, spec, version, genome, antibody_features)
     return path
+
+
+def _csc_datasets(group, n_cells: int, options: dict):
+    """The extendible ``data`` and ``indices`` datasets of the features x barcodes CSC matrix,
+    and ``barcodes``."""
+    values = group.create_dataset(
+        "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(_TENX_CHUNK,),
+        **options,
+    )  # fmt: skip
+    indices = group.create_dataset(
+        "indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_TENX_CHUNK,),
+        **options,
+    )  # fmt: skip
+    barcodes = group.create_dataset("barcodes", shape=(n_cells,), dtype=f"S{NAME_WIDTH}", **options)
+    return values, indices, barcodes
+
+
+def _append_blocks(
+    columns, data: SyntheticSpec | SyntheticData, block_cells: int, antibody_features: int
+) -> np.ndarray:
+    """Append the cells block by block to the ``columns`` of :func:`_csc_datasets`; returns
+    ``indptr``."""
+    values, indices, barcodes = columns
+    spec, _ = unpack(data)
+    indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
+    nnz = 0
+    for start, stop, block in _feature_blocks(data, block_cells, antibody_features):
+        cells, features = np.nonzero(block)  # row-major: each cell's features in order
+        values.resize((nnz + cells.size,))
+        indices.resize((nnz + cells.size,))
+        values[nnz:] = block[cells, features]
+        indices[nnz:] = features
+        indptr[start + 1 : stop + 1] = nnz + np.cumsum(np.bincount(cells, minlength=stop - start))
+        nnz += cells.size
+        barcodes[start:stop] = name_bytes(start, stop, model_of(spec).seed_key).view(
+            f"S{NAME_WIDTH}"
+        )[:, 0]
+        del block, cells, features
+    return indptr
+
+
+def _write_h5_features(
+    group, spec: SyntheticSpec, version: int, genome: str, antibody_features: int
+) -> None:
+    """v3: the ``features`` group; v2: ``genes`` (ids) and ``gene_names``."""
+    names, ids, types = _features(spec, antibody_features)
+    options = dict(compression="gzip", compression_opts=_TENX_COMPRESSION)
+    as_bytes = np.char.encode
+    if version == 3:
+        features_group = group.create_group("features")
+        features_group.create_dataset("name", data=as_bytes(names), **options)
+        features_group.create_dataset("id", data=as_bytes(ids), **options)
+        features_group.create_dataset("feature_type", data=as_bytes(types), **options)
+        genomes = np.full(spec.n_genes + antibody_features, genome)
+        features_group.create_dataset("genome", data=as_bytes(genomes), **options)
+        features_group.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+    else:
+        group.create_dataset("genes", data=as_bytes(ids), **options)
+        group.create_dataset("gene_names", data=as_bytes(names), **options)
 
 
 @numba.njit(inline="always")
@@ -226,10 +262,7 @@ def write_mex(
     """
     import gzip as gzip_module
 
-    if version not in (2, 3):
-        raise ValueError(f"version must be 2 or 3, got {version!r}")
-    if antibody_features and version != 3:
-        raise ValueError("antibody features need version 3")
+    _check_version(version, antibody_features)
     spec, _ = unpack(data)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,30 +274,11 @@ def write_mex(
             return gzip_module.GzipFile(path, "wb", compresslevel=1, mtime=0)
         return open(path, "wb")
 
-    def with_antibodies(start: int, stop: int, block: np.ndarray) -> np.ndarray:
-        if not antibody_features:
-            return block
-        return np.hstack([block, _antibody_counts(start, stop, antibody_features)])
-
-    nnz = sum(
-        int(np.count_nonzero(with_antibodies(start, stop, block)))
-        for start, stop, block in cell_blocks(data, block_cells)
-    )
-    n_features = spec.n_genes + antibody_features
+    blocks = functools.partial(_feature_blocks, data, block_cells, antibody_features)
+    nnz = sum(int(np.count_nonzero(block)) for _, _, block in blocks())
     with sink("matrix.mtx") as out:
-        out.write(b"%%MatrixMarket matrix coordinate integer general\n")
-        out.write(
-            b'%metadata_json: {"software_version": "cellranger-7.1.0", "format_version": 2}\n'
-        )
-        out.write(f"{n_features} {spec.n_cells} {nnz}\n".encode())
-        for start, stop, block in cell_blocks(data, block_cells):
-            block = with_antibodies(start, stop, block)
-            cells, features = np.nonzero(block)
-            out.write(_mtx_lines(features + 1, cells + start + 1, block[cells, features]))
-    antibodies = range(1, antibody_features + 1)
-    names = [*spec.gene_names(), *(f"AB{j}_TotalSeqB" for j in antibodies)]
-    ids = [*synthetic_gene_ids(spec.n_genes), *(f"AB{j}" for j in antibodies)]
-    types = ["Gene Expression"] * spec.n_genes + [_ANTIBODY] * antibody_features
+        _write_mtx(out, spec, blocks, nnz, antibody_features)
+    names, ids, types = _features(spec, antibody_features)
     with sink("features.tsv" if version == 3 else "genes.tsv") as out:
         if version == 3:
             rows = zip(ids, names, types, strict=True)
@@ -276,3 +290,14 @@ def write_mex(
             stop = min(start + block_cells, spec.n_cells)
             out.write("".join(name + "\n" for name in spec.cell_names(start, stop)).encode())
     return folder
+
+
+def _write_mtx(out, spec: SyntheticSpec, blocks, nnz: int, antibody_features: int) -> None:
+    """The Matrix Market text: header, size line, then the entries of ``blocks()`` in order."""
+    n_features = spec.n_genes + antibody_features
+    out.write(b"%%MatrixMarket matrix coordinate integer general\n")
+    out.write(b'%metadata_json: {"software_version": "cellranger-7.1.0", "format_version": 2}\n')
+    out.write(f"{n_features} {spec.n_cells} {nnz}\n".encode())
+    for start, _, block in blocks():
+        cells, features = np.nonzero(block)
+        out.write(_mtx_lines(features + 1, cells + start + 1, block[cells, features]))
