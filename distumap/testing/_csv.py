@@ -3,6 +3,7 @@ transposed genes-by-cells layout of GEO files, and what R's writers make of both
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from dataclasses import dataclass
@@ -137,59 +138,32 @@ def write_matrix_csv(
     --------
     >>> write_matrix_csv(tmp_path / "matrix.csv", SyntheticSpec(100, 30))  # doctest: +SKIP
     """
-    if line_ending not in ("\n", "\r\n"):
-        raise ValueError(f"line_ending must be '\\n' or '\\r\\n', got {line_ending!r}")
-    if compression not in (None, "gzip"):
-        raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
-    if block_cells < 1:
-        raise ValueError("block_cells must be positive")
+    _check_options(line_ending, compression, block_cells, "block_cells")
     r_dialect = _r_dialect(dialect)
     spec, counts_in_memory = unpack(data)
-    path = Path(path)
-    if compression == "gzip" and path.suffix != ".gz":
-        path = path.with_name(path.name + ".gz")
+    path = _output_path(path, compression)
     eol = np.frombuffer(line_ending.encode(), dtype=np.uint8)
     header = ",".join(["sample_name", *spec.gene_names()]).encode()
     if r_dialect is not None:
         header = r_dialect.header(spec.gene_names())
-    n_cells = spec.n_cells
-    with open(path, "wb") as raw:
-        sink = (
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0)
-            if compression == "gzip"
-            else raw
-        )
-        try:
-            sink.write(header)
-            if n_cells == 0:
-                if final_newline:
-                    sink.write(eol.tobytes())
-                return path
-            sink.write(eol.tobytes())
-            buffer = np.empty(0, dtype=np.uint8)
-            for start in range(0, n_cells, block_cells):
-                stop = min(start + block_cells, n_cells)
-                if counts_in_memory is None:
-                    block = spec.counts(start, stop)
-                else:
-                    block = np.ascontiguousarray(counts_in_memory[start:stop], dtype=np.int32)
-                names = name_bytes(start, stop, model_of(spec).seed_key)
-                if r_dialect is not None:
-                    text = r_dialect.lines(block, [bytes(n).decode() for n in names], line_ending)
-                    sink.write(text[: -eol.size] if stop == n_cells and not final_newline else text)
-                    del block
-                    continue
-                size = _text_size(block, names.shape[1], eol.size)
-                if buffer.size < size:
-                    buffer = np.empty(int(size * 1.25), dtype=np.uint8)
-                written = _format_rows(block, names, eol, buffer)
-                if stop == n_cells and not final_newline:
-                    written -= eol.size
-                sink.write(memoryview(buffer)[:written])
-                del block  # before the next block is made: peak memory holds one block
-        finally:
-            if sink is not raw:
-                sink.close()
+    with _opened(path, compression) as sink:
+        sink.write(header)
+        if spec.n_cells == 0:
+            if final_newline:
+                sink.write(eol.tobytes())
+            return path
+        sink.write(eol.tobytes())
+        lines = _Lines(line_ending, r_dialect)
+        for start in range(0, spec.n_cells, block_cells):
+            stop = min(start + block_cells, spec.n_cells)
+            if counts_in_memory is None:
+                block = spec.counts(start, stop)
+            else:
+                block = np.ascontiguousarray(counts_in_memory[start:stop], dtype=np.int32)
+            names = name_bytes(start, stop, model_of(spec).seed_key)
+            unterminated = stop == spec.n_cells and not final_newline
+            sink.write(lines.format(block, names, unterminated=unterminated))
+            del block  # before the next block is made: peak memory holds one block
     return path
 
 
@@ -246,68 +220,105 @@ def write_genes_by_cells_csv(
     """
     if sep not in (",", "\t"):
         raise ValueError(f"sep must be ',' or '\\t', got {sep!r}")
-    if line_ending not in ("\n", "\r\n"):
-        raise ValueError(f"line_ending must be '\\n' or '\\r\\n', got {line_ending!r}")
-    if compression not in (None, "gzip"):
-        raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
-    if block_genes < 1:
-        raise ValueError("block_genes must be positive")
+    _check_options(line_ending, compression, block_genes, "block_genes")
     r_dialect = _r_dialect(dialect)
     if r_dialect is not None and sep != ",":
         raise ValueError(f"the {dialect} dialect brings its own separator: leave sep as it is")
     spec, counts_in_memory = unpack(data)
-    path = Path(path)
-    if compression == "gzip" and path.suffix != ".gz":
-        path = path.with_name(path.name + ".gz")
+    path = _output_path(path, compression)
     eol = np.frombuffer(line_ending.encode(), dtype=np.uint8)
     header = sep.join(["", *spec.cell_names()]).encode()
     if r_dialect is not None:
         header = r_dialect.header(spec.cell_names())
     genes = spec.gene_names()
-    if counts_in_memory is None:
-        model = model_of(spec)
-        population, scale = cell_populations(spec, 0, spec.n_cells)
-    with open(path, "wb") as raw:
-        sink = (
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0)
-            if compression == "gzip"
-            else raw
-        )
-        try:
-            sink.write(header + eol.tobytes())
-            buffer = np.empty(0, dtype=np.uint8)
-            for start in range(0, spec.n_genes, block_genes):
-                stop = min(start + block_genes, spec.n_genes)
-                if counts_in_memory is None:
-                    block = np.empty((spec.n_cells, stop - start), dtype=np.int32)
-                    fill_gene_range(block, start, model.seed_key, population, scale, model.means)
-                else:
-                    block = counts_in_memory[:, start:stop]
-                rows = np.ascontiguousarray(block.T, dtype=np.int32)  # genes x cells
-                del block
-                for offset, gene in enumerate(genes[start:stop]):
-                    row = rows[offset : offset + 1]
-                    if r_dialect is not None:
-                        text = r_dialect.lines(row, [str(gene)], line_ending)
-                        last = start + offset == spec.n_genes - 1
-                        sink.write(text[: -eol.size] if last and not final_newline else text)
-                        continue
-                    name = np.frombuffer(str(gene).encode(), dtype=np.uint8)[None, :]
-                    size = _text_size(row, name.shape[1], eol.size)
-                    if buffer.size < size:
-                        buffer = np.empty(int(size * 1.25), dtype=np.uint8)
-                    written = _format_rows(row, name, eol, buffer)
-                    if start + offset == spec.n_genes - 1 and not final_newline:
-                        written -= eol.size
-                    text = buffer[:written]
-                    if sep == "\t":  # the kernel writes commas; gene names hold none
-                        text[text == 44] = 9
-                    sink.write(memoryview(text))
-                del rows  # before the next block is made: peak memory holds one block
-        finally:
-            if sink is not raw:
-                sink.close()
+    draws = None if counts_in_memory is not None else cell_populations(spec, 0, spec.n_cells)
+    with _opened(path, compression) as sink:
+        sink.write(header + eol.tobytes())
+        lines = _Lines(line_ending, r_dialect, sep=sep)
+        for start in range(0, spec.n_genes, block_genes):
+            stop = min(start + block_genes, spec.n_genes)
+            rows = _gene_rows(spec, counts_in_memory, draws, start, stop)
+            for offset, gene in enumerate(genes[start:stop]):
+                name = np.frombuffer(str(gene).encode(), dtype=np.uint8)[None, :]
+                unterminated = start + offset == spec.n_genes - 1 and not final_newline
+                sink.write(lines.format(rows[offset : offset + 1], name, unterminated=unterminated))
+            del rows  # before the next block is made: peak memory holds one block
     return path
+
+
+def _gene_rows(spec: SyntheticSpec, counts, draws, start: int, stop: int) -> np.ndarray:
+    """Genes ``start:stop`` of every cell, genes x cells int32: drawn for a spec (``draws``:
+    its cells' populations and scales), sliced from ``counts`` in memory."""
+    if counts is None:
+        model = model_of(spec)
+        population, scale = draws
+        block = np.empty((spec.n_cells, stop - start), dtype=np.int32)
+        fill_gene_range(block, start, model.seed_key, population, scale, model.means)
+    else:
+        block = counts[:, start:stop]
+    return np.ascontiguousarray(block.T, dtype=np.int32)
+
+
+def _check_options(line_ending: str, compression: str | None, block: int, name: str) -> None:
+    if line_ending not in ("\n", "\r\n"):
+        raise ValueError(f"line_ending must be '\\n' or '\\r\\n', got {line_ending!r}")
+    if compression not in (None, "gzip"):
+        raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
+    if block < 1:
+        raise ValueError(f"{name} must be positive")
+
+
+def _output_path(path: str | os.PathLike, compression: str | None) -> Path:
+    """``path``, with a ``.gz`` suffix added for gzip unless present."""
+    path = Path(path)
+    if compression == "gzip" and path.suffix != ".gz":
+        path = path.with_name(path.name + ".gz")
+    return path
+
+
+@contextlib.contextmanager
+def _opened(path: Path, compression: str | None):
+    """The output file, through gzip when asked: level 1 and no timestamp, so the same data
+    gives the same bytes."""
+    with open(path, "wb") as raw:
+        if compression != "gzip":
+            yield raw
+            return
+        sink = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0)
+        try:
+            yield sink
+        finally:
+            sink.close()
+
+
+class _Lines:
+    """Text lines ``<name><sep><count>...``: by the compiled kernel into one reused buffer, or
+    as an R dialect writes them."""
+
+    def __init__(self, line_ending: str, r_dialect: _RWriter | None, sep: str = ",") -> None:
+        self.line_ending = line_ending
+        self.eol = np.frombuffer(line_ending.encode(), dtype=np.uint8)
+        self.r_dialect = r_dialect
+        self.sep = sep
+        self.buffer = np.empty(0, dtype=np.uint8)
+
+    def format(self, counts: np.ndarray, names: np.ndarray, *, unterminated: bool):
+        """The lines of ``counts`` (int32, one row per line) named by ``names`` (one row of
+        bytes per line); ``unterminated`` leaves the last line without its line ending."""
+        if self.r_dialect is not None:
+            row_names = [bytes(name).decode() for name in names]
+            text = self.r_dialect.lines(counts, row_names, self.line_ending)
+            return text[: -self.eol.size] if unterminated else text
+        size = _text_size(counts, names.shape[1], self.eol.size)
+        if self.buffer.size < size:
+            self.buffer = np.empty(int(size * 1.25), dtype=np.uint8)
+        written = _format_rows(counts, names, self.eol, self.buffer)
+        if unterminated:
+            written -= self.eol.size
+        text = self.buffer[:written]
+        if self.sep == "\t":  # the kernel writes commas; gene names hold none
+            text[text == 44] = 9
+        return memoryview(text)
 
 
 def write_metadata_csv(
