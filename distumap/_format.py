@@ -7,12 +7,14 @@ functions, which return a list of violations (empty when the object follows the 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from distumap._errors import InputError
+
+if TYPE_CHECKING:  # the scheduler's dashboard imports this module and needs no xarray
+    import xarray as xr
 
 FORMAT_VERSION = 1
 
@@ -238,6 +240,8 @@ def _variable_length_string(dtype: np.dtype) -> bool:
 
 def stages(ds_or_attrs: xr.Dataset | dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stage records of a store: ``{name: {"status": ..., "params": {...}}}``."""
+    import xarray as xr  # here: the module's import stays free of xarray
+
     attrs = ds_or_attrs.attrs if isinstance(ds_or_attrs, xr.Dataset) else ds_or_attrs
     return dict(attrs.get(ATTR, {}).get("stages", {}))
 

@@ -242,6 +242,16 @@ def test_dashboard_imports_alone_without_bokeh():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_dashboard_imports_without_xarray():
+    """The scheduler preloads this module: it must not pull in xarray (nor the pl namespace)."""
+    code = (
+        "import sys, distumap.dashboard; "
+        "loaded = sorted(m for m in ('xarray', 'distumap.pl') if m in sys.modules); "
+        "assert not loaded, f'imported: {loaded}'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # ---- on real schedulers -------------------------------------------------------------------------
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from distumap._palette import _srgb_to_lab, categories, palette
 from distumap.pl._interactive import umap_html
-from distumap.pl._palette import _srgb_to_lab, categories, palette
 from distumap.pl._static import DPI, FIGSIZE, umap
 
 N_GROUPS = 30
@@ -236,7 +236,8 @@ def test_html_shading_hides_with_its_legend_entry(dataset):
 
 
 def test_density_image_colours_and_opacity():
-    from distumap.pl._palette import density_rgba, hex_to_rgb
+    from distumap._palette import hex_to_rgb
+    from distumap.pl._shared import density_rgba
 
     xy = np.array([[0.1, 0.1], [0.1, 0.1], [0.1, 0.1], [0.9, 0.9], [np.nan, 0.5]])
     rgb = hex_to_rgb(["#ff0000", "#0000ff", "#0000ff", "#00ff00", "#000000"])

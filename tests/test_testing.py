@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distumap import testing
 from distumap.testing import (
     SyntheticData,
     SyntheticSpec,
@@ -21,6 +20,7 @@ from distumap.testing import (
     write_matrix_csv,
     write_metadata_csv,
 )
+from distumap.testing._kernels import fill_counts
 
 NASTY = SyntheticSpec(53, 40, seed=11, zero_genes=3, zero_cells=4)
 
@@ -242,7 +242,7 @@ def test_poisson_draws_have_the_right_mean_and_variance(mean):
     out = np.empty((n_cells, n_genes), dtype=np.int32)
     means = np.full((1, n_genes), mean)
     population = np.zeros(n_cells, dtype=np.int32)
-    testing._fill_counts(out, 0, np.uint64(12345), population, np.ones(n_cells), means)
+    fill_counts(out, 0, np.uint64(12345), population, np.ones(n_cells), means)
     assert out.min() >= 0
     standard_error = np.sqrt(mean / out.size)
     assert abs(out.mean() - mean) < 5 * standard_error

@@ -8,12 +8,11 @@ import numpy as np
 import xarray as xr
 
 from distumap._format import HTML_MARK, check_replaceable
-from distumap.pl._palette import (
-    categories,
+from distumap._palette import categories, hex_to_rgb
+from distumap.pl._shared import (
     default_title,
     density_rgba,
     extent,
-    hex_to_rgb,
     is_categorical,
     marker_style,
     plot_data,
@@ -21,7 +20,7 @@ from distumap.pl._palette import (
 
 #: seed of the subsample drawn above ``max_points``
 SAMPLE_SEED = 0
-#: cells drawn as points at most: at 50,000 the page is about 3 MB with long cell names
+#: cells drawn as points at most; above it, a sample over a shading of all cells
 MAX_POINTS = 50_000
 #: when sampling, each category keeps at least this many of its cells as points (hover targets)
 CATEGORY_FLOOR = 50
@@ -75,24 +74,46 @@ def umap_html(
     >>> distumap.pl.umap_html(ds, color="subclass_label", path="umap.html")  # doctest: +SKIP
     'umap.html'
     """
-    from bokeh.embed import file_html
-    from bokeh.models import ColorBar, ColumnDataSource, HoverTool, Legend, LegendItem
-    from bokeh.plotting import figure
-    from bokeh.resources import INLINE
-    from bokeh.transform import linear_cmap
-
     embedding, values, given = plot_data(ds, color)
     n = embedding.shape[0]
-    categorical = values is not None and is_categorical(values)
-    if categorical:
-        all_codes, names, counts, colors = categories(values, given)
+    groups = None  # codes per cell, then the categories' names, counts and colours
+    if values is not None and is_categorical(values):
+        groups = categories(values, given)
     keep = np.arange(n)
     if n > max_points:
-        keep = sample_cells(n, max_points, all_codes if categorical else None)
-    cells = np.asarray(ds["cell"].values[keep]).astype(str)
+        keep = sample_cells(n, max_points, None if groups is None else groups[0])
     heading = title or default_title(n, color)
     if keep.size < n:
         heading += f" (points: a sample of {keep.size:,} of {n:,} cells; shading: all cells)"
+    fig = _figure(heading)
+    legend_items = []
+    if keep.size < n:
+        legend_items.append(_shading_item(fig, embedding, groups))
+    # marker sizes in screen pixels, from the area in points^2 the static plot would use
+    size, alpha = marker_style(keep.size)
+    style = {"size": float(np.clip(np.sqrt(size) * 2.0, 2.0, 8.0)), "alpha": alpha}
+    cells = np.asarray(ds["cell"].values[keep]).astype(str)
+    data = {"x": embedding[keep, 0], "y": embedding[keep, 1], "cell": cells}
+    tooltips = [("cell", "@cell")]
+    if groups is not None:
+        points = _category_points(fig, data, groups[0][keep], groups[1:], style, legend_items)
+        tooltips.append((color, "$name"))
+        _add_legend(fig, legend_items, title=color)
+    else:
+        if values is not None:
+            data["value"] = values[keep].astype(float)
+            tooltips.append((color, "@value"))
+        points = [_value_points(fig, data, color, style)]
+        if legend_items:  # the shading can be hidden too
+            legend_items.append(_legend_item(f"a sample of {keep.size:,} cells", points))
+            _add_legend(fig, legend_items)
+    _add_hover(fig, tooltips, points)
+    return _write_page(fig, heading, path)
+
+
+def _figure(heading: str):
+    """An empty square-aspect figure without ticks or grid: UMAP's axes carry no units."""
+    from bokeh.plotting import figure
 
     fig = figure(
         title=heading,
@@ -108,69 +129,105 @@ def umap_html(
     fig.axis.minor_tick_line_color = None
     fig.axis.major_label_text_font_size = "0pt"
     fig.grid.visible = False
-    # marker sizes in screen pixels, from the area in points^2 the static plot would use
-    size, alpha = marker_style(keep.size)
-    radius_px = float(np.clip(np.sqrt(size) * 2.0, 2.0, 8.0))
-    tooltips = [("cell", "@cell")]
-    x, y = embedding[keep, 0], embedding[keep, 1]
-    items, points = [], []
-    if keep.size < n:
-        rgb = hex_to_rgb(colors)[all_codes] if categorical else hex_to_rgb(["#1f77b4"])
-        shading = _shading(fig, embedding, rgb)
-        items.append(LegendItem(label=f"all {n:,} cells (shading)", renderers=[shading]))
-    if categorical:
-        codes = all_codes[keep]
-        for code, (name, count, hue) in enumerate(zip(names, counts, colors, strict=True)):
-            mask = codes == code
-            source = ColumnDataSource({"x": x[mask], "y": y[mask], "cell": cells[mask]})
-            renderer = fig.scatter(
-                "x",
-                "y",
-                source=source,
-                size=radius_px,
-                color=hue,
-                alpha=alpha,
-                line_color=None,
-                name=name,
-            )
-            points.append(renderer)
-            items.append(LegendItem(label=f"{name} ({count:,})", renderers=[renderer]))
-        tooltips.append((color, "$name"))
-        legend = Legend(
-            items=items,
-            title=color,
-            click_policy="hide",
-            label_text_font_size="9pt",
-            spacing=0,
-            padding=4,
-            ncols=1 if len(items) <= 26 else 2,  # as the PNG's legend
-        )
-        fig.add_layout(legend, "right")
+    return fig
+
+
+def _shading_item(fig, embedding: np.ndarray, groups):
+    """The shading of all cells, in their categories' colours, and its legend entry."""
+    n = embedding.shape[0]
+    if groups is not None:
+        rgb = hex_to_rgb(groups[3])[groups[0]]
     else:
-        data = {"x": x, "y": y, "cell": cells}
-        kwargs = {"color": "#1f77b4"}
-        if values is not None:
-            data["value"] = values[keep].astype(float)
-            finite = data["value"][np.isfinite(data["value"])]
-            low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-            mapper = linear_cmap("value", "Viridis256", low, high, nan_color="#c8c8c8")
-            kwargs = {"color": mapper}
-            tooltips.append((color, "@value"))
-            fig.add_layout(ColorBar(color_mapper=mapper.transform, title=color), "right")
+        rgb = hex_to_rgb(["#1f77b4"])
+    shading = _shading(fig, embedding, rgb)
+    return _legend_item(f"all {n:,} cells (shading)", [shading])
+
+
+def _legend_item(label: str, renderers: list):
+    from bokeh.models import LegendItem
+
+    return LegendItem(label=label, renderers=renderers)
+
+
+def _category_points(fig, data, codes: np.ndarray, groups, style, legend_items) -> list:
+    """One scatter per category (named for the hover), each with a legend entry that
+    counts its cells; returns the scatters."""
+    from bokeh.models import ColumnDataSource
+
+    names, counts, colors = groups
+    points = []
+    for code, (name, count, hue) in enumerate(zip(names, counts, colors, strict=True)):
+        mask = codes == code
+        source = ColumnDataSource({key: column[mask] for key, column in data.items()})
         renderer = fig.scatter(
             "x",
             "y",
-            source=ColumnDataSource(data),
-            size=radius_px,
-            alpha=alpha,
+            source=source,
+            size=style["size"],
+            color=hue,
+            alpha=style["alpha"],
             line_color=None,
-            **kwargs,
+            name=name,
         )
         points.append(renderer)
-        if items:  # the shading can be hidden too
-            items.append(LegendItem(label=f"a sample of {keep.size:,} cells", renderers=points))
-            fig.add_layout(Legend(items=items, click_policy="hide"), "right")
+        legend_items.append(_legend_item(f"{name} ({count:,})", [renderer]))
+    return points
+
+
+def _value_points(fig, data, color: str | None, style):
+    """One scatter, coloured along viridis with a colour bar when ``data`` holds values."""
+    from bokeh.models import ColorBar, ColumnDataSource
+    from bokeh.transform import linear_cmap
+
+    kwargs = {"color": "#1f77b4"}
+    if "value" in data:
+        finite = data["value"][np.isfinite(data["value"])]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        mapper = linear_cmap("value", "Viridis256", low, high, nan_color="#c8c8c8")
+        kwargs = {"color": mapper}
+        fig.add_layout(ColorBar(color_mapper=mapper.transform, title=color), "right")
+    return fig.scatter(
+        "x",
+        "y",
+        source=ColumnDataSource(data),
+        size=style["size"],
+        alpha=style["alpha"],
+        line_color=None,
+        **kwargs,
+    )
+
+
+def _add_legend(fig, items: list, title: str | None = None) -> None:
+    """The legend on the right; click an entry to hide its points."""
+    from bokeh.models import Legend
+
+    if title is None:
+        fig.add_layout(Legend(items=items, click_policy="hide"), "right")
+        return
+    legend = Legend(
+        items=items,
+        title=title,
+        click_policy="hide",
+        label_text_font_size="9pt",
+        spacing=0,
+        padding=4,
+        ncols=1 if len(items) <= 26 else 2,  # as the PNG's legend
+    )
+    fig.add_layout(legend, "right")
+
+
+def _add_hover(fig, tooltips: list, points: list) -> None:
+    from bokeh.models import HoverTool
+
     fig.add_tools(HoverTool(tooltips=tooltips, renderers=points))
+
+
+def _write_page(fig, heading: str, path: str | os.PathLike | None) -> str:
+    """The page as one HTML document with bokeh inline, marked as distumap's; written to
+    ``path`` (a file or an fsspec URL) when given, which is then returned."""
+    from bokeh.embed import file_html
+    from bokeh.resources import INLINE
+
     html = file_html(fig, resources=INLINE, title=heading)
     # the mark by which distumap knows the page as its own (and may replace it)
     html = html.replace("<head>", f"<head>\n    {HTML_MARK}", 1)

@@ -9,12 +9,11 @@ import xarray as xr
 
 from distumap import __version__
 from distumap._format import OUTPUT_MARK, check_replaceable
-from distumap.pl._palette import (
-    categories,
+from distumap._palette import categories, hex_to_rgb
+from distumap.pl._shared import (
     default_title,
     density_rgba,
     extent,
-    hex_to_rgb,
     is_categorical,
     marker_style,
     plot_data,

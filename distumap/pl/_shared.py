@@ -1,0 +1,110 @@
+"""What the static and the interactive plot share: the data they draw, which columns are
+categories, marker sizes, titles, bounds and the density shading of many cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+#: integer columns with at most this many distinct values are drawn as categories
+MAX_INTEGER_CATEGORIES = 60
+
+
+def is_categorical(values: np.ndarray) -> bool:
+    """Whether a column is drawn with a legend (text, booleans, few integers) or a colour bar."""
+    kind = values.dtype.kind
+    if kind in "OUSTb":
+        return True
+    if kind in "iu":
+        return np.unique(values).size <= MAX_INTEGER_CATEGORIES
+    return False
+
+
+def plot_data(
+    ds: xr.Dataset, color: str | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The embedding (cells x 2, float32), the colour column and its colours, if the data has
+    them (``<color>_color``, as the Allen Institute's metadata has for ``subclass_label``)."""
+    import dask
+
+    if "X_umap" not in ds:
+        raise ValueError("the dataset has no X_umap: run the embed stage first")
+    if color is not None and color not in ds.variables:
+        columns = sorted(name for name, c in ds.coords.items() if c.dims == ("cell",))
+        raise ValueError(f"no column {color!r} to colour by; the cell columns are {columns}")
+    embedding = ds["X_umap"].transpose("cell", ...).data
+    values = ds[color].data if color is not None else None
+    given_name = f"{color.removesuffix('_label')}_color" if color is not None else None
+    given = None
+    if given_name in ds.variables and ds[given_name].dims == ("cell",):
+        given = ds[given_name].data
+    embedding, values, given = dask.compute(embedding, values, given)
+    return (
+        np.asarray(embedding, dtype=np.float32),
+        None if values is None else np.asarray(values),
+        None if given is None else np.asarray(given),
+    )
+
+
+def marker_style(n: int) -> tuple[float, float]:
+    """Marker area (points^2) and alpha for ``n`` cells on a ~7 inch wide axes at 150 dpi.
+
+    Area falls as 1/n (the ink per cell stays the same) but not below about two pixels, or
+    sparse populations fade away; alpha falls above 200,000 cells so dense regions show
+    density instead of a solid blot.
+    """
+    size = float(np.clip(120_000 / max(n, 1), 0.5, 30.0))
+    alpha = float(np.clip(1.0 - 0.45 * np.log10(max(n, 1) / 200_000), 0.5, 1.0))
+    return size, alpha
+
+
+def default_title(n: int, color: str | None) -> str:
+    title = f"UMAP of {n:,} cells"
+    return f"{title}, coloured by {color}" if color else title
+
+
+def extent(embedding: np.ndarray, margin: float = 0.02) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` around the finite points of ``embedding``, with a margin."""
+    finite = embedding[np.isfinite(embedding).all(axis=1)]
+    if finite.size == 0:
+        return (-1.0, 1.0, -1.0, 1.0)
+    low, high = finite.min(axis=0).astype(float), finite.max(axis=0).astype(float)
+    pad = np.maximum((high - low) * margin, 1e-6)
+    return (low[0] - pad[0], high[0] + pad[0], low[1] - pad[1], high[1] + pad[1])
+
+
+def density_rgba(
+    embedding: np.ndarray,
+    rgb: np.ndarray,
+    *,
+    bounds: tuple[float, float, float, float],
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Every cell shaded into one ``(rows, cols, 4)`` uint8 image, top row first.
+
+    A pixel's colour is the mean colour of its cells (``rgb``: one row per cell, or one row
+    for all), its opacity grows with the log of their number: dense regions show their
+    inner structure instead of a solid blot, and a single cell still shows. Memory and time
+    are linear in the cells and bounded by the image: how pictures stay light at any size.
+    """
+    rows, cols = shape
+    x0, x1, y0, y1 = bounds
+    finite = np.isfinite(embedding).all(axis=1)
+    xy = embedding[finite].astype(np.float64)
+    col = np.clip(((xy[:, 0] - x0) / (x1 - x0) * cols).astype(np.int64), 0, cols - 1)
+    row = np.clip(((y1 - xy[:, 1]) / (y1 - y0) * rows).astype(np.int64), 0, rows - 1)
+    pixel = row * cols + col
+    count = np.bincount(pixel, minlength=rows * cols).astype(np.float64)
+    rgb = np.asarray(rgb, dtype=np.float64)
+    image = np.zeros((rows * cols, 4))
+    if rgb.shape[0] == 1:
+        image[:, :3] = rgb[0]
+    else:
+        rgb = rgb[finite]
+        for channel in range(3):
+            total = np.bincount(pixel, weights=rgb[:, channel], minlength=rows * cols)
+            image[:, channel] = np.divide(total, count, out=np.ones_like(total), where=count > 0)
+    peak = max(float(count.max()), 1.0)
+    opacity = 0.55 + 0.45 * np.log1p(count) / np.log1p(peak)
+    image[:, 3] = np.where(count > 0, opacity, 0.0)
+    return np.round(image * 255).astype(np.uint8).reshape(rows, cols, 4)
