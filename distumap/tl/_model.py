@@ -35,6 +35,14 @@ from numba import njit
 from distumap._errors import InputError
 from distumap._format import MODEL_ARRAYS, MODEL_SCALARS, check_model
 from distumap._store import read_group, write_group
+from distumap.tl._kernels import (
+    MIN_K_DIST_SCALE,
+    bandwidth,
+    clip,
+    heap_push,
+    heap_sift_down,
+    splitmix64,
+)
 
 __all__ = [
     "LandmarkModel",
@@ -52,13 +60,6 @@ __all__ = [
 
 #: held around each umap-learn fit and the warning filters it sets (see fit_landmark_model)
 _UMAP_FIT_LOCK = threading.Lock()
-
-# umap-learn's constants for the sigma search (umap/umap_.py), kept identical on purpose
-SMOOTH_K_TOLERANCE = 1e-5
-MIN_K_DIST_SCALE = 1e-3
-_SIGMA_SEARCH_STEPS = 64
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 #: landmarks queried (without themselves) to calibrate the weight and distance references
 CALIBRATION_CELLS = 2000
@@ -253,33 +254,9 @@ def _exact_knn_block(
                 continue
             s = landmark_sqnorm[j] - 2.0 * np.float64(dots[i, j])
             if size < n_candidates:
-                pos = size
-                size += 1
-                while pos > 0:
-                    parent = (pos - 1) // 2
-                    if heap_score[parent] >= s:
-                        break
-                    heap_score[pos] = heap_score[parent]
-                    heap_index[pos] = heap_index[parent]
-                    pos = parent
-                heap_score[pos] = s
-                heap_index[pos] = j
+                size = heap_push(heap_score, heap_index, size, s, j, False)
             elif s < heap_score[0]:
-                pos = 0
-                while True:
-                    left = 2 * pos + 1
-                    if left >= size:
-                        break
-                    child = left
-                    if left + 1 < size and heap_score[left + 1] > heap_score[left]:
-                        child = left + 1
-                    if heap_score[child] <= s:
-                        break
-                    heap_score[pos] = heap_score[child]
-                    heap_index[pos] = heap_index[child]
-                    pos = child
-                heap_score[pos] = s
-                heap_index[pos] = j
+                heap_sift_down(heap_score, heap_index, size, s, j, False)
         candidates = np.sort(heap_index[:size])
         kth = _rank_exact(features, i, landmarks, candidates, k, out_index, out_dist)
         n_available = n_land - (1 if 0 <= exclude[i] < n_land else 0)
@@ -300,41 +277,11 @@ def _exact_knn_block(
 
 
 @njit(cache=True, nogil=True)
-def _bandwidth(dists, first, rho, target):
-    """umap-learn's binary search for a row's sigma: the sum over the finite ``dists[first:]``
-    of ``exp(-(d - rho) / sigma)`` (1 where ``d <= rho``) within tolerance of ``target``.
-    Shared by the transform's weights and the refinement's fit-time weights."""
-    k = dists.shape[0]
-    lo = 0.0
-    hi = np.inf
-    mid = 1.0
-    for _ in range(_SIGMA_SEARCH_STEPS):
-        psum = 0.0
-        for j in range(first, k):
-            if not np.isfinite(dists[j]):
-                continue
-            d = dists[j] - rho
-            psum += np.exp(-(d / mid)) if d > 0.0 else 1.0
-        if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
-            break
-        if psum > target:
-            hi = mid
-            mid = (lo + hi) / 2.0
-        else:
-            lo = mid
-            if hi == np.inf:
-                mid *= 2.0
-            else:
-                mid = (lo + hi) / 2.0
-    return mid
-
-
-@njit(cache=True, nogil=True)
 def _membership_weights(dists, floor):
     """umap-learn's transform weights for one row: rho = 0, bandwidth 1, target log2(k)."""
     k = dists.shape[0]
     # as in umap-learn, the nearest neighbour is left out of the sum
-    sigma = max(_bandwidth(dists, 1, 0.0, np.log2(k)), floor)
+    sigma = max(bandwidth(dists, 1, 0.0, np.log2(k)), floor)
     weights = np.empty(k, dtype=np.float64)
     for j in range(k):
         if dists[j] <= 0.0 or sigma == 0.0:
@@ -350,24 +297,6 @@ def _weights_block(dists, floor):
     for i in range(dists.shape[0]):
         out[i] = _membership_weights(dists[i], floor)
     return out
-
-
-@njit(cache=True, nogil=True)
-def _splitmix64(state):
-    state = state + np.uint64(0x9E3779B97F4A7C15)
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return state, z ^ (z >> np.uint64(31))
-
-
-@njit(cache=True, nogil=True)
-def _clip(value):
-    if value > 4.0:
-        return 4.0
-    if value < -4.0:
-        return -4.0
-    return value
 
 
 @njit(cache=True, nogil=True)
@@ -429,8 +358,8 @@ def _embed_block(
                 next_sample[n_edges] = epochs_per_sample[n_edges]
                 next_negative[n_edges] = epochs_per_negative[n_edges]
                 n_edges += 1
-        state, _ = _splitmix64(seed ^ np.uint64(0x6A09E667F3BCC909))
-        state, mixed = _splitmix64(state ^ np.uint64(cell_index[i]))
+        state, _ = splitmix64(seed ^ np.uint64(0x6A09E667F3BCC909))
+        state, mixed = splitmix64(state ^ np.uint64(cell_index[i]))
         state = mixed
         alpha = initial_alpha
         for epoch in range(n_epochs):
@@ -444,12 +373,12 @@ def _embed_block(
                 if d2 > 0.0:
                     d2b = np.float64(np.float32(d2) ** b32)
                     coeff = attract * d2b / (d2 * (a * d2b + 1.0))
-                    x += _clip(coeff * dx) * alpha
-                    y += _clip(coeff * dy) * alpha
+                    x += clip(coeff * dx) * alpha
+                    y += clip(coeff * dy) * alpha
                 next_sample[e] += epochs_per_sample[e]
                 n_negative = int((epoch - next_negative[e]) / epochs_per_negative[e])
                 for _ in range(n_negative):
-                    state, r = _splitmix64(state)
+                    state, r = splitmix64(state)
                     other = np.int64(((r >> np.uint64(32)) * n_land_u) >> np.uint64(32))
                     dx = x - landmark_embedding[other, 0]
                     dy = y - landmark_embedding[other, 1]
@@ -457,8 +386,8 @@ def _embed_block(
                     if d2 > 0.0:
                         d2b = np.float64(np.float32(d2) ** b32)
                         coeff = repel / ((0.001 + d2) * (a * d2b + 1.0))
-                        x += _clip(coeff * dx) * alpha
-                        y += _clip(coeff * dy) * alpha
+                        x += clip(coeff * dx) * alpha
+                        y += clip(coeff * dy) * alpha
                 next_negative[e] += n_negative * epochs_per_negative[e]
             alpha = initial_alpha * (1.0 - (epoch + 1) / n_epochs)
         out[i, 0] = np.float32(x)
