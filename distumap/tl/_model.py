@@ -23,7 +23,6 @@ model, bit for bit, whatever the block size, order or number of workers.
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +31,6 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from distumap._errors import InputError
-from distumap._format import MODEL_ARRAYS, MODEL_SCALARS, check_model
-from distumap._store import read_group, write_group
 from distumap.tl._kernels import (
     MIN_K_DIST_SCALE,
     bandwidth,
@@ -47,12 +43,8 @@ from distumap.tl._kernels import (
 __all__ = [
     "LandmarkModel",
     "fit_landmark_model",
-    "from_arrays",
     "landmark_knn",
-    "load_model",
     "project",
-    "save_model",
-    "to_arrays",
     "transform",
     "warm_up",
     "warm_up_fit",
@@ -729,67 +721,6 @@ def landmark_knn(model: LandmarkModel, landmark_index: np.ndarray) -> tuple[np.n
         floor = MIN_K_DIST_SCALE * model.mean_distance_reference
         weights[start : start + block] = _weights_block(dists, floor)
     return neighbors, weights
-
-
-def to_arrays(model: LandmarkModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The model as plain float32 arrays and JSON attributes (``distumap._format.MODEL_ARRAYS``
-    and ``MODEL_SCALARS``): the layout of ``umap_model/`` in a store. No code, no pickle."""
-    arrays = {
-        name: np.ascontiguousarray(getattr(model, name), dtype=np.float32)
-        for name in MODEL_ARRAYS
-        if getattr(model, name) is not None
-    }
-    attrs: dict[str, Any] = {
-        name: kind(getattr(model, name)) for name, kind in MODEL_SCALARS.items()
-    }
-    attrs["params"] = json.loads(json.dumps(model.params, default=str))
-    return arrays, attrs
-
-
-def from_arrays(arrays: dict[str, np.ndarray], attrs: dict[str, Any], *, source: str = "model"):
-    """Rebuild a :class:`LandmarkModel` from :func:`to_arrays`'s output, validating it first.
-
-    Raises
-    ------
-    InputError
-        The arrays or attributes do not follow the layout (missing, wrong dtype or shape, values
-        that are not finite); the message names ``source`` and every problem.
-    """
-    problems = check_model(arrays, attrs)
-    if problems:
-        raise InputError(f"{source}: not a valid distumap UMAP model: {'; '.join(problems)}")
-    return LandmarkModel(
-        pca_mean=arrays.get("pca_mean"),
-        pca_components=arrays.get("pca_components"),
-        landmark_features=arrays["landmark_features"],
-        landmark_embedding=arrays["landmark_embedding"],
-        params=dict(attrs.get("params", {})),
-        **{name: kind(attrs[name]) for name, kind in MODEL_SCALARS.items()},
-    )
-
-
-def save_model(model: LandmarkModel, path: str) -> None:
-    """Write the model to ``path`` (a local path or an fsspec URL) as a zarr group of plain
-    arrays and JSON attributes, the layout of a store's ``umap_model/``."""
-    arrays, attrs = to_arrays(model)
-    write_group(path, "", arrays, attrs)
-
-
-def load_model(path: str) -> LandmarkModel:
-    """Read and validate a model written by :func:`save_model` (a local path or an fsspec URL).
-
-    Raises
-    ------
-    InputError
-        Nothing at ``path`` is a model in distumap's layout (a pickle, say: never unpickled).
-    """
-    try:
-        arrays, attrs = read_group(path, "")
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: no distumap UMAP model here (save_model writes a zarr group)"
-        ) from None
-    return from_arrays(arrays, attrs, source=str(path))
 
 
 def warm_up_fit(part: str = "all") -> None:
