@@ -57,7 +57,7 @@ _UMAP_FIT_LOCK = threading.Lock()
 CALIBRATION_CELLS = 2000
 #: candidates proposed by BLAS beyond k before the exact re-ranking
 CANDIDATE_MARGIN = 16
-#: cap on one block's candidate-score matrix (cells x landmarks float32 values, 64 MiB)
+#: cap on one block's candidate-score matrix (cells x landmarks float32 values)
 _BLOCK_SCORE_VALUES = 16 * 1024 * 1024
 
 
@@ -517,7 +517,6 @@ def fit_landmark_model(
     >>> xy = transform(model, log_cells, cell_index=np.arange(len(log_cells)))  # doctest: +SKIP
     """
     import umap
-    from sklearn.decomposition import PCA
 
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
@@ -534,30 +533,8 @@ def fit_landmark_model(
     pca_mean = pca_components = None
     features = X
     if use_pca:
-        pca = PCA(n_components=n_pca, random_state=seed).fit(X)
-        pca_mean = pca.mean_.astype(np.float32)
-        pca_components = pca.components_.astype(np.float32)
-        components_t = np.ascontiguousarray(pca_components.T)
-        offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
-        features = _project_rows(X, components_t, offset.astype(np.float64))
-
-    # warning filters are process-wide: one umap-learn fit at a time changes them (a background
-    # warm_up_fit may run beside the real fit in the same worker)
-    with _UMAP_FIT_LOCK, warnings.catch_warnings():
-        # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
-        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
-        # the landmarks' exact kNN, from the same kernel as the transform's, instead of
-        # pynndescent's approximate one: no NN-descent to compile or run in each fit
-        warnings.filterwarnings("ignore", message=".*is not an NNDescent object.*")
-        knn = _self_knn(features, n_neighbors)
-        reducer = umap.UMAP(
-            n_neighbors=n_neighbors,
-            min_dist=min_dist,
-            random_state=seed,
-            n_components=2,
-            precomputed_knn=(*knn, None),
-        ).fit(features)
-
+        pca_mean, pca_components, features = _fit_pca(X, n_pca, seed)
+    reducer = _fit_umap(features, n_neighbors, min_dist, seed)
     model = LandmarkModel(
         pca_mean=pca_mean,
         pca_components=pca_components,
@@ -592,6 +569,41 @@ def fit_landmark_model(
         "umap_learn": umap.__version__ if hasattr(umap, "__version__") else "unknown",
     }
     return model
+
+
+def _fit_pca(X: np.ndarray, n_pca: int, seed: int):
+    """PCA fitted on the landmarks: float32 mean and components, and the landmarks' features
+    projected by the same kernel as every other cell's."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=n_pca, random_state=seed).fit(X)
+    pca_mean = pca.mean_.astype(np.float32)
+    pca_components = pca.components_.astype(np.float32)
+    components_t = np.ascontiguousarray(pca_components.T)
+    offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
+    return pca_mean, pca_components, _project_rows(X, components_t, offset.astype(np.float64))
+
+
+def _fit_umap(features: np.ndarray, n_neighbors: int, min_dist: float, seed: int):
+    """umap-learn's fit on the landmarks' features, over their exact kNN."""
+    import umap
+
+    # warning filters are process-wide: one umap-learn fit at a time changes them (a background
+    # warm_up_fit may run beside the real fit in the same worker)
+    with _UMAP_FIT_LOCK, warnings.catch_warnings():
+        # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        # the landmarks' exact kNN, from the same kernel as the transform's, instead of
+        # pynndescent's approximate one: no NN-descent to compile or run in each fit
+        warnings.filterwarnings("ignore", message=".*is not an NNDescent object.*")
+        knn = _self_knn(features, n_neighbors)
+        return umap.UMAP(
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            random_state=seed,
+            n_components=2,
+            precomputed_knn=(*knn, None),
+        ).fit(features)
 
 
 def project(model: LandmarkModel, X: np.ndarray) -> np.ndarray:
@@ -642,7 +654,7 @@ def transform(
     Notes
     -----
     Computes, in blocks that keep memory bounded (a block's cells x landmarks float32 scores
-    stay under 64 MiB). Numba kernels release the GIL.
+    stay under a fixed cap). Numba kernels release the GIL.
     """
     X = _as_matrix(X, model.n_genes)
     cell_index = np.ascontiguousarray(cell_index, dtype=np.int64).reshape(-1)
