@@ -392,7 +392,7 @@ class _Steps(StagePass):
         return [start + int(block) for block in np.flatnonzero(~done)]
 
 
-#: cells per refinement task, about: an epoch is cheap per cell (~2 us), so each task takes
+#: cells per refinement task, about: an epoch is cheap per cell, so each task takes
 #: several store chunks, or the per-task cost (markers, opening arrays) would outweigh it
 REFINE_TASK_CELLS = 32768
 
@@ -620,17 +620,7 @@ def umap(
     client = current_client()
     # before any heavy work: a block or a fit that cannot fit in a worker is refused (exit 2)
     _memory.check_blocks(client, "embed", max(ds["counts"].data.chunks[0]), ds.sizes["gene"])
-    if stage.resumable(token=token) and _model_saved(location, token):
-        is_landmark = ds["landmark"].values  # written when the interrupted run started
-        fit_seconds = None  # fitted by the interrupted run
-    else:
-        is_landmark = _landmark_mask(ds, params)
-        _memory.check_fit(
-            client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
-        )
-        _start(stage, ds, location, params, is_landmark, token, n_genes=features.shape[1])
-        fit_seconds = _fit(stage, features, is_landmark, location, token, params, client)
-
+    is_landmark, fit_seconds = _fit_or_resume(stage, ds, location, params, features, token, client)
     refining = _refine_epochs(params, is_landmark) > 0
     if client is not None:
         _register_model_plugin(client, location, token, is_landmark, refining)
@@ -654,6 +644,27 @@ def umap(
         **refined,
     )
     return open_store(location)
+
+
+def _fit_or_resume(
+    stage: Stage,
+    ds: xr.Dataset,
+    location: str,
+    params: dict[str, Any],
+    features: da.Array,
+    token: str,
+    client,
+) -> tuple[np.ndarray, float | None]:
+    """The landmarks, and the fit's seconds: a resumed run keeps the interrupted run's
+    landmarks and model (None seconds); any other starts the stage and fits."""
+    if stage.resumable(token=token) and _model_saved(location, token):
+        return ds["landmark"].values, None  # written when the interrupted run started
+    is_landmark = _landmark_mask(ds, params)
+    _memory.check_fit(
+        client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
+    )
+    _start(stage, ds, location, params, is_landmark, token, n_genes=features.shape[1])
+    return is_landmark, _fit(stage, features, is_landmark, location, token, params, client)
 
 
 def _start(

@@ -1,7 +1,7 @@
 """Refining a landmark UMAP embedding over the kNN graph of all cells, chunk-invariantly.
 
 The landmark transform places every other cell against the landmarks alone, so transformed cells
-sit worse than fitted ones (the issue: kNN-label agreement 0.763 against the landmarks' 0.825).
+sit worse than fitted ones (their kNN-label agreement is lower; benchmarks/RESULTS.md).
 This module moves every cell with umap-learn's own SGD over its nearest *cells*, in epochs that
 any chunking computes to the same bits:
 
@@ -79,11 +79,11 @@ class RefineSettings:
     n_epochs
         Jacobi epochs (0: no refinement). The embed stage takes it from ``refine_epochs``.
     n_neighbors
-        Nearest cells per cell in the refinement graph, the cell itself not counted (30 gained
-        0.3-1 point of label agreement for twice the graph's memory and 1.2-1.4x the epochs).
+        Nearest cells per cell in the refinement graph, the cell itself not counted (twice as
+        many gained little label agreement for twice the graph's memory and slower epochs).
     max_candidates
         Candidate cells examined per cell: whole buckets, nearest landmark first, until this many
-        were examined (at 5% landmarks, 512 lose 0.3 points of label agreement, 256 lose 1.4).
+        were examined (fewer lose label agreement when landmarks are few).
     bucket_cap
         A bucket contributes at most this many of its cells (an even stride of them).
     initial_alpha
@@ -488,7 +488,7 @@ def _symmetrize(neighbors, weights):
     n, k = neighbors.shape
     # in-edges by target, sources ascending (a counting sort over targets); an in-edge whose
     # reverse the target also holds is flipped to -1 - source, so no mask or slot array is kept
-    # beside it (at a million cells x 15, each would be 15-60 MB more at the stage's peak)
+    # beside it (each would be another array of edges at the stage's peak)
     in_start = np.zeros(n + 1, dtype=np.int64)
     for i in range(n):
         for e in range(k):
