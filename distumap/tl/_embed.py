@@ -659,7 +659,8 @@ def _fit_or_resume(
     landmarks and model (None seconds); any other starts the stage and fits."""
     if stage.resumable(token=token) and _model_saved(location, token):
         return ds["landmark"].values, None  # written when the interrupted run started
-    is_landmark = _landmark_mask(ds, params)
+    chosen = landmarks(ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"])
+    is_landmark = chosen.values
     _memory.check_fit(
         client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
     )
@@ -773,7 +774,7 @@ def _transform(
     refining: bool,
 ) -> float:
     """Transform every store chunk not yet written (``umap-transform`` tasks); return the
-    seconds it took. Refining, the transform is a step before the result."""
+    seconds it took."""
     n_cells = features.shape[0]
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
@@ -803,9 +804,3 @@ def _drop_arrays(store: str, names: list[str]) -> None:
     for name in names:
         if name in group:
             del group[name]
-
-
-def _landmark_mask(ds: xr.Dataset, params: dict[str, Any]) -> np.ndarray:
-    return landmarks(
-        ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"]
-    ).values
