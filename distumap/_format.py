@@ -246,11 +246,6 @@ def stages(ds_or_attrs: xr.Dataset | dict[str, Any]) -> dict[str, dict[str, Any]
     return dict(attrs.get(ATTR, {}).get("stages", {}))
 
 
-def stage_complete(ds: xr.Dataset, name: str) -> bool:
-    """Whether stage ``name`` finished in the store behind ``ds``."""
-    return stages(ds).get(name, {}).get("status") == "complete"
-
-
 def check_store(ds: xr.Dataset) -> list[str]:
     """Violations of the store layout by ``ds`` (an opened store), given the stages it finished.
 

@@ -22,7 +22,7 @@ from distumap._errors import InputError
 
 GIB = 2**30
 
-#: a worker that has imported umap-learn and compiled its kernels (measured: 0.45 GiB)
+#: a worker that has imported umap-learn and compiled its kernels (measured: see the module)
 WARMED_WORKER = int(0.45 * GIB)
 #: a worker running the block tasks of ingest and preprocess (numba kernels, zarr, h5py)
 BLOCK_WORKER = int(0.35 * GIB)
@@ -30,7 +30,7 @@ BLOCK_WORKER = int(0.35 * GIB)
 #: estimates are fits, so work is planned to stay under this share of the limit
 USABLE_SHARE = 0.85
 #: a block task holds about this many copies of its dense block: the block itself, its encoded
-#: form and the codec's shuffle buffer (measured: a 206 MB int32 block peaks a worker at 0.82 GiB)
+#: form and the codec's shuffle buffer (measured: see the module)
 BLOCK_COPIES = 3
 #: smallest block the ingest shrinks to before it refuses
 MIN_CHUNK_CELLS = 64
@@ -55,10 +55,10 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 
     Notes
     -----
-    Measured on a grid (5,000-50,000 landmarks, 2,000-10,000 genes, ``benchmarks/memory.py``):
-    with PCA the peak is the input, the centred copy PCA makes, a constant (0.16 GiB) and about
-    3 KB per landmark (the kNN graph and the optimisation); without PCA umap-learn's
-    nearest-neighbour descent on the genes themselves holds about 2.9 copies of the input.
+    Fitted to measurements over a grid of shapes (``benchmarks/memory.py``): with PCA the peak
+    is the input, the centred copy PCA makes, a constant and a few KB per landmark (the kNN
+    graph and the optimisation); without PCA umap-learn's nearest-neighbour descent on the genes
+    themselves holds about three copies of the input.
     """
     matrix = n_landmarks * n_genes * 4
     graph = n_landmarks * n_neighbors * 100  # neighbours and weights, in the graph's copies

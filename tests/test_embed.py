@@ -159,10 +159,10 @@ def _from_the_model(ds: xr.Dataset, refine_epochs: int = 0) -> np.ndarray:
     """The embedding rebuilt in this process, in one piece, from the model in the store: the
     landmarks' fitted coordinates and the transform of the others (today's embedding), then
     ``refine_epochs`` epochs of the refinement over all cells at once."""
-    from distumap.tl import _model, _refine
+    from distumap.tl import _model, _model_io, _refine
 
     store = ds.encoding["distumap_store"]
-    model = _model.from_arrays(*distumap._store.read_group(store, "umap_model"))
+    model = _model_io.from_arrays(*distumap._store.read_group(store, "umap_model"))
     with dask.config.set(scheduler="threads"):
         X = distumap.pp.log2p1(ds).values
     is_landmark = ds["landmark"].values

@@ -24,7 +24,7 @@ from distumap._format import MODEL_GROUP, check_loom
 from distumap._store import read_group, store_of
 from distumap.io.writers.loom import knn_graph, write_loom
 from distumap.testing import synthetic_counts, write_dataset
-from distumap.tl import _model
+from distumap.tl import _model, _model_io
 
 N_CELLS, N_GENES, K = 400, 120, 8
 
@@ -123,7 +123,7 @@ def test_knn_graph_does_not_depend_on_chunks(stores):
 def test_knn_graph_is_the_exact_nearest_landmarks(stores):
     ds = stores["first"]
     store = store_of(ds)
-    model = _model.from_arrays(*read_group(store, MODEL_GROUP))
+    model = _model_io.from_arrays(*read_group(store, MODEL_GROUP))
     features = _model.project(model, distumap.pp.log2p1(ds).values).astype(np.float64)
     landmark_cells = np.flatnonzero(ds["landmark"].values)
     np.testing.assert_array_equal(features[landmark_cells], model.landmark_features)

@@ -13,14 +13,11 @@ from distumap.tl import _model
 from distumap.tl._model import (
     LandmarkModel,
     fit_landmark_model,
-    from_arrays,
-    load_model,
     project,
-    save_model,
-    to_arrays,
     transform,
     warm_up,
 )
+from distumap.tl._model_io import from_arrays, load_model, save_model, to_arrays
 
 N_CELLS = 2000
 N_GENES = 200

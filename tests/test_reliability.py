@@ -29,7 +29,7 @@ from distumap._store import mark_stage, progress_array, stage_record
 from distumap.cli import main
 from distumap.testing import SyntheticSpec, write_dataset
 from distumap.tl import _embed
-from distumap.tl._model import load_model
+from distumap.tl._model_io import load_model
 
 ROOT = Path(distumap.__file__).parent
 SPEC = SyntheticSpec(600, 400, seed=11)

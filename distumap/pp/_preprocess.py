@@ -188,8 +188,8 @@ def _select_task(store: str, first: int, last: int, gene_index: np.ndarray) -> i
 
     counts = zarr.open_array(store, path="counts", mode="r")
     # an orthogonal selection: zarr copies the selected genes out of each decoded chunk, where
-    # counts[first:last][:, gene_index] would first copy the whole block into a new array (206 MB
-    # at 50,281 genes, freshly faulted in: 0.22-0.78 s a chunk instead of 0.17-0.19)
+    # counts[first:last][:, gene_index] would first copy the whole block into a new array,
+    # freshly faulted in: several times slower a chunk (benchmarks/RESULTS.md)
     zarr.open_array(store, path=CACHE, mode="r+")[first:last] = counts.oindex[
         first:last, gene_index
     ]
@@ -338,41 +338,60 @@ def preprocess(
         current_client(), "preprocess", max(chunks), ds.sizes["gene"], counts.dtype.itemsize
     )
     if not (stage.resumable() and CACHE in ds):
-        # a cache left by a run with other parameters must not pass for this run's
-        drop_arrays(location, [CACHE])
-        stage.start(n_blocks=len(chunks))
-        # from the ingest's per-block non-zero counts where it wrote them, else a pass over
-        # every count (a store written before they existed)
-        stats = _ingested_zero_counts(location, ds)
-        stats = zero_counts(ds).data if stats is None else stats
-        (zeros,) = stage.compute([stats], label="preprocess: gene statistics")
-        n_cells = max(ds.sizes["cell"], 1)
-        selected = (zeros / n_cells) < threshold
-        n_selected = int(selected.sum())
-        if n_selected == 0:
-            # refused before anything is written: the stage stays "started", so a re-run
-            # refuses too
-            raise InputError(
-                f"{location}: no gene has a zero fraction below {threshold} "
-                f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
-            )
-        genes = xr.Dataset(
-            {
-                "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
-                "selected": ("gene", selected),
-            }
+        _gene_statistics(stage, ds, location, threshold)
+    gene_index = _copy_selected(stage, location, chunks, ds.sizes["cell"])
+    _progress.report("preprocess", len(gene_index), ds.sizes["gene"])
+    stage.complete(genes_selected=len(gene_index))
+    return open_store(location)
+
+
+def _gene_statistics(stage: Stage, ds: xr.Dataset, location: str, threshold: float) -> None:
+    """Start the stage: write ``zero_fraction`` and ``selected``, then the empty cache of the
+    selected genes' counts. Refuses (and writes nothing) when no gene is selected."""
+    counts = ds["counts"]
+    chunks = counts.data.chunks[0]
+    # a cache left by a run with other parameters must not pass for this run's
+    drop_arrays(location, [CACHE])
+    stage.start(n_blocks=len(chunks))
+    # from the ingest's per-block non-zero counts where it wrote them, else a pass over
+    # every count (a store written before they existed)
+    stats = _ingested_zero_counts(location, ds)
+    stats = zero_counts(ds).data if stats is None else stats
+    (zeros,) = stage.compute([stats], label="preprocess: gene statistics")
+    n_cells = max(ds.sizes["cell"], 1)
+    selected = (zeros / n_cells) < threshold
+    n_selected = int(selected.sum())
+    if n_selected == 0:
+        # refused before anything is written: the stage stays "started", so a re-run
+        # refuses too
+        raise InputError(
+            f"{location}: no gene has a zero fraction below {threshold} "
+            f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
         )
-        write_variables(location, genes)
-        # the cache's array last: with it, a resume knows the gene statistics are written
-        placeholder = da.zeros(
-            (ds.sizes["cell"], n_selected), chunks=(chunks, n_selected), dtype=counts.dtype
-        )
-        write_variables(
-            location,
-            xr.Dataset({CACHE: (("cell", "selected_gene"), placeholder)}),
-            compute=False,
-            encoding={CACHE: {"chunks": (chunks[0], n_selected), **codec_of(location)}},
-        )
+    genes = xr.Dataset(
+        {
+            "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
+            "selected": ("gene", selected),
+        }
+    )
+    write_variables(location, genes)
+    # the cache's array last: with it, a resume knows the gene statistics are written
+    placeholder = da.zeros(
+        (ds.sizes["cell"], n_selected), chunks=(chunks, n_selected), dtype=counts.dtype
+    )
+    write_variables(
+        location,
+        xr.Dataset({CACHE: (("cell", "selected_gene"), placeholder)}),
+        compute=False,
+        encoding={CACHE: {"chunks": (chunks[0], n_selected), **codec_of(location)}},
+    )
+
+
+def _copy_selected(
+    stage: Stage, location: str, chunks: tuple[int, ...], n_cells: int
+) -> np.ndarray:
+    """Copy the selected genes' counts into the cache, a task per store chunk not yet done;
+    return the selected genes' indices."""
     gene_index = np.flatnonzero(open_store(location)["selected"].values)
     bounds = np.cumsum((0, *chunks))
     calls = {
@@ -384,11 +403,9 @@ def preprocess(
         calls,
         key="select-genes",
         label="preprocess: copy the selected genes",
-        total=ds.sizes["cell"],
+        total=n_cells,
     )
-    _progress.report("preprocess", len(gene_index), ds.sizes["gene"])
-    stage.complete(genes_selected=len(gene_index))
-    return open_store(location)
+    return gene_index
 
 
 def _threshold(max_zero_fraction: float | None) -> float:

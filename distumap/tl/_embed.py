@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -41,7 +38,6 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.base import tokenize
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from distumap import _config, _memory, _progress
 from distumap._compute import current_client, on_workers_later, trim_memory
@@ -56,91 +52,19 @@ from distumap._store import (
     write_group,
     write_variables,
 )
+from distumap._workers import SetupPlugin, WorkerCache, fit_worker, prepare_fit_workers
 from distumap.pp import log2p1
-from distumap.tl import _model, _refine
+from distumap.tl import _model, _model_io, _refine
+from distumap.tl._landmarks import landmarks
 
 logger = logging.getLogger(__name__)
-
-
-def landmarks(
-    ds: xr.Dataset,
-    n: int | None = None,
-    *,
-    stratify: str | None = None,
-    seed: int | None = None,
-    min_per_group: int | None = None,
-) -> xr.DataArray:
-    """Choose landmark cells: a seeded sample, uniform or stratified by a metadata column.
-
-    Parameters
-    ----------
-    ds
-        The store as a Dataset.
-    n
-        Number of landmarks (default ``distumap.landmarks``); all cells if ``n`` is not smaller.
-    stratify
-        A cell coordinate (e.g. ``subclass_label``). Each group gets
-        ``min(group size, min_per_group)`` landmarks, and the rest are shared in proportion to
-        group size, so rare populations are represented.
-    seed
-        Random seed (default ``distumap.seed``).
-    min_per_group
-        Landmarks guaranteed to each group when stratifying (default ``distumap.min-per-group``).
-
-    Returns
-    -------
-    xarray.DataArray
-        Boolean over ``cell``. Computes nothing but a sample of indices.
-
-    Examples
-    --------
-    >>> is_landmark = distumap.tl.landmarks(ds, 20000, stratify="subclass_label")  # doctest: +SKIP
-    """
-    n_cells = ds.sizes["cell"]
-    n = int(_config.get("landmarks", n))
-    seed = int(_config.get("seed", seed))
-    if n < 2:
-        raise InputError(f"landmarks must be at least 2, not {n}")
-    rng = np.random.default_rng(seed)
-    if n >= n_cells:
-        chosen = np.arange(n_cells)
-    elif stratify is None:
-        chosen = rng.choice(n_cells, size=n, replace=False)
-    else:
-        if stratify not in ds.coords:
-            raise InputError(f"cannot stratify by {stratify!r}: no such cell coordinate")
-        minimum = int(_config.get("min-per-group", min_per_group))
-        chosen = _stratified(np.asarray(ds[stratify].values).astype(str), n, minimum, rng)
-    mask = np.zeros(n_cells, dtype=bool)
-    mask[chosen] = True
-    return xr.DataArray(mask, dims=("cell",), coords={"cell": ds["cell"]}, name="landmark")
-
-
-def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generator) -> np.ndarray:
-    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
-    quota = np.minimum(sizes, minimum)
-    if quota.sum() > n:  # more groups than room: the smallest guarantees shrink evenly
-        quota = np.minimum(sizes, max(1, n // len(names)))
-    rest = n - quota.sum()
-    spare = sizes - quota
-    if rest > 0 and spare.sum() > 0:
-        share = rest * spare / spare.sum()
-        extra = np.floor(share).astype(np.int64)
-        leftover = rest - extra.sum()
-        extra[np.argsort(-(share - extra), kind="stable")[:leftover]] += 1
-        quota = quota + np.minimum(extra, spare)
-    chosen = []
-    for group, k in enumerate(quota):
-        members = np.flatnonzero(inverse == group)
-        chosen.append(rng.choice(members, size=int(k), replace=False))
-    return np.concatenate(chosen)
 
 
 # ---------------------------------------------------------------- the model, by reference
 
 
 def _save_model(store: str, model: _model.LandmarkModel, token: str) -> None:
-    arrays, attrs = _model.to_arrays(model)
+    arrays, attrs = _model_io.to_arrays(model)
     write_group(store, MODEL_GROUP, arrays, {**attrs, "token": token})
 
 
@@ -150,7 +74,7 @@ def _load_model(store: str, token: str) -> _model.LandmarkModel:
     arrays, attrs = read_group(store, MODEL_GROUP)
     if attrs.get("token") != token:
         raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
-    return _model.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
+    return _model_io.from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
 
 
 def _model_saved(store: str, token: str) -> bool:
@@ -161,66 +85,30 @@ def _model_saved(store: str, token: str) -> bool:
         return False
 
 
-class ModelPlugin(WorkerPlugin):
-    """Worker plugin: loads the fitted model on each worker once and compiles the kernels the
-    run will use there (the transform's when some cells are not landmarks, the refinement's when
-    it runs), so the dashboard shows transform work, not compilation."""
-
-    name = "distumap-umap-model"
-
-    def __init__(self, store: str, token: str, *, transform: bool = True, refine: bool = True):
-        self.store, self.token = store, token
-        self.transform, self.refine = transform, refine
-
-    def setup(self, worker=None) -> None:
-        model = _load_model(self.store, self.token)
-        if self.transform:
-            _model.warm_up(model)
-        if self.refine:
-            _refine.warm_up()
-
-    def teardown(self, worker=None) -> None:
-        _load_model.cache_clear()
-        _clear_refine_caches()
+def _prepare_model_worker(store: str, token: str, transform: bool, refine: bool) -> None:
+    """On each worker, once (the model plugin's setup): load the fitted model and compile the
+    kernels the run will use there (the transform's when some cells are not landmarks, the
+    refinement's when it runs), so the dashboard shows transform work, not compilation."""
+    model = _load_model(store, token)
+    if transform:
+        _model.warm_up(model)
+    if refine:
+        _refine.warm_up()
 
 
-class FitKernelsPlugin(WorkerPlugin):
-    """Worker plugin: compiles the fit's kernels in a background thread while the ingest and the
-    preprocess run (see :func:`prepare_workers`). ``parts`` maps worker addresses to the part
-    of :func:`distumap.tl._model.warm_up_fit` each compiles; other workers compile nothing."""
-
-    name = "distumap-fit-kernels"
-
-    def __init__(self, parts: dict[str, str]):
-        self.parts = parts
-
-    def setup(self, worker=None) -> None:
-        part = self.parts.get(getattr(worker, "address", None))
-        if part is not None:
-            threading.Thread(
-                target=_warm_up_fit, args=(part,), name="distumap-warm-up-fit", daemon=True
-            ).start()
-
-
-def _warm_up_fit(part: str) -> None:
-    try:
-        _model.warm_up_fit(part)
-    except Exception:  # the fit itself reports real problems, with their context
-        logger.debug("warming the fit's kernels up failed", exc_info=True)
-
-
-#: scheduler address -> the worker :func:`prepare_workers` chose there, where the fit then goes
-_fit_workers: dict[str, str] = {}
+def _release_model_worker() -> None:
+    _load_model.cache_clear()
+    _clear_refine_caches()
 
 
 def prepare_workers(client=None) -> None:
     """Have workers compile the UMAP fit's kernels now, in the background; the fit goes there.
 
     On a fresh install numba compiles umap-learn, pynndescent and the fit's kernels on first
-    use: about 15 s of a small dataset's first run, after the ingest and the preprocess. Called
-    before them, the compilation overlaps them, on one or two workers (numba's on-disk cache
-    shares the kernels), and :func:`umap` sends the fit to the worker that imported umap-learn,
-    while it lives. With the cache warm it is a second or two of loading.
+    use, after the ingest and the preprocess. Called before them, the compilation overlaps
+    them, on one or two workers (numba's on-disk cache shares the kernels), and :func:`umap`
+    sends the fit to the worker that imported umap-learn, while it lives. With the cache warm
+    it is a moment of loading.
 
     Parameters
     ----------
@@ -234,18 +122,10 @@ def prepare_workers(client=None) -> None:
     >>> ds = distumap.io.read("matrix.csv", "store.zarr")  # doctest: +SKIP
     """
     client = client if client is not None else current_client()
-    if client is None:
-        return
-    workers = sorted(client.scheduler_info()["workers"])
-    if workers:
-        # numba's cache is shared: importing umap-learn (pynndescent compiles, ~10 s cold) and
-        # distumap's kernels (~5 s) go to two workers at once where there are two
-        if len(workers) > 1:
-            parts = {workers[0]: "umap", workers[1]: "kernels"}
-        else:
-            parts = {workers[0]: "all"}
-        client.register_plugin(FitKernelsPlugin(parts))
-        _fit_workers[client.scheduler.address] = workers[0]
+    if client is not None:
+        # numba's cache is shared: importing umap-learn (pynndescent compiles) and distumap's
+        # kernels go to two workers at once where there are two
+        prepare_fit_workers(client, _model.warm_up_fit, ("umap", "kernels"), "all")
 
 
 def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, Any]) -> np.ndarray:
@@ -379,34 +259,9 @@ def _read_scratch(store: str, name: str) -> np.ndarray:
     return zarr.open_array(store, path=_scratch_path(name), mode="r")[...]
 
 
-class _WorkerCache:
-    """Arrays that every task of a step reads whole (all cells' features, the graph, the last
-    epoch's positions): read once per process and shared by its tasks and threads."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        with self._lock:  # one reader per process; the others wait for its copy
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            value = build()
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_SEARCH = _WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
-_GRAPH = _WorkerCache(1)  # the symmetrised graph of all cells (epochs)
-_POSITIONS = _WorkerCache(1)  # all positions after the previous epoch
+_SEARCH = WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
+_GRAPH = WorkerCache(1)  # the symmetrised graph of all cells (epochs)
+_POSITIONS = WorkerCache(1)  # all positions after the previous epoch
 
 
 def _clear_refine_caches() -> None:
@@ -537,7 +392,7 @@ class _Steps(StagePass):
         return [start + int(block) for block in np.flatnonzero(~done)]
 
 
-#: cells per refinement task, about: an epoch is cheap per cell (~2 us), so each task takes
+#: cells per refinement task, about: an epoch is cheap per cell, so each task takes
 #: several store chunks, or the per-task cost (markers, opening arrays) would outweigh it
 REFINE_TASK_CELLS = 32768
 
@@ -758,7 +613,6 @@ def umap(
     if color is not None and (color not in ds.coords or ds[color].dims != ("cell",)):
         raise InputError(f"color {color!r}: no such cell coordinate")
     features = log2p1(ds).data
-    n_cells = ds.sizes["cell"]
     # the stages embed depends on, not embed's own record: a re-run must find the same token
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
@@ -766,74 +620,162 @@ def umap(
     client = current_client()
     # before any heavy work: a block or a fit that cannot fit in a worker is refused (exit 2)
     _memory.check_blocks(client, "embed", max(ds["counts"].data.chunks[0]), ds.sizes["gene"])
-    if stage.resumable(token=token) and _model_saved(location, token):
-        is_landmark = ds["landmark"].values  # written when the interrupted run started
-        fit_seconds = None  # fitted by the interrupted run
-    else:
-        is_landmark = _landmark_mask(ds, params)
-        _memory.check_fit(
-            client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
-        )
-        chunks = ds["counts"].data.chunks[0]
-        epochs = _refine_epochs(params, is_landmark)
-        layout = _refine_layout(len(chunks), chunks[0], epochs) if epochs else {}
-        markers = layout.pop("refine_markers", 0)
-        # a run id keys the workers' caches of whole arrays, so that no cache outlives its run
-        stage.start(n_blocks=len(chunks), token=token, run=uuid.uuid4().hex, **layout)
-        k = params["n_neighbors"]
-
-        def placeholder(width: int, dtype: str) -> da.Array:
-            return da.zeros((n_cells, width), chunks=(chunks, width), dtype=dtype)
-
-        placeholders = {
-            "X_umap": (("cell", "umap"), placeholder(2, "f4")),
-            "knn_landmark": (("cell", "knn"), placeholder(k, "i4")),
-            "knn_weight": (("cell", "knn"), placeholder(k, "f4")),
-        }
-        if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
-            _drop_arrays(location, ["knn_landmark", "knn_weight"])
-            ds = ds.drop_vars(["knn_landmark", "knn_weight"])
-        write_variables(
-            location,
-            xr.Dataset({**placeholders, "landmark": ("cell", is_landmark)}),
-            compute=False,
-            # a re-embed with other parameters keeps the existing arrays (same chunks) and
-            # rewrites every block; xarray refuses an encoding for a variable that exists
-            encoding={
-                name: {"chunks": (chunks[0], value[1].shape[1])}
-                for name, value in placeholders.items()
-                if name not in ds
-            },
-        )
-        if epochs:
-            stage.pass_(REFINE_MARKERS).create_markers(markers)
-            _create_scratch(
-                location,
-                n_cells,
-                chunks[0],
-                layout["refine_chunks_per_task"],
-                _n_features(params, features.shape[1]),
-            )
-        rows = np.flatnonzero(is_landmark)
-        prepared = _fit_workers.get(client.scheduler.address) if client is not None else None
-        where = {"workers": [prepared], "allow_other_workers": True} if prepared else {}
-        with dask.annotate(**where):
-            fit = dask.delayed(_fit_task, pure=False)(
-                features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
-            )
-        fit_started = time.perf_counter()
-        stage.compute([fit], label="embed: fit UMAP on landmarks")
-        fit_seconds = round(time.perf_counter() - fit_started, 3)
-
+    is_landmark, fit_seconds = _fit_or_resume(stage, ds, location, params, features, token, client)
     refining = _refine_epochs(params, is_landmark) > 0
     if client is not None:
-        # with every cell a landmark (small data) nothing is transformed or refined: compiling
-        # those kernels in every worker would be most of a small run's first time
-        plugin = ModelPlugin(location, token, transform=not is_landmark.all(), refine=refining)
-        client.register_plugin(plugin)
+        _register_model_plugin(client, location, token, is_landmark, refining)
     rows = np.flatnonzero(is_landmark)
     # every task maps landmark indices to cell indices: one shared key, not a copy per task
     landmark_cells = dask.delayed(rows.astype(np.int32), name=f"landmark-cells-{token}")
+    bounds = np.cumsum((0, *features.chunks[0]))
+    transform_seconds = _transform(
+        stage, features, rows, landmark_cells, location, token, params, color, refining
+    )
+    refined = {}
+    if refining:
+        refined = _refine_stage(
+            stage, params, bounds, rows, landmark_cells, token=token, color=color
+        )
+    stage.complete(
+        landmarks_used=len(rows),
+        fit_seconds=fit_seconds,
+        transform_seconds=transform_seconds,
+        transformed_cells=int(features.shape[0] - len(rows)),
+        **refined,
+    )
+    return open_store(location)
+
+
+def _fit_or_resume(
+    stage: Stage,
+    ds: xr.Dataset,
+    location: str,
+    params: dict[str, Any],
+    features: da.Array,
+    token: str,
+    client,
+) -> tuple[np.ndarray, float | None]:
+    """The landmarks, and the fit's seconds: a resumed run keeps the interrupted run's
+    landmarks and model (None seconds); any other starts the stage and fits."""
+    if stage.resumable(token=token) and _model_saved(location, token):
+        return ds["landmark"].values, None  # written when the interrupted run started
+    chosen = landmarks(ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"])
+    is_landmark = chosen.values
+    _memory.check_fit(
+        client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
+    )
+    _start(stage, ds, location, params, is_landmark, token, n_genes=features.shape[1])
+    return is_landmark, _fit(stage, features, is_landmark, location, token, params, client)
+
+
+def _start(
+    stage: Stage,
+    ds: xr.Dataset,
+    location: str,
+    params: dict[str, Any],
+    is_landmark: np.ndarray,
+    token: str,
+    *,
+    n_genes: int,
+) -> None:
+    """Start the stage: its record, the result arrays as placeholders (chunked as the store),
+    ``landmark``, and when it refines, the refinement's markers and working arrays."""
+    n_cells = ds.sizes["cell"]
+    chunks = ds["counts"].data.chunks[0]
+    epochs = _refine_epochs(params, is_landmark)
+    layout = _refine_layout(len(chunks), chunks[0], epochs) if epochs else {}
+    markers = layout.pop("refine_markers", 0)
+    # a run id keys the workers' caches of whole arrays, so that no cache outlives its run
+    stage.start(n_blocks=len(chunks), token=token, run=uuid.uuid4().hex, **layout)
+    k = params["n_neighbors"]
+
+    def placeholder(width: int, dtype: str) -> da.Array:
+        return da.zeros((n_cells, width), chunks=(chunks, width), dtype=dtype)
+
+    placeholders = {
+        "X_umap": (("cell", "umap"), placeholder(2, "f4")),
+        "knn_landmark": (("cell", "knn"), placeholder(k, "i4")),
+        "knn_weight": (("cell", "knn"), placeholder(k, "f4")),
+    }
+    if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
+        _drop_arrays(location, ["knn_landmark", "knn_weight"])
+        ds = ds.drop_vars(["knn_landmark", "knn_weight"])
+    write_variables(
+        location,
+        xr.Dataset({**placeholders, "landmark": ("cell", is_landmark)}),
+        compute=False,
+        # a re-embed with other parameters keeps the existing arrays (same chunks) and
+        # rewrites every block; xarray refuses an encoding for a variable that exists
+        encoding={
+            name: {"chunks": (chunks[0], value[1].shape[1])}
+            for name, value in placeholders.items()
+            if name not in ds
+        },
+    )
+    if epochs:
+        stage.pass_(REFINE_MARKERS).create_markers(markers)
+        _create_scratch(
+            location,
+            n_cells,
+            chunks[0],
+            layout["refine_chunks_per_task"],
+            _n_features(params, n_genes),
+        )
+
+
+def _fit(
+    stage: Stage,
+    features: da.Array,
+    is_landmark: np.ndarray,
+    location: str,
+    token: str,
+    params: dict[str, Any],
+    client,
+) -> float:
+    """Fit the model on the landmarks' features, on the worker that prepared the fit if one
+    did, and write it into the store; return the seconds it took."""
+    rows = np.flatnonzero(is_landmark)
+    prepared = fit_worker(client)
+    where = {"workers": [prepared], "allow_other_workers": True} if prepared else {}
+    with dask.annotate(**where):
+        fit = dask.delayed(_fit_task, pure=False)(
+            features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
+        )
+    fit_started = time.perf_counter()
+    stage.compute([fit], label="embed: fit UMAP on landmarks")
+    return round(time.perf_counter() - fit_started, 3)
+
+
+def _register_model_plugin(
+    client, location: str, token: str, is_landmark: np.ndarray, refining: bool
+) -> None:
+    """The fitted model reaches every worker once, by reference (see :func:`_load_model`)."""
+    # with every cell a landmark (small data) nothing is transformed or refined: compiling
+    # those kernels in every worker would be most of a small run's first time
+    transforming = not is_landmark.all()
+    plugin = SetupPlugin(
+        "distumap-umap-model",
+        _prepare_model_worker,
+        (location, token, transforming, refining),
+        teardown=_release_model_worker,
+    )
+    client.register_plugin(plugin)
+
+
+def _transform(
+    stage: Stage,
+    features: da.Array,
+    rows: np.ndarray,
+    landmark_cells: Any,
+    location: str,
+    token: str,
+    params: dict[str, Any],
+    color: str | None,
+    refining: bool,
+) -> float:
+    """Transform every store chunk not yet written (``umap-transform`` tasks); return the
+    seconds it took."""
+    n_cells = features.shape[0]
     bounds = np.cumsum((0, *features.chunks[0]))
     blocks = features.to_delayed().ravel()
     calls = {}
@@ -854,20 +796,7 @@ def umap(
         label="embed: transform cells",
         total=transform_total,
     )
-    transform_seconds = round(time.perf_counter() - transform_started, 3)
-    refined = {}
-    if refining:
-        refined = _refine_stage(
-            stage, params, bounds, rows, landmark_cells, token=token, color=color
-        )
-    stage.complete(
-        landmarks_used=len(rows),
-        fit_seconds=fit_seconds,
-        transform_seconds=transform_seconds,
-        transformed_cells=int(n_cells - len(rows)),
-        **refined,
-    )
-    return open_store(location)
+    return round(time.perf_counter() - transform_started, 3)
 
 
 def _drop_arrays(store: str, names: list[str]) -> None:
@@ -875,9 +804,3 @@ def _drop_arrays(store: str, names: list[str]) -> None:
     for name in names:
         if name in group:
             del group[name]
-
-
-def _landmark_mask(ds: xr.Dataset, params: dict[str, Any]) -> np.ndarray:
-    return landmarks(
-        ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"]
-    ).values

@@ -23,7 +23,6 @@ model, bit for bit, whatever the block size, order or number of workers.
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -32,19 +31,20 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from distumap._errors import InputError
-from distumap._format import MODEL_ARRAYS, MODEL_SCALARS, check_model
-from distumap._store import read_group, write_group
+from distumap.tl._kernels import (
+    MIN_K_DIST_SCALE,
+    bandwidth,
+    clip,
+    heap_push,
+    heap_sift_down,
+    splitmix64,
+)
 
 __all__ = [
     "LandmarkModel",
     "fit_landmark_model",
-    "from_arrays",
     "landmark_knn",
-    "load_model",
     "project",
-    "save_model",
-    "to_arrays",
     "transform",
     "warm_up",
     "warm_up_fit",
@@ -53,18 +53,11 @@ __all__ = [
 #: held around each umap-learn fit and the warning filters it sets (see fit_landmark_model)
 _UMAP_FIT_LOCK = threading.Lock()
 
-# umap-learn's constants for the sigma search (umap/umap_.py), kept identical on purpose
-SMOOTH_K_TOLERANCE = 1e-5
-MIN_K_DIST_SCALE = 1e-3
-_SIGMA_SEARCH_STEPS = 64
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_FLOAT32_EPS = float(np.finfo(np.float32).eps)
-
 #: landmarks queried (without themselves) to calibrate the weight and distance references
 CALIBRATION_CELLS = 2000
 #: candidates proposed by BLAS beyond k before the exact re-ranking
 CANDIDATE_MARGIN = 16
-#: cap on one block's candidate-score matrix (cells x landmarks float32 values, 64 MiB)
+#: cap on one block's candidate-score matrix (cells x landmarks float32 values)
 _BLOCK_SCORE_VALUES = 16 * 1024 * 1024
 
 
@@ -253,33 +246,9 @@ def _exact_knn_block(
                 continue
             s = landmark_sqnorm[j] - 2.0 * np.float64(dots[i, j])
             if size < n_candidates:
-                pos = size
-                size += 1
-                while pos > 0:
-                    parent = (pos - 1) // 2
-                    if heap_score[parent] >= s:
-                        break
-                    heap_score[pos] = heap_score[parent]
-                    heap_index[pos] = heap_index[parent]
-                    pos = parent
-                heap_score[pos] = s
-                heap_index[pos] = j
+                size = heap_push(heap_score, heap_index, size, s, j, False)
             elif s < heap_score[0]:
-                pos = 0
-                while True:
-                    left = 2 * pos + 1
-                    if left >= size:
-                        break
-                    child = left
-                    if left + 1 < size and heap_score[left + 1] > heap_score[left]:
-                        child = left + 1
-                    if heap_score[child] <= s:
-                        break
-                    heap_score[pos] = heap_score[child]
-                    heap_index[pos] = heap_index[child]
-                    pos = child
-                heap_score[pos] = s
-                heap_index[pos] = j
+                heap_sift_down(heap_score, heap_index, size, s, j, False)
         candidates = np.sort(heap_index[:size])
         kth = _rank_exact(features, i, landmarks, candidates, k, out_index, out_dist)
         n_available = n_land - (1 if 0 <= exclude[i] < n_land else 0)
@@ -300,41 +269,11 @@ def _exact_knn_block(
 
 
 @njit(cache=True, nogil=True)
-def _bandwidth(dists, first, rho, target):
-    """umap-learn's binary search for a row's sigma: the sum over the finite ``dists[first:]``
-    of ``exp(-(d - rho) / sigma)`` (1 where ``d <= rho``) within tolerance of ``target``.
-    Shared by the transform's weights and the refinement's fit-time weights."""
-    k = dists.shape[0]
-    lo = 0.0
-    hi = np.inf
-    mid = 1.0
-    for _ in range(_SIGMA_SEARCH_STEPS):
-        psum = 0.0
-        for j in range(first, k):
-            if not np.isfinite(dists[j]):
-                continue
-            d = dists[j] - rho
-            psum += np.exp(-(d / mid)) if d > 0.0 else 1.0
-        if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
-            break
-        if psum > target:
-            hi = mid
-            mid = (lo + hi) / 2.0
-        else:
-            lo = mid
-            if hi == np.inf:
-                mid *= 2.0
-            else:
-                mid = (lo + hi) / 2.0
-    return mid
-
-
-@njit(cache=True, nogil=True)
 def _membership_weights(dists, floor):
     """umap-learn's transform weights for one row: rho = 0, bandwidth 1, target log2(k)."""
     k = dists.shape[0]
     # as in umap-learn, the nearest neighbour is left out of the sum
-    sigma = max(_bandwidth(dists, 1, 0.0, np.log2(k)), floor)
+    sigma = max(bandwidth(dists, 1, 0.0, np.log2(k)), floor)
     weights = np.empty(k, dtype=np.float64)
     for j in range(k):
         if dists[j] <= 0.0 or sigma == 0.0:
@@ -350,24 +289,6 @@ def _weights_block(dists, floor):
     for i in range(dists.shape[0]):
         out[i] = _membership_weights(dists[i], floor)
     return out
-
-
-@njit(cache=True, nogil=True)
-def _splitmix64(state):
-    state = state + np.uint64(0x9E3779B97F4A7C15)
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return state, z ^ (z >> np.uint64(31))
-
-
-@njit(cache=True, nogil=True)
-def _clip(value):
-    if value > 4.0:
-        return 4.0
-    if value < -4.0:
-        return -4.0
-    return value
 
 
 @njit(cache=True, nogil=True)
@@ -429,8 +350,8 @@ def _embed_block(
                 next_sample[n_edges] = epochs_per_sample[n_edges]
                 next_negative[n_edges] = epochs_per_negative[n_edges]
                 n_edges += 1
-        state, _ = _splitmix64(seed ^ np.uint64(0x6A09E667F3BCC909))
-        state, mixed = _splitmix64(state ^ np.uint64(cell_index[i]))
+        state, _ = splitmix64(seed ^ np.uint64(0x6A09E667F3BCC909))
+        state, mixed = splitmix64(state ^ np.uint64(cell_index[i]))
         state = mixed
         alpha = initial_alpha
         for epoch in range(n_epochs):
@@ -444,12 +365,12 @@ def _embed_block(
                 if d2 > 0.0:
                     d2b = np.float64(np.float32(d2) ** b32)
                     coeff = attract * d2b / (d2 * (a * d2b + 1.0))
-                    x += _clip(coeff * dx) * alpha
-                    y += _clip(coeff * dy) * alpha
+                    x += clip(coeff * dx) * alpha
+                    y += clip(coeff * dy) * alpha
                 next_sample[e] += epochs_per_sample[e]
                 n_negative = int((epoch - next_negative[e]) / epochs_per_negative[e])
                 for _ in range(n_negative):
-                    state, r = _splitmix64(state)
+                    state, r = splitmix64(state)
                     other = np.int64(((r >> np.uint64(32)) * n_land_u) >> np.uint64(32))
                     dx = x - landmark_embedding[other, 0]
                     dy = y - landmark_embedding[other, 1]
@@ -457,8 +378,8 @@ def _embed_block(
                     if d2 > 0.0:
                         d2b = np.float64(np.float32(d2) ** b32)
                         coeff = repel / ((0.001 + d2) * (a * d2b + 1.0))
-                        x += _clip(coeff * dx) * alpha
-                        y += _clip(coeff * dy) * alpha
+                        x += clip(coeff * dx) * alpha
+                        y += clip(coeff * dy) * alpha
                 next_negative[e] += n_negative * epochs_per_negative[e]
             alpha = initial_alpha * (1.0 - (epoch + 1) / n_epochs)
         out[i, 0] = np.float32(x)
@@ -596,7 +517,6 @@ def fit_landmark_model(
     >>> xy = transform(model, log_cells, cell_index=np.arange(len(log_cells)))  # doctest: +SKIP
     """
     import umap
-    from sklearn.decomposition import PCA
 
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
@@ -613,30 +533,8 @@ def fit_landmark_model(
     pca_mean = pca_components = None
     features = X
     if use_pca:
-        pca = PCA(n_components=n_pca, random_state=seed).fit(X)
-        pca_mean = pca.mean_.astype(np.float32)
-        pca_components = pca.components_.astype(np.float32)
-        components_t = np.ascontiguousarray(pca_components.T)
-        offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
-        features = _project_rows(X, components_t, offset.astype(np.float64))
-
-    # warning filters are process-wide: one umap-learn fit at a time changes them (a background
-    # warm_up_fit may run beside the real fit in the same worker)
-    with _UMAP_FIT_LOCK, warnings.catch_warnings():
-        # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
-        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
-        # the landmarks' exact kNN, from the same kernel as the transform's, instead of
-        # pynndescent's approximate one: no NN-descent to compile or run in each fit
-        warnings.filterwarnings("ignore", message=".*is not an NNDescent object.*")
-        knn = _self_knn(features, n_neighbors)
-        reducer = umap.UMAP(
-            n_neighbors=n_neighbors,
-            min_dist=min_dist,
-            random_state=seed,
-            n_components=2,
-            precomputed_knn=(*knn, None),
-        ).fit(features)
-
+        pca_mean, pca_components, features = _fit_pca(X, n_pca, seed)
+    reducer = _fit_umap(features, n_neighbors, min_dist, seed)
     model = LandmarkModel(
         pca_mean=pca_mean,
         pca_components=pca_components,
@@ -671,6 +569,41 @@ def fit_landmark_model(
         "umap_learn": umap.__version__ if hasattr(umap, "__version__") else "unknown",
     }
     return model
+
+
+def _fit_pca(X: np.ndarray, n_pca: int, seed: int):
+    """PCA fitted on the landmarks: float32 mean and components, and the landmarks' features
+    projected by the same kernel as every other cell's."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=n_pca, random_state=seed).fit(X)
+    pca_mean = pca.mean_.astype(np.float32)
+    pca_components = pca.components_.astype(np.float32)
+    components_t = np.ascontiguousarray(pca_components.T)
+    offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
+    return pca_mean, pca_components, _project_rows(X, components_t, offset.astype(np.float64))
+
+
+def _fit_umap(features: np.ndarray, n_neighbors: int, min_dist: float, seed: int):
+    """umap-learn's fit on the landmarks' features, over their exact kNN."""
+    import umap
+
+    # warning filters are process-wide: one umap-learn fit at a time changes them (a background
+    # warm_up_fit may run beside the real fit in the same worker)
+    with _UMAP_FIT_LOCK, warnings.catch_warnings():
+        # umap-learn: "n_jobs value 1 overridden to 1 by setting random_state" - expected, seeded
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        # the landmarks' exact kNN, from the same kernel as the transform's, instead of
+        # pynndescent's approximate one: no NN-descent to compile or run in each fit
+        warnings.filterwarnings("ignore", message=".*is not an NNDescent object.*")
+        knn = _self_knn(features, n_neighbors)
+        return umap.UMAP(
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            random_state=seed,
+            n_components=2,
+            precomputed_knn=(*knn, None),
+        ).fit(features)
 
 
 def project(model: LandmarkModel, X: np.ndarray) -> np.ndarray:
@@ -721,7 +654,7 @@ def transform(
     Notes
     -----
     Computes, in blocks that keep memory bounded (a block's cells x landmarks float32 scores
-    stay under 64 MiB). Numba kernels release the GIL.
+    stay under a fixed cap). Numba kernels release the GIL.
     """
     X = _as_matrix(X, model.n_genes)
     cell_index = np.ascontiguousarray(cell_index, dtype=np.int64).reshape(-1)
@@ -800,67 +733,6 @@ def landmark_knn(model: LandmarkModel, landmark_index: np.ndarray) -> tuple[np.n
         floor = MIN_K_DIST_SCALE * model.mean_distance_reference
         weights[start : start + block] = _weights_block(dists, floor)
     return neighbors, weights
-
-
-def to_arrays(model: LandmarkModel) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The model as plain float32 arrays and JSON attributes (``distumap._format.MODEL_ARRAYS``
-    and ``MODEL_SCALARS``): the layout of ``umap_model/`` in a store. No code, no pickle."""
-    arrays = {
-        name: np.ascontiguousarray(getattr(model, name), dtype=np.float32)
-        for name in MODEL_ARRAYS
-        if getattr(model, name) is not None
-    }
-    attrs: dict[str, Any] = {
-        name: kind(getattr(model, name)) for name, kind in MODEL_SCALARS.items()
-    }
-    attrs["params"] = json.loads(json.dumps(model.params, default=str))
-    return arrays, attrs
-
-
-def from_arrays(arrays: dict[str, np.ndarray], attrs: dict[str, Any], *, source: str = "model"):
-    """Rebuild a :class:`LandmarkModel` from :func:`to_arrays`'s output, validating it first.
-
-    Raises
-    ------
-    InputError
-        The arrays or attributes do not follow the layout (missing, wrong dtype or shape, values
-        that are not finite); the message names ``source`` and every problem.
-    """
-    problems = check_model(arrays, attrs)
-    if problems:
-        raise InputError(f"{source}: not a valid distumap UMAP model: {'; '.join(problems)}")
-    return LandmarkModel(
-        pca_mean=arrays.get("pca_mean"),
-        pca_components=arrays.get("pca_components"),
-        landmark_features=arrays["landmark_features"],
-        landmark_embedding=arrays["landmark_embedding"],
-        params=dict(attrs.get("params", {})),
-        **{name: kind(attrs[name]) for name, kind in MODEL_SCALARS.items()},
-    )
-
-
-def save_model(model: LandmarkModel, path: str) -> None:
-    """Write the model to ``path`` (a local path or an fsspec URL) as a zarr group of plain
-    arrays and JSON attributes, the layout of a store's ``umap_model/``."""
-    arrays, attrs = to_arrays(model)
-    write_group(path, "", arrays, attrs)
-
-
-def load_model(path: str) -> LandmarkModel:
-    """Read and validate a model written by :func:`save_model` (a local path or an fsspec URL).
-
-    Raises
-    ------
-    InputError
-        Nothing at ``path`` is a model in distumap's layout (a pickle, say: never unpickled).
-    """
-    try:
-        arrays, attrs = read_group(path, "")
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: no distumap UMAP model here (save_model writes a zarr group)"
-        ) from None
-    return from_arrays(arrays, attrs, source=str(path))
 
 
 def warm_up_fit(part: str = "all") -> None:

@@ -1,7 +1,7 @@
 """Refining a landmark UMAP embedding over the kNN graph of all cells, chunk-invariantly.
 
 The landmark transform places every other cell against the landmarks alone, so transformed cells
-sit worse than fitted ones (the issue: kNN-label agreement 0.763 against the landmarks' 0.825).
+sit worse than fitted ones (their kNN-label agreement is lower; benchmarks/RESULTS.md).
 This module moves every cell with umap-learn's own SGD over its nearest *cells*, in epochs that
 any chunking computes to the same bits:
 
@@ -42,11 +42,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from distumap.tl._model import (
+from distumap.tl._kernels import (
     MIN_K_DIST_SCALE,
-    _bandwidth,
-    _clip,
-    _splitmix64,
+    bandwidth,
+    clip,
+    heap_before,
+    heap_push,
+    heap_sift_down,
+    splitmix64,
 )
 
 __all__ = [
@@ -76,11 +79,11 @@ class RefineSettings:
     n_epochs
         Jacobi epochs (0: no refinement). The embed stage takes it from ``refine_epochs``.
     n_neighbors
-        Nearest cells per cell in the refinement graph, the cell itself not counted (30 gained
-        0.3-1 point of label agreement for twice the graph's memory and 1.2-1.4x the epochs).
+        Nearest cells per cell in the refinement graph, the cell itself not counted (twice as
+        many gained little label agreement for twice the graph's memory and slower epochs).
     max_candidates
         Candidate cells examined per cell: whole buckets, nearest landmark first, until this many
-        were examined (at 5% landmarks, 512 lose 0.3 points of label agreement, 256 lose 1.4).
+        were examined (fewer lose label agreement when landmarks are few).
     bucket_cap
         A bucket contributes at most this many of its cells (an even stride of them).
     initial_alpha
@@ -209,12 +212,6 @@ def _sqdist(features, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _before(d1, j1, d2, j2):
-    """Whether (d1, j1) ranks before (d2, j2): by distance, ties by cell index."""
-    return d1 < d2 or (d1 == d2 and j1 < j2)
-
-
-@njit(cache=True, nogil=True)
 def _knn_block(
     cells,
     query_rows,
@@ -255,37 +252,11 @@ def _knn_block(
                 if j == i:
                     continue
                 d = _sqdist(features, query_rows[q], at)
+                # a max-heap ordered by (distance, cell index)
                 if size < k:
-                    # sift up into a max-heap ordered by (distance, index)
-                    pos = size
-                    size += 1
-                    while pos > 0:
-                        parent = (pos - 1) // 2
-                        if not _before(heap_d[parent], heap_j[parent], d, j):
-                            break
-                        heap_d[pos] = heap_d[parent]
-                        heap_j[pos] = heap_j[parent]
-                        pos = parent
-                    heap_d[pos] = d
-                    heap_j[pos] = j
-                elif _before(d, j, heap_d[0], heap_j[0]):
-                    pos = 0
-                    while True:
-                        left = 2 * pos + 1
-                        if left >= size:
-                            break
-                        child = left
-                        if left + 1 < size and _before(
-                            heap_d[left], heap_j[left], heap_d[left + 1], heap_j[left + 1]
-                        ):
-                            child = left + 1
-                        if _before(heap_d[child], heap_j[child], d, j):
-                            break
-                        heap_d[pos] = heap_d[child]
-                        heap_j[pos] = heap_j[child]
-                        pos = child
-                    heap_d[pos] = d
-                    heap_j[pos] = j
+                    size = heap_push(heap_d, heap_j, size, d, j, True)
+                elif heap_before(d, j, heap_d[0], heap_j[0], True):
+                    heap_sift_down(heap_d, heap_j, size, d, j, True)
             seen += take
             if seen >= max_candidates:
                 break
@@ -294,25 +265,7 @@ def _knn_block(
         for r in range(size - 1, -1, -1):
             out_index[q, r] = heap_j[0]
             out_dist[q, r] = np.sqrt(heap_d[0])
-            last_d = heap_d[r]
-            last_j = heap_j[r]
-            pos = 0
-            while True:
-                left = 2 * pos + 1
-                if left >= r:
-                    break
-                child = left
-                if left + 1 < r and _before(
-                    heap_d[left], heap_j[left], heap_d[left + 1], heap_j[left + 1]
-                ):
-                    child = left + 1
-                if _before(heap_d[child], heap_j[child], last_d, last_j):
-                    break
-                heap_d[pos] = heap_d[child]
-                heap_j[pos] = heap_j[child]
-                pos = child
-            heap_d[pos] = last_d
-            heap_j[pos] = last_j
+            heap_sift_down(heap_d, heap_j, r, heap_d[r], heap_j[r], True)
     return out_index, out_dist, n_examined
 
 
@@ -330,7 +283,7 @@ def _fit_weights_block(dists, target, floor):
             if dists[i, j] > 0.0 and np.isfinite(dists[i, j]):
                 rho = dists[i, j]
                 break
-        sigma = max(_bandwidth(dists[i], 0, rho, target), floor)
+        sigma = max(bandwidth(dists[i], 0, rho, target), floor)
         for j in range(k):
             if not np.isfinite(dists[i, j]):
                 continue
@@ -353,8 +306,8 @@ def _move(x, y, px, py, coeff_kind, a, b32, attract, repel, alpha):
             coeff = attract * d2b / (d2 * (a * d2b + 1.0))
         else:
             coeff = repel / ((0.001 + d2) * (a * d2b + 1.0))
-        x += _clip(coeff * dx) * alpha
-        y += _clip(coeff * dy) * alpha
+        x += clip(coeff * dx) * alpha
+        y += clip(coeff * dy) * alpha
     return x, y
 
 
@@ -396,7 +349,7 @@ def _epoch_block(
     attract = -2.0 * a * b
     repel = 2.0 * gamma * b
     alpha = initial_alpha * (1.0 - epoch / n_epochs)
-    state0, _ = _splitmix64(seed ^ np.uint64(0xBB67AE8584CAA73B))
+    state0, _ = splitmix64(seed ^ np.uint64(0xBB67AE8584CAA73B))
     epoch_key = np.uint64(epoch + 1) * np.uint64(0x9E3779B97F4A7C15)
     for q in range(n):
         i = cells[q]
@@ -407,8 +360,8 @@ def _epoch_block(
         x = np.float64(positions[i, 0])
         y = np.float64(positions[i, 1])
         # the cell's own random stream for this epoch
-        _, mixed = _splitmix64(state0 ^ np.uint64(i))
-        _, state = _splitmix64(mixed ^ epoch_key)
+        _, mixed = splitmix64(state0 ^ np.uint64(i))
+        _, state = splitmix64(mixed ^ epoch_key)
         n_edges = k + in_start[i + 1] - in_start[i]
         for e in range(n_edges):
             if e < k:
@@ -422,7 +375,7 @@ def _epoch_block(
                 continue
             x, y = _move(x, y, positions[j, 0], positions[j, 1], 0, a, b32, attract, repel, alpha)
             for _ in range(negative_sample_rate):
-                state, r = _splitmix64(state)
+                state, r = splitmix64(state)
                 other = np.int64(((r >> np.uint64(32)) * n_all_u) >> np.uint64(32))
                 if other != i:
                     x, y = _move(
@@ -535,7 +488,7 @@ def _symmetrize(neighbors, weights):
     n, k = neighbors.shape
     # in-edges by target, sources ascending (a counting sort over targets); an in-edge whose
     # reverse the target also holds is flipped to -1 - source, so no mask or slot array is kept
-    # beside it (at a million cells x 15, each would be 15-60 MB more at the stage's peak)
+    # beside it (each would be another array of edges at the stage's peak)
     in_start = np.zeros(n + 1, dtype=np.int64)
     for i in range(n):
         for e in range(k):
