@@ -77,7 +77,7 @@ def _pickle_loading(module: str, name: str) -> list[str]:
         ("distumap.pp._preprocess", "_zero_count_chunk"),
         ("distumap.pp._preprocess", "_log2p1_block"),
         ("distumap.tl._embed", "_transform_task"),
-        ("distumap.io._ingest", "_parse_task"),
+        ("distumap.io._ingest", "_read_block"),
         ("distumap.io._export", "_encode_block"),
         ("distumap._stage", "run_block"),
     ],
