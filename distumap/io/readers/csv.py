@@ -280,6 +280,10 @@ class CsvReader(Reader):
         return self.orientation_name == CELLS_BY_GENES
 
     @property
+    def genes_known(self) -> bool:
+        return self.genes_first  # genes by cells: the genes are the lines, found by the index
+
+    @property
     def sequential(self) -> bool:
         return is_gzip(self.source)
 
