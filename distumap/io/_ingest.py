@@ -127,12 +127,6 @@ def read(
     """
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     sources = [absolute(source) for source in sources]
-    if not sources:
-        raise InputError("no input given")
-    if format not in ("auto", *names()):
-        raise InputError(f"unknown --format {format!r}: auto, {', '.join(names())}")
-    if orientation not in ORIENTATIONS:
-        raise InputError(f"--orientation must be one of {', '.join(ORIENTATIONS)}")
     classes = _reader_classes(sources, format, orientation)
     checked_options(chunk_cells, dtype)
     readers = [
@@ -144,8 +138,14 @@ def read(
 
 
 def _reader_classes(sources: list[str], format: str, orientation: str) -> list[type[Reader]]:
-    """The reader class of each input, after checking that they take ``orientation`` and can
-    be ingested together."""
+    """The reader class of each input, after checking the options, that the inputs take
+    ``orientation`` and that they can be ingested together."""
+    if not sources:
+        raise InputError("no input given")
+    if format not in ("auto", *names()):
+        raise InputError(f"unknown --format {format!r}: auto, {', '.join(names())}")
+    if orientation not in ORIENTATIONS:
+        raise InputError(f"--orientation must be one of {', '.join(ORIENTATIONS)}")
     classes = [reader_class(source, format) for source in sources]
     for cls, source in zip(classes, sources, strict=True):
         if orientation not in cls.orientations:

@@ -152,7 +152,7 @@ def scatter_rows(indptr, columns, values, out):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def scatter_entries(rows, columns, values, out):  # pragma: no cover - compiled
-    """``out[rows[k], columns[k]] = values[k]`` (numpy's 2-D fancy assignment is 10x slower)."""
+    """``out[rows[k], columns[k]] = values[k]`` (numpy's 2-D fancy assignment is much slower)."""
     for k in range(values.shape[0]):
         out[rows[k], columns[k]] = values[k]
 

@@ -7,12 +7,11 @@ import html
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import h5py
 import numpy as np
 
 from distumap._errors import InputError
-from distumap._paths import is_local, local_path
+from distumap._paths import is_local, local_path, open_raw
 from distumap.io.readers._base import as_strings
 
 #: the first bytes of every HDF5 file
@@ -27,7 +26,7 @@ def open_hdf5(source: str) -> Iterator[h5py.File]:
         if is_local(source):
             file = h5py.File(local_path(source), "r")
         else:
-            handle = fsspec.open(source, "rb").open()
+            handle = open_raw(source)
             file = h5py.File(handle, "r")
     except FileNotFoundError as exc:
         raise InputError(f"{source}: no such file") from exc
@@ -158,13 +157,13 @@ def major_slice(
 
 
 # ---------------------------------------------------------------------------------------------
-# 10x Cell Ranger HDF5
+# what an HDF5 file holds, for the readers' detection
 
 
 def is_hdf5(source: str) -> bool:
     """Whether ``source`` is a readable file that starts with HDF5's magic number."""
     try:
-        with fsspec.open(source, "rb") as file:
+        with open_raw(source) as file:
             return file.read(8) == HDF5_MAGIC
     except (OSError, ValueError):
         return False

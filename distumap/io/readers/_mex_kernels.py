@@ -210,7 +210,7 @@ def mtx_fill(
     while pos < size:
         begin = pos
         # fast path for Cell Ranger's lines, "<digits> <digits> <digits>\n", written out here:
-        # numba compiles the helpers' (value, position) returns into a loop 4x slower
+        # numba compiles the helpers' (value, position) returns into a much slower loop
         row = col = -1
         value = 0.0
         parsed = True

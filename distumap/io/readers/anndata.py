@@ -47,7 +47,7 @@ from distumap.io.readers._hdf5 import (
 )
 
 #: entries read at once by the CSC reader's pass over the matrix, and per task of the ingest's
-#: sort of a CSC matrix by cell block (values and indices: ~100 MB)
+#: sort of a CSC matrix by cell block: bounds the memory of both (their values and indices)
 CSC_ENTRIES_PER_PASS = 8 << 20
 
 
