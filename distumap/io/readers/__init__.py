@@ -21,8 +21,7 @@ import os
 from distumap._errors import InputError
 from distumap._paths import exists, isdir
 
-# the formats' modules, in the order detection asks their readers (and the CLI lists them): a
-# CSV is known by its name alone, the others by their content first
+# every format's module: importing it registers its reader
 from distumap.io.readers import anndata, csv, loom, mex, tenx_h5
 from distumap.io.readers._base import Reader, registered
 from distumap.io.readers.anndata import AnnDataReader, AnnDataZarrReader

@@ -51,10 +51,14 @@ _REGISTRY: dict[str, type[Reader]] = {}
 
 
 def registered(*, standalone: bool | None = None) -> tuple[type[Reader], ...]:
-    """The registered reader classes, in registration order (the order detection asks them);
-    with ``standalone``, only those whose :attr:`Reader.standalone` is that."""
+    """The registered reader classes by their :attr:`Reader.order` (the order detection asks
+    them and listings show them); with ``standalone``, only those whose
+    :attr:`Reader.standalone` is that."""
     return tuple(
-        cls for cls in _REGISTRY.values() if standalone is None or cls.standalone == standalone
+        sorted(
+            (cls for cls in _REGISTRY.values() if standalone in (None, cls.standalone)),
+            key=lambda cls: (cls.order, cls.format),
+        )
     )
 
 
@@ -345,6 +349,8 @@ class Reader(abc.ABC):
         with its own ``format`` registers it).
     suffixes : tuple of str
         File or folder name endings of the format, what :meth:`guess_can_open` falls back on.
+    order : int
+        Where detection asks this reader (and listings show its format), lowest first.
     standalone : bool
         Whether :func:`distumap.io.readers.open_reader` hands it out by itself (and it is in
         ``FORMATS``); False for a reader whose cells are known only after the ingest's index
@@ -377,6 +383,7 @@ class Reader(abc.ABC):
 
     format: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
+    order: ClassVar[int] = 100
     standalone: ClassVar[bool] = True
     concatenates: ClassVar[bool] = True
     orientations: ClassVar[tuple[str, ...]] = ("cells-by-genes",)

@@ -160,6 +160,7 @@ class AnnDataReader(Reader):
 
     format = "h5ad"
     suffixes = (".h5ad",)
+    order = 30  # before loom: a .h5ad file is AnnData's whatever else it holds
 
     @classmethod
     def guess_can_open(cls, source: str) -> bool:
@@ -554,6 +555,7 @@ class AnnDataZarrReader(AnnDataReader):
     format = "anndata-zarr"
     #: a zarr folder is only claimed by its content: most zarr groups are not AnnData
     suffixes = (".zarr",)
+    order = 40
 
     @classmethod
     def guess_can_open(cls, source: str) -> bool:

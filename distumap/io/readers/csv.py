@@ -214,6 +214,7 @@ class CsvReader(Reader):
 
     format = "csv"
     suffixes = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
+    order = 0  # asked first: a CSV is known by its name alone
     standalone = False
     concatenates = False
     orientations = (CELLS_BY_GENES, GENES_BY_CELLS)

@@ -68,6 +68,7 @@ class LoomReader(Reader):
 
     format = "loom"
     suffixes = (".loom",)
+    order = 50
 
     @classmethod
     def guess_can_open(cls, source: str) -> bool:

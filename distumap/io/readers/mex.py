@@ -89,6 +89,7 @@ class MexReader(Reader):
 
     format = "mex"
     suffixes = (".mtx", ".mtx.gz")
+    order = 20
     index_key = "index-mtx-block"
     sequential_task = ("read-mex-gzip", "ingest: read matrix.mtx.gz (sequential)")
     index_label = "ingest: index matrix.mtx"

@@ -59,6 +59,7 @@ class TenxH5Reader(Reader):
 
     format = "10x-h5"
     suffixes = (".h5", ".hdf5")
+    order = 10
 
     @classmethod
     def guess_can_open(cls, source: str) -> bool:
