@@ -402,7 +402,8 @@ class Reader(abc.ABC):
     @classmethod
     def guess_can_open(cls, source: str) -> bool:
         """Whether ``source`` looks like this format: its content first (magic number, layout),
-        then its name (:attr:`suffixes`). Never raises for a missing or unreadable source."""
+        then its name (:attr:`suffixes`). A missing source is never claimed; a broken file that
+        must be read to tell raises the reader's error, naming it."""
         return cls.has_suffix(source) and exists(source)
 
     @classmethod
