@@ -199,7 +199,8 @@ def start_cluster(n_workers: int, memory_limit: str):
         # imports and the compiled kernel, so that the clock measures the ingest
         import numpy as np
 
-        from distumap.io import _csv, _ingest  # noqa: F401
+        from distumap.io import _ingest  # noqa: F401
+        from distumap.io.readers import _csv_kernels as _csv
 
         _csv.parse_block(np.frombuffer(b"a,1\n", np.uint8), np.array([0]), 1)
         return os.getpid()
@@ -256,16 +257,18 @@ def run_distumap(path: Path, store: Path, client, pids: dict, chunk_cells: int, 
 
 def kernel_floor(path: Path, chunk_cells: int, repeats: int = 5) -> dict:
     """The parse kernel alone on one chunk's bytes in memory, into a warm buffer (one core)."""
-    from distumap.io import _csv, _ingest
+    from distumap import _paths
+    from distumap.io.readers import _csv_kernels as _csv
+    from distumap.io.readers import csv as csv_reader
 
-    genes, data_start, dialect = _ingest.read_header(str(path))
+    genes, data_start, dialect = csv_reader.read_header(str(path))
     size = path.stat().st_size
     end = min(size, data_start + (1 << 30))
-    index = _ingest._index_task(str(path), data_start, end, size, dialect.sep)
+    index = csv_reader._index_task(str(path), data_start, end, size, dialect.sep)
     starts = index.starts[: chunk_cells + 1]
     end = int(starts[-1]) if len(starts) > chunk_cells else size
     starts = starts[:chunk_cells]
-    buf = np.frombuffer(bytes(_ingest._read_range(str(path), int(starts[0]), end)), np.uint8)
+    buf = np.frombuffer(bytes(_paths.read_range(str(path), int(starts[0]), end)), np.uint8)
     relative = starts - starts[0]
     out = np.zeros((len(relative), len(genes)), dtype=np.int32)
     _csv.parse_block(buf, relative, len(genes), out=out)  # compile and fault the pages in
@@ -289,14 +292,17 @@ def phase_costs(path: Path, chunk_cells: int) -> dict:
     """CPU seconds per GB of CSV of each step of a parse task, on this process (one core)."""
     import zarr
 
-    from distumap.io import _csv, _ingest
+    from distumap import _paths
+    from distumap.io import _ingest_store
+    from distumap.io.readers import _csv_kernels as _csv
+    from distumap.io.readers import csv as csv_reader
 
-    genes, data_start, dialect = _ingest.read_header(str(path))
+    genes, data_start, dialect = csv_reader.read_header(str(path))
     size = path.stat().st_size
     cpu = time.process_time
     started = cpu()
     end = min(size, data_start + (1 << 30))
-    index = _ingest._index_task(str(path), data_start, end, size, dialect.sep)
+    index = csv_reader._index_task(str(path), data_start, end, size, dialect.sep)
     index_span = min(size, data_start + (1 << 30)) - data_start
     index_cost = (cpu() - started) / index_span * 1e9
     starts = index.starts[: chunk_cells + 1]
@@ -308,13 +314,13 @@ def phase_costs(path: Path, chunk_cells: int) -> dict:
         shape=out.shape,
         chunks=out.shape,
         dtype="int32",
-        compressors=[_ingest.COUNTS_CODEC],
+        compressors=[_ingest_store.COUNTS_CODEC],
         overwrite=True,
     )
     costs = {"view": 0.0, "parse": 0.0, "compress+write": 0.0}
     for _ in range(3):
         t0 = cpu()
-        view, offset = _ingest._view_range(str(path), int(starts[0]), int(starts[-1]))
+        view, offset = _paths.view_range(str(path), int(starts[0]), int(starts[-1]))
         buf = np.frombuffer(view, np.uint8)
         t1 = cpu()
         _, status, _ = _csv.parse_block(buf, starts[:-1] - offset, len(genes), out=out)

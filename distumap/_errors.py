@@ -19,3 +19,16 @@ class ClusterError(RuntimeError):
 
     The store is left resumable: the same command picks up where it stopped once workers are back.
     """
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning name the first line outside distumap that led to
+    it (the user's call of :func:`distumap.io.read`, say), however deep inside it was raised."""
+    import sys
+
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("distumap"):
+        frame = frame.f_back
+        level += 1
+    return level

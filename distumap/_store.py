@@ -21,6 +21,7 @@ import zarr
 from distumap import __name__ as _pkg
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import ATTR, FORMAT_VERSION, PROGRESS_GROUP, STAGE_ORDER, stages
+from distumap._paths import absolute
 
 _MISSING = (
     FileNotFoundError,
@@ -37,12 +38,6 @@ def _version() -> str:
         return version(_pkg)
     except PackageNotFoundError:  # a source tree
         return "0.0.0+unknown"
-
-
-def absolute(location: str | os.PathLike) -> str:
-    """``location`` as workers anywhere can use it: an absolute local path or an fsspec URL."""
-    location = os.fspath(location)
-    return location if "://" in location else os.path.abspath(location)
 
 
 def store_url(store: str | os.PathLike) -> str:

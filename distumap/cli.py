@@ -74,6 +74,8 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _ingest_options(parser: argparse.ArgumentParser) -> None:
+    from distumap.io.readers import names  # the formats' registry, the one list of them
+
     parser.add_argument(
         "--metadata",
         metavar="META.csv",
@@ -82,7 +84,7 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         default="auto",
-        choices=("auto", "csv", "10x-h5", "mex", "h5ad", "anndata-zarr", "loom"),
+        choices=("auto", *names()),
         help="input format (default: from the name and content)",
     )
     parser.add_argument(

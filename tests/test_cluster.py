@@ -63,7 +63,7 @@ def _padded(task):
 
 
 # tasks refer to these functions by module and name, so the workers run the padded ones
-_ingest._parse_task = _padded(_ingest._parse_task)
+_ingest._read_block = _padded(_ingest._read_block)
 _embed._transform_task = _padded(_embed._transform_task)
 """
 

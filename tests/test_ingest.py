@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 import distumap.io as dio
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._store import mark_stage, progress_array, stage_record
-from distumap.io import _csv, _ingest
+from distumap.io.readers import _csv_kernels as _csv
+from distumap.io.readers import csv as csv_reader
 from distumap.testing import (
     SyntheticSpec,
     synthetic_counts,
@@ -195,9 +196,11 @@ def test_gzip_with_blank_lines_and_small_pieces(tmp_path, monkeypatch):
     path = tmp_path / "matrix.csv.gz"
     raw = csv_bytes(DATA.counts, DATA.cell_names, DATA.gene_names, blank_lines=True, eol=b"\r\n")
     path.write_bytes(gzip.compress(raw))
-    original = _ingest._index_stream
+    original = csv_reader._index_stream
     monkeypatch.setattr(
-        _ingest, "_index_stream", lambda source, start, sep: original(source, start, sep, piece=13)
+        csv_reader,
+        "_index_stream",
+        lambda source, start, sep: original(source, start, sep, piece=13),
     )
     monkeypatch.setattr(_csv, "NAME_OVERHANG", 64)
     with pytest.warns(UserWarning, match="sequentially"):
@@ -599,13 +602,13 @@ def test_resume_after_sigkill_parses_only_missing_blocks(tmp_path, monkeypatch):
     torn.write_bytes(b"\x00garbage")
 
     parsed: list[int] = []
-    original = _ingest._parse_into_store
+    original = csv_reader._parse_into_block
 
     def counting(*args, cells, **kwargs):
         parsed.append(cells[0] // 100)
         return original(*args, cells=cells, **kwargs)
 
-    monkeypatch.setattr(_ingest, "_parse_into_store", counting)
+    monkeypatch.setattr(csv_reader, "_parse_into_block", counting)
     with dask.config.set(scheduler="threads", num_workers=2):
         ds = dio.read_csv(path, store, chunk_cells=100)
 
@@ -873,7 +876,7 @@ def test_warnings_name_the_line_that_called_read_or_read_csv(tmp_path, orientati
 @pytest.mark.parametrize("dtype", ["int32", "float32", "int64", "uint16"])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_nonzero_per_gene_is_count_nonzero(dtype, order):
-    from distumap.io._ingest import nonzero_per_gene
+    from distumap.io._ingest_store import nonzero_per_gene
 
     rng = np.random.default_rng(3)
     values = (rng.random((257, 131)) < 0.3) * rng.integers(1, 9, (257, 131))

@@ -18,7 +18,7 @@ from distumap._errors import InputError
 from distumap._format import check_store
 from distumap._store import mark_stage, progress_array, stage_record
 from distumap.cli import main
-from distumap.io._read import source_labels
+from distumap.io._ingest import source_labels
 from distumap.testing import (
     R_DIALECTS,
     synthetic_counts,
@@ -148,7 +148,7 @@ def test_an_interrupted_read_resumes_only_the_missing_blocks(files, tmp_path, mo
     import zarr
 
     zarr.open_array(str(store), path="counts", mode="r+")[50:100] = 7
-    from distumap.io import _read
+    from distumap.io import _ingest as _read
 
     read_blocks: list[int] = []
     original = _read._read_block

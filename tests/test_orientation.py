@@ -21,7 +21,7 @@ from distumap._format import check_store
 from distumap._stage import Stage
 from distumap._store import progress_array, stage_record
 from distumap.cli import main
-from distumap.io import _transpose
+from distumap.io import _transposition
 from distumap.testing import (
     R_DIALECTS,
     SyntheticSpec,
@@ -400,7 +400,7 @@ def _chunk_mtimes(store, array: str) -> dict[str, int]:
     return times
 
 
-_PARSE, _TRANSPOSE = _transpose._parse_genes_into_store, _transpose._transpose_task
+_PARSE, _TRANSPOSE = _transposition.write_gene_rows, _transposition.transpose_block
 
 
 class _Interrupt(RuntimeError):
@@ -426,8 +426,8 @@ def _counting(
         transposed.append(block)
         return transpose(store, block, chunk_cells)
 
-    monkeypatch.setattr(_transpose, "_parse_genes_into_store", counting_parse)
-    monkeypatch.setattr(_transpose, "_transpose_task", counting_transpose)
+    monkeypatch.setattr(_transposition, "write_gene_rows", counting_parse)
+    monkeypatch.setattr(_transposition, "transpose_block", counting_transpose)
     return parsed, transposed
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distumap._errors import InputError
-from distumap.io._readers import FORMATS, MexReader, Reader, open_reader
+from distumap.io.readers import FORMATS, MexReader, Reader, open_reader
 from distumap.testing import (
     synthetic_counts,
     synthetic_gene_ids,
@@ -257,7 +257,7 @@ def test_csc_orientation_and_gene_blocks(written):
 
 
 def test_csc_read_in_small_passes(written, monkeypatch):
-    from distumap.io import _readers
+    from distumap.io.readers import anndata as _readers
 
     monkeypatch.setattr(_readers, "CSC_ENTRIES_PER_PASS", 37)
     reader = open_reader(written["h5ad-csc"])
@@ -984,7 +984,7 @@ def test_csc_ingest_transposes_once_with_several_inputs(written, tmp_path, monke
     import zarr
 
     from distumap import io
-    from distumap.io import _readers
+    from distumap.io.readers import anndata as _readers
 
     order = np.random.default_rng(1).permutation(N_GENES)
     shuffled = tmp_path / "shuffled.h5ad"
@@ -1008,7 +1008,9 @@ def test_csc_ingest_resumes_after_an_interruption(written, tmp_path, monkeypatch
     import dask
 
     from distumap import io
-    from distumap.io import _read, _readers
+    from distumap.io import _ingest as _read
+    from distumap.io import _transposition
+    from distumap.io.readers import anndata as _readers
 
     monkeypatch.setattr(_readers, "CSC_ENTRIES_PER_PASS", 100)
     original = _read._read_block
@@ -1026,9 +1028,11 @@ def test_csc_ingest_resumes_after_an_interruption(written, tmp_path, monkeypatch
         io.read(written["h5ad-csc"], store, chunk_cells=20)
     monkeypatch.setattr(_read, "_read_block", original)
     parts = []
-    original_part = _read._transpose_part
+    original_part = _transposition.transpose_part
     monkeypatch.setattr(
-        _read, "_transpose_part", lambda *args: parts.append(args[3]) or original_part(*args)
+        _transposition,
+        "transpose_part",
+        lambda *args: parts.append(args[3]) or original_part(*args),
     )
     with dask.config.set(scheduler="synchronous"):
         ds = io.read(written["h5ad-csc"], store, chunk_cells=20)

@@ -77,7 +77,7 @@ def _pickle_loading(module: str, name: str) -> list[str]:
         ("distumap.pp._preprocess", "_zero_count_chunk"),
         ("distumap.pp._preprocess", "_log2p1_block"),
         ("distumap.tl._embed", "_transform_task"),
-        ("distumap.io._ingest", "_parse_task"),
+        ("distumap.io._ingest", "_read_block"),
         ("distumap.io.writers.loom", "_encode_block"),
         ("distumap._stage", "run_block"),
     ],
@@ -85,6 +85,18 @@ def _pickle_loading(module: str, name: str) -> list[str]:
 def test_task_functions_unpickle_in_a_fresh_interpreter(module, name):
     __import__(module)
     assert module in _pickle_loading(module, name)
+
+
+def test_a_reader_task_loads_no_writer_and_no_science():
+    """``distumap.io`` imports its names on first use: a worker that unpickles the ingest's
+    block task (every reader's) loads the readers and the store, not the writers, ``pp``, ``tl``
+    or ``pl``."""
+    import distumap.io._ingest  # noqa: F401
+
+    loaded = _pickle_loading("distumap.io._ingest", "_read_block")
+    assert "distumap.io._ingest" in loaded
+    above = ("distumap.io.writers", "distumap.pp", "distumap.tl", "distumap.pl", "distumap.cli")
+    assert [m for m in loaded if m.startswith(above)] == []
 
 
 # ---------------------------------------------------------------- a small pipeline

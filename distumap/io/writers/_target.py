@@ -13,10 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is an fsspec URL rather than a local path."""
-    return "://" in path
+from distumap._paths import is_url
 
 
 def partial_name(target: str) -> str:

@@ -26,6 +26,7 @@ from dask.base import tokenize
 
 from distumap._compute import current_client, run
 from distumap._format import ANNDATA_LAYER, check_replaceable
+from distumap._paths import is_url
 from distumap._progress import report
 from distumap.io.writers._anndata_elements import (
     ZARR_CELL_CHUNK,
@@ -41,7 +42,7 @@ from distumap.io.writers._anndata_elements import (
 from distumap.io.writers._base import Writer
 from distumap.io.writers._blocks import cells_per_block, counts_in_blocks
 from distumap.io.writers._inputs import matrix_dtype, selected_genes
-from distumap.io.writers._target import is_url, partial_name, replace_folder, report_written
+from distumap.io.writers._target import partial_name, replace_folder, report_written
 
 #: bounds of the zarr chunk of the 1-D CSR arrays, in elements; within them a chunk is about a
 #: quarter of a block's nonzeros, so most chunks lie inside one block and are written there

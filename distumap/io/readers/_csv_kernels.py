@@ -5,7 +5,7 @@ General CSV readers collapse at 50,000 columns; this module reads the bytes itse
 final newline are accepted. A line of a genes-by-cells file, ``<gene>,<count>,...`` with one
 count per cell, has the same shape and goes through the same kernel. Every function here works
 on bytes that are already in memory: the I/O and the scheduling live in
-:mod:`distumap.io._ingest` (and :mod:`distumap.io._transpose`).
+:mod:`distumap.io.readers.csv` and the ingest stage (:mod:`distumap.io._ingest`).
 
 The separator (comma, tab, or space as R's ``write.table`` writes by default) comes from the
 header line. The header either has a field above the row names (``sample_name``, empty as
@@ -23,12 +23,11 @@ import numba
 import numpy as np
 
 from distumap._errors import InputError
+from distumap.io.readers._base import ROUNDING_TOLERANCE
 
 #: bytes read past a block's end so that a sample name starting near the end is complete
 NAME_OVERHANG = 1 << 16
 
-#: integer counts written as floats (``3.0``, ``0.999999999999999``) are rounded when this close
-ROUNDING_TOLERANCE = 1e-6
 
 # kernel status codes
 OK, TOO_FEW, TOO_MANY, NOT_INTEGER, NEGATIVE, TOO_LARGE, EMPTY_FIELD, FRACTIONAL = range(8)
@@ -183,30 +182,6 @@ def parse_header(
         if not name:
             raise InputError(f"{source}: line 1, column {column}: empty {names} name")
     return named
-
-
-def unique_gene_names(genes: list[str], source: str) -> tuple[list[str], list[str]]:
-    """Make duplicate gene names unique (``name``, ``name-1``, ...), as scanpy's
-    ``var_names_make_unique`` does; returns the names and the duplicated originals."""
-    seen: dict[str, int] = {}
-    taken = set(genes)
-    out, duplicated = [], []
-    for gene in genes:
-        if gene not in seen:
-            seen[gene] = 0
-            out.append(gene)
-            continue
-        duplicated.append(gene)
-        n = seen[gene]
-        while True:
-            n += 1
-            candidate = f"{gene}-{n}"
-            if candidate not in taken:
-                break
-        seen[gene] = n
-        taken.add(candidate)
-        out.append(candidate)
-    return out, duplicated
 
 
 @dataclass

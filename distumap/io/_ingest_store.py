@@ -1,0 +1,269 @@
+"""What every ingest writes into the store, whatever the input: the skeleton (coordinates,
+metadata, an empty ``counts``), one block with its per-gene statistics, the rounding count, and
+the checks that come before (options, chunk size, whether the store may be written).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import dask.array as da
+import numba
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from distumap import _config
+from distumap._errors import InputError, outside_stacklevel
+from distumap._format import ATTR, FORMAT_VERSION, NONZERO, PROGRESS_GROUP, metadata_name
+from distumap._stage import Stage
+from distumap._store import create_progress, is_store, occupied, progress_array, stage_record
+from distumap.io.readers._base import ROUNDING_TOLERANCE
+
+__all__ = [
+    "COUNTS_CODEC",
+    "DTYPES",
+    "block_buffer",
+    "checked_options",
+    "claim",
+    "create_skeleton",
+    "fitted_chunk_cells",
+    "nonzero_per_gene",
+    "read_metadata",
+    "warn_rounded",
+    "write_block",
+]
+
+#: count compression: lz4 with bit shuffling suits sparse small integers and writes fast enough
+#: to keep up with the parse (zstd compresses smaller but slower; see benchmarks/RESULTS.md)
+COUNTS_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)
+
+_buffers = threading.local()
+
+
+#: what the store's ``counts`` may hold: counts, or (``--dtype float32``) normalised values
+DTYPES = ("int32", "float32")
+
+
+def block_buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer for parsed blocks, reused from task to task: a fresh block-sized
+    allocation costs page faults that take longer than the parse itself."""
+    buf = getattr(_buffers, "counts", None)
+    if buf is None or buf.size < shape[0] * shape[1] or buf.dtype != dtype:
+        buf = _buffers.counts = np.empty(shape[0] * shape[1], dtype=dtype)
+    return buf[: shape[0] * shape[1]].reshape(shape)
+
+
+def read_metadata(
+    metadata: str, cells: list[str] | np.ndarray, *, stacklevel: int | None = None
+) -> dict[str, np.ndarray]:
+    """Metadata columns aligned to ``cells`` (joined on ``sample_name``, or on the first column
+    when there is no ``sample_name``).
+
+    Cells missing from the metadata get empty strings (text columns) or NaN (numbers), and one
+    warning counts them. Columns whose names the store uses get a ``_metadata`` suffix.
+    """
+    import pandas as pd
+
+    source = str(metadata)
+    try:
+        table = pd.read_csv(source, dtype={"sample_name": str}, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{source}: line 1: the metadata file is empty") from None
+    except pd.errors.ParserError as error:
+        raise InputError(f"{source}: {error}") from None
+    if "sample_name" not in table.columns:
+        # the first column names the cells, as pandas writes an index (empty header cell)
+        first = table.columns[0]
+        table = table.rename(columns={first: "sample_name"})
+        table["sample_name"] = table["sample_name"].astype(str)
+    duplicated = table["sample_name"].duplicated(keep="first")
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise InputError(
+            f"{source}: line {row + 2}, column sample_name: duplicate sample name "
+            f"{table['sample_name'].iloc[row]!r}"
+        )
+    table = table.set_index("sample_name")
+    aligned = table.reindex(pd.Index(np.asarray(cells, dtype=object)))
+    missing = int((~pd.Index(np.asarray(cells, dtype=object)).isin(table.index)).sum())
+    if missing:
+        warnings.warn(
+            f"{source}: {missing} of {len(cells)} cells have no metadata row; "
+            "they get empty labels (and NaN for numeric columns)",
+            UserWarning,
+            stacklevel=stacklevel or outside_stacklevel(),
+        )
+    columns: dict[str, np.ndarray] = {}
+    renamed: list[str] = []
+    for name in aligned.columns:
+        column = aligned[name]
+        key = metadata_name(name, set(columns))
+        if key != name:
+            renamed.append(f"{name!r} -> {key!r}")
+        if pd.api.types.is_bool_dtype(column) and not column.isna().any():
+            columns[key] = column.to_numpy(dtype=bool)
+        elif pd.api.types.is_numeric_dtype(column):
+            columns[key] = column.to_numpy(dtype=np.float64 if column.isna().any() else None)
+        else:
+            columns[key] = column.fillna("").astype(str).to_numpy(dtype=object)
+    if renamed:
+        warnings.warn(
+            f"{source}: metadata column(s) renamed, since distumap's store or exports use the "
+            f"name (or it holds '/'): {', '.join(renamed)}",
+            UserWarning,
+            stacklevel=stacklevel or outside_stacklevel(),
+        )
+    return columns
+
+
+def create_skeleton(
+    store: str,
+    *,
+    cells: list[str] | np.ndarray,
+    genes: list[str] | np.ndarray,
+    coords: dict[str, tuple[str, np.ndarray]],
+    chunk_cells: int,
+    params: dict[str, Any],
+) -> None:
+    """Write a store's skeleton: coordinates, an empty ``counts`` array chunked by cell blocks,
+    the "started" ingest record and the per-block rounding counts. Every reader's ingest uses it;
+    the stage's markers, written next by :meth:`distumap._stage.Stage.start`, come last."""
+    n_cells, n_genes = len(cells), len(genes)
+    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=params["dtype"])
+    coords = {
+        "cell": np.asarray(cells, dtype=object),
+        "gene": np.asarray(genes, dtype=object),
+        **coords,
+    }
+    skeleton = xr.Dataset({"counts": (("cell", "gene"), counts)}, coords=coords)
+    # the "started" record goes in with the skeleton, so a store is never unrecognisable
+    skeleton.attrs[ATTR] = {
+        "format": FORMAT_VERSION,
+        "stages": {"ingest": {"status": "started", "params": params}},
+    }
+    skeleton.to_zarr(
+        store,
+        mode="w",
+        compute=False,
+        consolidated=False,
+        encoding={"counts": {"chunks": (chunk_cells, n_genes), "compressors": [COUNTS_CODEC]}},
+    )
+    n_blocks = -(-n_cells // chunk_cells)
+    # per block: float-written counts that were rounded (one warning at the end)
+    create_progress(store, "rounded", np.zeros(n_blocks, dtype=np.int64), chunks=1)
+    # per block and gene: the cells with a non-zero value, what the preprocess's gene
+    # statistics need, counted while the block is in memory (see write_block)
+    zarr.open_group(store, mode="r+", use_consolidated=False).require_group(
+        PROGRESS_GROUP
+    ).create_array(
+        NONZERO.rsplit("/", 1)[1],
+        shape=(n_blocks, n_genes),
+        chunks=(1, n_genes),
+        dtype=np.int32,
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def write_block(store: str, block: int, first: int, values: np.ndarray) -> None:
+    """Write store chunk ``block`` (its cells from ``first``) and its non-zero cells per gene.
+
+    Every reader's block task ends here, before its marker: the counts and the statistics of a
+    marked block are both written, and a block written again rewrites both.
+    """
+    zarr.open_array(store, path="counts", mode="r+")[first : first + len(values)] = values
+    zarr.open_array(store, path=NONZERO, mode="r+")[block] = nonzero_per_gene(values)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_nonzero_columns(values, out):  # pragma: no cover
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            out[j] += values[i, j] != 0
+
+
+def nonzero_per_gene(values: np.ndarray) -> np.ndarray:
+    """The cells with a non-zero value in each column of a (cells, genes) block, int32: what
+    ``np.count_nonzero(values, axis=0)`` gives, in one row-major pass (numpy's strides through
+    the block column by column)."""
+    values = np.ascontiguousarray(values)
+    out = np.zeros(values.shape[1], dtype=np.int32)
+    if values.dtype in (np.int32, np.float32) and values.ndim == 2:
+        _count_nonzero_columns(values, out)
+    else:
+        out[:] = np.count_nonzero(values, axis=0)
+    return out
+
+
+def warn_rounded(store: str, source: str, *, stacklevel: int | None = None) -> int:
+    """One warning with the number of float-written counts the ingest rounded; returns it."""
+    rounded = int(progress_array(store, "rounded", mode="r")[:].sum())
+    if rounded:
+        warnings.warn(
+            f"{source}: {rounded:,} counts written as floats (such as 0.999999999999999) were "
+            f"rounded to the nearest integer (each within {ROUNDING_TOLERANCE:g})",
+            UserWarning,
+            stacklevel=stacklevel or outside_stacklevel(),
+        )
+    return rounded
+
+
+def checked_options(chunk_cells: int | None, dtype: str) -> int:
+    """The chunk size to use (``distumap.chunk-cells`` unless given), after checking it and
+    ``dtype``."""
+    chunk_cells = int(_config.get("chunk-cells", chunk_cells))
+    if chunk_cells < 1:
+        raise InputError(f"chunk_cells must be positive, not {chunk_cells}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return chunk_cells
+
+
+def fitted_chunk_cells(
+    store: str, chunk_cells: int | None, n_genes: int, params: dict[str, Any]
+) -> int:
+    """Cells per store chunk for an ingest of ``n_genes`` genes into ``store`` with ``params``
+    (the stage's parameters but the chunk size), fitted to the workers' memory before any
+    block is read.
+
+    A given ``chunk_cells`` is kept, or refused (exit 2, naming the flag) when its blocks
+    cannot fit. Without one, a store already ingested (or begun) from the same input keeps its
+    chunks, and a new ingest takes ``distumap.chunk-cells``, made smaller (with one warning)
+    until a block fits every worker (:func:`distumap._memory.ingest_chunk_cells`).
+    """
+    from distumap import _memory
+    from distumap._compute import current_client
+
+    if chunk_cells is None and is_store(store):
+        before = dict((stage_record(store, "ingest") or {}).get("params") or {})
+        begun = before.pop("chunk_cells", None)
+        if begun and before == {k: v for k, v in params.items() if k != "chunk_cells"}:
+            return int(begun)  # resuming or re-running: the store's own chunks
+    itemsize = np.dtype(params["dtype"]).itemsize
+    return _memory.ingest_chunk_cells(current_client(), chunk_cells, n_genes, itemsize)
+
+
+def claim(store: str, params: dict[str, Any], *, overwrite: bool, progress: bool) -> Stage:
+    """The ingest stage on ``store``, after making sure that writing there destroys nothing.
+
+    Only a distumap store (recognised by its attribute) is ever replaced, and only with
+    ``overwrite`` when it holds other input; anything else at ``store`` is refused.
+    """
+    if not is_store(store):
+        if occupied(store):
+            raise InputError(
+                f"{store}: something that is not a distumap store is already there; "
+                "distumap replaces only its own stores (even with --overwrite): choose another path"
+            )
+        return Stage(store, "ingest", params, progress=progress)
+    stage = Stage(store, "ingest", params, progress=progress)
+    if stage.record is not None and stage.record.get("params") != params and not overwrite:
+        raise InputError(
+            f"{store}: this store was ingested from other input or with other parameters "
+            f"({stage.record.get('params')}); choose another store or pass --overwrite"
+        )
+    return stage

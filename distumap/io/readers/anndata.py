@@ -1,0 +1,594 @@
+"""AnnData, ``.h5ad`` and zarr (every encoding anndata reads, the legacy one included):
+:class:`AnnDataReader` and :class:`AnnDataZarrReader`."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import h5py
+import numpy as np
+
+from distumap._errors import InputError
+from distumap._paths import (
+    exists,
+    isdir,
+    join,
+)
+from distumap.io.readers._base import (
+    ACCEPTED,
+    NO_MAP,
+    Reader,
+    as_strings,
+    bucket_by_block,
+    dense_rows,
+    fill_dense,
+    fill_entries,
+    packed_dtype,
+    scatter_entries,
+)
+from distumap.io.readers._hdf5 import (
+    anndata_layout,
+    attr,
+    check_indptr,
+    check_length,
+    child,
+    hdf5_root,
+    is_group,
+    load,
+    load_strings,
+    major_slice,
+    node_name,
+    open_hdf5,
+)
+
+#: entries read at once by the CSC reader's pass over the matrix, and per task of the ingest's
+#: sort of a CSC matrix by cell block: bounds the memory of both (their values and indices)
+CSC_ENTRIES_PER_PASS = 8 << 20
+
+
+def _decode_column(node: Any, parent: Any, source: str) -> np.ndarray | None:
+    """One obs/var column as a numpy array (categoricals decoded to strings), or None when it is
+    not a 1-D column."""
+    encoding = attr(node, "encoding-type")
+    if is_group(node):
+        if encoding == "categorical":
+            codes = load(child(node, "codes", source), source).astype(np.int64)
+            categories = _decode_column(child(node, "categories", source), node, source)
+            return _categorical(codes, categories)
+        if encoding in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+            values = _decode_column(child(node, "values", source), node, source)
+            mask = load(child(node, "mask", source), source).astype(bool)
+            if encoding == "nullable-integer":
+                values = values.astype(np.float64)
+                values[mask] = np.nan
+            else:
+                values = values.astype(object)
+                values[mask] = "" if encoding == "nullable-string-array" else None
+            return values
+        return None
+    if len(node.shape) != 1:
+        return None
+    kind = node.dtype.kind
+    if kind in "SOUT" or h5py.check_string_dtype(node.dtype) is not None:
+        values = load_strings(node, source)
+    else:
+        values = load(node, source)
+    # anndata 0.7's layout: integer codes with a reference to obs/__categories/<name>
+    reference = node.attrs.get("categories") if isinstance(node, h5py.Dataset) else None
+    if reference is not None and isinstance(reference, h5py.Reference):
+        categories = load_strings(node.file[reference], source)
+        return _categorical(values.astype(np.int64), categories)
+    return values
+
+
+def _categorical(codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
+    out = np.empty(codes.shape, dtype=object)
+    valid = codes >= 0
+    out[valid] = as_strings(categories)[codes[valid]]
+    out[~valid] = ""
+    return out
+
+
+def _dataframe_index(frame: Any, source: str) -> np.ndarray:
+    key = attr(frame, "_index", "_index")
+    return load_strings(child(frame, key, source), source)
+
+
+def _dataframe_length(frame: Any, source: str) -> int:
+    """Rows of an obs/var frame, from its index's shape (loading 100,000 names to count them
+    took a tenth of a second)."""
+    node = child(frame, attr(frame, "_index", "_index"), source)
+    shape = getattr(node, "shape", None)
+    if shape is not None and len(shape) == 1:
+        return int(shape[0])
+    return len(_dataframe_index(frame, source))
+
+
+def _dataframe_columns(frame: Any, source: str) -> dict[str, np.ndarray]:
+    index_key = attr(frame, "_index", "_index")
+    order = attr(frame, "column-order")
+    names = (
+        list(order)
+        if order is not None and len(order)
+        else [key for key in frame.keys() if key not in (index_key, "__categories")]
+    )
+    columns = {}
+    for name in names:
+        name = str(name)
+        if name == index_key or name not in frame:
+            continue
+        values = _decode_column(frame[name], frame, source)
+        if values is not None:
+            columns[name] = values
+    return columns
+
+
+class AnnDataReader(Reader):
+    """AnnData's ``.h5ad`` (read with h5py): X (or ``layers/NAME``) dense, CSR or CSC.
+
+    Cell names are the obs index, gene names the var index, gene ids the var column ``gene_ids``
+    when present; obs columns (categoricals decoded to strings, anndata 0.7's ``__categories``
+    layout too) are the metadata.
+
+    For CSR and dense matrices a cell range is contiguous (:attr:`orientation` ``"cells"``). For
+    CSC (``"genes"``) :meth:`read` makes one pass over the whole matrix per block, in pieces of
+    :data:`CSC_ENTRIES_PER_PASS` entries, keeping the entries of the block's cells: memory stays
+    bounded, time grows with the number of blocks. An ingest instead sorts the entries by store
+    block once (:meth:`csc_entries`, in parallel parts) and builds each block from its own
+    entries (:meth:`fill_csc_entries`). :meth:`read_genes` reads gene columns directly.
+
+    Parameters
+    ----------
+    source
+        Path or fsspec URL.
+    layer
+        Read ``layers/NAME`` instead of X.
+    dtype
+        ``"int32"`` or ``"float32"``.
+
+    Examples
+    --------
+    >>> reader = AnnDataReader("pbmc.h5ad", layer="counts")  # doctest: +SKIP
+    >>> reader.orientation  # doctest: +SKIP
+    'cells'
+    """
+
+    format = "h5ad"
+    suffixes = (".h5ad",)
+    order = 30  # before loom: a .h5ad file is AnnData's whatever else it holds
+
+    @classmethod
+    def guess_can_open(cls, source: str) -> bool:
+        if isdir(source):
+            return False
+        root = hdf5_root(source)
+        if root is not None and anndata_layout(root):
+            return True
+        return super().guess_can_open(source)
+
+    def __init__(self, source: str | os.PathLike, *, layer: str | None = None, dtype="int32"):
+        super().__init__(source, layer=layer, dtype=dtype)
+        with self._open() as root:
+            if "obs" not in root or "var" not in root:
+                raise InputError(f"{self.source}: not an AnnData file: no obs and var groups")
+            self.n_cells = _dataframe_length(root["obs"], self.source)
+            self.n_genes = _dataframe_length(root["var"], self.source)
+            matrix = self._matrix(root)
+            self._path = node_name(matrix)
+            self._inspect(matrix)
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        with open_hdf5(self.source) as file:
+            yield file
+
+    def _matrix(self, root: Any) -> Any:
+        if self.layer is None:
+            if "X" not in root:
+                raise InputError(f"{self.source}: no X matrix; pick a layer with --layer NAME")
+            return root["X"]
+        layers = root["layers"] if "layers" in root else {}
+        if self.layer not in layers:
+            raise InputError(
+                f"{self.source}: no layer {self.layer!r} (layers: {sorted(layers.keys())})"
+            )
+        return layers[self.layer]
+
+    def _inspect(self, matrix: Any) -> None:
+        source, where = self.source, node_name(matrix)
+        expected = (self.n_cells, self.n_genes)
+        if not is_group(matrix):
+            self._encoding = "dense"
+            if tuple(matrix.shape) != expected:
+                raise InputError(
+                    f"{source}: dataset {where} has shape {tuple(matrix.shape)}, but obs and var "
+                    f"say {expected}"
+                )
+            return
+        encoding = attr(matrix, "encoding-type") or {"csr": "csr_matrix", "csc": "csc_matrix"}.get(
+            attr(matrix, "h5sparse_format")
+        )
+        if encoding not in ("csr_matrix", "csc_matrix"):
+            raise InputError(f"{source}: {where}: unsupported matrix encoding {encoding!r}")
+        self._encoding = encoding
+        shape = attr(matrix, "shape")
+        if shape is None:
+            shape = attr(matrix, "h5sparse_shape")
+        shape = tuple(int(v) for v in shape)
+        if shape != expected:
+            raise InputError(f"{source}: {where} has shape {shape}, but obs and var say {expected}")
+        csr = encoding == "csr_matrix"
+        self.orientation = "cells" if csr else "genes"
+        n_major = self.n_cells if csr else self.n_genes
+        data, indices = child(matrix, "data", source), child(matrix, "indices", source)
+        if data.shape != indices.shape:
+            raise InputError(
+                f"{source}: {where}/data and {where}/indices differ in shape ({data.shape} and "
+                f"{indices.shape})"
+            )
+        indptr = child(matrix, "indptr", source)
+        check_length(indptr, n_major + 1, "entries (the shape's major axis + 1)", source)
+        loaded = load(indptr, source).astype(np.int64)
+        check_indptr(loaded, data.shape[0], node_name(indptr), source)
+        if not csr:
+            self._indptr = loaded  # n_genes + 1 numbers: the CSC passes plan with it
+            self._data_dtype = np.dtype(data.dtype)
+
+    # -- names --
+
+    def cells(self) -> np.ndarray:
+        with self._open() as root:
+            return _dataframe_index(root["obs"], self.source)
+
+    def _raw_genes(self) -> np.ndarray:
+        with self._open() as root:
+            return _dataframe_index(root["var"], self.source)
+
+    def gene_ids(self) -> np.ndarray | None:
+        with self._open() as root:
+            var = root["var"]
+            if "gene_ids" not in var:
+                return None
+            values = _decode_column(var["gene_ids"], var, self.source)
+            return None if values is None else as_strings(values)
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        with self._open() as root:
+            return _dataframe_columns(root["obs"], self.source)
+
+    # -- counts --
+
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+        with self._open() as root:
+            matrix = root[self._path]
+            if self._encoding == "dense":
+                block = load(matrix, self.source, slice(start, stop))
+                return self._convert_dense(block, start)
+            if self._encoding == "csr_matrix":
+                indptr, genes, values = major_slice(matrix, start, stop, self.n_genes, self.source)
+
+                def locate(bad: int) -> tuple[str, str, int]:
+                    cell = start + int(np.searchsorted(indptr, bad, side="right")) - 1
+                    return f"dataset {self._path}/data", str(cell), int(genes[bad])
+
+                values, rounded = self._convert(values, locate)
+                return dense_rows(indptr, genes, values, self.n_genes), rounded
+            return self._read_csc_cells(matrix, start, stop)
+
+    def _read(self, start: int, stop: int, out: np.ndarray) -> int:
+        with self._open() as root:
+            matrix = root[self._path]
+            if self._encoding == "dense":
+                rounded = self._fill_dense_rows(matrix, start, stop, out)
+            elif self._encoding == "csr_matrix":
+                indptr, genes, values = major_slice(matrix, start, stop, self.n_genes, self.source)
+                rounded = self._fill_sparse_rows(indptr, genes, values, out)
+            else:
+                rounded = self._fill_csc_cells(matrix, start, stop, out)
+        if rounded is None:
+            self._refused(start, stop)
+        return rounded
+
+    def _fill_dense_rows(self, matrix: Any, start: int, stop: int, out: np.ndarray) -> int | None:
+        if isinstance(matrix, h5py.Dataset) and matrix.dtype == out.dtype:
+            try:  # straight into the block: no fresh array
+                matrix.read_direct(out, np.s_[start:stop])
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise InputError(
+                    f"{self.source}: dataset {self._path}: cannot read ({exc})"
+                ) from exc
+            block = out
+        else:
+            block = load(matrix, self.source, slice(start, stop))
+        if block.dtype.kind == "b":
+            block = block.view(np.uint8)
+        if block.dtype.kind not in "iuf":
+            return None
+        status, rounded = fill_dense(block, self.dtype == np.int32, out)
+        return None if status != ACCEPTED else int(rounded)
+
+    def _fill_csc_cells(self, matrix: Any, start: int, stop: int, out: np.ndarray) -> int | None:
+        """The block from one pass over the whole CSC matrix, in pieces (an ingest transposes
+        the matrix once instead: see :meth:`csc_entries`)."""
+        out[...] = 0
+        rounded = 0
+        data, indices = matrix["data"], matrix["indices"]
+        for low, high in self._csc_pieces():
+            cells = load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
+            self._check_minor(cells, self.n_cells, low, matrix)
+            selected = np.flatnonzero((cells >= start) & (cells < stop))
+            if selected.size == 0:
+                continue
+            values = load(data, self.source, slice(low, high))[selected]
+            if values.dtype.kind == "b":
+                values = values.view(np.uint8)
+            if values.dtype.kind not in "iuf":
+                return None
+            genes = np.searchsorted(self._indptr, low + selected, side="right") - 1
+            status, piece = fill_entries(
+                cells[selected] - start, genes, values, NO_MAP, self.dtype == np.int32, out
+            )
+            if status != ACCEPTED:
+                return None
+            rounded += piece
+        return int(rounded)
+
+    def _csc_pieces(self) -> list[tuple[int, int]]:
+        """Entry ranges of whole gene columns holding about CSC_ENTRIES_PER_PASS entries each."""
+        indptr = self._indptr
+        bounds = np.unique(
+            np.concatenate(
+                [
+                    np.searchsorted(
+                        indptr, np.arange(0, indptr[-1], CSC_ENTRIES_PER_PASS), side="right"
+                    )
+                    - 1,
+                    [self.n_genes],
+                ]
+            )
+        )
+        pieces = [(int(indptr[g0]), int(indptr[g1])) for g0, g1 in itertools.pairwise(bounds)]
+        return [(low, high) for low, high in pieces if low < high]
+
+    def _convert_dense(self, block: np.ndarray, start: int) -> tuple[np.ndarray, int]:
+        n_columns = block.shape[1]
+
+        def locate(bad: int) -> tuple[str, str, int]:
+            return f"dataset {self._path}", str(start + bad // n_columns), bad % n_columns
+
+        values, rounded = self._convert(block, locate)
+        return np.ascontiguousarray(values), rounded
+
+    def _read_csc_cells(self, matrix: Any, start: int, stop: int) -> tuple[np.ndarray, int]:
+        out = np.zeros((stop - start, self.n_genes), dtype=self.dtype)
+        rounded = 0
+        indptr = self._indptr
+        if stop == start:
+            return out, 0
+        data, indices = matrix["data"], matrix["indices"]
+        for low, high in self._csc_pieces():
+            cells = load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
+            self._check_minor(cells, self.n_cells, low, matrix)
+            selected = np.flatnonzero((cells >= start) & (cells < stop))
+            if selected.size == 0:
+                continue
+            values = load(data, self.source, slice(low, high))[selected]
+            genes = np.searchsorted(indptr, low + selected, side="right") - 1
+            rows = cells[selected] - start
+
+            def locate(bad: int, rows=rows, genes=genes) -> tuple[str, str, int]:
+                return f"dataset {self._path}/data", str(start + rows[bad]), int(genes[bad])
+
+            values, piece_rounded = self._convert(values, locate)
+            rounded += piece_rounded
+            scatter_entries(rows, genes.astype(np.int64), values, out)
+        return out, rounded
+
+    # -- CSC: one transposition pass instead of a pass per block --
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of a CSC matrix (0 for others)."""
+        return int(self._indptr[-1]) if self._encoding == "csc_matrix" else 0
+
+    @property
+    def part_entries(self) -> int:
+        """Entries per task of the ingest's sorting pass (:meth:`csc_entries`)."""
+        return int(CSC_ENTRIES_PER_PASS)
+
+    @property
+    def packed_words(self) -> int:
+        """32-bit words per entry of :meth:`csc_entries`: row, gene and the value."""
+        return 2 + packed_dtype(self._data_dtype).itemsize // 4
+
+    def csc_entries(
+        self, low: int, high: int, *, first_cell: int, chunk_cells: int, n_blocks: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Entries ``[low, high)`` of the CSC matrix, sorted by the store block of their cell.
+
+        Parameters
+        ----------
+        low, high
+            Entry range (any, not only whole genes).
+        first_cell
+            The store's index of this input's first cell.
+        chunk_cells, n_blocks
+            The store's chunking: cell ``c`` of this input is in block
+            ``(first_cell + c) // chunk_cells``.
+
+        Returns
+        -------
+        packed : numpy.ndarray
+            uint32, ``(high - low, packed_words)``: the cell's row in its block, the gene, and
+            the value's bits (as :func:`packed_dtype` says), block by block, each block's
+            entries in the file's order.
+        offsets : numpy.ndarray
+            int64, ``n_blocks + 1``: where each block's entries start in ``packed``.
+
+        Notes
+        -----
+        Reads the range once (memory: ~4 words per entry). Cell indices are checked here;
+        values are checked by :meth:`fill_csc_entries`, which knows their block.
+        """
+        with self._open() as root:
+            matrix = root[self._path]
+            cells = load(matrix["indices"], self.source, slice(low, high))
+            self._check_minor(cells, self.n_cells, low, matrix)
+            values = load(matrix["data"], self.source, slice(low, high))
+        if values.dtype.kind not in "biuf":
+
+            def locate(bad: int) -> tuple[str, str, int]:
+                gene = int(np.searchsorted(self._indptr, low + bad, side="right")) - 1
+                return f"dataset {self._path}/data", str(int(cells[bad])), gene
+
+            self._convert(values, locate)  # names the value that is not a number
+        values = values.astype(packed_dtype(values.dtype), copy=False)
+        words = np.ascontiguousarray(values).view(np.uint32).reshape(values.shape[0], -1)
+        packed = np.empty((high - low, 2 + words.shape[1]), dtype=np.uint32)
+        offsets = np.empty(n_blocks + 1, dtype=np.int64)
+        if high > low:
+            bucket_by_block(
+                self._indptr, low, cells, words, first_cell, chunk_cells, packed, offsets
+            )
+        else:
+            offsets[:] = 0
+        return packed, offsets
+
+    def fill_csc_entries(
+        self,
+        packed: np.ndarray,
+        out: np.ndarray,
+        *,
+        first_cell: int,
+        column_map: np.ndarray | None = None,
+    ) -> int:
+        """Put entries of :meth:`csc_entries` (of one store block) into that block ``out``,
+        whose rows they fall in are already zero; returns the values rounded.
+
+        ``first_cell`` is this input's cell in ``out``'s first row (for error messages);
+        ``column_map`` (optional) gives each gene's column in ``out``.
+        """
+        if packed.shape[0] == 0:
+            return 0
+        dtype = packed_dtype(self._data_dtype)
+        rows, genes = packed[:, 0], packed[:, 1]
+        values = np.ascontiguousarray(packed[:, 2:]).view(dtype).reshape(-1)
+        kernel_values = values.view(np.uint8) if values.dtype.kind == "b" else values
+        if kernel_values.dtype.kind in "iuf":
+            status, rounded = fill_entries(
+                rows,
+                genes,
+                kernel_values,
+                NO_MAP if column_map is None else column_map,
+                self.dtype == np.int32,
+                out,
+            )
+            if status == ACCEPTED:
+                return int(rounded)
+
+        def locate(bad: int) -> tuple[str, str, int]:
+            return f"dataset {self._path}/data", str(first_cell + int(rows[bad])), int(genes[bad])
+
+        self._convert(values, locate)
+        raise RuntimeError(
+            f"{self.source}: the compiled reader refused a value that the checked reader "
+            "accepts (a distumap bug; please report it)"
+        )
+
+    def _check_minor(self, indices: np.ndarray, size: int, low: int, matrix: Any) -> None:
+        if indices.size and (indices.min() < 0 or indices.max() >= size):
+            bad = int(np.argmax((indices < 0) | (indices >= size)))
+            raise InputError(
+                f"{self.source}: dataset {self._path}/indices: index {int(indices[bad])} at "
+                f"position {low + bad} is out of range (0 to {size - 1})"
+            )
+
+    def read_genes(self, g0: int, g1: int) -> np.ndarray:
+        """The dense ``(n_cells, g1 - g0)`` block of genes ``[g0, g1)``, all cells.
+
+        Cheap for CSC (reads those columns' entries only); CSR and dense matrices read
+        everything in cell blocks.
+
+        Parameters
+        ----------
+        g0, g1
+            Gene range, ``0 <= g0 <= g1 <= n_genes``.
+
+        Returns
+        -------
+        numpy.ndarray
+            :attr:`dtype`, C-contiguous; rounded values are added to :attr:`rounded`.
+        """
+        g0, g1 = self._check_range(g0, g1, self.n_genes, "genes")
+        if self._encoding != "csc_matrix":
+            out = np.empty((self.n_cells, g1 - g0), dtype=self.dtype)
+            for begin, end, block, rounded in self.iter_blocks(4096):
+                out[begin:end] = block[:, g0:g1]
+                self.rounded += rounded
+            return out
+        with self._open() as root:
+            matrix = root[self._path]
+            indptr, cells, values = major_slice(matrix, g0, g1, self.n_cells, self.source)
+
+        def locate(bad: int) -> tuple[str, str, int]:
+            gene = g0 + int(np.searchsorted(indptr, bad, side="right")) - 1
+            return f"dataset {self._path}/data", str(int(cells[bad])), gene
+
+        values, rounded = self._convert(values, locate)
+        self.rounded += rounded
+        by_gene = dense_rows(indptr, cells, values, self.n_cells)  # genes x cells
+        return np.ascontiguousarray(by_gene.T)
+
+
+class AnnDataZarrReader(AnnDataReader):
+    """An AnnData zarr folder (zarr v2 or v3, as ``AnnData.write_zarr`` writes it).
+
+    The same layout and options as :class:`AnnDataReader`; the root group's attribute
+    ``encoding-type`` is ``anndata``.
+    """
+
+    format = "anndata-zarr"
+    #: a zarr folder is only claimed by its content: most zarr groups are not AnnData
+    suffixes = (".zarr",)
+    order = 40
+
+    @classmethod
+    def guess_can_open(cls, source: str) -> bool:
+        return isdir(source) and zarr_encoding(source) == "anndata"
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        import zarr  # only this reader needs it
+
+        try:
+            root = zarr.open_group(self.source, mode="r")
+        except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{self.source}: not a readable zarr group ({exc})") from exc
+        except Exception as exc:  # zarr raises its own errors for a folder that is no group
+            raise InputError(f"{self.source}: not a readable zarr group ({exc})") from exc
+        if attr(root, "encoding-type") != "anndata":
+            raise InputError(f"{self.source}: a zarr group without encoding-type 'anndata'")
+        yield root
+
+
+def zarr_encoding(source: str) -> str | None:
+    """The root group's ``encoding-type`` of a zarr folder (v3 or v2), None when it is not one."""
+    import json
+
+    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        path = join(source, name)
+        if not exists(path):
+            continue
+        try:
+            with fsspec.open(path, "rt") as file:
+                document = json.load(file)
+        except (OSError, ValueError):
+            return None
+        attrs = document.get(key, {}) if key else document
+        return attrs.get("encoding-type") if isinstance(attrs, dict) else None
+    return None
