@@ -36,6 +36,12 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "counts": (("cell", "gene"), "values", "ingest"),
     "zero_fraction": (("gene",), "float32", "preprocess"),
     "selected": (("gene",), "bool", "preprocess"),
+    # the scanpy recipe's (no stage requires them: the default recipe writes none): scanpy's
+    # var columns of highly_variable_genes(flavor="seurat") and each cell's total over all genes
+    "means": (("gene",), "float64", None),
+    "dispersions": (("gene",), "float64", None),
+    "dispersions_norm": (("gene",), "float32", None),
+    "counts_per_cell": (("cell",), "float64", None),
     # the selected genes' counts (same dtype as counts), read by everything after preprocess; a
     # cache (no stage requires it: a store preprocessed before it existed reads counts instead)
     "selected_counts": (("cell", "selected_gene"), "values", None),

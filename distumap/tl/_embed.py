@@ -53,7 +53,7 @@ from distumap._store import (
     write_variables,
 )
 from distumap._workers import SetupPlugin, WorkerCache, fit_worker, prepare_fit_workers
-from distumap.pp import log2p1
+from distumap.pp import features as recipe_features
 from distumap.tl import _model, _model_io, _refine
 from distumap.tl._landmarks import landmarks
 
@@ -584,7 +584,8 @@ def umap(
 
     Notes
     -----
-    This computes. Features are log2(x+1) of the selected genes, built lazily from ``counts``.
+    This computes. Features are the selected genes' values by the preprocess stage's recipe
+    (log2(x+1), or log1p of the normalised counts: :func:`distumap.pp.features`), built lazily.
     A cell's coordinates depend only on its own values, its index and the fitted model (and,
     when refined, on the previous epoch's coordinates of all cells), never on the chunk size or
     the number of workers. A finished stage with the same parameters is skipped; an
@@ -612,7 +613,7 @@ def umap(
     ds = open_store(location, require="preprocess")
     if color is not None and (color not in ds.coords or ds[color].dims != ("cell",)):
         raise InputError(f"color {color!r}: no such cell coordinate")
-    features = log2p1(ds).data
+    features = recipe_features(ds).data
     # the stages embed depends on, not embed's own record: a re-run must find the same token
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
