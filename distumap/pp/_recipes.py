@@ -18,7 +18,6 @@ with the stored totals, so they need no second pass over all genes.
 
 from __future__ import annotations
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -235,12 +234,14 @@ def highly_variable_genes(
         raise InputError("n_top_genes must be >= 1 and target_sum > 0")
     n_cells, n_genes = ds.sizes["cell"], ds.sizes["gene"]
     moments = gene_moments(ds, target_sum=float(target_sum), var=var)
-    seurat = da.from_delayed(
-        dask.delayed(_seurat_from_moments, pure=True)(
-            moments, n_cells, int(n_top_genes), dask_key_name=f"seurat-dispersions-{moments.name}"
-        ),
-        shape=(4, n_genes),
+    # the summed moments are one block: the per-gene step is one task on them
+    seurat = moments.map_blocks(
+        _seurat_from_moments,
+        n_cells,
+        int(n_top_genes),
+        chunks=((4,), (n_genes,)),
         dtype=np.float64,
+        name=f"seurat-dispersions-{tokenize(moments, n_top_genes)}",
     )
     gene = ("gene",)
     return xr.Dataset(
@@ -295,11 +296,12 @@ def normalize_log1p(
     target_sum = float(_config.get("target-sum", target_sum or recorded.get("target_sum")))
     index = gene_index_of(ds, genes)
     counts = selected_counts(ds, index)
-    if TOTALS in ds:
-        totals = ds[TOTALS].data
-        totals = da.asarray(totals).rechunk((counts.chunks[0],))
-    else:
+    if TOTALS not in ds:
         totals = total_counts(ds).data.rechunk((counts.chunks[0],))
+    elif isinstance(ds[TOTALS].data, da.Array):
+        totals = ds[TOTALS].data.rechunk((counts.chunks[0],))
+    else:  # as open_store loads it: each task carries its cells' totals
+        totals = da.from_array(ds[TOTALS].values, chunks=(counts.chunks[0],))
     if counts.numblocks[1] != 1:
         counts = counts.rechunk({1: -1})
     values = da.map_blocks(
