@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "landmarks": 20000,
     "min-per-group": 50,
     "pca": 50,
+    # where the PCA is fitted: "landmarks" (the cells UMAP is fitted on) or "all" cells
+    "pca-fit": "landmarks",
     "n-neighbors": 30,
     "min-dist": 0.25,
     "seed": 999,

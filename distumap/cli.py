@@ -163,6 +163,12 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="principal components to embed from (default 50; 0: the genes, as the tutorial)",
     )
+    parser.add_argument(
+        "--pca-fit",
+        choices=("landmarks", "all"),
+        help="cells the PCA is fitted on: the landmarks (default) or all cells (exact, "
+        "one more pass over the selected genes)",
+    )
     parser.add_argument("--n-neighbors", type=int, metavar="K", help="UMAP n_neighbors (30)")
     parser.add_argument("--min-dist", type=float, metavar="D", help="UMAP min_dist (0.25)")
     parser.add_argument("--seed", type=int, help="random seed (999)")
@@ -346,6 +352,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "transform_epochs": args.transform_epochs,
         "refine_epochs": args.refine_epochs,
+        "pca_fit": args.pca_fit,
         "progress": args.progress,
     }
 
