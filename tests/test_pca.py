@@ -75,6 +75,15 @@ def test_pca_fit_setting_is_checked_and_recorded_only_when_not_the_default():
         embed_params(pca_fit="all", pca=0)
 
 
+def test_pca_fit_flag_reaches_the_embed():
+    from distumap.cli import _embed_kwargs, build_parser
+
+    for command in (["embed", "s.zarr"], ["run", "m.csv", "--out", "o"]):
+        args = build_parser().parse_args([*command, "--pca-fit", "all"])
+        assert _embed_kwargs(args)["pca_fit"] == "all"
+    assert _embed_kwargs(build_parser().parse_args(["embed", "s.zarr"]))["pca_fit"] is None
+
+
 def test_embed_fits_the_pca_on_all_cells(tmp_path):
     data = synthetic_counts(600, 150, seed=6, zero_cells=2)
     matrix, _ = write_dataset(tmp_path / "in", data)
