@@ -114,6 +114,9 @@ ANNDATA_LANDMARK = "landmark"
 #: ``var`` columns
 ANNDATA_ZERO_FRACTION = "zero_fraction"
 ANNDATA_GENE_IDS = "gene_ids"
+#: ``var`` columns from the scanpy recipe's store variables of the same names (with them,
+#: ``highly_variable``: every exported gene is one)
+ANNDATA_HVG_COLUMNS = ("means", "dispersions", "dispersions_norm")
 #: ``uns`` keys: scanpy's UMAP record (``uns["umap"]["params"]``) and the store's stage records
 ANNDATA_UNS_UMAP = "umap"
 ANNDATA_UNS_RECORD = "distumap"

@@ -194,3 +194,16 @@ def test_embedding_with_the_scanpy_recipe_separates_the_populations(tmp_path):
     ours, reachable = _label_agreement(ds["X_umap"].values, labels), _label_agreement(exact, labels)
     assert ours >= 0.85 * reachable, (ours, reachable)
     assert ds.attrs["distumap"]["stages"]["preprocess"]["params"]["recipe"] == "scanpy"
+    # the AnnData export carries scanpy's var columns and the recipe in uns
+    import anndata
+
+    with dask.config.set(scheduler="threads"):
+        distumap.io.write(ds, tmp_path / "out.h5ad")
+    exported = anndata.read_h5ad(tmp_path / "out.h5ad")
+    hv = var[var["highly_variable"]]
+    assert exported.var["highly_variable"].all() and list(exported.var_names) == list(
+        ds["gene"].values[ds["selected"].values]
+    )
+    for name in HVG_COLUMNS:
+        np.testing.assert_allclose(exported.var[name], hv[name], rtol=2e-6, atol=1e-6)
+    assert exported.uns["distumap"]["stages"]["preprocess"]["params"]["recipe"] == "scanpy"
