@@ -22,8 +22,13 @@ DEFAULTS: dict[str, Any] = {
     # of the index block parsed as fast as the whole, with less at a worker's peak
     # (benchmarks/RESULTS.md)
     "gene-block-bytes": 64 * 2**20,
-    # preprocess
+    # preprocess: the recipe ("log2p1": genes with fewer zeros than max-zero-fraction of cells,
+    # log2(x+1) of their counts; "scanpy": scanpy's normalize_total to target-sum, log1p and the
+    # n-top-genes highly variable genes, flavor "seurat")
+    "recipe": "log2p1",
     "max-zero-fraction": 0.5,
+    "n-top-genes": 2000,
+    "target-sum": 1e4,
     # a command whose cluster has had no worker this long exits 1 instead of waiting forever
     "no-workers-timeout": "5 minutes",
     # refuse (exit 2) work whose estimated memory exceeds the workers' limit (distumap._memory)
@@ -32,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "landmarks": 20000,
     "min-per-group": 50,
     "pca": 50,
+    # where the PCA is fitted: "landmarks" (the cells UMAP is fitted on) or "all" cells
+    "pca-fit": "landmarks",
     "n-neighbors": 30,
     "min-dist": 0.25,
     "seed": 999,

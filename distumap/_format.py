@@ -36,6 +36,12 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "counts": (("cell", "gene"), "values", "ingest"),
     "zero_fraction": (("gene",), "float32", "preprocess"),
     "selected": (("gene",), "bool", "preprocess"),
+    # the scanpy recipe's (no stage requires them: the default recipe writes none): scanpy's
+    # var columns of highly_variable_genes(flavor="seurat") and each cell's total over all genes
+    "means": (("gene",), "float64", None),
+    "dispersions": (("gene",), "float64", None),
+    "dispersions_norm": (("gene",), "float32", None),
+    "counts_per_cell": (("cell",), "float64", None),
     # the selected genes' counts (same dtype as counts), read by everything after preprocess; a
     # cache (no stage requires it: a store preprocessed before it existed reads counts instead)
     "selected_counts": (("cell", "selected_gene"), "values", None),
@@ -108,6 +114,9 @@ ANNDATA_LANDMARK = "landmark"
 #: ``var`` columns
 ANNDATA_ZERO_FRACTION = "zero_fraction"
 ANNDATA_GENE_IDS = "gene_ids"
+#: ``var`` columns from the scanpy recipe's store variables of the same names (with them,
+#: ``highly_variable``: every exported gene is one)
+ANNDATA_HVG_COLUMNS = ("means", "dispersions", "dispersions_norm")
 #: ``uns`` keys: scanpy's UMAP record (``uns["umap"]["params"]``) and the store's stage records
 ANNDATA_UNS_UMAP = "umap"
 ANNDATA_UNS_RECORD = "distumap"

@@ -116,11 +116,40 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
 
 def _preprocess_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--recipe",
+        choices=("log2p1", "scanpy"),
+        help="log2p1 (default): genes with few zeros, log2(x+1) of their counts; scanpy: "
+        "normalize_total, log1p and the highly variable genes (flavor seurat), as scanpy's "
+        "standard recipe",
+    )
+    parser.add_argument(
         "--max-zero-fraction",
         type=float,
         metavar="F",
-        help="keep genes with fewer zeros than this fraction of cells (default 0.5)",
+        help="log2p1 recipe: keep genes with fewer zeros than this fraction of cells (0.5)",
     )
+    parser.add_argument(
+        "--n-top-genes",
+        type=int,
+        metavar="N",
+        help="scanpy recipe: highly variable genes to keep (2000)",
+    )
+    parser.add_argument(
+        "--target-sum",
+        type=float,
+        metavar="T",
+        help="scanpy recipe: every cell's total after normalisation (10000)",
+    )
+
+
+def _preprocess_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "recipe": args.recipe,
+        "max_zero_fraction": args.max_zero_fraction,
+        "n_top_genes": args.n_top_genes,
+        "target_sum": args.target_sum,
+        "progress": args.progress,
+    }
 
 
 def _embed_options(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +164,12 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="principal components to embed from (default 50; 0: the genes, as the tutorial)",
+    )
+    parser.add_argument(
+        "--pca-fit",
+        choices=("landmarks", "all"),
+        help="cells the PCA is fitted on: the landmarks (default) or all cells (exact, "
+        "one more pass over the selected genes)",
     )
     parser.add_argument("--n-neighbors", type=int, metavar="K", help="UMAP n_neighbors (30)")
     parser.add_argument("--min-dist", type=float, metavar="D", help="UMAP min_dist (0.25)")
@@ -319,6 +354,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "transform_epochs": args.transform_epochs,
         "refine_epochs": args.refine_epochs,
+        "pca_fit": args.pca_fit,
         "progress": args.progress,
     }
 
@@ -372,7 +408,7 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     tl.prepare_workers()  # the fit's kernels compile on the workers while the ingest runs
     ds = _ingest(args, inputs, store, metadata)
     color = _default_color(ds, getattr(args, "color", None))
-    ds = pp.preprocess(ds, max_zero_fraction=args.max_zero_fraction, progress=args.progress)
+    ds = pp.preprocess(ds, **_preprocess_kwargs(args))
 
     def pictures(ds) -> None:
         pl.umap(ds, color=color, path=png)
@@ -464,9 +500,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         elif args.command == "ingest":
             _ingest(args, args.inputs, args.store, args.metadata)
         elif args.command == "preprocess":
-            pp.preprocess(
-                args.store, max_zero_fraction=args.max_zero_fraction, progress=args.progress
-            )
+            pp.preprocess(args.store, **_preprocess_kwargs(args))
         elif args.command == "embed":
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":

@@ -279,13 +279,13 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
 
 def test_refinement_needs_principal_components(tmp_path):
     from distumap._errors import InputError
-    from distumap.tl import _embed
+    from distumap.tl._params import embed_params
 
     with pytest.raises(InputError, match="pca"):
         tl.umap(str(tmp_path / "never-read.zarr"), pca=0, refine_epochs=5)
     # by default, pca=0 (the tutorial's raw genes) embeds without refinement
-    assert _embed._embed_params(pca=0)["refine_epochs"] == 0
-    assert _embed._embed_params(pca=10)["refine_epochs"] > 0
+    assert embed_params(pca=0)["refine_epochs"] == 0
+    assert embed_params(pca=10)["refine_epochs"] > 0
 
 
 @pytest.mark.slow
@@ -332,15 +332,15 @@ def test_refinement_places_transformed_cells_as_well_as_landmarks():
 
 
 def test_the_transform_takes_fewer_epochs_when_the_refinement_follows():
-    from distumap.tl._embed import TRANSFORM_EPOCHS, TRANSFORM_EPOCHS_REFINED, _embed_params
+    from distumap.tl._params import TRANSFORM_EPOCHS, TRANSFORM_EPOCHS_REFINED, embed_params
 
     assert TRANSFORM_EPOCHS_REFINED < TRANSFORM_EPOCHS
-    assert _embed_params()["transform_epochs"] == TRANSFORM_EPOCHS_REFINED
-    assert _embed_params(refine_epochs=0)["transform_epochs"] == TRANSFORM_EPOCHS
-    assert _embed_params(pca=0)["transform_epochs"] == TRANSFORM_EPOCHS  # no refinement there
-    assert _embed_params(transform_epochs=7)["transform_epochs"] == 7
+    assert embed_params()["transform_epochs"] == TRANSFORM_EPOCHS_REFINED
+    assert embed_params(refine_epochs=0)["transform_epochs"] == TRANSFORM_EPOCHS
+    assert embed_params(pca=0)["transform_epochs"] == TRANSFORM_EPOCHS  # no refinement there
+    assert embed_params(transform_epochs=7)["transform_epochs"] == 7
     with dask.config.set({"distumap.transform-epochs": 12}):
-        assert _embed_params(refine_epochs=0)["transform_epochs"] == 12
+        assert embed_params(refine_epochs=0)["transform_epochs"] == 12
 
 
 def test_prepared_workers_take_the_fit_and_it_is_the_same_fit(tmp_path, dataset, local_client):

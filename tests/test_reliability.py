@@ -76,6 +76,8 @@ def _pickle_loading(module: str, name: str) -> list[str]:
     [
         ("distumap.pp._preprocess", "_zero_count_chunk"),
         ("distumap.pp._preprocess", "_log2p1_block"),
+        ("distumap.pp._recipes", "_moments_block"),
+        ("distumap.pp._recipes", "_normalize_log1p_block"),
         ("distumap.tl._embed", "_transform_task"),
         ("distumap.io._ingest", "_read_block"),
         ("distumap.io.writers.loom", "_encode_block"),

@@ -2,7 +2,7 @@
 
 Nothing here gathers the matrix on one process: the statistics are tree reductions over cell
 blocks (tasks ``gene-stats``), and log2(x+1) is a per-block map (tasks ``log2p1``). Only
-:func:`preprocess`, the stage, computes, and it writes just two gene-length vectors to the store.
+:func:`distumap.pp.preprocess`, the stage (:mod:`distumap.pp._preprocess_stage`), computes.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from distumap import _config, _memory, _progress
-from distumap._compute import current_client
+from distumap import _config
 from distumap._errors import InputError
 from distumap._format import NONZERO
-from distumap._stage import Stage
 from distumap._store import (
-    codec_of,
-    drop_arrays,
-    open_store,
     stage_record,
-    store_of,
-    write_variables,
 )
 
 
@@ -62,7 +55,7 @@ def _gene_stats(array: da.Array, chunk, token: str) -> da.Array:
     )
 
 
-def _ingested_zero_counts(location: str, ds: xr.Dataset) -> da.Array | None:
+def ingested_zero_counts(location: str, ds: xr.Dataset) -> da.Array | None:
     """Zero counts per gene from the per-block non-zero counts the ingest wrote (``NONZERO``),
     as a ``gene-stats`` reduction over those small rows; None for a store without them."""
     import zarr
@@ -130,7 +123,7 @@ def filter_genes(
     --------
     >>> ds = distumap.pp.filter_genes(ds, max_zero_fraction=0.5)  # doctest: +SKIP
     """
-    threshold = _threshold(max_zero_fraction)
+    threshold = max_zero_fraction_of(max_zero_fraction)
     zeros = zero_counts(ds, var=var)
     n_cells = max(ds.sizes["cell"], 1)
     # select on the exact fraction, so the float32 rounding of the stored value never decides
@@ -182,20 +175,6 @@ def selected_counts(ds: xr.Dataset, gene_index: np.ndarray | None = None) -> da.
     return counts[:, gene_index]
 
 
-def _select_task(store: str, first: int, last: int, gene_index: np.ndarray) -> int:
-    """Copy the selected genes of cells ``first:last`` into the cache."""
-    import zarr
-
-    counts = zarr.open_array(store, path="counts", mode="r")
-    # an orthogonal selection: zarr copies the selected genes out of each decoded chunk, where
-    # counts[first:last][:, gene_index] would first copy the whole block into a new array,
-    # freshly faulted in: several times slower a chunk (benchmarks/RESULTS.md)
-    zarr.open_array(store, path=CACHE, mode="r+")[first:last] = counts.oindex[
-        first:last, gene_index
-    ]
-    return last - first
-
-
 def _log2p1_rule(values: np.ndarray) -> np.ndarray:
     return np.log2(values + 1.0).astype(np.float32)
 
@@ -224,6 +203,24 @@ def _log2p1_block(block: np.ndarray, genes: np.ndarray) -> np.ndarray:
     return log2p1_values(block[:, genes])
 
 
+def gene_index_of(ds: xr.Dataset, genes: str | np.ndarray | None) -> np.ndarray:
+    """Integer indices of ``genes``: the name of a boolean gene variable (computed), a boolean
+    mask or integer indices, or None for all genes."""
+    if genes is None:
+        return np.arange(ds.sizes["gene"])
+    if isinstance(genes, str):
+        if genes not in ds:
+            raise InputError(f"no gene variable {genes!r}: run the preprocess stage first")
+        mask = ds[genes]
+        if isinstance(mask.data, da.Array):
+            raise InputError(
+                f"{genes!r} is lazy; compute it first (distumap.pp.preprocess writes it)"
+            )
+        return np.flatnonzero(mask.values)
+    genes = np.asarray(genes)
+    return np.flatnonzero(genes) if genes.dtype == bool else genes.astype(np.int64)
+
+
 def log2p1(
     ds: xr.Dataset, *, var: str = "counts", genes: str | np.ndarray | None = "selected"
 ) -> xr.DataArray:
@@ -248,20 +245,7 @@ def log2p1(
     --------
     >>> x = distumap.pp.log2p1(ds)  # doctest: +SKIP
     """
-    if genes is None:
-        index = np.arange(ds.sizes["gene"])
-    elif isinstance(genes, str):
-        if genes not in ds:
-            raise InputError(f"no gene variable {genes!r}: run the preprocess stage first")
-        mask = ds[genes]
-        if isinstance(mask.data, da.Array):
-            raise InputError(
-                f"{genes!r} is lazy; compute it first (distumap.pp.preprocess writes it)"
-            )
-        index = np.flatnonzero(mask.values)
-    else:
-        genes = np.asarray(genes)
-        index = np.flatnonzero(genes) if genes.dtype == bool else genes.astype(np.int64)
+    index = gene_index_of(ds, genes)
     coords = {"cell": ds["cell"], "gene": ds["gene"].values[index]}
     coords.update({name: c for name, c in ds.coords.items() if c.dims == ("cell",)})
     if var == "counts" and _cached(ds, index):
@@ -285,130 +269,8 @@ def log2p1(
     return xr.DataArray(logged, dims=("cell", "gene"), coords=coords, name="log2p1")
 
 
-def preprocess(
-    ds: xr.Dataset | str,
-    *,
-    max_zero_fraction: float | None = None,
-    store: str | None = None,
-    progress: bool = False,
-) -> xr.Dataset:
-    """The preprocess stage: compute the gene statistics on the workers and write them to the store.
-
-    Parameters
-    ----------
-    ds
-        The store (a Dataset from :func:`distumap.io.open_store`, or its path).
-    max_zero_fraction
-        See :func:`filter_genes`.
-    store
-        Where to write, if ``ds`` was not opened by :func:`distumap.io.open_store`.
-    progress
-        Show a progress bar (with a distributed client).
-
-    Returns
-    -------
-    xarray.Dataset
-        The store reopened, with ``zero_fraction`` and ``selected``.
-
-    Notes
-    -----
-    This computes: one pass over ``counts`` on the current scheduler. Only the two gene vectors
-    travel back. A finished stage with the same parameters is skipped.
-
-    Examples
-    --------
-    >>> ds = distumap.pp.preprocess("out/store.zarr")  # doctest: +SKIP
-    """
-    location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
-    threshold = _threshold(max_zero_fraction)
-    stage = Stage(
-        location,
-        "preprocess",
-        {"max_zero_fraction": threshold},
-        requires="ingest",
-        progress=progress,
-    )
-    if stage.finished:
-        return open_store(location)
-    if not isinstance(ds, xr.Dataset):
-        ds = open_store(location)
-    counts = ds["counts"]
-    chunks = counts.data.chunks[0]
-    _memory.check_blocks(
-        current_client(), "preprocess", max(chunks), ds.sizes["gene"], counts.dtype.itemsize
-    )
-    if not (stage.resumable() and CACHE in ds):
-        _gene_statistics(stage, ds, location, threshold)
-    gene_index = _copy_selected(stage, location, chunks, ds.sizes["cell"])
-    _progress.report("preprocess", len(gene_index), ds.sizes["gene"])
-    stage.complete(genes_selected=len(gene_index))
-    return open_store(location)
-
-
-def _gene_statistics(stage: Stage, ds: xr.Dataset, location: str, threshold: float) -> None:
-    """Start the stage: write ``zero_fraction`` and ``selected``, then the empty cache of the
-    selected genes' counts. Refuses (and writes nothing) when no gene is selected."""
-    counts = ds["counts"]
-    chunks = counts.data.chunks[0]
-    # a cache left by a run with other parameters must not pass for this run's
-    drop_arrays(location, [CACHE])
-    stage.start(n_blocks=len(chunks))
-    # from the ingest's per-block non-zero counts where it wrote them, else a pass over
-    # every count (a store written before they existed)
-    stats = _ingested_zero_counts(location, ds)
-    stats = zero_counts(ds).data if stats is None else stats
-    (zeros,) = stage.compute([stats], label="preprocess: gene statistics")
-    n_cells = max(ds.sizes["cell"], 1)
-    selected = (zeros / n_cells) < threshold
-    n_selected = int(selected.sum())
-    if n_selected == 0:
-        # refused before anything is written: the stage stays "started", so a re-run
-        # refuses too
-        raise InputError(
-            f"{location}: no gene has a zero fraction below {threshold} "
-            f"(the lowest is {zeros.min() / n_cells:.4f}); raise --max-zero-fraction"
-        )
-    genes = xr.Dataset(
-        {
-            "zero_fraction": ("gene", (zeros / n_cells).astype(np.float32)),
-            "selected": ("gene", selected),
-        }
-    )
-    write_variables(location, genes)
-    # the cache's array last: with it, a resume knows the gene statistics are written
-    placeholder = da.zeros(
-        (ds.sizes["cell"], n_selected), chunks=(chunks, n_selected), dtype=counts.dtype
-    )
-    write_variables(
-        location,
-        xr.Dataset({CACHE: (("cell", "selected_gene"), placeholder)}),
-        compute=False,
-        encoding={CACHE: {"chunks": (chunks[0], n_selected), **codec_of(location)}},
-    )
-
-
-def _copy_selected(
-    stage: Stage, location: str, chunks: tuple[int, ...], n_cells: int
-) -> np.ndarray:
-    """Copy the selected genes' counts into the cache, a task per store chunk not yet done;
-    return the selected genes' indices."""
-    gene_index = np.flatnonzero(open_store(location)["selected"].values)
-    bounds = np.cumsum((0, *chunks))
-    calls = {
-        block: ((location, int(bounds[block]), int(bounds[block + 1]), gene_index), {})
-        for block in stage.pending()
-    }
-    stage.run_blocks(
-        _select_task,
-        calls,
-        key="select-genes",
-        label="preprocess: copy the selected genes",
-        total=n_cells,
-    )
-    return gene_index
-
-
-def _threshold(max_zero_fraction: float | None) -> float:
+def max_zero_fraction_of(max_zero_fraction: float | None) -> float:
+    """The zero-fraction threshold: the value given, else ``distumap.max-zero-fraction``."""
     threshold = float(_config.get("max-zero-fraction", max_zero_fraction))
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"max_zero_fraction must be in (0, 1], not {threshold}")

@@ -39,7 +39,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from distumap import _config, _memory, _progress
+from distumap import _memory, _progress
 from distumap._compute import current_client, on_workers_later, trim_memory
 from distumap._errors import InputError
 from distumap._format import MODEL_GROUP, PROGRESS_GROUP, stages
@@ -53,9 +53,11 @@ from distumap._store import (
     write_variables,
 )
 from distumap._workers import SetupPlugin, WorkerCache, fit_worker, prepare_fit_workers
-from distumap.pp import log2p1
+from distumap.pp import features as recipe_features
 from distumap.tl import _model, _model_io, _refine
 from distumap.tl._landmarks import landmarks
+from distumap.tl._params import embed_params
+from distumap.tl._pca import covariance_moments, pca_from_moments
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,11 @@ def prepare_workers(client=None) -> None:
         prepare_fit_workers(client, _model.warm_up_fit, ("umap", "kernels"), "all")
 
 
-def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, Any]) -> np.ndarray:
+def _fit_task(
+    features: np.ndarray, store: str, token: str, params: dict[str, Any], all_cells=None
+) -> np.ndarray:
+    # all_cells: the covariance moments of every cell and their number, for a PCA of all cells
+    pca = None if all_cells is None else pca_from_moments(*all_cells, params["pca"])[:2]
     model = _model.fit_landmark_model(
         features,
         n_pca=params["pca"],
@@ -136,6 +142,7 @@ def _fit_task(features: np.ndarray, store: str, token: str, params: dict[str, An
         min_dist=params["min_dist"],
         seed=params["seed"],
         transform_epochs=params["transform_epochs"],
+        pca=pca,
     )
     _save_model(store, model, token)
     return model.landmark_embedding
@@ -491,43 +498,6 @@ def _refine_stage(
     return seconds
 
 
-def _embed_params(**given: Any) -> dict[str, Any]:
-    names = {
-        "landmarks": "landmarks",
-        "pca": "pca",
-        "n_neighbors": "n-neighbors",
-        "min_dist": "min-dist",
-        "seed": "seed",
-        "transform_epochs": "transform-epochs",
-        "refine_epochs": "refine-epochs",
-    }
-    params = {key: _config.get(option, given.get(key)) for key, option in names.items()}
-    for key in ("landmarks", "pca", "n_neighbors", "seed", "refine_epochs"):
-        params[key] = int(params[key])
-    params["min_dist"] = float(params["min_dist"])
-    params["stratify"] = given.get("stratify")
-    if params["pca"] < 0 or params["n_neighbors"] < 2 or params["refine_epochs"] < 0:
-        raise InputError("pca and refine_epochs must be >= 0 and n_neighbors >= 2")
-    if params["pca"] == 0 and params["refine_epochs"] > 0:
-        # the refinement searches every cell's features on every worker: principal components
-        # are small enough for that, a cell's raw genes are not
-        if given.get("refine_epochs") is not None:
-            raise InputError("refine_epochs needs principal components (pca > 0)")
-        params["refine_epochs"] = 0
-    if params["transform_epochs"] is None:
-        # the refinement's epochs continue from the transform's: fewer of these do
-        refined = params["refine_epochs"] > 0
-        params["transform_epochs"] = TRANSFORM_EPOCHS_REFINED if refined else TRANSFORM_EPOCHS
-    params["transform_epochs"] = int(params["transform_epochs"])
-    return params
-
-
-#: the transform's SGD epochs by default, without and with the refinement after it (see the
-#: ``transform-epochs`` setting in distumap._config for the measurements)
-TRANSFORM_EPOCHS = 30
-TRANSFORM_EPOCHS_REFINED = 10
-
-
 def umap(
     ds: xr.Dataset | str,
     *,
@@ -539,6 +509,7 @@ def umap(
     seed: int | None = None,
     transform_epochs: int | None = None,
     refine_epochs: int | None = None,
+    pca_fit: str | None = None,
     color: str | None = None,
     store: str | None = None,
     progress: bool = False,
@@ -566,6 +537,9 @@ def umap(
         ``distumap.refine-epochs``; 0 keeps the transform's coordinates). Every cell moves
         towards its nearest cells, found through the landmarks; landmarks move too. Needs
         ``pca > 0``; with ``pca=0`` the default is 0. See :mod:`distumap.tl._refine`.
+    pca_fit
+        ``"landmarks"`` (default ``distumap.pca-fit``) fits the PCA on the landmarks;
+        ``"all"`` on every cell, exactly, from a covariance summed over cell blocks.
     color
         A cell coordinate (e.g. ``subclass_label``) that colours the embedding drawn live on the
         dashboard page; it does not change the result.
@@ -584,7 +558,8 @@ def umap(
 
     Notes
     -----
-    This computes. Features are log2(x+1) of the selected genes, built lazily from ``counts``.
+    This computes. Features are the selected genes' values by the preprocess stage's recipe
+    (log2(x+1), or log1p of the normalised counts: :func:`distumap.pp.features`), built lazily.
     A cell's coordinates depend only on its own values, its index and the fitted model (and,
     when refined, on the previous epoch's coordinates of all cells), never on the chunk size or
     the number of workers. A finished stage with the same parameters is skipped; an
@@ -596,7 +571,7 @@ def umap(
     >>> ds = distumap.tl.umap(ds, landmarks=20000, stratify="subclass_label")  # doctest: +SKIP
     """
     location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
-    params = _embed_params(
+    params = embed_params(
         landmarks=landmarks,
         stratify=stratify,
         pca=pca,
@@ -605,6 +580,7 @@ def umap(
         seed=seed,
         transform_epochs=transform_epochs,
         refine_epochs=refine_epochs,
+        pca_fit=pca_fit,
     )
     stage = Stage(location, "embed", params, requires="preprocess", progress=progress)
     if stage.finished:
@@ -612,7 +588,7 @@ def umap(
     ds = open_store(location, require="preprocess")
     if color is not None and (color not in ds.coords or ds[color].dims != ("cell",)):
         raise InputError(f"color {color!r}: no such cell coordinate")
-    features = log2p1(ds).data
+    features = recipe_features(ds).data
     # the stages embed depends on, not embed's own record: a re-run must find the same token
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
@@ -737,9 +713,12 @@ def _fit(
     rows = np.flatnonzero(is_landmark)
     prepared = fit_worker(client)
     where = {"workers": [prepared], "allow_other_workers": True} if prepared else {}
+    all_cells = None
+    if params.get("pca_fit") == "all" and params["pca"] < features.shape[1]:
+        all_cells = (covariance_moments(features), features.shape[0])
     with dask.annotate(**where):
         fit = dask.delayed(_fit_task, pure=False)(
-            features[rows], location, token, params, dask_key_name=f"umap-fit-{token}"
+            features[rows], location, token, params, all_cells, dask_key_name=f"umap-fit-{token}"
         )
     fit_started = time.perf_counter()
     stage.compute([fit], label="embed: fit UMAP on landmarks")

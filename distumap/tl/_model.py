@@ -487,6 +487,7 @@ def fit_landmark_model(
     min_dist: float = 0.25,
     seed: int = 999,
     transform_epochs: int = 100,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LandmarkModel:
     """Fit UMAP on the landmark cells and fix every constant the transform needs.
 
@@ -502,6 +503,9 @@ def fit_landmark_model(
         umap-learn's ``n_neighbors``, ``min_dist`` and ``random_state``.
     transform_epochs
         SGD epochs for every transformed cell, whatever the batch.
+    pca
+        A PCA fitted elsewhere (all cells: :mod:`distumap.tl._pca`), as its mean and
+        ``(n_pca, n_genes)`` components, used instead of one fitted on the landmarks.
 
     Returns
     -------
@@ -527,13 +531,14 @@ def fit_landmark_model(
     if transform_epochs < 1:
         raise ValueError("transform_epochs must be at least 1")
     use_pca = 0 < n_pca < n_genes
-    if use_pca and n_pca > n_land:
+    if use_pca and pca is None and n_pca > n_land:
         raise ValueError(f"n_pca={n_pca} exceeds the number of landmarks ({n_land})")
 
     pca_mean = pca_components = None
     features = X
     if use_pca:
-        pca_mean, pca_components, features = _fit_pca(X, n_pca, seed)
+        pca_mean, pca_components = _fit_pca(X, n_pca, seed) if pca is None else pca[:2]
+        pca_mean, pca_components, features = _project_landmarks(X, pca_mean, pca_components)
     reducer = _fit_umap(features, n_neighbors, min_dist, seed)
     model = LandmarkModel(
         pca_mean=pca_mean,
@@ -568,17 +573,25 @@ def fit_landmark_model(
         "mean_distance_reference": mean_distance,
         "umap_learn": umap.__version__ if hasattr(umap, "__version__") else "unknown",
     }
+    if use_pca and pca is not None:
+        model.params["pca_fit"] = "given"
     return model
 
 
-def _fit_pca(X: np.ndarray, n_pca: int, seed: int):
-    """PCA fitted on the landmarks: float32 mean and components, and the landmarks' features
-    projected by the same kernel as every other cell's."""
+def _fit_pca(X: np.ndarray, n_pca: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA fitted on the landmarks: its mean and components."""
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=n_pca, random_state=seed).fit(X)
-    pca_mean = pca.mean_.astype(np.float32)
-    pca_components = pca.components_.astype(np.float32)
+    return pca.mean_, pca.components_
+
+
+def _project_landmarks(X: np.ndarray, mean: np.ndarray, components: np.ndarray):
+    """float32 mean and components, and the landmarks' features projected by the same kernel
+    as every other cell's."""
+    pca_mean = np.asarray(mean).astype(np.float32)
+    pca_components = np.asarray(components).astype(np.float32)
+    n_pca = len(pca_components)
     components_t = np.ascontiguousarray(pca_components.T)
     offset = _project_rows(pca_mean[None, :], components_t, np.zeros(n_pca))[0]
     return pca_mean, pca_components, _project_rows(X, components_t, offset.astype(np.float64))

@@ -15,6 +15,7 @@ import xarray as xr
 from distumap._format import (
     ANNDATA_EMBEDDING,
     ANNDATA_GENE_IDS,
+    ANNDATA_HVG_COLUMNS,
     ANNDATA_LANDMARK,
     ANNDATA_REQUIRED,
     ANNDATA_UNS_RECORD,
@@ -78,6 +79,8 @@ def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
     extra = {}
     if ANNDATA_GENE_IDS in ds.coords and ds.coords[ANNDATA_GENE_IDS].dims == ("gene",):
         extra["gene_ids"] = ds.coords[ANNDATA_GENE_IDS].data
+    # the scanpy recipe's per-gene statistics, under scanpy's var names
+    extra.update({name: ds[name].data for name in ANNDATA_HVG_COLUMNS if name in ds})
     small: dict[str, Any] = small_arrays(ds, metadata, **extra)
     small["metadata"] = dict(zip(keys, metadata, strict=True))
     return small
@@ -291,6 +294,10 @@ def _var_columns(small: dict[str, Any], gene_index: np.ndarray) -> dict[str, Any
     }
     if "gene_ids" in small:
         columns[ANNDATA_GENE_IDS] = _text(small["gene_ids"][gene_index])
+    if all(name in small for name in ANNDATA_HVG_COLUMNS):
+        # the exported genes are the selected ones: with the scanpy recipe, the highly variable
+        columns["highly_variable"] = np.ones(len(gene_index), dtype=bool)
+        columns.update({name: small[name][gene_index] for name in ANNDATA_HVG_COLUMNS})
     return columns
 
 
