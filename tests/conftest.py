@@ -51,14 +51,17 @@ def pytest_runtest_call(item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    # A cluster that a test (or a fixture it asked for) starts must carry the marker, so that
-    # `-m "not cluster"` really runs without one. Checked once the fixtures are torn down.
+    # A test that starts a cluster, or asks for one (request.getfixturevalue included: whether
+    # it starts the shared one depends on the order tests run in), must carry the marker, so
+    # that `-m "not cluster"` really runs without one. Checked once the fixtures are torn down.
+    asked = CLUSTER_FIXTURES & set(getattr(item, "funcargs", {}))
     result = yield
     before = item.stash.get(_CLUSTERS_BEFORE, None)
     if before is not None and item.get_closest_marker("cluster") is None:
         seen = [item.stash.get(_CLUSTERS_AFTER_CALL, before), _clusters_started()]
-        if any(loopback > before[0] or schedulers - before[1] for loopback, schedulers in seen):
-            pytest.fail(f"{item.nodeid} starts a dask cluster but is not marked `cluster`")
+        started = any(loop > before[0] or scheds - before[1] for loop, scheds in seen)
+        if started or asked:
+            pytest.fail(f"{item.nodeid} starts or uses a dask cluster but is not marked `cluster`")
     return result
 
 

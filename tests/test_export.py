@@ -224,7 +224,10 @@ def _failing(block):
     raise RuntimeError("disk on fire")
 
 
-@pytest.mark.parametrize(("existing", "on_cluster"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("existing", "on_cluster"),
+    [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.cluster)],
+)
 def test_failure_leaves_nothing_at_path(dataset, tmp_path, existing, on_cluster, request):
     client = request.getfixturevalue("local_client") if on_cluster else None
     path = tmp_path / "embedding.loom"

@@ -85,7 +85,9 @@ def test_task_names_tell_the_stage(counts):
     assert logged.name.startswith("log2p1-")
 
 
-@pytest.mark.parametrize("mode", ["numpy", "threads", "processes-cluster"])
+@pytest.mark.parametrize(
+    "mode", ["numpy", "threads", pytest.param("processes-cluster", marks=pytest.mark.cluster)]
+)
 def test_parity_across_execution_modes(counts, mode, request):
     expected_zf, expected_sel, expected_log = _expected(counts)
     ds = _dataset(counts, None if mode == "numpy" else 97)  # a ragged last chunk
