@@ -77,7 +77,7 @@ def reader_class(source: str, format: str = "auto", *, standalone: bool = False)
     if isdir(source):
         raise InputError(
             f"{source}: a folder that is neither a 10x MEX folder (matrix.mtx[.gz]) nor an "
-            "AnnData zarr group (encoding-type 'anndata')"
+            "AnnData zarr group (encoding-type 'anndata', or X, obs and var)"
         )
     if not exists(source):
         raise InputError(f"{source}: no such file or folder")
