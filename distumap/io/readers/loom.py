@@ -9,8 +9,7 @@ import zlib
 import h5py
 import numpy as np
 
-from distumap._errors import InputError
-from distumap._errors import outside_stacklevel
+from distumap._errors import InputError, outside_stacklevel
 from distumap._format import LOOM_ACCESSION, LOOM_CELL_NAMES, LOOM_GENE_NAMES
 from distumap._paths import (
     isdir,
