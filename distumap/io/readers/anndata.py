@@ -51,6 +51,7 @@ from distumap.io.readers._hdf5 import (
     check_indptr,
     check_length,
     child,
+    damaged,
     hdf5_root,
     is_group,
     load,
@@ -154,10 +155,7 @@ class AnnDataReader(Reader):
 
         def kind(name: str) -> str:
             if name not in kinds:
-                try:
-                    kinds[name] = matrix_kind(sample_values(root[found[name]], self.source))
-                except InputError:
-                    kinds[name] = "unreadable"
+                kinds[name] = matrix_kind(sample_values(root[found[name]], self.source))
             return kinds[name]
 
         if "" not in found or kind("") == INTEGER:
@@ -557,12 +555,13 @@ class AnnDataZarrReader(AnnDataReader):
             root = zarr.open_group(self.source, mode="r")
         except Exception as exc:  # zarr raises its own errors for a folder that is no group
             raise InputError(f"{self.source}: not a readable zarr group ({exc})") from exc
-        if attr(root, "encoding-type") != "anndata" and not {"X", "obs", "var"} <= set(root):
-            raise InputError(
-                f"{self.source}: a zarr group that is not AnnData's (no encoding-type 'anndata', "
-                "no X, obs and var)"
-            )
-        yield root
+        with damaged(self.source):
+            if attr(root, "encoding-type") != "anndata" and not {"X", "obs", "var"} <= set(root):
+                raise InputError(
+                    f"{self.source}: a zarr group that is not AnnData's (no encoding-type "
+                    "'anndata', no X, obs and var)"
+                )
+            yield root
 
 
 def _zarr_document(path: str) -> dict | None:
