@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -116,6 +117,20 @@ def test_scanpy_legacy_file_reads_as_anndata_does(tmp_path):
     )
 
 
+def test_no_counts_in_x_or_a_layer_is_refused_listing_both(tmp_path):
+    path = write_h5ad(tmp_path / "cells.h5ad", DATA, layer="counts")
+    with h5py.File(path, "r+") as file:
+        file["layers/counts/data"][0] = -1
+    with pytest.raises(InputError) as error:
+        open_reader(path)
+    assert "cells.h5ad: X holds fractional values, and no matrix of the file holds integer " in str(
+        error.value
+    )
+    assert "X (fractional values), layers/counts (negative values); pick one" in str(error.value)
+    reader = open_reader(path, dtype="float32")  # X as it is
+    assert reader.layer is None and reader.read(0, 5).dtype == np.float32
+
+
 @pytest.mark.cluster
 def test_no_counts_anywhere_exits_2_listing_the_matrices(tmp_path, capsys):
     store = tmp_path / "s.zarr"
@@ -165,7 +180,7 @@ def test_ingest_says_which_matrix_it_read(tmp_path):
         with pytest.warns(UserWarning, match=r"cells.h5ad: X holds .*raw/X \(--layer raw\)"):
             ds = io.read(path, tmp_path / "s.zarr", chunk_cells=32)
     np.testing.assert_array_equal(ds["counts"].values, DATA.counts)
-    assert ds["gene"].values.tolist() == DATA.gene_names
+    assert ds["gene"].values.tolist() == list(DATA.gene_names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,9 @@ class AnnDataReader(Reader):
     def _counts_matrix(self, root: Any) -> str | None:
         """The ``--layer`` value of the matrix that holds the counts: None (X) when X's sampled
         values are integers, else raw, then a ``counts`` layer, then the other layers by name,
-        the first whose values are (said in one warning); none: an InputError listing them."""
+        the first whose values are (said in one warning). None of them: an InputError listing
+        every matrix and what it holds; X alone: None, and the read names X's first value that
+        is no count (its cell and gene)."""
         found = matrices(root)
         kinds: dict[str, str] = {}
 
@@ -160,25 +162,33 @@ class AnnDataReader(Reader):
 
         if "" not in found or kind("") == INTEGER:
             return None
-        others = sorted(name for name in found if name not in ("", "raw", "counts"))
-        for name in ("raw", "counts", *others):
-            if name in found and kind(name) == INTEGER:
+        for name in self._counts_candidates(found):
+            if kind(name) == INTEGER:
                 warnings.warn(
-                    f"{self.source}: X holds {kinds['']}, not counts; read the integer counts "
-                    f"in {found[name]} (--layer {name}) instead; --layer NAME picks another "
+                    f"{self.source}: X holds {kind('')}, not counts; read the integer counts in "
+                    f"{found[name]} (--layer {name}) instead; --layer NAME picks another "
                     "matrix, --dtype float32 keeps X",
                     UserWarning,
                     stacklevel=outside_stacklevel(),
                 )
                 return name
+        if len(found) == 1:  # X alone: refused at its first value that is no count, named
+            return None
         listing = ", ".join(
             f"{'X' if name == '' else found[name]} ({kind(name)})" for name in found
         )
         raise InputError(
-            f"{self.source}: X holds {kinds['']}, and no matrix of the file holds integer counts: "
+            f"{self.source}: X holds {kind('')}, and no matrix of the file holds integer counts: "
             f"{listing}; pick one with --layer NAME (--layer raw for raw counts), or keep X as "
             "it is with --dtype float32"
         )
+
+    @staticmethod
+    def _counts_candidates(found: dict[str, str]) -> list[str]:
+        """Where the counts are looked for when X holds none: raw, a ``counts`` layer, then the
+        other layers by name."""
+        others = sorted(name for name in found if name not in ("", "raw", "counts"))
+        return [name for name in ("raw", "counts", *others) if name in found]
 
     def _inspect(self, matrix: Any) -> None:
         source, where = self.source, node_name(matrix)
