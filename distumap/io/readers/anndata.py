@@ -66,11 +66,19 @@ CSC_ENTRIES_PER_PASS = 8 << 20
 
 
 class AnnDataReader(Reader):
-    """AnnData's ``.h5ad`` (read with h5py): X (or ``layers/NAME``) dense, CSR or CSC.
+    """AnnData's ``.h5ad`` (read with h5py): X (or ``layers/NAME``, or ``.raw``) dense, CSR or CSC.
 
-    Cell names are the obs index, gene names the var index, gene ids the var column ``gene_ids``
-    when present; obs columns (categoricals decoded to strings, anndata 0.7's ``__categories``
-    layout too) are the metadata.
+    Every layout anndata wrote (:mod:`distumap.io.readers._anndata_layout`): the current
+    encodings, 0.7's (categoricals pointing to ``__categories``) and the one before 0.7
+    (compound ``obs``/``var``, categories in ``uns/<column>_categories``, ``raw.X``). Cell names
+    are the obs index, gene names the var index (``raw/var``'s for ``--layer raw``), gene ids
+    the var column ``gene_ids`` when present; obs columns (categoricals decoded to strings) are
+    the metadata.
+
+    With no ``layer`` and int32, X is read when a sample of its stored values are counts; else
+    the counts are looked for in ``raw``, a ``counts`` layer, then the other layers (the one
+    found is said in one warning, and is :attr:`layer`); with other matrices and none of them
+    counts, an InputError lists them.
 
     For CSR and dense matrices a cell range is contiguous (:attr:`orientation` ``"cells"``). For
     CSC (``"genes"``) :meth:`read` makes one pass over the whole matrix per block, in pieces of
@@ -84,9 +92,10 @@ class AnnDataReader(Reader):
     source
         Path or fsspec URL.
     layer
-        Read ``layers/NAME`` instead of X.
+        Read ``layers/NAME`` instead of X; ``"raw"`` (or ``"raw/X"``) reads ``raw/X`` (``raw.X``
+        before 0.7) with ``raw/var``'s gene names.
     dtype
-        ``"int32"`` or ``"float32"``.
+        ``"int32"`` or ``"float32"`` (which reads X, or the layer named, as it is).
 
     Examples
     --------
