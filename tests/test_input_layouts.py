@@ -87,7 +87,21 @@ def test_legacy_anndata_reads_as_anndata_does(tmp_path, writer, x):
     np.testing.assert_array_equal(reader.read(0, reader.n_cells), DATA.counts)
 
 
-@pytest.mark.parametrize("writer", [write_legacy_h5ad, write_legacy_anndata_zarr])
+def _compound_zarr(path, data, **options):
+    return write_legacy_anndata_zarr(path, data, compound=True, **options)
+
+
+@pytest.mark.parametrize("x", ["csc", "dense"])
+def test_compound_frames_in_zarr_read_as_anndata_does(tmp_path, x):
+    """zarr frames as structured arrays (the layout before 0.7), as anndata still reads them."""
+    path = _compound_zarr(tmp_path / "old.zarr", DATA, x=x)
+    adata = _anndata_read(path)
+    reader = open_reader(path)
+    _assert_reads_as(reader, adata.X, adata.obs_names, adata.var_names, adata.obs)
+    assert reader.gene_ids().tolist() == adata.var["gene_ids"].tolist()
+
+
+@pytest.mark.parametrize("writer", [write_legacy_h5ad, write_legacy_anndata_zarr, _compound_zarr])
 def test_legacy_raw_counts_are_found_and_named_by_raw_var(tmp_path, writer):
     suffix = ".h5ad" if writer is write_legacy_h5ad else ".zarr"
     path = writer(tmp_path / f"old{suffix}", DATA, raw=True)

@@ -301,19 +301,31 @@ def _zarr_matrix(group, name: str, matrix, x: str) -> None:
         sub.create_array(key, data=getattr(matrix, key))
 
 
+def _zarr_compound(root, cells, categoricals, columns, genes, ids, matrix, x) -> None:
+    codes = {name: values.codes.astype(np.int8) for name, values in categoricals.items()}
+    root.create_array("obs", data=_compound_frame(cells, {**codes, **columns}))
+    root.create_array("var", data=_compound_frame(genes, {"gene_ids": ids}))
+    for name, values in categoricals.items():
+        root.create_array(f"uns/{name}_categories", data=_fixed(values.categories))
+    _zarr_matrix(root, "X", matrix, x)
+
+
 def write_legacy_anndata_zarr(
     folder: str | os.PathLike,
     data: SyntheticSpec | SyntheticData,
     *,
     x: Literal["csr", "csc", "dense"] = "csr",
     raw: bool = False,
+    compound: bool = False,
 ) -> Path:
     """Write the counts as an AnnData zarr group (v2) in the layout of anndata 0.7, with zarr.
 
     The root group has no ``encoding-type``; it holds ``X``, ``obs`` and ``var`` (and with
     ``raw``, X holds ``log1p`` of the counts and the group ``raw`` holds them, ``raw/X`` and
     ``raw/var``). Categoricals are codes whose ``categories`` attribute is the path of
-    ``__categories/<column>`` in their frame. See :func:`write_legacy_h5ad` for the rest.
+    ``__categories/<column>`` in their frame. With ``compound``, the frames are written as
+    before 0.7 instead: structured arrays, categories in ``uns/<column>_categories``, raw as
+    ``raw.X`` and ``raw.var``. See :func:`write_legacy_h5ad` for the rest.
 
     Examples
     --------
@@ -326,6 +338,12 @@ def write_legacy_anndata_zarr(
     cells, categoricals, columns, genes, ids, matrix, counts = _legacy_parts(data, raw)
     with _quiet_anndata():
         root = zarr.open_group(folder, mode="w", zarr_format=2)
+        if compound:
+            _zarr_compound(root, cells, categoricals, columns, genes, ids, matrix, x)
+            if raw:
+                _zarr_matrix(root, "raw.X", counts, "csr")
+                root.create_array("raw.var", data=_compound_frame(genes, {"gene_ids": ids}))
+            return folder
         _zarr_frame(root, "obs", cells, columns, categoricals)
         _zarr_frame(root, "var", genes, {"gene_ids": np.asarray(ids, dtype=object)}, {})
         _zarr_matrix(root, "X", matrix, x)
