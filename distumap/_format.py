@@ -98,6 +98,11 @@ LOOM_GENE, LOOM_ZERO_FRACTION = "Gene", "ZeroFraction"
 LOOM_CELL, LOOM_EMBEDDING, LOOM_LANDMARK = "CellID", "X_umap", "Landmark"
 LOOM_ROW_ATTRS = {LOOM_GENE: "str", LOOM_ZERO_FRACTION: "float32"}
 LOOM_COL_ATTRS = {LOOM_CELL: "str", LOOM_EMBEDDING: "float32", LOOM_LANDMARK: "int"}
+#: where a loom file's cell and gene names are looked for, first found first (the conventions of
+#: loompy, velocyto and scanpy's ``write_loom``); the gene ids are ``LOOM_ACCESSION``
+LOOM_CELL_NAMES = (LOOM_CELL, "cell_names", "obs_names", "Cell")
+LOOM_ACCESSION = "Accession"
+LOOM_GENE_NAMES = (LOOM_GENE, "gene_names", "var_names", LOOM_ACCESSION)
 #: the cells' kNN graph (``/col_graphs/KNN``: each cell's k nearest landmarks, weighted)
 LOOM_KNN_GRAPH = "KNN"
 LOOM_GROUPS = ("/layers", "/row_attrs", "/col_attrs", "/row_graphs", "/col_graphs", "/attrs")

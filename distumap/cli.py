@@ -88,7 +88,9 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
         help="input format (default: from the name and content)",
     )
     parser.add_argument(
-        "--layer", metavar="NAME", help="read this AnnData or loom layer instead of the matrix"
+        "--layer",
+        metavar="NAME",
+        help="read this AnnData or loom layer instead of the matrix (raw: AnnData's .raw)",
     )
     parser.add_argument(
         "--orientation",

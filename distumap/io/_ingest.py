@@ -87,7 +87,10 @@ def read(
         ``"auto"`` (from the name and content) or one of ``csv``, ``10x-h5``, ``mex``, ``h5ad``,
         ``anndata-zarr``, ``loom``.
     layer
-        A layer instead of the main matrix (AnnData ``layers/NAME``, loom ``/layers/NAME``).
+        A layer instead of the main matrix (AnnData ``layers/NAME``, ``raw`` for AnnData's
+        ``raw/X``, loom ``/layers/NAME``). None: the main matrix; for AnnData with int32, X when
+        it holds counts, else the first of ``raw``, a ``counts`` layer, the other layers that
+        does (one warning says which).
     dtype
         ``"int32"`` (counts; values within 1e-6 of an integer are rounded, one warning counts
         them) or ``"float32"`` (normalised data, stored as it is).

@@ -21,7 +21,12 @@ Examples
 
 from __future__ import annotations
 
-from distumap.testing._anndata import write_anndata_zarr, write_h5ad
+from distumap.testing._anndata import (
+    write_anndata_zarr,
+    write_h5ad,
+    write_legacy_anndata_zarr,
+    write_legacy_h5ad,
+)
 from distumap.testing._csv import (
     R_DIALECTS,
     write_dataset,
@@ -53,6 +58,8 @@ __all__ = [
     "write_dataset",
     "write_genes_by_cells_csv",
     "write_h5ad",
+    "write_legacy_anndata_zarr",
+    "write_legacy_h5ad",
     "write_loom",
     "write_matrix_csv",
     "write_metadata_csv",

@@ -21,6 +21,9 @@ def write_loom(
     data: SyntheticSpec | SyntheticData,
     *,
     layer: str | None = None,
+    cell_attr: str | None = "CellID",
+    gene_attr: str | None = "Gene",
+    accession: bool = True,
 ) -> Path:
     """Write the counts as a loom file with ``loompy.create``: ``/matrix`` is genes x cells.
 
@@ -33,6 +36,12 @@ def write_loom(
     layer
         None: the counts are ``/matrix``. A name: the counts go to ``/layers/<layer>`` and
         ``/matrix`` holds ``log1p`` of them (float32).
+    cell_attr, gene_attr
+        The column (row) attribute that holds the cell (gene) names: ``CellID`` and ``Gene`` by
+        default, ``Cell`` as loompy's own test file, ``obs_names`` and ``var_names`` as anndata's
+        ``write_loom``; None writes no names.
+    accession
+        Whether to write the gene ids as the row attribute ``Accession``.
 
     Returns
     -------
@@ -42,7 +51,7 @@ def write_loom(
     Notes
     -----
     Row attributes ``Gene`` and ``Accession``; column attributes ``CellID``, ``class_label``,
-    ``subclass_label``, ``subclass_color`` and ``size_factor``.
+    ``subclass_label``, ``subclass_color`` and ``size_factor`` (names as the options say).
 
     Examples
     --------
@@ -60,16 +69,21 @@ def write_loom(
         normalised = matrix.astype(np.float32)
         normalised.data = np.log1p(normalised.data)
         layers = {"": normalised, layer: matrix}
-    loompy.create(
-        str(path),
-        layers,
-        row_attrs={"Gene": spec.gene_names(), "Accession": synthetic_gene_ids(spec.n_genes)},
-        col_attrs={
-            "CellID": metadata["sample_name"].astype(str).to_numpy(),
+    rows = {}
+    if gene_attr is not None:
+        rows[gene_attr] = np.asarray(spec.gene_names())
+    if accession:
+        rows["Accession"] = np.asarray(synthetic_gene_ids(spec.n_genes))
+    columns = (
+        {} if cell_attr is None else {cell_attr: metadata["sample_name"].astype(str).to_numpy()}
+    )
+    columns.update(
+        {
             "class_label": metadata["class_label"].astype(str).to_numpy(),
             "subclass_label": metadata["subclass_label"].astype(str).to_numpy(),
             "subclass_color": metadata["subclass_color"].astype(str).to_numpy(),
             "size_factor": metadata["size_factor"].to_numpy(np.float32),
-        },
+        }
     )
+    loompy.create(str(path), layers, row_attrs=rows, col_attrs=columns)
     return path

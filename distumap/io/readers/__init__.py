@@ -77,7 +77,7 @@ def reader_class(source: str, format: str = "auto", *, standalone: bool = False)
     if isdir(source):
         raise InputError(
             f"{source}: a folder that is neither a 10x MEX folder (matrix.mtx[.gz]) nor an "
-            "AnnData zarr group (encoding-type 'anndata')"
+            "AnnData zarr group (encoding-type 'anndata', or X, obs and var)"
         )
     if not exists(source):
         raise InputError(f"{source}: no such file or folder")
@@ -108,8 +108,9 @@ def open_reader(
     format
         ``"auto"`` detects it: each registered reader is asked in turn whether the source looks
         like its format, by content first (a folder with ``matrix.mtx[.gz]`` is MEX, a zarr
-        folder whose root says ``encoding-type: anndata`` is AnnData zarr, an HDF5 file that
-        holds obs/var is AnnData, one with loom's attributes loom, any other 10x Cell Ranger),
+        folder whose root says ``encoding-type: anndata`` or holds ``X``, ``obs`` and ``var`` is
+        AnnData zarr, an HDF5 file that holds obs/var is AnnData, one with loom's attributes
+        loom, any other 10x Cell Ranger),
         then by name (``.h5ad``, ``.loom``, ``.h5``, ``.mtx``). Or one of :data:`FORMATS`.
     layer
         A layer instead of the main matrix (AnnData, loom; a genome for 10x v2 files).

@@ -37,11 +37,26 @@ def open_hdf5(source: str) -> Iterator[h5py.File]:
             f"{source}: not a readable HDF5 file (truncated or corrupt?): {exc}"
         ) from exc
     try:
-        yield file
+        with damaged(source):
+            yield file
     finally:
         file.close()
         if handle is not None:
             handle.close()
+
+
+@contextlib.contextmanager
+def damaged(source: str) -> Iterator[None]:
+    """Turn what the storage library raises on a damaged file (h5py's KeyError for an object
+    header overwritten, OSError for a chunk cut short, numcodecs' RuntimeError for a chunk that
+    does not decompress) into an InputError that names the file: one line, exit 2."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        message = str(exc).strip("'\"") or type(exc).__name__
+        raise InputError(f"{source}: cannot read (damaged or truncated?): {message}") from exc
 
 
 def node_name(node: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,11 +14,24 @@ import fsspec
 import h5py
 import numpy as np
 
-from distumap._errors import InputError
+from distumap._errors import InputError, outside_stacklevel
 from distumap._paths import (
     exists,
     isdir,
     join,
+)
+from distumap.io.readers._anndata_layout import (
+    INTEGER,
+    RAW_NAMES,
+    decode_column,
+    frame_columns,
+    frame_index,
+    frame_length,
+    is_compound,
+    matrices,
+    matrix_kind,
+    raw_paths,
+    sample_values,
 )
 from distumap.io.readers._base import (
     ACCEPTED,
@@ -37,10 +51,10 @@ from distumap.io.readers._hdf5 import (
     check_indptr,
     check_length,
     child,
+    damaged,
     hdf5_root,
     is_group,
     load,
-    load_strings,
     major_slice,
     node_name,
     open_hdf5,
@@ -51,89 +65,20 @@ from distumap.io.readers._hdf5 import (
 CSC_ENTRIES_PER_PASS = 8 << 20
 
 
-def _decode_column(node: Any, parent: Any, source: str) -> np.ndarray | None:
-    """One obs/var column as a numpy array (categoricals decoded to strings), or None when it is
-    not a 1-D column."""
-    encoding = attr(node, "encoding-type")
-    if is_group(node):
-        if encoding == "categorical":
-            codes = load(child(node, "codes", source), source).astype(np.int64)
-            categories = _decode_column(child(node, "categories", source), node, source)
-            return _categorical(codes, categories)
-        if encoding in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
-            values = _decode_column(child(node, "values", source), node, source)
-            mask = load(child(node, "mask", source), source).astype(bool)
-            if encoding == "nullable-integer":
-                values = values.astype(np.float64)
-                values[mask] = np.nan
-            else:
-                values = values.astype(object)
-                values[mask] = "" if encoding == "nullable-string-array" else None
-            return values
-        return None
-    if len(node.shape) != 1:
-        return None
-    kind = node.dtype.kind
-    if kind in "SOUT" or h5py.check_string_dtype(node.dtype) is not None:
-        values = load_strings(node, source)
-    else:
-        values = load(node, source)
-    # anndata 0.7's layout: integer codes with a reference to obs/__categories/<name>
-    reference = node.attrs.get("categories") if isinstance(node, h5py.Dataset) else None
-    if reference is not None and isinstance(reference, h5py.Reference):
-        categories = load_strings(node.file[reference], source)
-        return _categorical(values.astype(np.int64), categories)
-    return values
-
-
-def _categorical(codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
-    out = np.empty(codes.shape, dtype=object)
-    valid = codes >= 0
-    out[valid] = as_strings(categories)[codes[valid]]
-    out[~valid] = ""
-    return out
-
-
-def _dataframe_index(frame: Any, source: str) -> np.ndarray:
-    key = attr(frame, "_index", "_index")
-    return load_strings(child(frame, key, source), source)
-
-
-def _dataframe_length(frame: Any, source: str) -> int:
-    """Rows of an obs/var frame, from its index's shape (loading 100,000 names to count them
-    took a tenth of a second)."""
-    node = child(frame, attr(frame, "_index", "_index"), source)
-    shape = getattr(node, "shape", None)
-    if shape is not None and len(shape) == 1:
-        return int(shape[0])
-    return len(_dataframe_index(frame, source))
-
-
-def _dataframe_columns(frame: Any, source: str) -> dict[str, np.ndarray]:
-    index_key = attr(frame, "_index", "_index")
-    order = attr(frame, "column-order")
-    names = (
-        list(order)
-        if order is not None and len(order)
-        else [key for key in frame.keys() if key not in (index_key, "__categories")]
-    )
-    columns = {}
-    for name in names:
-        name = str(name)
-        if name == index_key or name not in frame:
-            continue
-        values = _decode_column(frame[name], frame, source)
-        if values is not None:
-            columns[name] = values
-    return columns
-
-
 class AnnDataReader(Reader):
-    """AnnData's ``.h5ad`` (read with h5py): X (or ``layers/NAME``) dense, CSR or CSC.
+    """AnnData's ``.h5ad`` (read with h5py): X (or ``layers/NAME``, or ``.raw``) dense, CSR or CSC.
 
-    Cell names are the obs index, gene names the var index, gene ids the var column ``gene_ids``
-    when present; obs columns (categoricals decoded to strings, anndata 0.7's ``__categories``
-    layout too) are the metadata.
+    Every layout anndata wrote (:mod:`distumap.io.readers._anndata_layout`): the current
+    encodings, 0.7's (categoricals pointing to ``__categories``) and the one before 0.7
+    (compound ``obs``/``var``, categories in ``uns/<column>_categories``, ``raw.X``). Cell names
+    are the obs index, gene names the var index (``raw/var``'s for ``--layer raw``), gene ids
+    the var column ``gene_ids`` when present; obs columns (categoricals decoded to strings) are
+    the metadata.
+
+    With no ``layer`` and int32, X is read when a sample of its stored values are counts; else
+    the counts are looked for in ``raw``, a ``counts`` layer, then the other layers (the one
+    found is said in one warning, and is :attr:`layer`); with other matrices and none of them
+    counts, an InputError lists them.
 
     For CSR and dense matrices a cell range is contiguous (:attr:`orientation` ``"cells"``). For
     CSC (``"genes"``) :meth:`read` makes one pass over the whole matrix per block, in pieces of
@@ -147,9 +92,10 @@ class AnnDataReader(Reader):
     source
         Path or fsspec URL.
     layer
-        Read ``layers/NAME`` instead of X.
+        Read ``layers/NAME`` instead of X; ``"raw"`` (or ``"raw/X"``) reads ``raw/X`` (``raw.X``
+        before 0.7) with ``raw/var``'s gene names.
     dtype
-        ``"int32"`` or ``"float32"``.
+        ``"int32"`` or ``"float32"`` (which reads X, or the layer named, as it is).
 
     Examples
     --------
@@ -176,9 +122,14 @@ class AnnDataReader(Reader):
         with self._open() as root:
             if "obs" not in root or "var" not in root:
                 raise InputError(f"{self.source}: not an AnnData file: no obs and var groups")
-            self.n_cells = _dataframe_length(root["obs"], self.source)
-            self.n_genes = _dataframe_length(root["var"], self.source)
-            matrix = self._matrix(root)
+            if self.layer in RAW_NAMES:
+                self.layer = "raw"
+            elif self.layer is None and self.dtype == np.int32:
+                self.layer = self._counts_matrix(root)
+            path, self._var = self._matrix_paths(root)
+            self.n_cells = frame_length(root["obs"], self.source)
+            self.n_genes = frame_length(child(root, self._var, self.source), self.source)
+            matrix = root[path]
             self._path = node_name(matrix)
             self._inspect(matrix)
 
@@ -187,17 +138,66 @@ class AnnDataReader(Reader):
         with open_hdf5(self.source) as file:
             yield file
 
-    def _matrix(self, root: Any) -> Any:
+    def _matrix_paths(self, root: Any) -> tuple[str, str]:
+        """The paths of the matrix read and of the var frame that names its genes."""
         if self.layer is None:
             if "X" not in root:
                 raise InputError(f"{self.source}: no X matrix; pick a layer with --layer NAME")
-            return root["X"]
+            return "X", "var"
+        raw = raw_paths(root)
+        if self.layer == "raw" and raw is not None:
+            return raw
         layers = root["layers"] if "layers" in root else {}
         if self.layer not in layers:
             raise InputError(
-                f"{self.source}: no layer {self.layer!r} (layers: {sorted(layers.keys())})"
+                f"{self.source}: no layer {self.layer!r} (layers: {sorted(layers.keys())}"
+                f"{'' if raw is None else '; raw: --layer raw'})"
             )
-        return layers[self.layer]
+        return f"layers/{self.layer}", "var"
+
+    def _counts_matrix(self, root: Any) -> str | None:
+        """The ``--layer`` value of the matrix that holds the counts: None (X) when X's sampled
+        values are integers, else raw, then a ``counts`` layer, then the other layers by name,
+        the first whose values are (said in one warning). None of them: an InputError listing
+        every matrix and what it holds; X alone: None, and the read names X's first value that
+        is no count (its cell and gene)."""
+        found = matrices(root)
+        kinds: dict[str, str] = {}
+
+        def kind(name: str) -> str:
+            if name not in kinds:
+                kinds[name] = matrix_kind(sample_values(root[found[name]], self.source))
+            return kinds[name]
+
+        if "" not in found or kind("") == INTEGER:
+            return None
+        for name in self._counts_candidates(found):
+            if kind(name) == INTEGER:
+                warnings.warn(
+                    f"{self.source}: X holds {kind('')}, not counts; read the integer counts in "
+                    f"{found[name]} (--layer {name}) instead; --layer NAME picks another "
+                    "matrix, --dtype float32 keeps X",
+                    UserWarning,
+                    stacklevel=outside_stacklevel(),
+                )
+                return name
+        if len(found) == 1:  # X alone: refused at its first value that is no count, named
+            return None
+        listing = ", ".join(
+            f"{'X' if name == '' else found[name]} ({kind(name)})" for name in found
+        )
+        raise InputError(
+            f"{self.source}: X holds {kind('')}, and no matrix of the file holds integer counts: "
+            f"{listing}; pick one with --layer NAME (--layer raw for raw counts), or keep X as "
+            "it is with --dtype float32"
+        )
+
+    @staticmethod
+    def _counts_candidates(found: dict[str, str]) -> list[str]:
+        """Where the counts are looked for when X holds none: raw, a ``counts`` layer, then the
+        other layers by name."""
+        others = sorted(name for name in found if name not in ("", "raw", "counts"))
+        return [name for name in ("raw", "counts", *others) if name in found]
 
     def _inspect(self, matrix: Any) -> None:
         source, where = self.source, node_name(matrix)
@@ -243,23 +243,27 @@ class AnnDataReader(Reader):
 
     def cells(self) -> np.ndarray:
         with self._open() as root:
-            return _dataframe_index(root["obs"], self.source)
+            return frame_index(root["obs"], self.source)
 
     def _raw_genes(self) -> np.ndarray:
         with self._open() as root:
-            return _dataframe_index(root["var"], self.source)
+            return frame_index(root[self._var], self.source)
 
     def gene_ids(self) -> np.ndarray | None:
         with self._open() as root:
-            var = root["var"]
-            if "gene_ids" not in var:
-                return None
-            values = _decode_column(var["gene_ids"], var, self.source)
-            return None if values is None else as_strings(values)
+            var = root[self._var]
+            if is_compound(var):
+                column = frame_columns(var, self.source).get("gene_ids")
+            elif "gene_ids" in var:
+                column = decode_column(var["gene_ids"], var, self.source)
+            else:
+                column = None
+            return None if column is None else as_strings(column)
 
     def metadata(self) -> dict[str, np.ndarray]:
         with self._open() as root:
-            return _dataframe_columns(root["obs"], self.source)
+            uns = root["uns"] if "uns" in root and is_group(root["uns"]) else None
+            return frame_columns(root["obs"], self.source, uns)
 
     # -- counts --
 
@@ -549,7 +553,8 @@ class AnnDataZarrReader(AnnDataReader):
     """An AnnData zarr folder (zarr v2 or v3, as ``AnnData.write_zarr`` writes it).
 
     The same layout and options as :class:`AnnDataReader`; the root group's attribute
-    ``encoding-type`` is ``anndata``.
+    ``encoding-type`` is ``anndata``, or (as anndata 0.7 wrote it, with no attribute) the root
+    group holds ``X``, ``obs`` and ``var``.
     """
 
     format = "anndata-zarr"
@@ -559,7 +564,7 @@ class AnnDataZarrReader(AnnDataReader):
 
     @classmethod
     def guess_can_open(cls, source: str) -> bool:
-        return isdir(source) and zarr_encoding(source) == "anndata"
+        return isdir(source) and (zarr_encoding(source) == "anndata" or legacy_anndata_zarr(source))
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[Any]:
@@ -567,28 +572,52 @@ class AnnDataZarrReader(AnnDataReader):
 
         try:
             root = zarr.open_group(self.source, mode="r")
-        except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{self.source}: not a readable zarr group ({exc})") from exc
         except Exception as exc:  # zarr raises its own errors for a folder that is no group
             raise InputError(f"{self.source}: not a readable zarr group ({exc})") from exc
-        if attr(root, "encoding-type") != "anndata":
-            raise InputError(f"{self.source}: a zarr group without encoding-type 'anndata'")
-        yield root
+        with damaged(self.source):
+            if attr(root, "encoding-type") != "anndata" and not {"X", "obs", "var"} <= set(root):
+                raise InputError(
+                    f"{self.source}: a zarr group that is not AnnData's (no encoding-type "
+                    "'anndata', no X, obs and var)"
+                )
+            yield root
+
+
+def _zarr_document(path: str) -> dict | None:
+    import json
+
+    try:
+        with fsspec.open(path, "rt") as file:
+            document = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def zarr_encoding(source: str) -> str | None:
     """The root group's ``encoding-type`` of a zarr folder (v3 or v2), None when it is not one."""
-    import json
-
     for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
         path = join(source, name)
         if not exists(path):
             continue
-        try:
-            with fsspec.open(path, "rt") as file:
-                document = json.load(file)
-        except (OSError, ValueError):
+        document = _zarr_document(path)
+        if document is None:
             return None
         attrs = document.get(key, {}) if key else document
         return attrs.get("encoding-type") if isinstance(attrs, dict) else None
     return None
+
+
+def legacy_anndata_zarr(source: str) -> bool:
+    """Whether a folder is a zarr group holding ``X``, ``obs`` and ``var``, as anndata 0.7 wrote
+    an AnnData (with no ``encoding-type`` on the root)."""
+    if exists(join(source, ".zgroup")):
+        markers = (".zgroup", ".zarray")
+    elif exists(join(source, "zarr.json")):
+        markers = ("zarr.json",)
+    else:
+        return False
+    return all(
+        any(exists(join(join(source, member), marker)) for marker in markers)
+        for member in ("X", "obs", "var")
+    )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 
 import h5py
 import numpy as np
 
-from distumap._errors import InputError
-from distumap._format import LOOM_CELL, LOOM_GENE
+from distumap._errors import InputError, outside_stacklevel
+from distumap._format import LOOM_ACCESSION, LOOM_CELL_NAMES, LOOM_GENE_NAMES
 from distumap._paths import (
     isdir,
 )
@@ -51,8 +52,12 @@ def _deflated_chunks(dataset: h5py.Dataset) -> bool:
 class LoomReader(Reader):
     """A loom file (read with h5py): ``/matrix`` is genes x cells.
 
-    Gene names are ``row_attrs/Gene``, gene ids ``row_attrs/Accession`` (optional), cell names
-    ``col_attrs/CellID``; the other 1-D column attributes are the metadata. :meth:`read` reads
+    Cell names are the first of the column attributes ``CellID``, ``cell_names``, ``obs_names``,
+    ``Cell`` that the file has, gene names the first of the row attributes ``Gene``,
+    ``gene_names``, ``var_names``, ``Accession`` (:data:`~distumap._format.LOOM_CELL_NAMES`,
+    :data:`~distumap._format.LOOM_GENE_NAMES`); with none, the names are the column (row)
+    indices, said in one warning. Gene ids are ``Accession`` when it does not name the genes.
+    The other 1-D column attributes are the metadata. :meth:`read` reads
     ``matrix[:, start:stop]`` (loom files are chunked in both directions, so this reads the
     block's chunks only) and transposes it.
 
@@ -87,10 +92,33 @@ class LoomReader(Reader):
             self.n_genes, self.n_cells = (int(v) for v in matrix.shape)
             rows = child(file, "row_attrs", self.source)
             columns = child(file, "col_attrs", self.source)
-            check_length(child(rows, LOOM_GENE, self.source), self.n_genes, "genes", self.source)
-            if "Accession" in rows:
-                check_length(rows["Accession"], self.n_genes, "genes", self.source)
-            check_length(child(columns, LOOM_CELL, self.source), self.n_cells, "cells", self.source)
+            self._gene_attr = self._names_attr(rows, LOOM_GENE_NAMES, self.n_genes, "genes")
+            self._cell_attr = self._names_attr(columns, LOOM_CELL_NAMES, self.n_cells, "cells")
+            if LOOM_ACCESSION in rows and self._gene_attr != LOOM_ACCESSION:
+                check_length(rows[LOOM_ACCESSION], self.n_genes, "genes", self.source)
+        missing = [
+            f"{what} ({', '.join(names)})"
+            for attr, what, names in (
+                (self._cell_attr, "cell names: col_attrs", LOOM_CELL_NAMES),
+                (self._gene_attr, "gene names: row_attrs", LOOM_GENE_NAMES),
+            )
+            if attr is None
+        ]
+        if missing:
+            warnings.warn(
+                f"{self.source}: no {' and no '.join(missing)}; named them by their index "
+                "(0, 1, ...)",
+                UserWarning,
+                stacklevel=outside_stacklevel(),
+            )
+
+    def _names_attr(self, group: h5py.Group, names: tuple[str, ...], n: int, what: str):
+        """The first of ``names`` in ``group`` (checked to hold ``n`` names), or None."""
+        for name in names:
+            if name in group:
+                check_length(group[name], n, what, self.source)
+                return name
+        return None
 
     def _matrix(self, file: h5py.File) -> h5py.Dataset:
         if self.layer is None:
@@ -102,25 +130,31 @@ class LoomReader(Reader):
             )
         return layers[self.layer]
 
-    def cells(self) -> np.ndarray:
+    def _names(self, group: str, attr: str | None, n: int) -> np.ndarray:
+        if attr is None:
+            return np.array([str(i) for i in range(n)], dtype=object)
         with open_hdf5(self.source) as file:
-            return load_strings(file[f"col_attrs/{LOOM_CELL}"], self.source, unescape=True)
+            return load_strings(file[f"{group}/{attr}"], self.source, unescape=True)
+
+    def cells(self) -> np.ndarray:
+        return self._names("col_attrs", self._cell_attr, self.n_cells)
 
     def _raw_genes(self) -> np.ndarray:
-        with open_hdf5(self.source) as file:
-            return load_strings(file[f"row_attrs/{LOOM_GENE}"], self.source, unescape=True)
+        return self._names("row_attrs", self._gene_attr, self.n_genes)
 
     def gene_ids(self) -> np.ndarray | None:
+        if self._gene_attr == LOOM_ACCESSION:
+            return None
         with open_hdf5(self.source) as file:
-            if "Accession" not in file["row_attrs"]:
+            if LOOM_ACCESSION not in file["row_attrs"]:
                 return None
-            return load_strings(file["row_attrs/Accession"], self.source, unescape=True)
+            return load_strings(file[f"row_attrs/{LOOM_ACCESSION}"], self.source, unescape=True)
 
     def metadata(self) -> dict[str, np.ndarray]:
         columns = {}
         with open_hdf5(self.source) as file:
             for name, node in file["col_attrs"].items():
-                if name == LOOM_CELL or not isinstance(node, h5py.Dataset):
+                if name == self._cell_attr or not isinstance(node, h5py.Dataset):
                     continue
                 if len(node.shape) != 1 or node.shape[0] != self.n_cells:
                     continue
