@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,9 +38,10 @@ from distumap._errors import InputError, outside_stacklevel
 from distumap._format import metadata_name
 from distumap._paths import absolute
 from distumap._stage import Stage, mark_block
-from distumap._store import create_progress, open_store, progress_array, store_url
+from distumap._store import consolidate, create_progress, open_store, progress_array, store_url
 from distumap.io import _transposition as transposition
 from distumap.io._ingest_store import (
+    CountsDoNotFit,
     block_buffer,
     checked_options,
     claim,
@@ -47,6 +49,7 @@ from distumap.io._ingest_store import (
     fitted_chunk_cells,
     read_metadata,
     warn_rounded,
+    widen_counts,
     write_block,
 )
 from distumap.io.readers import Reader, names, reader_class
@@ -308,7 +311,11 @@ def _ingest(
     offsets = np.cumsum([0, *(reader.n_cells for reader in readers)])
     if offsets[-1] == 0:
         raise InputError(f"{', '.join(r.source for r in readers)}: no cells")
-    _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+    try:
+        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+    except CountsDoNotFit as error:
+        _widen(stage, readers, error)
+        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
     rounded = warn_rounded(store, ", ".join(reader.source for reader in readers))
     stage.complete(rounded=rounded, **kind.stage_record(readers))
     return open_store(store)
@@ -322,6 +329,24 @@ def _resumable(stage: Stage, readers: list[Reader]) -> bool:
     if any(reader.transposition == "gene-rows" for reader in readers):
         return transposition.gene_rows_ready(stage)
     return True
+
+
+def _widen(stage: Stage, readers: list[Reader], error: CountsDoNotFit) -> None:
+    """Make ``counts`` int32 and every block pending again, after a block found a count that
+    the narrow type does not hold; says so in one line. The markers are cleared before the
+    array is replaced, so an interruption in between leaves blocks to write, never a marked
+    block that is not there."""
+    n_blocks = progress_array(stage.store, stage.markers, mode="r").shape[0]
+    stage.start(n_blocks=n_blocks)
+    wide = widen_counts(stage.store)
+    consolidate(stage.store)
+    sources = ", ".join(reader.source for reader in readers)
+    print(
+        f"distumap ingest: {sources}: {error}; storing counts as {wide} and writing every "
+        "block again",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _index(reader: Reader, progress: bool) -> None:
@@ -567,7 +592,7 @@ def _read_block(
         return transposition.transpose_block(store, block, chunk_cells)
     counts = zarr.open_array(store, path="counts", mode="r")
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, counts.shape[0])
-    out = block_buffer((last - first, counts.shape[1]), counts.dtype)
+    out = block_buffer((last - first, counts.shape[1]), readers[0].dtype)  # write_block narrows
     rounded = 0
     for reader, permutation, entries, begin, end in zip(
         readers, permutations, scratch, offsets[:-1], offsets[1:], strict=True
@@ -610,7 +635,7 @@ def _read_sequential(store: str, reader: Reader, chunk_cells: int) -> int:
     done = progress_array(store, "ingest", mode="r")[:]
     shape = (min(chunk_cells, n_cells), counts.shape[1])
     # two buffers: the writer compresses one while the reader fills the other
-    buffers = [block_buffer(shape, counts.dtype), np.empty(shape, dtype=counts.dtype)]
+    buffers = [block_buffer(shape, reader.dtype), np.empty(shape, dtype=reader.dtype)]
     total = 0
     writing: Any = None  # (future, block, cells, rounded) of the write in flight
 

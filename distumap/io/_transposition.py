@@ -302,11 +302,10 @@ def transpose_block(store: str, block: int, chunk_cells: int) -> int:
     """Write store chunk ``block``: its cells' columns of the intermediate, transposed, read one
     intermediate chunk at a time (memory: the store chunk and one intermediate chunk)."""
     intermediate = zarr.open_array(store, path=INTERMEDIATE, mode="r")
-    counts = zarr.open_array(store, path="counts", mode="r+")
     n_genes, n_cells = intermediate.shape
     genes_per_block = intermediate.chunks[0]
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, n_cells)
-    out = block_buffer((last - first, n_genes), counts.dtype)
+    out = block_buffer((last - first, n_genes), intermediate.dtype)  # write_block narrows it
     for start in range(0, n_genes, genes_per_block):
         stop = min(start + genes_per_block, n_genes)
         _transpose_into(intermediate[start:stop, first:last], out[:, start:stop])
