@@ -93,7 +93,8 @@ def read(
         A layer instead of the main matrix (AnnData ``layers/NAME``, loom ``/layers/NAME``).
     dtype
         ``"int32"`` (counts; values within 1e-6 of an integer are rounded, one warning counts
-        them) or ``"float32"`` (normalised data, stored as it is).
+        them; the store keeps them as uint16 when every count fits, else as int32) or
+        ``"float32"`` (normalised data, stored as it is).
     orientation
         For CSV and TSV: ``"cells-by-genes"`` (a line per cell) or ``"genes-by-cells"`` (a line
         per gene, cells in the header, as most GEO supplementary files are). The store is the
@@ -196,8 +197,9 @@ def read_csv(
     chunk_cells
         Cells per store chunk and per parse task (default: ``distumap.chunk-cells``).
     dtype
-        ``"int32"`` (counts; a truly fractional value is refused, naming its line and gene) or
-        ``"float32"`` (any finite numbers, e.g. normalised data, stored as they are).
+        ``"int32"`` (counts; a truly fractional value is refused, naming its line and gene;
+        stored as uint16 when every count fits) or ``"float32"`` (any finite numbers, e.g.
+        normalised data, stored as they are).
     overwrite
         Replace a store that was written from another input or with other parameters.
     progress
@@ -314,7 +316,7 @@ def _ingest(
     try:
         _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
     except CountsDoNotFit as error:
-        _widen(stage, readers, error)
+        _widen(stage, readers, str(error))
         _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
     rounded = warn_rounded(store, ", ".join(reader.source for reader in readers))
     stage.complete(rounded=rounded, **kind.stage_record(readers))
@@ -331,19 +333,28 @@ def _resumable(stage: Stage, readers: list[Reader]) -> bool:
     return True
 
 
-def _widen(stage: Stage, readers: list[Reader], error: CountsDoNotFit) -> None:
-    """Make ``counts`` int32 and every block pending again, after a block found a count that
-    the narrow type does not hold; says so in one line. The markers are cleared before the
-    array is replaced, so an interruption in between leaves blocks to write, never a marked
-    block that is not there."""
+def _widen_for(stage: Stage, readers: list[Reader], high: float) -> None:
+    """Widen ``counts`` before any block is written when the input's largest count ``high``
+    (known after a first pass over it) does not fit a narrow ``counts``."""
+    counts = zarr.open_array(stage.store, path="counts", mode="r")
+    if counts.dtype.kind in "iu" and high > np.iinfo(counts.dtype).max:
+        reason = f"a count ({high:,.0f}) above {np.iinfo(counts.dtype).max:,}"
+        _widen(stage, readers, reason, again=False)
+
+
+def _widen(stage: Stage, readers: list[Reader], reason: str, *, again: bool = True) -> None:
+    """Make ``counts`` int32 and every block pending (``again``: after a block found a count
+    that the narrow type does not hold); says so in one line. The markers are cleared before
+    the array is replaced, so an interruption in between leaves blocks to write, never a
+    marked block that is not there."""
     n_blocks = progress_array(stage.store, stage.markers, mode="r").shape[0]
     stage.start(n_blocks=n_blocks)
     wide = widen_counts(stage.store)
     consolidate(stage.store)
     sources = ", ".join(reader.source for reader in readers)
     print(
-        f"distumap ingest: {sources}: {error}; storing counts as {wide} and writing every "
-        "block again",
+        f"distumap ingest: {sources}: {reason}; storing counts as {wide}"
+        + (" and writing every block again" if again else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -461,6 +472,7 @@ def _run_blocks(
             scratch[i] = transposition.transpose_csc(stage, reader, i, int(offsets[i]), chunk_cells)
         elif reader.transposition == "gene-rows" and stage.pending():
             transposition.run_gene_rows(stage, reader)
+            _widen_for(stage, readers, transposition.gene_rows_max(store))
     shared = dask.delayed((readers, permutations, scratch), pure=True, traverse=False)
     key, label = (text.format(format=kinds) for text in readers[0].block_task)
     stage.run_blocks(
