@@ -40,6 +40,7 @@ __all__ = [
     "counts_codec",
     "create_skeleton",
     "fitted_chunk_cells",
+    "narrowed",
     "nonzero_per_gene",
     "read_metadata",
     "stored_dtype",
@@ -232,7 +233,7 @@ def write_block(store: str, block: int, first: int, values: np.ndarray) -> None:
     if counts.dtype == values.dtype:
         stored, nonzero = values, nonzero_per_gene(values)
     else:
-        stored, nonzero = _narrowed(values, counts.dtype, first)
+        stored, nonzero = narrowed(values, counts.dtype, first)
     # zarr's check for an all-zero chunk (skipped when writing) costs a comparison pass over
     # the block, slower on uint16 than the narrowing itself; an all-zero block is rare and
     # compresses to almost nothing, so it is written like any other
@@ -241,10 +242,29 @@ def write_block(store: str, block: int, first: int, values: np.ndarray) -> None:
     zarr.open_array(store, path=NONZERO, mode="r+")[block] = nonzero
 
 
-def _narrowed(values: np.ndarray, dtype: np.dtype, first: int) -> tuple[np.ndarray, np.ndarray]:
-    """``values`` (int32, non-negative) as ``dtype`` in this thread's narrow buffer, and their
-    non-zero cells per gene; raises :class:`CountsDoNotFit` (naming the cell) when one is
-    larger than ``dtype`` holds."""
+def narrowed(values: np.ndarray, dtype: np.dtype, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block of int32 counts in the narrow type, with its non-zero cells per gene.
+
+    Parameters
+    ----------
+    values
+        A (cells, genes) int32 block, as the readers make it.
+    dtype
+        The narrow type (:data:`~distumap._format.NARROW_COUNTS`).
+    first
+        The block's first cell in the store (for the error's message).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The block as ``dtype``, in this thread's narrow buffer (valid until the thread's next
+        call), and the cells with a non-zero count per gene (int32), counted in the same pass.
+
+    Raises
+    ------
+    CountsDoNotFit
+        When a count is outside ``dtype``'s range, naming the first cell that holds one.
+    """
     if values.dtype != np.int32 or np.dtype(dtype) != NARROW_COUNTS:
         raise TypeError(f"cannot store {values.dtype} blocks in a {dtype} counts array")
     values = np.ascontiguousarray(values)
