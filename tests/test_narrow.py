@@ -187,3 +187,22 @@ def test_statistics_of_narrow_counts_are_computed_wide(tmp_path):
     processed = pp.preprocess(ds, max_zero_fraction=1.0)
     assert processed["selected_counts"].dtype == NARROW_COUNTS
     np.testing.assert_array_equal(processed["selected_counts"].values, counts)
+
+
+def test_the_does_not_fit_marker_travels_from_a_worker_intact():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(_ingest_store.CountsDoNotFit(41, WIDE)))
+    assert isinstance(error, _ingest_store.CountsDoNotFit)
+    assert (error.cell, error.count) == (41, WIDE) and "70,000" in str(error)
+
+
+def test_a_block_that_does_not_fit_writes_nothing(tmp_path):
+    path = write_matrix_csv(tmp_path / "matrix.csv", DATA)
+    store = str(_read(path, tmp_path / "store.zarr", "matrix.csv").encoding["distumap_store"])
+    block = np.zeros((CHUNK, DATA.counts.shape[1]), dtype=np.int32)
+    block[3, 2] = WIDE
+    with pytest.raises(_ingest_store.CountsDoNotFit, match=r"cell 19 .*70,000"):
+        _ingest_store.write_block(store, 1, CHUNK, block)
+    counts = zarr.open_array(store, path="counts", mode="r")
+    np.testing.assert_array_equal(counts[CHUNK : 2 * CHUNK], DATA.counts[CHUNK : 2 * CHUNK])
