@@ -282,7 +282,8 @@ def check_store(ds: xr.Dataset) -> list[str]:
         if ds[name].dims != dims:
             problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
         if not _dtype_ok(ds[name].dtype, kind):
-            problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {kind}")
+            expected = "uint16, int32 or float32" if kind == "stored values" else kind
+            problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {expected}")
     for name, coord in ds.coords.items():
         if name in STORE_COORDS or name == "umap":
             continue

@@ -87,8 +87,12 @@ def stored_dtype(dtype: str) -> np.dtype:
 
 def counts_codec(dtype: np.dtype) -> BloscCodec:
     """:data:`COUNTS_CODEC`, with the byte shuffle of ``dtype``'s width."""
+    codec = COUNTS_CODEC
     return BloscCodec(
-        cname="lz4", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize
+        cname=codec.cname,
+        clevel=codec.clevel,
+        shuffle=codec.shuffle,
+        typesize=np.dtype(dtype).itemsize,
     )
 
 
