@@ -30,10 +30,15 @@ STAGES: dict[str, str] = {
 }
 STAGE_ORDER = tuple(STAGES)
 
+#: the type ``counts`` is stored in when every count of the input fits it (the ingest decides,
+#: block by block, and falls back to int32 when one does not): half the bytes to compress
+NARROW_COUNTS = np.dtype(np.uint16)
+
 #: name -> (dims, dtype kind, the stage that writes it)
 STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
-    # int32 counts; float32 when ingested with --dtype float32 (normalised data)
-    "counts": (("cell", "gene"), "values", "ingest"),
+    # counts: uint16 when every count of the input fits, else int32; float32 when ingested with
+    # --dtype float32 (normalised data)
+    "counts": (("cell", "gene"), "stored values", "ingest"),
     "zero_fraction": (("gene",), "float32", "preprocess"),
     "selected": (("gene",), "bool", "preprocess"),
     # the scanpy recipe's (no stage requires them: the default recipe writes none): scanpy's
@@ -44,7 +49,7 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "counts_per_cell": (("cell",), "float64", None),
     # the selected genes' counts (same dtype as counts), read by everything after preprocess; a
     # cache (no stage requires it: a store preprocessed before it existed reads counts instead)
-    "selected_counts": (("cell", "selected_gene"), "values", None),
+    "selected_counts": (("cell", "selected_gene"), "stored values", None),
     "X_umap": (("cell", "umap"), "float32", "embed"),
     "landmark": (("cell",), "bool", "embed"),
     # each cell's k nearest landmarks (as cell indices, nearest first) and membership weights;
@@ -243,6 +248,8 @@ def _dtype_ok(dtype: np.dtype, kind: str) -> bool:
         return dtype.kind in "iu"
     if kind == "values":
         return dtype in (np.dtype(np.int32), np.dtype(np.float32))
+    if kind == "stored values":
+        return dtype in (NARROW_COUNTS, np.dtype(np.int32), np.dtype(np.float32))
     return dtype == np.dtype(kind)
 
 
@@ -289,7 +296,8 @@ def check_store(ds: xr.Dataset) -> list[str]:
         if ds[name].dims != dims:
             problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
         if not _dtype_ok(ds[name].dtype, kind):
-            problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {kind}")
+            expected = "uint16, int32 or float32" if kind == "stored values" else kind
+            problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {expected}")
     for name, coord in ds.coords.items():
         if name in STORE_COORDS or name == "umap":
             continue

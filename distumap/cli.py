@@ -105,8 +105,8 @@ def _ingest_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("int32", "float32"),
         default="int32",
-        help="int32: counts (floats within 1e-6 of an integer are rounded); float32: any "
-        "numbers, e.g. normalised data (default int32)",
+        help="int32: counts (floats within 1e-6 of an integer are rounded; stored as uint16 "
+        "when every count fits); float32: any numbers, e.g. normalised data (default int32)",
     )
     parser.add_argument(
         "--overwrite",

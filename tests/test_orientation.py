@@ -17,7 +17,7 @@ import pytest
 
 from distumap import io
 from distumap._errors import IncompleteStoreError, InputError
-from distumap._format import check_store
+from distumap._format import NARROW_COUNTS, check_store
 from distumap._stage import Stage
 from distumap._store import progress_array, stage_record
 from distumap.cli import main
@@ -78,7 +78,8 @@ def _text(values: np.ndarray, rows, columns, *, sep: str = ",", eol: str = "\n")
 def assert_store_is(ds, counts, cells, genes, *, chunk_cells: int = CHUNK) -> None:
     """``ds`` holds exactly this matrix and these names, chunked by ``chunk_cells`` cells."""
     assert check_store(ds) == []
-    assert ds["counts"].dtype == counts.dtype
+    narrow = counts.dtype.kind != "f" and counts.max(initial=0) <= 65_535
+    assert ds["counts"].dtype == (NARROW_COUNTS if narrow else counts.dtype)
     np.testing.assert_array_equal(ds["counts"].values, counts)
     assert ds["cell"].values.tolist() == [str(c) for c in cells]
     assert ds["gene"].values.tolist() == [str(g) for g in genes]

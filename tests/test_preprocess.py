@@ -167,7 +167,9 @@ def test_preprocess_caches_the_selected_genes_and_everything_reads_them(tmp_path
     out = pp.preprocess(store)
     _, selected, expected_log = _expected(data.counts)
     cache = out["selected_counts"]
-    assert cache.dims == ("cell", "selected_gene") and cache.dtype == np.int32
+    # the cache keeps the store's type: uint16, as every count fits
+    assert cache.dims == ("cell", "selected_gene") and cache.dtype == out["counts"].dtype
+    assert cache.dtype == np.uint16
     assert cache.data.chunks[0] == out["counts"].data.chunks[0]
     np.testing.assert_array_equal(cache.values, data.counts[:, selected])
     assert check_store(out) == []
@@ -191,7 +193,7 @@ def test_preprocess_caches_the_selected_genes_and_everything_reads_them(tmp_path
     mark_stage(store, "preprocess", "started", record["params"])
     import zarr
 
-    zarr.open_array(store, path="selected_counts", mode="r+")[128:192] = -1
+    zarr.open_array(store, path="selected_counts", mode="r+")[128:192] = 999  # torn: garbage
     again = pp.preprocess(store)
     np.testing.assert_array_equal(again["selected_counts"].values, data.counts[:, selected])
     assert again.attrs["distumap"]["stages"]["preprocess"]["status"] == "complete"

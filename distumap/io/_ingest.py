@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,9 +38,10 @@ from distumap._errors import InputError, outside_stacklevel
 from distumap._format import metadata_name
 from distumap._paths import absolute
 from distumap._stage import Stage, mark_block
-from distumap._store import create_progress, open_store, progress_array, store_url
+from distumap._store import consolidate, create_progress, open_store, progress_array, store_url
 from distumap.io import _transposition as transposition
 from distumap.io._ingest_store import (
+    CountsDoNotFit,
     block_buffer,
     checked_options,
     claim,
@@ -47,6 +49,7 @@ from distumap.io._ingest_store import (
     fitted_chunk_cells,
     read_metadata,
     warn_rounded,
+    widen_counts,
     write_block,
 )
 from distumap.io.readers import Reader, names, reader_class
@@ -93,7 +96,8 @@ def read(
         does (one warning says which).
     dtype
         ``"int32"`` (counts; values within 1e-6 of an integer are rounded, one warning counts
-        them) or ``"float32"`` (normalised data, stored as it is).
+        them; the store keeps them as uint16 when every count fits, else as int32) or
+        ``"float32"`` (normalised data, stored as it is).
     orientation
         For CSV and TSV: ``"cells-by-genes"`` (a line per cell) or ``"genes-by-cells"`` (a line
         per gene, cells in the header, as most GEO supplementary files are). The store is the
@@ -196,8 +200,9 @@ def read_csv(
     chunk_cells
         Cells per store chunk and per parse task (default: ``distumap.chunk-cells``).
     dtype
-        ``"int32"`` (counts; a truly fractional value is refused, naming its line and gene) or
-        ``"float32"`` (any finite numbers, e.g. normalised data, stored as they are).
+        ``"int32"`` (counts; a truly fractional value is refused, naming its line and gene;
+        stored as uint16 when every count fits) or ``"float32"`` (any finite numbers, e.g.
+        normalised data, stored as they are).
     overwrite
         Replace a store that was written from another input or with other parameters.
     progress
@@ -311,7 +316,11 @@ def _ingest(
     offsets = np.cumsum([0, *(reader.n_cells for reader in readers)])
     if offsets[-1] == 0:
         raise InputError(f"{', '.join(r.source for r in readers)}: no cells")
-    _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+    try:
+        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+    except CountsDoNotFit as error:
+        _widen(stage, readers, str(error))
+        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
     rounded = warn_rounded(store, ", ".join(reader.source for reader in readers))
     stage.complete(rounded=rounded, **kind.stage_record(readers))
     return open_store(store)
@@ -325,6 +334,33 @@ def _resumable(stage: Stage, readers: list[Reader]) -> bool:
     if any(reader.transposition == "gene-rows" for reader in readers):
         return transposition.gene_rows_ready(stage)
     return True
+
+
+def _widen_for(stage: Stage, readers: list[Reader], high: float) -> None:
+    """Widen ``counts`` before any block is written when the input's largest count ``high``
+    (known after a first pass over it) does not fit a narrow ``counts``."""
+    counts = zarr.open_array(stage.store, path="counts", mode="r")
+    if counts.dtype.kind in "iu" and high > np.iinfo(counts.dtype).max:
+        reason = f"a count ({high:,.0f}) above {np.iinfo(counts.dtype).max:,}"
+        _widen(stage, readers, reason, again=False)
+
+
+def _widen(stage: Stage, readers: list[Reader], reason: str, *, again: bool = True) -> None:
+    """Make ``counts`` int32 and every block pending (``again``: after a block found a count
+    that the narrow type does not hold); says so in one line. The markers are cleared before
+    the array is replaced, so an interruption in between leaves blocks to write, never a
+    marked block that is not there."""
+    n_blocks = progress_array(stage.store, stage.markers, mode="r").shape[0]
+    stage.start(n_blocks=n_blocks)
+    wide = widen_counts(stage.store)
+    consolidate(stage.store)
+    sources = ", ".join(reader.source for reader in readers)
+    print(
+        f"distumap ingest: {sources}: {reason}; storing counts as {wide}"
+        + (" and writing every block again" if again else ""),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _index(reader: Reader, progress: bool) -> None:
@@ -439,6 +475,7 @@ def _run_blocks(
             scratch[i] = transposition.transpose_csc(stage, reader, i, int(offsets[i]), chunk_cells)
         elif reader.transposition == "gene-rows" and stage.pending():
             transposition.run_gene_rows(stage, reader)
+            _widen_for(stage, readers, transposition.gene_rows_max(store))
     shared = dask.delayed((readers, permutations, scratch), pure=True, traverse=False)
     key, label = (text.format(format=kinds) for text in readers[0].block_task)
     stage.run_blocks(
@@ -570,7 +607,7 @@ def _read_block(
         return transposition.transpose_block(store, block, chunk_cells)
     counts = zarr.open_array(store, path="counts", mode="r")
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, counts.shape[0])
-    out = block_buffer((last - first, counts.shape[1]), counts.dtype)
+    out = block_buffer((last - first, counts.shape[1]), readers[0].dtype)  # write_block narrows
     rounded = 0
     for reader, permutation, entries, begin, end in zip(
         readers, permutations, scratch, offsets[:-1], offsets[1:], strict=True
@@ -613,7 +650,7 @@ def _read_sequential(store: str, reader: Reader, chunk_cells: int) -> int:
     done = progress_array(store, "ingest", mode="r")[:]
     shape = (min(chunk_cells, n_cells), counts.shape[1])
     # two buffers: the writer compresses one while the reader fills the other
-    buffers = [block_buffer(shape, counts.dtype), np.empty(shape, dtype=counts.dtype)]
+    buffers = [block_buffer(shape, reader.dtype), np.empty(shape, dtype=reader.dtype)]
     total = 0
     writing: Any = None  # (future, block, cells, rounded) of the write in flight
 

@@ -18,7 +18,14 @@ from zarr.codecs import BloscCodec
 
 from distumap import _config
 from distumap._errors import InputError, outside_stacklevel
-from distumap._format import ATTR, FORMAT_VERSION, NONZERO, PROGRESS_GROUP, metadata_name
+from distumap._format import (
+    ATTR,
+    FORMAT_VERSION,
+    NARROW_COUNTS,
+    NONZERO,
+    PROGRESS_GROUP,
+    metadata_name,
+)
 from distumap._stage import Stage
 from distumap._store import create_progress, is_store, occupied, progress_array, stage_record
 from distumap.io.readers._base import ROUNDING_TOLERANCE
@@ -26,14 +33,19 @@ from distumap.io.readers._base import ROUNDING_TOLERANCE
 __all__ = [
     "COUNTS_CODEC",
     "DTYPES",
+    "CountsDoNotFit",
     "block_buffer",
     "checked_options",
     "claim",
+    "counts_codec",
     "create_skeleton",
     "fitted_chunk_cells",
+    "narrowed",
     "nonzero_per_gene",
     "read_metadata",
+    "stored_dtype",
     "warn_rounded",
+    "widen_counts",
     "write_block",
 ]
 
@@ -48,12 +60,50 @@ _buffers = threading.local()
 DTYPES = ("int32", "float32")
 
 
-def block_buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+class CountsDoNotFit(InputError):
+    """A block holds a count too large for the narrow type ``counts`` was created with.
+
+    Raised by :func:`write_block` before it writes anything; the ingest then widens ``counts``
+    (:func:`widen_counts`) and writes every block again. An InputError, so that the stage's block
+    tasks return it as a result instead of failing on the worker; the ingest never lets it out.
+    """
+
+    def __init__(self, cell: int, count: int):
+        super().__init__(f"cell {cell} holds a count ({count:,}) outside 0..{_NARROW_MAX:,}")
+        self.cell, self.count = cell, count
+
+    def __reduce__(self):  # it travels from the worker as a task's result
+        return type(self), (self.cell, self.count)
+
+
+_NARROW_MAX = int(np.iinfo(NARROW_COUNTS).max)
+
+
+def stored_dtype(dtype: str) -> np.dtype:
+    """The type a new store's ``counts`` is created with for the ingest option ``dtype``: counts
+    (``"int32"``) start narrow, as :data:`~distumap._format.NARROW_COUNTS`; float32 stays."""
+    return NARROW_COUNTS if np.dtype(dtype).kind in "iu" else np.dtype(np.float32)
+
+
+def counts_codec(dtype: np.dtype) -> BloscCodec:
+    """:data:`COUNTS_CODEC`, with the byte shuffle of ``dtype``'s width."""
+    codec = COUNTS_CODEC
+    return BloscCodec(
+        cname=codec.cname,
+        clevel=codec.clevel,
+        shuffle=codec.shuffle,
+        typesize=np.dtype(dtype).itemsize,
+    )
+
+
+def block_buffer(shape: tuple[int, int], dtype: np.dtype, *, name: str = "counts") -> np.ndarray:
     """A per-thread buffer for parsed blocks, reused from task to task: a fresh block-sized
-    allocation costs page faults that take longer than the parse itself."""
-    buf = getattr(_buffers, "counts", None)
+    allocation costs page faults that take longer than the parse itself. ``name`` tells apart
+    the buffers a thread keeps at once (the parsed block and its narrowed copy)."""
+    buf = getattr(_buffers, name, None)
     if buf is None or buf.size < shape[0] * shape[1] or buf.dtype != dtype:
-        buf = _buffers.counts = np.empty(shape[0] * shape[1], dtype=dtype)
+        buf = np.empty(shape[0] * shape[1], dtype=dtype)
+        setattr(_buffers, name, buf)
     return buf[: shape[0] * shape[1]].reshape(shape)
 
 
@@ -129,11 +179,13 @@ def create_skeleton(
     chunk_cells: int,
     params: dict[str, Any],
 ) -> None:
-    """Write a store's skeleton: coordinates, an empty ``counts`` array chunked by cell blocks,
-    the "started" ingest record and the per-block rounding counts. Every reader's ingest uses it;
-    the stage's markers, written next by :meth:`distumap._stage.Stage.start`, come last."""
+    """Write a store's skeleton: coordinates, an empty ``counts`` array chunked by cell blocks
+    (narrow for counts: :func:`stored_dtype`), the "started" ingest record and the per-block
+    rounding counts. Every reader's ingest uses it; the stage's markers, written next by
+    :meth:`distumap._stage.Stage.start`, come last."""
     n_cells, n_genes = len(cells), len(genes)
-    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=params["dtype"])
+    dtype = stored_dtype(params["dtype"])
+    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=dtype)
     coords = {
         "cell": np.asarray(cells, dtype=object),
         "gene": np.asarray(genes, dtype=object),
@@ -150,7 +202,9 @@ def create_skeleton(
         mode="w",
         compute=False,
         consolidated=False,
-        encoding={"counts": {"chunks": (chunk_cells, n_genes), "compressors": [COUNTS_CODEC]}},
+        encoding={
+            "counts": {"chunks": (chunk_cells, n_genes), "compressors": [counts_codec(dtype)]}
+        },
     )
     n_blocks = -(-n_cells // chunk_cells)
     # per block: float-written counts that were rounded (one warning at the end)
@@ -173,10 +227,76 @@ def write_block(store: str, block: int, first: int, values: np.ndarray) -> None:
     """Write store chunk ``block`` (its cells from ``first``) and its non-zero cells per gene.
 
     Every reader's block task ends here, before its marker: the counts and the statistics of a
-    marked block are both written, and a block written again rewrites both.
+    marked block are both written, and a block written again rewrites both. ``values`` (int32
+    or float32, as the readers make them) are stored in ``counts``' own type: int32 counts go
+    into a narrow ``counts`` through one pass that also counts the non-zero cells and checks
+    that every count fits; a block whose counts do not raises :class:`CountsDoNotFit` and
+    writes nothing.
     """
-    zarr.open_array(store, path="counts", mode="r+")[first : first + len(values)] = values
-    zarr.open_array(store, path=NONZERO, mode="r+")[block] = nonzero_per_gene(values)
+    counts = zarr.open_array(store, path="counts", mode="r+")
+    if counts.dtype == values.dtype:
+        stored, nonzero = values, nonzero_per_gene(values)
+    else:
+        stored, nonzero = narrowed(values, counts.dtype, first)
+    # zarr's check for an all-zero chunk (skipped when writing) costs a comparison pass over
+    # the block, slower on uint16 than the narrowing itself; an all-zero block is rare and
+    # compresses to almost nothing, so it is written like any other
+    counts = counts.with_config({"write_empty_chunks": True})
+    counts[first : first + len(values)] = stored
+    zarr.open_array(store, path=NONZERO, mode="r+")[block] = nonzero
+
+
+def narrowed(values: np.ndarray, dtype: np.dtype, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block of int32 counts in the narrow type, with its non-zero cells per gene.
+
+    Parameters
+    ----------
+    values
+        A (cells, genes) int32 block, as the readers make it.
+    dtype
+        The narrow type (:data:`~distumap._format.NARROW_COUNTS`).
+    first
+        The block's first cell in the store (for the error's message).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The block as ``dtype``, in this thread's narrow buffer (valid until the thread's next
+        call), and the cells with a non-zero count per gene (int32), counted in the same pass.
+
+    Raises
+    ------
+    CountsDoNotFit
+        When a count is outside ``dtype``'s range, naming the first cell that holds one.
+    """
+    if values.dtype != np.int32 or np.dtype(dtype) != NARROW_COUNTS:
+        raise TypeError(f"cannot store {values.dtype} blocks in a {dtype} counts array")
+    values = np.ascontiguousarray(values)
+    out = block_buffer(values.shape, NARROW_COUNTS, name="narrow")
+    nonzero = np.zeros(values.shape[1], dtype=np.int32)
+    row = _narrow_counting(values, out, nonzero, _NARROW_MAX)
+    if row >= 0:
+        outside = values[row][(values[row] < 0) | (values[row] > _NARROW_MAX)]
+        raise CountsDoNotFit(first + int(row), int(outside[0]))
+    return out, nonzero
+
+
+@numba.njit(nogil=True, cache=True)
+def _narrow_counting(values, out, nonzero, limit):  # pragma: no cover - compiled
+    """Copy ``values`` into ``out`` and count each column's non-zero values, row by row, until
+    a row holds a value outside 0..``limit``: returns that row, or -1 when none does."""
+    for i in range(values.shape[0]):
+        row = values[i]
+        high = low = 0
+        for j in range(row.shape[0]):
+            value = row[j]
+            high = max(high, value)
+            low = min(low, value)
+            out[i, j] = value
+            nonzero[j] += value != 0
+        if high > limit or low < 0:
+            return i
+    return -1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -197,6 +317,28 @@ def nonzero_per_gene(values: np.ndarray) -> np.ndarray:
     else:
         out[:] = np.count_nonzero(values, axis=0)
     return out
+
+
+def widen_counts(store: str) -> np.dtype:
+    """Create ``counts`` again, empty, as int32 (shape, chunks, dimensions and attributes as
+    before, every value 0), for an ingest whose counts do not all fit the narrow type; returns
+    the new type. The caller clears the block markers first: a marker must never outlive the
+    block it stands for."""
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    old = group["counts"]
+    wide = np.dtype(np.int32)
+    group.create_array(
+        "counts",
+        shape=old.shape,
+        chunks=old.chunks,
+        dtype=wide,
+        fill_value=0,
+        compressors=[counts_codec(wide)],
+        dimension_names=getattr(old.metadata, "dimension_names", None),
+        attributes=dict(old.attrs),
+        overwrite=True,
+    )
+    return wide
 
 
 def warn_rounded(store: str, source: str, *, stacklevel: int | None = None) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "drop_gene_rows",
     "drop_scratch",
     "gene_block",
+    "gene_rows_max",
     "gene_rows_ready",
     "run_gene_rows",
     "scratch_entries",
@@ -176,6 +177,9 @@ INTERMEDIATE_CODEC = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle", typ
 
 #: the markers (and progress events) of pass 1, one per gene block
 GENE_MARKERS = "ingest_genes"
+#: per gene block, its largest value: pass 1 sees every count, so the counts' type is known
+#: before pass 2 writes a store chunk
+_GENE_MAX = "ingest_genes_max"
 
 
 def gene_block(n_cells: int, dtype: str | np.dtype, n_genes: int) -> int:
@@ -209,6 +213,7 @@ def create_gene_rows(stage: Stage, n_cells: int, n_genes: int, chunk_cells: int,
     n_gene_blocks = -(-n_genes // per_block)
     # float-written counts rounded, per gene block (pass 1 reads the values)
     create_progress(store, "rounded", np.zeros(n_gene_blocks, dtype=np.int64), chunks=1)
+    create_progress(store, _GENE_MAX, np.zeros(n_gene_blocks, dtype=np.float64), chunks=1)
     group = zarr.open_group(store, mode="r+", use_consolidated=False).require_group(PROGRESS_GROUP)
     group.create_array(
         INTERMEDIATE.rsplit("/", 1)[1],
@@ -227,7 +232,16 @@ def write_gene_rows(store: str, values: np.ndarray, rounded: int, *, block: int,
     intermediate = zarr.open_array(store, path=INTERMEDIATE, mode="r+")
     intermediate[first : first + len(values)] = values
     progress_array(store, "rounded")[block] = rounded
+    progress_array(store, _GENE_MAX)[block] = values.max(initial=0)
     return len(values)
+
+
+def gene_rows_max(store: str) -> float:
+    """The largest value pass 1 read (0 where an interrupted older ingest kept no record)."""
+    try:
+        return float(progress_array(store, _GENE_MAX, mode="r")[:].max(initial=0))
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError):
+        return 0.0
 
 
 def _gene_rows_task(store: str, reader: Reader, block: int, genes_per_block: int) -> int:
@@ -302,11 +316,10 @@ def transpose_block(store: str, block: int, chunk_cells: int) -> int:
     """Write store chunk ``block``: its cells' columns of the intermediate, transposed, read one
     intermediate chunk at a time (memory: the store chunk and one intermediate chunk)."""
     intermediate = zarr.open_array(store, path=INTERMEDIATE, mode="r")
-    counts = zarr.open_array(store, path="counts", mode="r+")
     n_genes, n_cells = intermediate.shape
     genes_per_block = intermediate.chunks[0]
     first, last = block * chunk_cells, min((block + 1) * chunk_cells, n_cells)
-    out = block_buffer((last - first, n_genes), counts.dtype)
+    out = block_buffer((last - first, n_genes), intermediate.dtype)  # write_block narrows it
     for start in range(0, n_genes, genes_per_block):
         stop = min(start + genes_per_block, n_genes)
         _transpose_into(intermediate[start:stop, first:last], out[:, start:stop])

@@ -47,7 +47,8 @@ def zarr_compressor():
 def csr_pieces(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A block of counts (cells x selected genes) as CSR: X's data, the layer's data, indices
     and the nonzeros of every row."""
-    # counts stay int32; a float32 store (--dtype float32) keeps its values as they are
+    # counts are exported as int32 (a store keeps them as uint16 or int32); a float32 store
+    # (--dtype float32) keeps its values as they are
     counts = np.ascontiguousarray(counts)
     if counts.dtype.kind not in "f":
         counts = counts.astype(np.int32, copy=False)

@@ -37,8 +37,8 @@ def selected_genes(ds: xr.Dataset) -> np.ndarray:
 
 
 def matrix_dtype(dtype: np.dtype) -> np.dtype:
-    """The exported matrix holds the store's values: int32 counts, or float32 (``--dtype
-    float32``)."""
+    """The exported matrix holds the store's values: int32 counts (whether the store keeps them
+    as uint16 or int32), or float32 (``--dtype float32``)."""
     return np.dtype(np.float32 if np.dtype(dtype).kind == "f" else np.int32)
 
 
