@@ -38,6 +38,13 @@ from distumap.io.writers._blocks import (
     deflate,
     export_blocks,
 )
+from distumap.io.writers._graph import (
+    graph_rows,
+    has_cell_graph,
+    neighbors_uns,
+    report_no_graph,
+    write_obsp,
+)
 from distumap.io.writers._inputs import (
     embedded_store,
     matrix_dtype,
@@ -202,6 +209,23 @@ def _write_x_and_layer(
         dataset.close()
 
 
+def _write_graph(
+    el: H5Elements, ds, block_cells: int, in_flight: int, client, pool, path, progress: bool
+) -> None:
+    """``obsp["distances"]`` and ``obsp["connectivities"]``: the store's graph of all cells,
+    appended in cell blocks like ``X``; nothing (and one line) without one."""
+    if not has_cell_graph(ds):
+        report_no_graph(path, progress)
+        return
+    rows = graph_rows(ds, block_cells, "h5ad", in_flight=in_flight, client=client)
+
+    def appendable(group, name: str, dtype) -> _Appendable:
+        # indices and pointers shuffle well; float weights and distances gain little
+        return _Appendable(group, name, dtype, name != "data", pool)
+
+    write_obsp(el, ds.sizes["cell"], ds.sizes["cell_knn"], rows, appendable)
+
+
 class H5adWriter(Writer):
     """``*.h5ad``: :func:`write_h5ad`; it takes the embedding last."""
 
@@ -256,5 +280,7 @@ class H5adWriter(Writer):
                 if small is None:
                     ds = embedded_store(ds, embedded, gene_index)
                     small = anndata_inputs(ds)
-                write_annotations(el, small, gene_index, uns_record(ds, params))
+                uns = {**uns_record(ds, params), **neighbors_uns(ds)}
+                write_annotations(el, small, gene_index, uns)
+                _write_graph(el, ds, block_cells, in_flight, client, pool, path, progress)
         return target
