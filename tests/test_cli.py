@@ -166,6 +166,8 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
     adata = anndata.read_h5ad(out / "embedding.h5ad")
     assert adata.shape == (1200, int(((data.counts == 0).mean(axis=0) < 0.5).sum()))
     assert "subclass_label" in adata.obs and adata.obsm["X_umap"].shape == (1200, 2)
+    # the refinement ran (400 landmarks of 1200 cells): its graph is scanpy's neighbour graph
+    assert adata.obsp["connectivities"].shape == (1200, 1200) and "neighbors" in adata.uns
     info = _cli("info", str(out / "store.zarr"), "--json")
     records = json.loads(info.stdout)
     assert [records[s]["status"] for s in ("ingest", "preprocess", "embed")] == ["complete"] * 3
