@@ -586,12 +586,10 @@ def umap(
         ``knn_landmark`` (int32) and ``knn_weight`` (float32), both (cell, knn): each cell's
         ``n_neighbors`` nearest landmarks (their cell indices, nearest first) and membership
         weights. A landmark's neighbours are the nearest *other* landmarks (no self-loops).
-        When it refines, also the graph of all cells that the refinement searched, all three
-        (cell, cell_knn): ``knn_cell`` (int32, each cell's nearest other cells, nearest first,
-        -1 where fewer were found), ``knn_distance`` (float32, their euclidean distances in the
-        embed's features) and ``knn_cell_weight`` (float32, umap-learn's membership weights of
-        these directed edges). Without refinement they are absent (an earlier run's are
-        dropped).
+        When it refines, the graph of all cells it searched (cell, cell_knn): ``knn_cell``
+        (int32, nearest other cells first, -1 where fewer were found), ``knn_distance`` (float32,
+        euclidean in the embed's features) and ``knn_cell_weight`` (float32, umap-learn's
+        membership weights of these directed edges); without, none (an earlier run's go).
 
     Notes
     -----
@@ -711,10 +709,9 @@ def _start(
     if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
         _drop_arrays(location, ["knn_landmark", "knn_weight"])
         ds = ds.drop_vars(["knn_landmark", "knn_weight"])
-    stale = [] if epochs else [name for name in CELL_GRAPH if name in ds]
     if epochs:
         placeholders.update(_cell_graph_placeholders(placeholder))
-    elif stale:  # no refinement: an earlier run's graph of all cells goes
+    elif stale := [name for name in CELL_GRAPH if name in ds]:  # an earlier run's graph goes
         _drop_arrays(location, stale)
         ds = ds.drop_vars(stale)
     write_variables(
