@@ -200,7 +200,11 @@ def write_anndata_zarr(
     of ``X`` (int32) and ``layers["log2p1"]`` (float32) and writes them into the zarr arrays
     directly: the chunks that lie inside its slice itself, the (at most two) chunks it shares
     with a neighbour through one small task per shared chunk (``anndata-zarr-edge``), so every
-    chunk has exactly one writer. The layout is the one :func:`write_h5ad` writes, in zarr
+    chunk has exactly one writer. The graph of all cells (``obsp`` and ``uns["neighbors"]``,
+    see :func:`write_h5ad`) is computed on the cluster in cell blocks
+    (``anndata-zarr-graph-index``, ``anndata-zarr-graph-block``) and appended from this
+    process in cell order. The
+    layout is the one :func:`write_h5ad` writes, in zarr
     format 2 (what anndata 0.12 writes by default; Blosc-zstd compressed, metadata
     consolidated). The folder is written under a temporary name next to the target and renamed
     once complete, so a failure leaves nothing at ``path``. ``anndata.read_zarr`` reads it with

@@ -164,7 +164,14 @@ def write_h5ad(
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
     ``obsm["X_umap"]`` the embedding; ``uns["umap"]["params"]`` what ``scanpy.tl.umap`` keeps
-    (``a``, ``b``, ``random_state``) and ``uns["distumap"]`` the stage records. The file is
+    (``a``, ``b``, ``random_state``) and ``uns["distumap"]`` the stage records. When the embed
+    refined, its graph of all cells goes where ``scanpy.pp.neighbors`` puts one:
+    ``obsp["distances"]`` (each cell's nearest other cells, nearest first),
+    ``obsp["connectivities"]`` (umap-learn's symmetrised fuzzy weights) and
+    ``uns["neighbors"]``, built once on a worker (``h5ad-graph-index``) and appended in cell
+    blocks like ``X`` (``h5ad-graph-block``); without it they stay empty, and with
+    ``progress`` one line says so. A cell subset of a store with the graph is refused. The
+    file is
     written under a temporary name next to the target (or locally, for a URL) and renamed (or
     uploaded) once complete, so a failure leaves nothing at ``path``. ``anndata.read_h5ad``
     reads it with no arguments.
