@@ -56,7 +56,17 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     # a landmark's are its k nearest other landmarks
     "knn_landmark": (("cell", "knn"), "int32", "embed"),
     "knn_weight": (("cell", "knn"), "float32", "embed"),
+    # the refinement's graph of all cells (absent when the embed does not refine): each cell's
+    # nearest other cells (cell indices, nearest first; -1 where fewer were found), their
+    # euclidean distances in the embed's features (inf there) and umap-learn's membership
+    # weights of these directed edges, before the fuzzy union that the exports' connectivities
+    # and the refinement's epochs apply
+    "knn_cell": (("cell", "cell_knn"), "int32", None),
+    "knn_distance": (("cell", "cell_knn"), "float32", None),
+    "knn_cell_weight": (("cell", "cell_knn"), "float32", None),
 }
+#: the variables of the graph of all cells: a store has all of them or none
+CELL_GRAPH = ("knn_cell", "knn_distance", "knn_cell_weight")
 
 #: coordinates every store has; metadata columns come on top as extra ``cell`` coordinates
 STORE_COORDS = {"cell": ("cell",), "gene": ("gene",)}
@@ -130,6 +140,11 @@ ANNDATA_HVG_COLUMNS = ("means", "dispersions", "dispersions_norm")
 #: ``uns`` keys: scanpy's UMAP record (``uns["umap"]["params"]``) and the store's stage records
 ANNDATA_UNS_UMAP = "umap"
 ANNDATA_UNS_RECORD = "distumap"
+#: the graph of all cells where scanpy keeps a neighbour graph: ``obsp`` keys (kNN distances,
+#: symmetric fuzzy connectivities) and the ``uns`` record that names them
+ANNDATA_DISTANCES = "distances"
+ANNDATA_CONNECTIVITIES = "connectivities"
+ANNDATA_UNS_NEIGHBORS = "neighbors"
 #: the store variables the export needs
 ANNDATA_REQUIRED = ("counts", "zero_fraction", "X_umap", "landmark")
 #: anndata's element encodings and the versions that anndata 0.8 to 0.12 write and read
@@ -298,6 +313,10 @@ def check_store(ds: xr.Dataset) -> list[str]:
         if not _dtype_ok(ds[name].dtype, kind):
             expected = "uint16, int32 or float32" if kind == "stored values" else kind
             problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {expected}")
+    present = [name for name in CELL_GRAPH if name in ds.variables]
+    if present and len(present) < len(CELL_GRAPH):
+        missing = sorted(set(CELL_GRAPH) - set(present))
+        problems.append(f"the graph of all cells lacks {', '.join(missing)}")
     for name, coord in ds.coords.items():
         if name in STORE_COORDS or name == "umap":
             continue

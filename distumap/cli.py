@@ -210,6 +210,22 @@ def _formats_option(parser: argparse.ArgumentParser) -> None:
         help="exports to write: loom, h5ad, zarr (AnnData zarr), comma-separated "
         "(default loom,h5ad)",
     )
+    _loom_graph_option(parser)
+
+
+def _loom_graph_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loom-graph",
+        action="store_true",
+        help="also write the cells' kNN graph (each cell's nearest landmarks) to the loom "
+        "file's /col_graphs/KNN. Off by default: loompy 3.0.8 slices a file's graphs with "
+        "np.in1d, which NumPy 2.4 removed, so its view and scan fail on a file that has one",
+    )
+
+
+def _writer_options(args: argparse.Namespace, kind: str) -> dict:
+    """The options of one export's writer that come from the command line."""
+    return {"graph": True} if kind == "loom" and getattr(args, "loom_graph", False) else {}
 
 
 def _color_option(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("store", metavar="STORE")
     export.add_argument("out", metavar="OUT", help="OUT.loom | OUT.h5ad | OUT.zarr")
+    _loom_graph_option(export)
     _cluster_options(export)
 
     info = commands.add_parser("info", help="stages done, shapes and parameters of a store")
@@ -426,7 +443,14 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     embedded: Future = Future()
     with ThreadPoolExecutor(max_workers=len(exports) + 1, thread_name_prefix="export") as pool:
         jobs = [
-            pool.submit(io.write, ds, path, progress=args.progress, embedded=embedded)
+            pool.submit(
+                io.write,
+                ds,
+                path,
+                progress=args.progress,
+                embedded=embedded,
+                **_writer_options(args, files[path]),
+            )
             for path in early
         ]
         try:
@@ -436,7 +460,12 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
             raise
         embedded.set_result(ds)
         later = [path for path in exports if path not in early]
-        jobs += [pool.submit(io.write, ds, path, progress=args.progress) for path in later]
+        jobs += [
+            pool.submit(
+                io.write, ds, path, progress=args.progress, **_writer_options(args, files[path])
+            )
+            for path in later
+        ]
         jobs.append(pool.submit(pictures, ds))
         for job in jobs:
             job.result()
@@ -507,7 +536,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
             ds = io.open_store(args.store, require="embed")
-            io.write(ds, args.out, progress=args.progress)
+            options = _writer_options(args, io.export_kind(args.out))
+            io.write(ds, args.out, progress=args.progress, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

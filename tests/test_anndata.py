@@ -14,6 +14,7 @@ import xarray as xr
 import distumap
 from distumap import tl
 from distumap._errors import IncompleteStoreError, InputError
+from distumap._format import CELL_GRAPH
 from distumap._progress import TOPIC
 from distumap.io.writers import write_anndata_zarr, write_h5ad
 from distumap.pp._preprocess import log2p1_values
@@ -22,6 +23,20 @@ from distumap.testing import synthetic_counts, write_dataset
 N_CELLS, N_GENES, CHUNK = 1_200, 200, 256
 EMBED = {"landmarks": 300, "pca": 10, "n_neighbors": 15, "min_dist": 0.3, "seed": 7}
 WRITERS = {"h5ad": write_h5ad, "zarr": write_anndata_zarr}
+#: five populations of equal-ish size, each with its own marker genes, so that clusterings of
+#: two neighbour graphs of the same cells can agree (the default's twenty subclasses with a few
+#: markers among 200 genes barely separate)
+SEPARATED = {
+    "n_subclasses": 5,
+    "n_classes": 5,
+    "smallest_fraction": 0.1,
+    "marker_fraction": 0.1,
+    "marker_log2_fold": 3.0,
+}
+#: floors of the exported graph's quality on this data, measured with a margin below them
+#: (benchmarks/RESULTS.md, "Neighbour graph"): its kNN recall against brute force, and the
+#: adjusted Rand index of leiden on it against leiden on sc.pp.neighbors of the same features
+RECALL_FLOOR, ARI_FLOOR = 0.85, 0.7
 SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr"}
 
 
@@ -29,7 +44,7 @@ SUFFIX = {"h5ad": ".h5ad", "zarr": ".zarr"}
 def store(tmp_path_factory) -> str:
     """A finished store made by the real pipeline (threaded scheduler)."""
     directory = tmp_path_factory.mktemp("anndata-data")
-    data = synthetic_counts(N_CELLS, N_GENES, seed=5, zero_cells=3, zero_genes=4)
+    data = synthetic_counts(N_CELLS, N_GENES, seed=5, zero_cells=3, zero_genes=4, **SEPARATED)
     matrix, metadata = write_dataset(directory, data)
     location = directory / "store.zarr"
     with dask.config.set(scheduler="threads"):
@@ -189,7 +204,8 @@ def test_layout_is_the_one_anndata_writes(dataset, tmp_path, fmt):
 
 
 def _arrays(fmt: str, path) -> dict[str, np.ndarray]:
-    names = [f"{m}/{p}" for m in ("X", "layers/log2p1") for p in ("data", "indices", "indptr")]
+    matrices = ("X", "layers/log2p1", "obsp/distances", "obsp/connectivities")
+    names = [f"{m}/{p}" for m in matrices for p in ("data", "indices", "indptr")]
     if fmt == "h5ad":
         import h5py
 
@@ -266,6 +282,10 @@ def test_worker_processes_write_the_same_file(dataset, tmp_path, local_client, f
         np.testing.assert_array_equal(got, want[name], err_msg=name)
     keys = {str(key[0] if isinstance(key, tuple) else key) for key in _task_keys(local_client)}
     assert any(key.startswith(prefix + ("block-" if fmt == "zarr" else "")) for key in keys)
+    # the graph: one index task, its rows by cell block
+    graph = prefix.split("-block")[0].rstrip("-") + "-graph-"
+    assert any(key.startswith(graph + "index-") for key in keys)
+    assert any(key.startswith(graph + "block-") for key in keys)
     # the four blocks of 300 cells reported to the dashboard's progress topic
     events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]
     assert {(msg["block"], msg["total"]) for msg in events} >= {(i, 4) for i in range(4)}
@@ -285,7 +305,8 @@ def test_failure_leaves_nothing_at_path(dataset, tmp_path, fmt, existing, on_clu
     path = tmp_path / f"embedding{SUFFIX[fmt]}"
     if existing:
         with dask.config.set(scheduler="threads"):
-            _write(fmt, dataset.isel(cell=slice(0, 50)), path)
+            # a cell subset: the graph names cells by their place in the store, so it goes
+            _write(fmt, dataset.isel(cell=slice(0, 50)).drop_vars(list(CELL_GRAPH)), path)
     counts = dataset["counts"].data.rechunk({0: CHUNK})
     # the third block fails after two were computed (and, for h5ad, written)
     poisoned = counts.map_blocks(
@@ -380,7 +401,7 @@ def _before_embed(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` as the preprocess leaves it: no embedding, graph or embed record."""
     record = dict(ds.attrs["distumap"])
     record["stages"] = {k: v for k, v in record["stages"].items() if k != "embed"}
-    embed = ["X_umap", "landmark", "knn_landmark", "knn_weight"]
+    embed = ["X_umap", "landmark", "knn_landmark", "knn_weight", *CELL_GRAPH]
     return ds.drop_vars([name for name in embed if name in ds]).assign_attrs(distumap=record)
 
 
@@ -425,4 +446,122 @@ def test_h5ad_of_a_failed_embed_leaves_no_file(dataset, tmp_path, local_client):
     embedded.set_exception(RuntimeError("the embed failed"))
     with pytest.raises(RuntimeError, match="the embed failed"):
         write_h5ad(_before_embed(dataset), tmp_path / "early.h5ad", embedded=embedded)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the neighbour graph
+
+
+def _embed_features(store: str, ds: xr.Dataset) -> np.ndarray:
+    """Every cell's features as the embed computed them (the landmarks' PCA of log2(x+1))."""
+    from distumap._format import MODEL_GROUP
+    from distumap._store import read_group
+    from distumap.tl import _model, _model_io
+
+    model = _model_io.from_arrays(*read_group(store, MODEL_GROUP))
+    return _model.project(model, distumap.pp.log2p1(ds).values).astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_neighbor_graph_is_where_scanpy_keeps_it(dataset, tmp_path, fmt):
+    path = tmp_path / f"graph{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset, path, block_cells=100)  # blocks that are not the store's chunks
+    adata = _read(fmt, path)
+    k = dataset.sizes["cell_knn"]
+    record = adata.uns["neighbors"]
+    assert record["connectivities_key"] == "connectivities"
+    assert record["distances_key"] == "distances"
+    params = dict(record["params"])
+    assert params == {
+        "n_neighbors": k + 1,  # scanpy counts the cell itself
+        "method": "umap",
+        "metric": "euclidean",
+        "random_state": EMBED["seed"],
+    }
+    distances, connectivities = adata.obsp["distances"], adata.obsp["connectivities"]
+    want_distances, want_connectivities = tl.neighbor_graph(dataset)
+    for got, want in ((distances, want_distances), (connectivities, want_connectivities)):
+        assert got.format == "csr" and got.dtype == np.float32
+        assert got.shape == (N_CELLS, N_CELLS)
+        for part in ("data", "indices", "indptr"):
+            np.testing.assert_array_equal(getattr(got, part), getattr(want, part))
+    # distances: k per row (the cell itself left out), nearest first, as scanpy stores them
+    np.testing.assert_array_equal(np.diff(distances.indptr), k)
+    rows = distances.data.reshape(N_CELLS, k)
+    assert (np.diff(rows, axis=1) >= 0).all()
+    assert (distances.indices.reshape(N_CELLS, k) != np.arange(N_CELLS)[:, None]).all()
+    np.testing.assert_array_equal(distances.indices, dataset["knn_cell"].values.ravel())
+    # connectivities: symmetric fuzzy weights in (0, 1], every kNN edge among them
+    assert (connectivities != connectivities.T).nnz == 0
+    assert connectivities.has_sorted_indices
+    assert (connectivities.data > 0).all() and (connectivities.data <= 1).all()
+    assert (connectivities.diagonal() == 0).all()
+    assert ((distances > 0).astype(bool) > (connectivities > 0).astype(bool)).nnz == 0
+
+
+def test_neighbor_graph_recall_against_brute_force(dataset, store):
+    """The refinement's graph, found through the landmarks, against the exact k nearest cells
+    in the same features."""
+    features = _embed_features(store, dataset)
+    neighbors = dataset["knn_cell"].values
+    k = neighbors.shape[1]
+    squared = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(squared, np.inf)
+    exact = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(neighbors, exact, strict=True)])
+    print(f"kNN recall of the graph of all cells: {recall:.4f}")
+    assert recall >= RECALL_FLOOR
+    found = np.sqrt(squared[np.arange(N_CELLS)[:, None], neighbors])
+    np.testing.assert_allclose(dataset["knn_distance"].values, found, rtol=1e-5)
+
+
+# scanpy 1.11's leiden announces that its default flavor will change: scanpy's note, not ours
+@pytest.mark.filterwarnings("ignore:In the future, the default backend for leiden:FutureWarning")
+# sc.tl.umap finds no X_pca in the export and fits scanpy's own PCA for its initialisation
+@pytest.mark.filterwarnings("ignore:You.re trying to run this on:UserWarning")
+def test_leiden_paga_and_umap_run_on_the_export(dataset, store, tmp_path):
+    sc = pytest.importorskip("scanpy", reason="scanpy is not installed (the test extra has it)")
+    pytest.importorskip("leidenalg", reason="leidenalg is not installed (the test extra has it)")
+    from sklearn.metrics import adjusted_rand_score
+
+    path = tmp_path / "embedding.h5ad"
+    with dask.config.set(scheduler="threads"):
+        write_h5ad(dataset, path)
+    adata = _read("h5ad", path)
+    sc.tl.leiden(adata, random_state=0)  # on the exported graph: no sc.pp.neighbors
+    # the reference: scanpy's own neighbour graph of the same features, same k
+    reference = adata.copy()
+    reference.obsm["X_embed"] = _embed_features(store, dataset).astype(np.float32)
+    k = adata.uns["neighbors"]["params"]["n_neighbors"]
+    sc.pp.neighbors(reference, n_neighbors=k, use_rep="X_embed", random_state=0)
+    sc.tl.leiden(reference, random_state=0)
+    agreement = adjusted_rand_score(reference.obs["leiden"], adata.obs["leiden"])
+    truth = adjusted_rand_score(adata.obs["subclass_label"], adata.obs["leiden"])
+    print(f"leiden ARI vs sc.pp.neighbors: {agreement:.4f}, vs subclass_label: {truth:.4f}")
+    assert agreement >= ARI_FLOOR
+    sc.tl.paga(adata, groups="leiden")
+    assert adata.uns["paga"]["connectivities"].shape[0] == adata.obs["leiden"].nunique()
+    sc.tl.umap(adata, maxiter=10, random_state=0)
+    assert adata.obsm["X_umap"].shape == (N_CELLS, 2) and np.isfinite(adata.obsm["X_umap"]).all()
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_without_the_graph_obsp_is_empty_and_says_so(dataset, tmp_path, capsys, fmt):
+    path = tmp_path / f"plain{SUFFIX[fmt]}"
+    with dask.config.set(scheduler="threads"):
+        _write(fmt, dataset.drop_vars(list(CELL_GRAPH)), path, progress=True)
+    adata = _read(fmt, path)
+    assert len(adata.obsp) == 0 and "neighbors" not in adata.uns
+    lines = [line for line in capsys.readouterr().err.splitlines() if "neighbour graph" in line]
+    assert lines == [
+        f"distumap export: {path.name}: no neighbour graph (the embed ran without refinement): "
+        "obsp and uns['neighbors'] left empty"
+    ]
+
+
+def test_a_cell_subset_with_the_graph_is_refused(dataset, tmp_path):
+    path = tmp_path / "subset.h5ad"
+    with pytest.raises(InputError, match="subset"), dask.config.set(scheduler="threads"):
+        write_h5ad(dataset.isel(cell=slice(0, 50)), path)
     assert list(tmp_path.iterdir()) == []

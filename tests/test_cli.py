@@ -75,6 +75,21 @@ def test_run_options_follow_the_contract():
     assert exit_.value.code == 2
 
 
+def test_loom_graph_only_when_asked(capsys):
+    from distumap.cli import _writer_options
+
+    parser = build_parser()
+    for command in (["run", "m.csv", "--out", "o"], ["export", "store.zarr", "out.loom"]):
+        assert parser.parse_args(command).loom_graph is False
+        asked = parser.parse_args([*command, "--loom-graph"])
+        assert _writer_options(asked, "loom") == {"graph": True}
+        assert _writer_options(asked, "h5ad") == {}
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--loom-graph" in help_text and "np.in1d" in help_text
+
+
 def test_bad_input_exits_2_with_one_line_naming_file_line_and_gene(tmp_path, loopback_cluster):
     bad = tmp_path / "bad.csv"
     bad.write_text("sample_name,A1BG,A2M\nc1,1,2\nc2,3,NA\n")
@@ -151,6 +166,8 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
     adata = anndata.read_h5ad(out / "embedding.h5ad")
     assert adata.shape == (1200, int(((data.counts == 0).mean(axis=0) < 0.5).sum()))
     assert "subclass_label" in adata.obs and adata.obsm["X_umap"].shape == (1200, 2)
+    # the refinement ran (400 landmarks of 1200 cells): its graph is scanpy's neighbour graph
+    assert adata.obsp["connectivities"].shape == (1200, 1200) and "neighbors" in adata.uns
     info = _cli("info", str(out / "store.zarr"), "--json")
     records = json.loads(info.stdout)
     assert [records[s]["status"] for s in ("ingest", "preprocess", "embed")] == ["complete"] * 3
@@ -161,12 +178,15 @@ def test_run_writes_every_output_and_resumes(tmp_path, loopback_cluster):
         assert loom.shape == (int(selected.sum()), 1200)
         np.testing.assert_array_equal(loom[:, :], data.counts[:, selected].T)
         assert loom.ca["X_umap"].shape == (1200, 2)
+        assert list(loom.col_graphs.keys()) == []  # the graph only with --loom-graph
     text = _cli("info", str(out / "store.zarr")).stdout
     assert "1200 cells x 400 genes" in text and "subclass_label" in text
     # a re-run skips every finished stage: the records (with their timings) are unchanged; the
     # exports are ours, so they are replaced; --formats picks them
-    assert _cli(*args, "--formats", "loom,zarr").returncode == 0
+    assert _cli(*args, "--formats", "loom,zarr", "--loom-graph").returncode == 0
     assert anndata.read_zarr(out / "embedding.zarr").shape == adata.shape
+    with loompy.connect(str(out / "embedding.loom"), "r") as loom:
+        assert loom.col_graphs["KNN"].shape == (1200, 1200)
     again = json.loads(_cli("info", str(out / "store.zarr"), "--json").stdout)
     for stage in ("ingest", "preprocess", "embed"):
         assert again[stage] == records[stage]

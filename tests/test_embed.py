@@ -195,14 +195,25 @@ def test_refine_zero_is_the_transform_and_refining_keeps_the_knn_graph(tmp_path,
         kept = {name: plain[name].values for name in ("X_umap", "knn_landmark", "knn_weight")}
         np.testing.assert_array_equal(kept["X_umap"], _from_the_model(plain))
         assert "refine_knn_seconds" not in plain.attrs["distumap"]["stages"]["embed"]
+        assert not {"knn_cell", "knn_distance", "knn_cell_weight"} & set(plain.variables)
         refined = tl.umap(store, **REFINE)
-    assert not np.array_equal(refined["X_umap"].values, kept["X_umap"])
-    for name in ("knn_landmark", "knn_weight"):  # the exported graph stays the landmark graph
-        np.testing.assert_array_equal(refined[name].values, kept[name])
-    np.testing.assert_array_equal(refined["landmark"].values, plain["landmark"].values)
-    record = refined.attrs["distumap"]["stages"]["embed"]
-    assert record["params"]["refine_epochs"] == 6 and record["refine_epochs_seconds"] > 0
-    assert check_store(refined) == []  # the working arrays stay out of the layout
+        assert not np.array_equal(refined["X_umap"].values, kept["X_umap"])
+        for name in ("knn_landmark", "knn_weight"):  # the landmark graph stays
+            np.testing.assert_array_equal(refined[name].values, kept[name])
+        np.testing.assert_array_equal(refined["landmark"].values, plain["landmark"].values)
+        record = refined.attrs["distumap"]["stages"]["embed"]
+        assert record["params"]["refine_epochs"] == 6 and record["refine_epochs_seconds"] > 0
+        assert check_store(refined) == []  # the working arrays stay out of the layout
+        graph = {name: refined[name].values for name in ("knn_cell", "knn_distance")}
+        again = tl.umap(store, **{**REFINE, "refine_epochs": 0})  # no refinement: its graph goes
+    # the refinement's graph of all cells is a result: no self-loops, nearest first
+    neighbors, distances = graph["knn_cell"], graph["knn_distance"]
+    assert neighbors.dtype == np.int32 and distances.dtype == np.float32
+    assert neighbors.shape == (refined.sizes["cell"], refined.sizes["cell_knn"])
+    assert (neighbors >= 0).all() and (neighbors != np.arange(len(neighbors))[:, None]).all()
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert not {"knn_cell", "knn_distance", "knn_cell_weight"} & set(again.variables)
+    assert check_store(again) == []
 
 
 def test_refined_embedding_does_not_depend_on_chunks_or_workers(
@@ -218,6 +229,8 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
     reference = small["X_umap"].values
     assert np.isfinite(reference).all()
     np.testing.assert_array_equal(on_cluster["X_umap"].values, reference)
+    for name in ("knn_cell", "knn_distance", "knn_cell_weight"):  # the graph too
+        np.testing.assert_array_equal(on_cluster[name].values, small[name].values, err_msg=name)
     # and the whole refinement in one process, all cells in one piece
     np.testing.assert_array_equal(_from_the_model(small, refine_epochs=6), reference)
     chunks_per_task = [

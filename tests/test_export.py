@@ -93,7 +93,7 @@ def _validate(path) -> None:
     assert check_loom(path) == []
 
 
-def _assert_contents(path, ds: xr.Dataset) -> None:
+def _assert_contents(path, ds: xr.Dataset, *, graph: bool = True) -> None:
     import loompy
 
     counts = ds["counts"].values
@@ -117,12 +117,15 @@ def _assert_contents(path, ds: xr.Dataset) -> None:
         np.testing.assert_array_equal(lc.ca["n_reads"], ds["n_reads"].values)
         assert lc.attrs["LOOM_SPEC_VERSION"] == "3.0.0"
         assert "max_zero_fraction" in lc.attrs["distumap_preprocess_params"]
-        graph = lc.col_graphs["KNN"]
+        if not graph:
+            assert list(lc.col_graphs.keys()) == list(lc.row_graphs.keys()) == []
+            return
+        edges = lc.col_graphs["KNN"]
         want = knn_graph(ds)
-        np.testing.assert_array_equal(graph.row, want.row)
-        np.testing.assert_array_equal(graph.col, want.col)
-        np.testing.assert_array_equal(graph.data, want.data)
-        assert graph.data.dtype == np.float32 and graph.shape == (len(counts), len(counts))
+        np.testing.assert_array_equal(edges.row, want.row)
+        np.testing.assert_array_equal(edges.col, want.col)
+        np.testing.assert_array_equal(edges.data, want.data)
+        assert edges.data.dtype == np.float32 and edges.shape == (len(counts), len(counts))
 
 
 def _matrix_and_layer(path) -> tuple[np.ndarray, ...]:
@@ -135,7 +138,7 @@ def _matrix_and_layer(path) -> tuple[np.ndarray, ...]:
 def test_threaded_scheduler_writes_a_valid_exact_loom(dataset, tmp_path):
     path = tmp_path / "embedding.loom"
     with dask.config.set(scheduler="threads"):
-        assert write_loom(dataset, path) == str(path)
+        assert write_loom(dataset, path, graph=True) == str(path)
     _validate(path)
     _assert_contents(path, dataset)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding.loom"]
@@ -157,6 +160,17 @@ def test_threaded_scheduler_writes_a_valid_exact_loom(dataset, tmp_path):
             assert edges.chunks == (256 * KNN,)
         assert f["col_graphs/KNN/a"].dtype == f["col_graphs/KNN/b"].dtype == np.int32
         assert f["col_graphs/KNN/w"].dtype == np.float32
+
+
+def test_the_graph_is_written_only_when_asked(dataset, tmp_path):
+    path = tmp_path / "embedding.loom"
+    with dask.config.set(scheduler="threads"):
+        write_loom(dataset, path)
+    _validate(path)
+    _assert_contents(path, dataset, graph=False)
+    with h5py.File(path, "r") as f:  # the groups loom requires, empty
+        assert f["row_graphs"].keys() == f["col_graphs"].keys() == set()
+        assert '"graph": false' in f["attrs/distumap_export_params"][()].decode()
 
 
 def test_anndata_reads_embedding_and_metadata(dataset, tmp_path):
@@ -186,8 +200,8 @@ def test_anndata_reads_embedding_and_metadata(dataset, tmp_path):
 def test_block_size_does_not_change_contents(dataset, tmp_path, block_cells):
     reference = tmp_path / "reference.loom"
     path = tmp_path / f"blocks-{block_cells}.loom"
-    write_loom(dataset, reference, block_cells=1_024)
-    write_loom(dataset, path, block_cells=block_cells)
+    write_loom(dataset, reference, block_cells=1_024, graph=True)
+    write_loom(dataset, path, block_cells=block_cells, graph=True)
     _validate(path)
     for got, want in zip(_matrix_and_layer(path), _matrix_and_layer(reference), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -197,9 +211,9 @@ def test_block_size_does_not_change_contents(dataset, tmp_path, block_cells):
 def test_worker_processes_give_the_same_file(dataset, tmp_path, local_client):
     path = tmp_path / "cluster.loom"
     reference = tmp_path / "threads.loom"
-    write_loom(dataset, path, client=local_client)
+    write_loom(dataset, path, client=local_client, graph=True)
     with dask.config.set(scheduler="threads"):
-        write_loom(dataset, reference, client=None)
+        write_loom(dataset, reference, client=None, graph=True)
     _validate(path)
     _assert_contents(path, dataset)
     for got, want in zip(_matrix_and_layer(path), _matrix_and_layer(reference), strict=True):
@@ -273,7 +287,7 @@ def test_fsspec_memory_target(dataset, tmp_path, capsys):
     import fsspec
 
     url = "memory://distumap-test/embedding.loom"
-    assert write_loom(dataset, url, block_cells=2_048, progress=True) == url
+    assert write_loom(dataset, url, block_cells=2_048, progress=True, graph=True) == url
     lines = capsys.readouterr().err.splitlines()
     assert lines[:2] == [
         "distumap export: embedding.loom: block 1/2 written",
@@ -296,7 +310,7 @@ def test_missing_embedding_is_a_clear_error(dataset, tmp_path):
 
 def test_a_store_without_knn_graph_exports_without_one(dataset, tmp_path):
     path = tmp_path / "no-graph.loom"
-    write_loom(dataset.drop_vars(["knn_landmark", "knn_weight"]), path)
+    write_loom(dataset.drop_vars(["knn_landmark", "knn_weight"]), path, graph=True)
     _validate(path)
     with h5py.File(path, "r") as f:
         assert f["col_graphs"].keys() == set()
@@ -306,8 +320,10 @@ def test_cell_subset_with_the_store_graph_is_refused(dataset, tmp_path):
     # the graph names cells by their position in the store, which a subset does not keep
     path = tmp_path / "subset.loom"
     with pytest.raises(InputError, match="not landmarks of this dataset"):
-        write_loom(dataset.isel(cell=slice(1_000, None)), path)
+        write_loom(dataset.isel(cell=slice(1_000, None)), path, graph=True)
     assert not path.exists()
+    write_loom(dataset.isel(cell=slice(1_000, None)), path)  # no graph asked: nothing to refuse
+    _validate(path)
     subset = dataset.isel(cell=slice(1_000, None)).drop_vars(["knn_landmark", "knn_weight"])
     write_loom(subset, path)
     _validate(path)
@@ -364,13 +380,18 @@ def test_count_layers_first_then_the_embedding(dataset, tmp_path, local_client, 
     from concurrent.futures import Future
 
     path, reference = tmp_path / "early.loom", tmp_path / "reference.loom"
-    write_loom(dataset, reference, client=local_client)
+    write_loom(dataset, reference, client=local_client, graph=True)
     embedded: Future = Future()
     written = {}
     writer = threading.Thread(
         target=lambda: written.update(
             path=write_loom(
-                _before_embed(dataset), path, client=local_client, embedded=embedded, progress=True
+                _before_embed(dataset),
+                path,
+                client=local_client,
+                embedded=embedded,
+                progress=True,
+                graph=True,
             )
         )
     )

@@ -66,10 +66,21 @@ def exports(stores, tmp_path_factory) -> tuple[str, str]:
     with dask.config.set(scheduler="threads"):
         for name, ds in (("a", first), ("b", second)):
             path = str(directory / f"{name}.loom")
-            write_loom(ds.assign(selected=("gene", selected)), path, block_cells=256)
+            # the graph on request (--loom-graph): these files carry it, to test it
+            write_loom(ds.assign(selected=("gene", selected)), path, block_cells=256, graph=True)
             _validate(path)
             paths.append(path)
     return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def default_export(stores, tmp_path_factory) -> str:
+    """The loom file as written by default: no graph."""
+    path = str(tmp_path_factory.mktemp("loom-api-default") / "default.loom")
+    with dask.config.set(scheduler="threads"):
+        write_loom(stores["first"], path, block_cells=256)
+    _validate(path)
+    return path
 
 
 @pytest.fixture
@@ -327,6 +338,25 @@ def test_view_of_a_file_with_graphs_without_the_numpy_shim(exports):
 
     with loompy.connect(exports[0], "r") as lc:
         assert lc.view[:, 0:10].shape[1] == 10
+
+
+def test_the_default_export_views_and_scans_without_a_shim(default_export):
+    """No graph by default, so loompy's view and scan work under the installed NumPy as they
+    are (no ``np.in1d`` shim), and the graph groups are there, empty."""
+    import loompy
+
+    matrix = _contents(default_export)["matrix"]
+    with loompy.connect(default_export, "r") as lc:
+        assert list(lc.col_graphs.keys()) == list(lc.row_graphs.keys()) == []
+        view = lc.view[:, 10:20]
+        np.testing.assert_array_equal(view[:, :], matrix[:, 10:20])
+        seen = []
+        for _, selection, view in lc.scan(axis=1, batch_size=128):
+            np.testing.assert_array_equal(view[:, :], matrix[:, selection])
+            seen.append(selection)
+        np.testing.assert_array_equal(np.concatenate(seen), np.arange(N_CELLS))
+    with h5py.File(default_export, "r") as f:
+        assert "row_graphs" in f and "col_graphs" in f
 
 
 def test_scan_without_graphs_needs_no_shim(exports):

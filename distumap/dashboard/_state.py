@@ -41,6 +41,10 @@ TASK_PREFIXES = (
     "umap-refine-epoch",
     "loom-block",
     "loom-graph-block",
+    "h5ad-graph-index",
+    "h5ad-graph-block",
+    "anndata-zarr-graph-index",
+    "anndata-zarr-graph-block",
 )
 
 #: tasks whose keys start with this are the UMAP fit (one task ``umap-fit-<token>``)
@@ -69,7 +73,7 @@ STAGE_TASKS = {
     ),
     "preprocess": ("gene-stats", "select-genes"),
     "embed": ("umap-transform", "umap-refine"),
-    "export": ("loom-block", "loom-graph-block", "h5ad-block", "anndata-zarr"),
+    "export": ("loom-block", "loom-graph-block", "h5ad-block", "h5ad-graph", "anndata-zarr"),
 }
 _WATCHED = (FIT_PREFIX, *(prefix for prefixes in STAGE_TASKS.values() for prefix in prefixes))
 

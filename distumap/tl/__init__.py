@@ -1,7 +1,24 @@
-"""Tools that derive results: landmark selection and the landmark UMAP embedding."""
+"""Tools that derive results: landmark selection, the landmark UMAP embedding and the graph of
+all cells that its refinement searched."""
 
 from __future__ import annotations
 
 from distumap.tl._embed import landmarks, prepare_workers, umap
+from distumap.tl._graph import (
+    CsrRows,
+    cell_graph,
+    connectivity_rows,
+    distance_rows,
+    neighbor_graph,
+)
 
-__all__ = ["landmarks", "prepare_workers", "umap"]
+__all__ = [
+    "CsrRows",
+    "cell_graph",
+    "connectivity_rows",
+    "distance_rows",
+    "landmarks",
+    "neighbor_graph",
+    "prepare_workers",
+    "umap",
+]

@@ -16,8 +16,10 @@ only the previous epoch's positions, so that the result stays independent of chu
 ``umap-refine-knn`` tasks build the graph and ``umap-refine-epoch`` tasks run the epochs. The steps
 before the last (the transform included) mark their tasks in ``_progress/embed-refine``; the last
 epoch writes ``X_umap``, one task per store chunk, and sets the stage's own markers, which vouch for
-``X_umap`` as when nothing is refined: each chunk of it is written once. The exported kNN graph
-stays the landmark graph.
+``X_umap`` as when nothing is refined: each chunk of it is written once. The graph of all cells
+that the refinement searches is a result too (``knn_cell``, ``knn_distance``, ``knn_cell_weight``):
+the AnnData exports hand it to scanpy as its neighbour graph. ``knn_landmark`` and ``knn_weight``
+stay the landmark graph.
 
 The model is a group of plain arrays with JSON attributes (``umap_model/``, see
 :mod:`distumap._format`), validated when it is loaded: a store is data, never code.
@@ -42,7 +44,7 @@ from dask.base import tokenize
 from distumap import _memory, _progress
 from distumap._compute import current_client, on_workers_later, trim_memory
 from distumap._errors import InputError
-from distumap._format import MODEL_GROUP, PROGRESS_GROUP, stages
+from distumap._format import CELL_GRAPH, MODEL_GROUP, PROGRESS_GROUP, stages
 from distumap._stage import Stage, StagePass
 from distumap._store import (
     open_store,
@@ -208,11 +210,12 @@ def _transform_task(
 # After the transform, ``refine_epochs`` epochs of UMAP's SGD over the kNN graph of all cells
 # (distumap.tl._refine) run as steps of the embed stage, each a set of tasks over contiguous
 # cell ranges (a few store chunks each, REFINE_TASK_CELLS): ``umap-refine-knn`` tasks find their
-# cells' nearest cells, then each epoch's ``umap-refine-epoch`` tasks read every cell's position
-# after the previous epoch and write their own cells' new ones. Whole arrays that every task of
-# a step reads (all features, the graph, the positions) are read once per worker process. The
-# working arrays live beside the stage's markers (``_progress/refine-*``, hidden from xarray);
-# the last epoch writes ``X_umap``.
+# cells' nearest cells (written as the store's ``knn_cell``, ``knn_distance`` and
+# ``knn_cell_weight``: a result), then each epoch's ``umap-refine-epoch`` tasks read every cell's
+# position after the previous epoch and write their own cells' new ones. Whole arrays that every
+# task of a step reads (all features, the graph, the positions) are read once per worker process.
+# The working arrays live beside the stage's markers (``_progress/refine-*``, hidden from
+# xarray); the last epoch writes ``X_umap``.
 
 #: the refinement's working arrays: name -> (trailing shape, dtype, writer); "features" is as
 #: wide as the kNN features. Each is chunked as its writer's tasks cover cells (a store chunk
@@ -222,8 +225,6 @@ _SCRATCH = {
     "features": (None, "f4", "transform"),  # every cell's kNN features
     "home": ((), "i4", "transform"),  # each cell's bucket: its nearest landmark (or itself)
     "start": ((2,), "f4", "transform"),  # the transform's coordinates, where epoch 0 starts
-    "neighbors": ((_refine.RefineSettings.n_neighbors,), "i4", "refine"),
-    "weights": ((_refine.RefineSettings.n_neighbors,), "f4", "refine"),
     "xy-0": ((2,), "f4", "refine"),  # the positions after even epochs
     "xy-1": ((2,), "f4", "refine"),  # ... and after odd ones
 }
@@ -302,15 +303,18 @@ def _refine_knn_task(
     model = _load_model(store, token)
     home, index = _SEARCH.get((store, token, run), lambda: _search_index(store, model.n_landmarks))
     rows = slice(first, last)
-    neighbors, weights, _ = _refine.nearest_cells(
+    neighbors, weights, _, distances = _refine.nearest_cells(
         index,
         np.arange(first, last),
         home[rows],
         np.searchsorted(landmark_cells, _read_rows(store, "knn_landmark", rows)),
         mean_distance=model.mean_distance_reference,
         settings=_refine.RefineSettings(**settings),
+        return_distances=True,
     )
-    _write_scratch(store, rows, neighbors=neighbors, weights=weights)
+    # the task's cells are whole store chunks: no chunk of these has another writer
+    for name, values in zip(CELL_GRAPH, (neighbors, distances, weights), strict=True):
+        zarr.open_array(store, path=name, mode="r+")[rows] = values
     return last - first
 
 
@@ -343,7 +347,8 @@ def _refine_epoch_task(
     graph = _GRAPH.get(
         (store, token, run),
         lambda: _refine.symmetrize(
-            _read_scratch(store, "neighbors"), _read_scratch(store, "weights")
+            _read_rows(store, "knn_cell", slice(None)),
+            _read_rows(store, "knn_cell_weight", slice(None)),
         ),
     )
     source = _positions_after(store, epoch - 1)
@@ -555,6 +560,10 @@ def umap(
         ``knn_landmark`` (int32) and ``knn_weight`` (float32), both (cell, knn): each cell's
         ``n_neighbors`` nearest landmarks (their cell indices, nearest first) and membership
         weights. A landmark's neighbours are the nearest *other* landmarks (no self-loops).
+        When it refines, the graph of all cells it searched (cell, cell_knn): ``knn_cell``
+        (int32, nearest other cells first, -1 where fewer were found), ``knn_distance`` (float32,
+        euclidean in the embed's features) and ``knn_cell_weight`` (float32, umap-learn's
+        membership weights of these directed edges); without, none (an earlier run's go).
 
     Notes
     -----
@@ -676,6 +685,11 @@ def _start(
     if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
         _drop_arrays(location, ["knn_landmark", "knn_weight"])
         ds = ds.drop_vars(["knn_landmark", "knn_weight"])
+    if epochs:
+        placeholders.update(_cell_graph_placeholders(placeholder))
+    elif stale := [name for name in CELL_GRAPH if name in ds]:  # an earlier run's graph goes
+        _drop_arrays(location, stale)
+        ds = ds.drop_vars(stale)
     write_variables(
         location,
         xr.Dataset({**placeholders, "landmark": ("cell", is_landmark)}),
@@ -697,6 +711,13 @@ def _start(
             layout["refine_chunks_per_task"],
             _n_features(params, n_genes),
         )
+
+
+def _cell_graph_placeholders(placeholder) -> dict[str, tuple]:
+    """The refinement's graph of all cells, as placeholders its kNN step fills."""
+    width = _refine.RefineSettings.n_neighbors
+    dtypes = {"knn_cell": "i4", "knn_distance": "f4", "knn_cell_weight": "f4"}
+    return {name: (("cell", "cell_knn"), placeholder(width, dtypes[name])) for name in CELL_GRAPH}
 
 
 def _fit(

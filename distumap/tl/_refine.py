@@ -681,7 +681,8 @@ def nearest_cells(
     *,
     mean_distance: float,
     settings: RefineSettings = RefineSettings(),
-) -> tuple[np.ndarray, np.ndarray, int]:
+    return_distances: bool = False,
+) -> tuple:
     """The refinement graph's out-edges of ``cells``: their nearest cells and weights.
 
     Parameters
@@ -698,12 +699,16 @@ def nearest_cells(
         The model's ``mean_distance_reference`` (sigma's floor).
     settings
         ``n_neighbors``, ``max_candidates`` and ``bucket_cap`` are used.
+    return_distances
+        Also return the edges' euclidean distances.
 
     Returns
     -------
     neighbors, weights, examined
-        int32 ``(n, k)`` cell indices, float32 ``(n, k)`` membership weights and the number of
-        candidate distances computed. Computes.
+        int32 ``(n, k)`` cell indices (-1 where fewer candidates existed), float32 ``(n, k)``
+        membership weights and the number of candidate distances computed; with
+        ``return_distances`` a fourth, float32 ``(n, k)`` distances (inf where no neighbour).
+        Computes.
     """
     neighbors, distances, examined = cell_knn(
         index,
@@ -715,6 +720,8 @@ def nearest_cells(
     )
     # umap-learn counts the cell itself among its n_neighbors
     weights = fit_weights(distances, settings.n_neighbors + 1, mean_distance)
+    if return_distances:
+        return neighbors.astype(np.int32), weights, examined, distances.astype(np.float32)
     return neighbors.astype(np.int32), weights, examined
 
 

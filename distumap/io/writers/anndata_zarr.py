@@ -40,10 +40,19 @@ from distumap.io.writers._anndata_elements import (
     write_annotations,
 )
 from distumap.io.writers._base import Writer
-from distumap.io.writers._blocks import cells_per_block, counts_in_blocks
+from distumap.io.writers._blocks import blocks_in_flight, cells_per_block, counts_in_blocks
+from distumap.io.writers._graph import (
+    graph_rows,
+    has_cell_graph,
+    neighbors_uns,
+    report_no_graph,
+    write_obsp,
+)
 from distumap.io.writers._inputs import matrix_dtype, selected_genes
 from distumap.io.writers._target import partial_name, replace_folder, report_written
 
+#: zarr chunk of the graph's 1-D CSR arrays, in elements (appended in order from the client)
+ZARR_GRAPH_CHUNK = 2**18
 #: bounds of the zarr chunk of the 1-D CSR arrays, in elements; within them a chunk is about a
 #: quarter of a block's nonzeros, so most chunks lie inside one block and are written there
 ZARR_CHUNK_MIN, ZARR_CHUNK_MAX = 2**14, 2**20
@@ -192,7 +201,11 @@ def write_anndata_zarr(
     of ``X`` (int32) and ``layers["log2p1"]`` (float32) and writes them into the zarr arrays
     directly: the chunks that lie inside its slice itself, the (at most two) chunks it shares
     with a neighbour through one small task per shared chunk (``anndata-zarr-edge``), so every
-    chunk has exactly one writer. The layout is the one :func:`write_h5ad` writes, in zarr
+    chunk has exactly one writer. The graph of all cells (``obsp`` and ``uns["neighbors"]``,
+    see :func:`write_h5ad`) is computed on the cluster in cell blocks
+    (``anndata-zarr-graph-index``, ``anndata-zarr-graph-block``) and appended from this
+    process in cell order. The
+    layout is the one :func:`write_h5ad` writes, in zarr
     format 2 (what anndata 0.12 writes by default; Blosc-zstd compressed, metadata
     consolidated). The folder is written under a temporary name next to the target and renamed
     once complete, so a failure leaves nothing at ``path``. ``anndata.read_zarr`` reads it with
@@ -259,8 +272,8 @@ def _write_folder(
     client,
     progress: bool,
 ) -> None:
-    """The whole AnnData zarr at ``local``: the small parts, then X and the layer by the
-    workers, then the consolidated metadata."""
+    """The AnnData zarr at ``local`` but the graph: the small parts, then X and the layer by
+    the workers."""
     import zarr
 
     root = zarr.open_group(local, mode="w", zarr_format=ZARR_FORMAT)
@@ -271,7 +284,54 @@ def _write_folder(
     if progress:
         print(f"distumap export: writing {slices.n_blocks} blocks", file=sys.stderr, flush=True)
     run(tasks, stage="export: anndata zarr blocks", client=client)
-    zarr.consolidate_metadata(local, zarr_format=ZARR_FORMAT)
+
+
+class _ZarrAppendable:
+    """A 1-D zarr array that grows block by block, written from this process in order and in
+    whole chunks (a small block does not rewrite a partly filled chunk)."""
+
+    def __init__(self, el: ZarrElements, group, name: str, dtype):
+        self.array = el.empty(group, name, (0,), dtype, (ZARR_GRAPH_CHUNK,))
+        self.tail = np.empty(0, dtype=self.array.dtype)  # values after the last whole chunk
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.concatenate([self.tail, np.asarray(values, dtype=self.array.dtype)])
+        whole = len(values) - len(values) % ZARR_GRAPH_CHUNK
+        self._write(values[:whole])
+        self.tail = values[whole:]
+
+    def close(self) -> None:
+        self._write(self.tail)
+        self.tail = self.tail[:0]
+
+    def _write(self, values: np.ndarray) -> None:
+        if len(values):
+            start = self.array.shape[0]
+            self.array.resize((start + len(values),))
+            self.array[start:] = values
+
+
+def _write_graph(
+    local: str, target: str, ds: xr.Dataset, block_cells: int, client, progress: bool
+) -> None:
+    """``obsp["distances"]`` and ``obsp["connectivities"]``: the store's graph of all cells,
+    its rows computed on the cluster in cell blocks and appended here in cell order; nothing
+    (and one line) without one."""
+    import zarr
+
+    if not has_cell_graph(ds):
+        report_no_graph(target, progress)
+        return
+    # a block's rows of both matrices: at most 3 edges per neighbour, 8 bytes each
+    block_bytes = 24 * block_cells * int(ds.sizes["cell_knn"])
+    in_flight = blocks_in_flight(client, block_bytes, 2**30)
+    rows = graph_rows(ds, block_cells, "anndata-zarr", in_flight=in_flight, client=client)
+    el = ZarrElements(zarr.open_group(local, mode="r+", zarr_format=ZARR_FORMAT))
+
+    def appendable(group, name: str, dtype) -> _ZarrAppendable:
+        return _ZarrAppendable(el, group, name, dtype)
+
+    write_obsp(el, ds.sizes["cell"], ds.sizes["cell_knn"], rows, appendable)
 
 
 def _create_csr(el: ZarrElements, shape: tuple[int, int], x_dtype, slices: _Slices) -> None:
@@ -353,6 +413,8 @@ class AnnDataZarrWriter(Writer):
         client=None,
     ) -> str:
         """See :func:`write_anndata_zarr`."""
+        import zarr
+
         self.refuse_embedded(embedded)
         target = os.fspath(path)
         if is_url(target):
@@ -370,12 +432,14 @@ class AnnDataZarrWriter(Writer):
         params = export_params(
             "anndata-zarr", block_cells, chunk=slices.chunk, compression="blosc-zstd-3"
         )
-        uns = uns_record(ds, params)
+        uns = {**uns_record(ds, params), **neighbors_uns(ds)}
         x_dtype = matrix_dtype(ds["counts"].dtype)
 
         local = partial_name(target)
         try:
             _write_folder(local, small, gene_index, uns, x_dtype, counts, slices, client, progress)
+            _write_graph(local, target, ds, block_cells, client, progress)
+            zarr.consolidate_metadata(local, zarr_format=ZARR_FORMAT)
             replace_folder(local, target)
         finally:
             if os.path.exists(local):

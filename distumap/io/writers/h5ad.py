@@ -38,6 +38,13 @@ from distumap.io.writers._blocks import (
     deflate,
     export_blocks,
 )
+from distumap.io.writers._graph import (
+    graph_rows,
+    has_cell_graph,
+    neighbors_uns,
+    report_no_graph,
+    write_obsp,
+)
 from distumap.io.writers._inputs import (
     embedded_store,
     matrix_dtype,
@@ -157,7 +164,14 @@ def write_h5ad(
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
     ``obsm["X_umap"]`` the embedding; ``uns["umap"]["params"]`` what ``scanpy.tl.umap`` keeps
-    (``a``, ``b``, ``random_state``) and ``uns["distumap"]`` the stage records. The file is
+    (``a``, ``b``, ``random_state``) and ``uns["distumap"]`` the stage records. When the embed
+    refined, its graph of all cells goes where ``scanpy.pp.neighbors`` puts one:
+    ``obsp["distances"]`` (each cell's nearest other cells, nearest first),
+    ``obsp["connectivities"]`` (umap-learn's symmetrised fuzzy weights) and
+    ``uns["neighbors"]``, built once on a worker (``h5ad-graph-index``) and appended in cell
+    blocks like ``X`` (``h5ad-graph-block``); without it they stay empty, and with
+    ``progress`` one line says so. A cell subset of a store with the graph is refused. The
+    file is
     written under a temporary name next to the target (or locally, for a URL) and renamed (or
     uploaded) once complete, so a failure leaves nothing at ``path``. ``anndata.read_h5ad``
     reads it with no arguments.
@@ -200,6 +214,23 @@ def _write_x_and_layer(
         block_written(path, i, n_blocks, progress)
     for dataset in (x_data, layer_data, indices, indptr):
         dataset.close()
+
+
+def _write_graph(
+    el: H5Elements, ds, block_cells: int, in_flight: int, client, pool, path, progress: bool
+) -> None:
+    """``obsp["distances"]`` and ``obsp["connectivities"]``: the store's graph of all cells,
+    appended in cell blocks like ``X``; nothing (and one line) without one."""
+    if not has_cell_graph(ds):
+        report_no_graph(path, progress)
+        return
+    rows = graph_rows(ds, block_cells, "h5ad", in_flight=in_flight, client=client)
+
+    def appendable(group, name: str, dtype) -> _Appendable:
+        # indices and pointers shuffle well; float weights and distances gain little
+        return _Appendable(group, name, dtype, name != "data", pool)
+
+    write_obsp(el, ds.sizes["cell"], ds.sizes["cell_knn"], rows, appendable)
 
 
 class H5adWriter(Writer):
@@ -256,5 +287,7 @@ class H5adWriter(Writer):
                 if small is None:
                     ds = embedded_store(ds, embedded, gene_index)
                     small = anndata_inputs(ds)
-                write_annotations(el, small, gene_index, uns_record(ds, params))
+                uns = {**uns_record(ds, params), **neighbors_uns(ds)}
+                write_annotations(el, small, gene_index, uns)
+                _write_graph(el, ds, block_cells, in_flight, client, pool, path, progress)
         return target

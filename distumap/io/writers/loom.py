@@ -4,8 +4,9 @@ HDF5 takes one writer, so the cluster does the expensive part (selecting genes, 
 byte-shuffling and deflating every HDF5 chunk) and the client only appends finished chunks with
 ``write_direct_chunk``, in cell order. The HDF5 chunk grid is aligned with the cell blocks, so a
 block always maps to whole chunks and no chunk is ever read back or written twice. The cells' kNN
-graph (``/col_graphs/KNN``) travels the same way: k edges per cell, one graph chunk per HDF5
-chunk of cells.
+graph (``/col_graphs/KNN``), when asked for, travels the same way: k edges per cell, one graph
+chunk per HDF5 chunk of cells. It is left out by default: loompy 3.0.8 slices a file's graphs
+with ``np.in1d``, which NumPy 2.4 removed, so ``view`` and ``scan`` fail on any file that has one.
 
 Every dataset is created extendable along its axis (unlimited ``maxshape``, as loompy creates
 them), so loompy's ``add_columns``, ``add_loom`` and ``loompy.combine`` can grow the file.
@@ -415,6 +416,7 @@ def write_loom(
     progress: bool = False,
     client=None,
     embedded: Future | None = None,
+    graph: bool = False,
 ) -> str:
     """Write the selected genes' counts, log2(x+1), the embedding and the metadata as loom.
 
@@ -423,9 +425,7 @@ def write_loom(
     ds
         A store after the embed stage (``xarray.open_zarr`` of ``store.zarr``), with
         ``counts``, ``zero_fraction``, ``selected``, ``X_umap``, ``landmark`` and metadata
-        columns as ``cell`` coordinates. Without ``selected`` every gene is written. With
-        ``knn_landmark`` and ``knn_weight`` (the embed stage writes them), the cells' kNN
-        graph goes to ``/col_graphs/KNN``; a store embedded without them gets no graph.
+        columns as ``cell`` coordinates. Without ``selected`` every gene is written.
     path
         The target file, a local path or an fsspec URL (``s3://bucket/embedding.loom``).
     block_cells
@@ -443,6 +443,12 @@ def write_loom(
         then need only be preprocessed, the count layers are written from it first, and the
         rest once ``embedded`` has its result. If it fails instead, so does the export, at the
         next block, leaving nothing at ``path``.
+    graph
+        Write the cells' kNN graph (``knn_landmark`` and ``knn_weight``, which the embed stage
+        writes) to ``/col_graphs/KNN``; a store without them gets no graph. Off by default:
+        loompy 3.0.8 slices graphs with ``np.in1d``, which NumPy 2.4 removed, so its ``view``
+        and ``scan`` fail on a file that has one. ``/row_graphs`` and ``/col_graphs`` exist
+        either way.
 
     Returns
     -------
@@ -463,9 +469,10 @@ def write_loom(
     them (``loompy`` and ``anndata`` read them back exactly). The store's stage records go to
     ``/attrs`` as JSON.
 
-    ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the cell's column, ``b``
-    its neighbour landmark's column, ``w`` the membership weight; int32, int32, float32),
-    compressed on the cluster in cell blocks after the matrix (tasks ``loom-graph-block``).
+    With ``graph``, ``/col_graphs/KNN`` holds k edges per cell in cell order (``a`` the
+    cell's column, ``b`` its neighbour landmark's column, ``w`` the membership weight; int32,
+    int32, float32), compressed on the cluster in cell blocks after the matrix (tasks
+    ``loom-graph-block``).
     The matrix, layer, attributes and graph are all extendable along their axis (as loompy
     creates them), so loompy's ``add_columns``, ``add_loom`` and ``loompy.combine`` work on
     the file.
@@ -477,7 +484,13 @@ def write_loom(
     'out/embedding.loom'
     """
     return LoomWriter().write(
-        ds, path, block_cells=block_cells, progress=progress, client=client, embedded=embedded
+        ds,
+        path,
+        block_cells=block_cells,
+        progress=progress,
+        client=client,
+        embedded=embedded,
+        graph=graph,
     )
 
 
@@ -513,9 +526,16 @@ def _write_matrix(
 
 
 def _write_the_rest(
-    f, ds: xr.Dataset, small: dict[str, Any], layout: _Layout, in_flight: int, client
+    f,
+    ds: xr.Dataset,
+    small: dict[str, Any],
+    layout: _Layout,
+    in_flight: int,
+    client,
+    graph: bool,
 ) -> None:
-    """Everything the embedding gives: the attributes, the groups and the kNN graph."""
+    """Everything the embedding gives: the attributes, the groups and, if asked, the kNN
+    graph."""
     attrs = _run_params(
         ds,
         {
@@ -523,11 +543,12 @@ def _write_the_rest(
             "chunks": list(layout.chunk_shape),
             "compression": f"deflate-{DEFLATE_LEVEL}",
             "shuffle": "matrix",
+            "graph": graph,
         },
     )
-    knn = _knn_arrays(ds, layout.block_cells)
+    knn = _knn_arrays(ds, layout.block_cells) if graph else None
     k = 0 if knn is None else knn[0].shape[1]
-    graph = _create_annotations(f, small, layout.gene_index, layout.chunk_shape, attrs, k)
+    edges = _create_annotations(f, small, layout.gene_index, layout.chunk_shape, attrs, k)
     if knn is None:
         return
     is_landmark = small["landmark"].astype(bool)
@@ -538,7 +559,7 @@ def _write_the_rest(
             graph_blocks, stage="export: loom graph", in_flight=in_flight, client=client
         )
     ):
-        _write_graph_block(graph, encoded, i * block_cells, block_cells, chunk_cells, k)
+        _write_graph_block(edges, encoded, i * block_cells, block_cells, chunk_cells, k)
 
 
 class LoomWriter(Writer):
@@ -557,6 +578,7 @@ class LoomWriter(Writer):
         embedded: Future | None = None,
         block_cells: int | None = None,
         client=None,
+        graph: bool = False,
     ) -> str:
         """See :func:`write_loom`."""
         import h5py
@@ -589,5 +611,5 @@ class LoomWriter(Writer):
                 if small is None:
                     ds = embedded_store(ds, embedded, layout.gene_index)
                     small = _loom_inputs(ds)
-                _write_the_rest(f, ds, small, layout, in_flight, client)
+                _write_the_rest(f, ds, small, layout, in_flight, client, graph)
         return target
