@@ -205,7 +205,7 @@ def _unwritable(folder: str, probe: str) -> str | None:
     if not os.path.isdir(folder):
         return f"no folder {folder} there"
     if not os.path.exists(os.path.join(folder, probe)):
-        return f"its {folder} is another folder (a file the client wrote there is missing)"
+        return f"its {folder} is another folder: a file the client wrote there is missing"
     own = os.path.join(folder, f"{PROBE_PREFIX}{uuid.uuid4().hex}")
     try:
         open(own, "x").close()
