@@ -133,7 +133,7 @@ def _plan(reads, store, writes, probes: list[str]) -> list[Look]:
             open(probe, "x").close()
         except OSError as error:
             raise InputError(
-                f"{target}: cannot write in {folder} on this machine ({error.strerror or error})"
+                f"{target}: cannot write in {folder} on this machine: {error.strerror or error}"
             ) from None
         probes.append(probe)
         looks.append(("write", target, folder, os.path.basename(probe)))
@@ -191,9 +191,9 @@ def _unreadable(path: str, size: int | None) -> str | None:
     except FileNotFoundError:
         return "no such file or folder there"
     except OSError as error:
-        return f"cannot read it ({error.strerror or error})"
+        return f"cannot read it: {error.strerror or error}"
     if size is not None and seen != size:
-        return f"another file is there ({seen:,} bytes; the client sees {size:,})"
+        return f"another file is there: {seen:,} bytes, the client sees {size:,}"
     return None
 
 
@@ -211,7 +211,7 @@ def _unwritable(folder: str, probe: str) -> str | None:
         open(own, "x").close()
         os.remove(own)
     except OSError as error:
-        return f"cannot write in {folder} ({error.strerror or error})"
+        return f"cannot write in {folder}: {error.strerror or error}"
     return None
 
 

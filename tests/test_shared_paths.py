@@ -151,3 +151,50 @@ def test_a_memory_store_with_workers_in_other_processes_is_refused(walled):
 
 def test_without_a_client_nothing_is_asked():
     check_workers_see(None, reads=["/no/such/file.csv"], store="memory://anything")
+
+
+class _FakeClient:
+    """A client whose one worker is this process: ``client.run`` runs here, after ``before``."""
+
+    def __init__(self, before=None):
+        self.before, self.calls = before, 0
+
+    def run(self, function, *args, callback_timeout=None):
+        self.calls += 1
+        if self.before is not None:
+            self.before()
+        return {"tcp://127.0.0.1:1": function(*args)}
+
+
+def test_object_store_urls_ask_nothing():
+    client = _FakeClient()
+    check_workers_see(client, reads=["s3://bucket/matrix.csv"], store="gs://bucket/store.zarr")
+    assert client.calls == 0
+
+
+def test_memory_is_fine_for_workers_in_this_process(tmp_path):
+    client = _FakeClient()  # as a LocalCluster(processes=False)
+    check_workers_see(client, store="memory://in-this-process/store.zarr")
+    check_workers_see(client, reads=[tmp_path], store=tmp_path / "new" / "store.zarr")
+    assert client.calls == 2
+    assert os.listdir(tmp_path) == []  # the client's file is gone, nothing else was made
+
+
+def test_another_file_of_the_same_name_is_refused(tmp_path):
+    matrix = tmp_path / "matrix.csv"
+    matrix.write_text("cell,g1\nc1,1\n")
+    client = _FakeClient(before=lambda: matrix.write_text("cell,g1\nc1,1\nc2,2\n"))
+    with pytest.raises(InputError, match=r"another file is there: 18 bytes, the client sees 13"):
+        check_workers_see(client, reads=[matrix])
+
+
+def test_workers_that_do_not_answer_are_a_cluster_error(tmp_path):
+    from distumap._errors import ClusterError
+
+    class Silent:
+        def run(self, function, *args, callback_timeout=None):
+            raise TimeoutError
+
+    with pytest.raises(ClusterError, match=r"within 2 s .*distumap\.paths-check-timeout"):
+        check_workers_see(Silent(), store=tmp_path / "store.zarr", timeout=2)
+    assert os.listdir(tmp_path) == []
