@@ -160,13 +160,16 @@ def _ask(client, looks: list[Look], timeout: float | None) -> dict[str, dict[str
     if timeout is None:
         timeout = parse_timedelta(_config.get("paths-check-timeout"), default="seconds")
     try:
-        return client.run(look_here, looks, callback_timeout=timeout)
+        answers = client.run(look_here, looks, on_error="return", callback_timeout=timeout)
     except TimeoutError:
         raise ClusterError(
             f"the workers did not say within {timeout:g} s whether they see "
             f"{', '.join(look[1] for look in looks) or 'the paths'} (a hung file system mount?); "
             "set distumap.paths-check-timeout to wait longer"
         ) from None
+    # a worker that could not answer (gone as it was asked) does no work either: the work's
+    # own watchdog and retries deal with workers that come and go
+    return {address: answer for address, answer in answers.items() if isinstance(answer, dict)}
 
 
 def look_here(looks: list[Look]) -> dict[str, Any]:

@@ -159,7 +159,7 @@ class _FakeClient:
     def __init__(self, before=None):
         self.before, self.calls = before, 0
 
-    def run(self, function, *args, callback_timeout=None):
+    def run(self, function, *args, on_error="raise", callback_timeout=None):
         self.calls += 1
         if self.before is not None:
             self.before()
@@ -192,9 +192,21 @@ def test_workers_that_do_not_answer_are_a_cluster_error(tmp_path):
     from distumap._errors import ClusterError
 
     class Silent:
-        def run(self, function, *args, callback_timeout=None):
+        def run(self, function, *args, on_error="raise", callback_timeout=None):
             raise TimeoutError
 
     with pytest.raises(ClusterError, match=r"within 2 s .*distumap\.paths-check-timeout"):
         check_workers_see(Silent(), store=tmp_path / "store.zarr", timeout=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_worker_gone_as_it_was_asked_is_left_out(tmp_path):
+    class Dying(_FakeClient):
+        def run(self, function, *args, on_error="raise", callback_timeout=None):
+            assert on_error == "return"  # one lost worker must not fail the command
+            return {"tcp://gone:1": OSError("stream closed"), **super().run(function, *args)}
+
+    client = Dying()
+    check_workers_see(client, reads=[tmp_path])
+    with pytest.raises(InputError, match=r"worker tcp://127\.0\.0\.1:1 \(host "):
+        check_workers_see(client, reads=[tmp_path / "missing.csv"])
