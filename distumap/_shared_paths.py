@@ -156,11 +156,11 @@ def _remove(path: str) -> None:
 
 
 def _ask(client, looks: list[Look], timeout: float | None) -> dict[str, dict[str, Any]]:
-    """Every worker's answer (address -> ``look_here``'s result), in one round trip."""
+    """Every worker's answer (address -> ``_look_here``'s result), in one round trip."""
     if timeout is None:
         timeout = parse_timedelta(_config.get("paths-check-timeout"), default="seconds")
     try:
-        answers = client.run(look_here, looks, on_error="return", callback_timeout=timeout)
+        answers = client.run(_look_here, looks, on_error="return", callback_timeout=timeout)
     except TimeoutError:
         raise ClusterError(
             f"the workers did not say within {timeout:g} s whether they see "
@@ -172,7 +172,7 @@ def _ask(client, looks: list[Look], timeout: float | None) -> dict[str, dict[str
     return {address: answer for address, answer in answers.items() if isinstance(answer, dict)}
 
 
-def look_here(looks: list[Look]) -> dict[str, Any]:
+def _look_here(looks: list[Look]) -> dict[str, Any]:
     """On a worker: this process's host and id, and the paths of ``looks`` it cannot see, each
     with why (``[(shown path, why), ...]``)."""
     problems = []
