@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "target-sum": 1e4,
     # a command whose cluster has had no worker this long exits 1 instead of waiting forever
     "no-workers-timeout": "5 minutes",
+    # how long the workers have to say which of a command's paths they see (a hung mount)
+    "paths-check-timeout": "30 s",
     # refuse (exit 2) work whose estimated memory exceeds the workers' limit (distumap._memory)
     "memory-check": True,
     # embed

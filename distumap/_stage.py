@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask
@@ -40,8 +40,9 @@ import zarr
 from dask.base import tokenize
 
 from distumap import _progress
-from distumap._compute import release_worker_memory, run
+from distumap._compute import current_client, release_worker_memory, run
 from distumap._errors import InputError
+from distumap._shared_paths import check_workers_see
 from distumap._store import (
     create_progress,
     mark_stage,
@@ -197,8 +198,16 @@ class Stage(_Blocks):
         an interrupted one; other params start it again.
     requires
         A stage that must have finished first.
+    reads
+        Inputs its workers read (local paths or URLs), besides the store.
     progress
         Draw progress lines on stderr.
+
+    Raises
+    ------
+    InputError
+        ``requires`` did not finish, or a worker cannot see the store or an input
+        (:func:`distumap._shared_paths.check_workers_see`): checked here, before any work.
     """
 
     def __init__(
@@ -208,11 +217,13 @@ class Stage(_Blocks):
         params: dict[str, Any],
         *,
         requires: str | None = None,
+        reads: Sequence[str] = (),
         progress: bool = False,
     ):
         self.store, self.name, self.params, self.progress = store_url(store), name, params, progress
         if requires is not None:
             require_stage(self.store, requires, needed_by=name)
+        check_workers_see(current_client(), reads=reads, store=self.store)
         self.record = stage_record(self.store, name)
         self.started = time.perf_counter()
 

@@ -422,10 +422,11 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     store, files = _outputs(out, args.formats)
     exports = [path for path, kind in files.items() if kind not in RUN_PICTURES.values()]
     png, html = (f"{out}/{name}" for name in RUN_PICTURES)
+    tl.prepare_workers()  # the fit's kernels compile on the workers while the ingest runs
+    # nothing is made at OUT before the ingest has checked that every worker sees it
+    ds = _ingest(args, inputs, store, metadata)
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
-    tl.prepare_workers()  # the fit's kernels compile on the workers while the ingest runs
-    ds = _ingest(args, inputs, store, metadata)
     color = _default_color(ds, getattr(args, "color", None))
     ds = pp.preprocess(ds, **_preprocess_kwargs(args))
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,9 +103,11 @@ def start_loopback_cluster(
     memory_limit: str = "3GiB",
     preload: str | None = None,
     env: dict[str, str] | None = None,
+    worker_prefix: Callable[[int], list[str]] | None = None,
 ) -> LoopbackCluster:
     """Start the cluster; ``preload`` goes to the scheduler (workers take theirs from ``env``,
-    e.g. ``DASK_DISTRIBUTED__WORKER__PRELOAD``)."""
+    e.g. ``DASK_DISTRIBUTED__WORKER__PRELOAD``). ``worker_prefix(i)`` is put before worker
+    ``i``'s command (``unshare ...`` that runs it in a mount namespace of its own, say)."""
     directory.mkdir(parents=True, exist_ok=True)
     _started["loopback"] += 1
     scheduler_file = directory / "scheduler.json"
@@ -138,7 +141,8 @@ def start_loopback_cluster(
         wlog = open(directory / f"worker-{i}.log", "wb")
         cluster.workers.append(
             subprocess.Popen(
-                _dask_command(
+                (worker_prefix(i) if worker_prefix else [])
+                + _dask_command(
                     "worker",
                     "--scheduler-file",
                     str(scheduler_file),

@@ -21,7 +21,13 @@ ROOT = Path(distumap.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("distumap._errors", "distumap._config", "distumap._format", "distumap._paths"),
     ("distumap._palette",),
-    ("distumap._compute", "distumap._memory", "distumap._progress", "distumap._store"),
+    (
+        "distumap._compute",
+        "distumap._memory",
+        "distumap._progress",
+        "distumap._shared_paths",
+        "distumap._store",
+    ),
     ("distumap._stage", "distumap._workers"),
     ("distumap.io.readers",),
     ("distumap.io._ingest_store", "distumap.io._transposition"),

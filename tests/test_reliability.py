@@ -82,6 +82,7 @@ def _pickle_loading(module: str, name: str) -> list[str]:
         ("distumap.io._ingest", "_read_block"),
         ("distumap.io.writers.loom", "_encode_block"),
         ("distumap._stage", "run_block"),
+        ("distumap._shared_paths", "_look_here"),  # every worker runs it before a stage
     ],
 )
 def test_task_functions_unpickle_in_a_fresh_interpreter(module, name):

@@ -117,7 +117,10 @@ def read(
     ------
     InputError
         Unreadable or malformed input (the message names the file and the dataset or line),
-        inputs whose genes differ, or cells named twice within one input.
+        inputs whose genes differ, or cells named twice within one input; an input or a store
+        that some worker of the current client's cluster cannot see (a local path without a
+        shared file system, ``memory://`` with workers in other processes), refused before
+        anything is written.
 
     Notes
     -----
@@ -304,7 +307,8 @@ def _ingest(
     else:  # the genes are found by the index pass: the chunk size cannot wait for them
         chunk_cells = checked_options(chunk_cells, dtype)
     params["chunk_cells"] = chunk_cells
-    stage = claim(store, params, overwrite=overwrite, progress=progress)
+    sources = [reader.source for reader in readers]  # the metadata is read here, not there
+    stage = claim(store, params, overwrite=overwrite, progress=progress, reads=sources)
     if stage.finished:
         return open_store(store)
     if not _resumable(stage, readers):

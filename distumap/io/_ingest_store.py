@@ -389,8 +389,16 @@ def fitted_chunk_cells(
     return _memory.ingest_chunk_cells(current_client(), chunk_cells, n_genes, itemsize)
 
 
-def claim(store: str, params: dict[str, Any], *, overwrite: bool, progress: bool) -> Stage:
-    """The ingest stage on ``store``, after making sure that writing there destroys nothing.
+def claim(
+    store: str,
+    params: dict[str, Any],
+    *,
+    overwrite: bool,
+    progress: bool,
+    reads: list[str] | tuple[str, ...] = (),
+) -> Stage:
+    """The ingest stage on ``store``, after making sure that writing there destroys nothing and
+    that every worker sees the store and the inputs ``reads`` (by :class:`Stage`).
 
     Only a distumap store (recognised by its attribute) is ever replaced, and only with
     ``overwrite`` when it holds other input; anything else at ``store`` is refused.
@@ -401,8 +409,8 @@ def claim(store: str, params: dict[str, Any], *, overwrite: bool, progress: bool
                 f"{store}: something that is not a distumap store is already there; "
                 "distumap replaces only its own stores (even with --overwrite): choose another path"
             )
-        return Stage(store, "ingest", params, progress=progress)
-    stage = Stage(store, "ingest", params, progress=progress)
+        return Stage(store, "ingest", params, reads=reads, progress=progress)
+    stage = Stage(store, "ingest", params, reads=reads, progress=progress)
     if stage.record is not None and stage.record.get("params") != params and not overwrite:
         raise InputError(
             f"{store}: this store was ingested from other input or with other parameters "

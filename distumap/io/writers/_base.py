@@ -15,6 +15,9 @@ from typing import ClassVar
 
 import xarray as xr
 
+from distumap._compute import current_client
+from distumap._shared_paths import check_workers_see
+
 #: every registered writer by name, in the order they registered
 _REGISTRY: dict[str, Writer] = {}
 
@@ -31,11 +34,14 @@ class Writer(ABC):
     takes_embedded
         Whether :meth:`write` accepts ``embedded=``, a future of the embedded store, so that a
         caller can start it before the embed ends and it adds the embedding last.
+    workers_write
+        Whether the workers write the output themselves (else only this process writes it).
     """
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
     takes_embedded: ClassVar[bool] = False
+    workers_write: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -56,6 +62,17 @@ class Writer(ABC):
         **options,
     ) -> str:
         """Write ``ds`` to ``path``; return ``path`` as given (see each format's function)."""
+
+    def check_workers(self, ds: xr.Dataset, target: str, client=None) -> None:
+        """Refuse, before any work, a store behind ``ds`` that some worker cannot see, and (for
+        a writer whose workers write) a ``target`` they cannot write
+        (:func:`distumap._shared_paths.check_workers_see`); ``client`` defaults to the current
+        one."""
+        check_workers_see(
+            client if client is not None else current_client(),
+            store=ds.encoding.get("distumap_store"),
+            writes=[target] if self.workers_write else (),
+        )
 
     def refuse_embedded(self, embedded: Future | None) -> None:
         """Raise for an ``embedded`` future given to a writer that cannot take it."""

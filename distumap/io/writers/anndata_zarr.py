@@ -401,6 +401,7 @@ class AnnDataZarrWriter(Writer):
     name = "anndata-zarr"
     suffixes = (".zarr",)
     takes_embedded = False
+    workers_write = True  # the blocks of X and the layer
 
     def write(
         self,
@@ -422,6 +423,7 @@ class AnnDataZarrWriter(Writer):
                 f"{target}: AnnData zarr is written to a file system path that the workers share"
             )
         check_replaceable(target, "anndata-zarr")
+        self.check_workers(ds, target, client)
         small = anndata_inputs(ds)
         gene_index = selected_genes(ds)
         block_cells = cells_per_block(ds, block_cells)

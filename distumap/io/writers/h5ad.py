@@ -255,6 +255,7 @@ class H5adWriter(Writer):
 
         target = os.fspath(path)
         check_replaceable(target, "h5ad")
+        self.check_workers(ds, target, client)
         # refused before any block is computed: a store without what the export needs (or, without
         # ``embedded``, with clashing metadata columns)
         require_variables(ds, ("counts", "zero_fraction"))

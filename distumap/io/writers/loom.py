@@ -585,6 +585,7 @@ class LoomWriter(Writer):
 
         target = os.fspath(path)
         check_replaceable(target, "loom")
+        self.check_workers(ds, target, client)
         # refused before any block is computed: a store without what the export needs (or, without
         # ``embedded``, with metadata columns loom cannot hold)
         require_variables(ds, ("counts", "zero_fraction"))
