@@ -236,20 +236,7 @@ def _color_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``distumap`` argument parser (used by :func:`main` and by the deploy tests)."""
-    from distumap import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="distumap",
-        description="UMAP embeddings of single-cell count matrices too large for one process, "
-        "on a Dask cluster.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"distumap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _run_command(commands) -> None:
     run = commands.add_parser(
         "run",
         help="all stages: CSV -> store -> loom, h5ad and pictures",
@@ -276,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(run)
     _cluster_options(run)
 
+
+def _ingest_command(commands) -> None:
     ingest = commands.add_parser(
         "ingest",
         help="inputs -> zarr store, in parallel",
@@ -287,16 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     _ingest_options(ingest)
     _cluster_options(ingest)
 
+
+def _preprocess_command(commands) -> None:
     preprocess = commands.add_parser("preprocess", help="gene statistics and the gene filter")
     preprocess.add_argument("store", metavar="STORE")
     _preprocess_options(preprocess)
     _cluster_options(preprocess)
 
+
+def _embed_command(commands) -> None:
     embed = commands.add_parser("embed", help="landmark UMAP fit and parallel transform")
     embed.add_argument("store", metavar="STORE")
     _embed_options(embed)
     _cluster_options(embed)
 
+
+def _export_command(commands) -> None:
     export = commands.add_parser(
         "export",
         help="store -> loom, h5ad or AnnData zarr",
@@ -308,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     _loom_graph_option(export)
     _cluster_options(export)
 
+
+def _info_command(commands) -> None:
     info = commands.add_parser("info", help="stages done, shapes and parameters of a store")
     info.add_argument("store", metavar="STORE")
     info.add_argument("--json", action="store_true", help="print the stage records as JSON")
 
+
+def _demo_command(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="a seeded synthetic dataset of realistic shape, then `run`",
@@ -326,6 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
         add(demo)
     demo.set_defaults(landmarks=None)
     _cluster_options(demo)
+
+
+#: the subcommands in the order ``--help`` lists them
+_COMMANDS = (
+    _run_command,
+    _ingest_command,
+    _preprocess_command,
+    _embed_command,
+    _export_command,
+    _info_command,
+    _demo_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``distumap`` argument parser (used by :func:`main` and by the deploy tests)."""
+    from distumap import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="distumap",
+        description="UMAP embeddings of single-cell count matrices too large for one process, "
+        "on a Dask cluster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"distumap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(commands)
     return parser
 
 
