@@ -321,6 +321,22 @@ class AnnDataReader(Reader):
         the matrix once instead: see :meth:`csc_entries`)."""
         out[...] = 0
         rounded = 0
+        for rows, genes, values in self._csc_entries_of(matrix, start, stop):
+            if values.dtype.kind == "b":
+                values = values.view(np.uint8)
+            if values.dtype.kind not in "iuf":
+                return None
+            status, piece = fill_entries(rows, genes, values, NO_MAP, self.dtype == np.int32, out)
+            if status != ACCEPTED:
+                return None
+            rounded += piece
+        return int(rounded)
+
+    def _csc_entries_of(
+        self, matrix: Any, start: int, stop: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The entries of cells ``[start, stop)`` of a CSC matrix, a piece of it at a time:
+        ``(rows in the block, genes, values)``."""
         data, indices = matrix["data"], matrix["indices"]
         for low, high in self._csc_pieces():
             cells = load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
@@ -329,18 +345,8 @@ class AnnDataReader(Reader):
             if selected.size == 0:
                 continue
             values = load(data, self.source, slice(low, high))[selected]
-            if values.dtype.kind == "b":
-                values = values.view(np.uint8)
-            if values.dtype.kind not in "iuf":
-                return None
             genes = np.searchsorted(self._indptr, low + selected, side="right") - 1
-            status, piece = fill_entries(
-                cells[selected] - start, genes, values, NO_MAP, self.dtype == np.int32, out
-            )
-            if status != ACCEPTED:
-                return None
-            rounded += piece
-        return int(rounded)
+            yield cells[selected] - start, genes, values
 
     def _csc_pieces(self) -> list[tuple[int, int]]:
         """Entry ranges of whole gene columns holding about CSC_ENTRIES_PER_PASS entries each."""
@@ -371,19 +377,9 @@ class AnnDataReader(Reader):
     def _read_csc_cells(self, matrix: Any, start: int, stop: int) -> tuple[np.ndarray, int]:
         out = np.zeros((stop - start, self.n_genes), dtype=self.dtype)
         rounded = 0
-        indptr = self._indptr
         if stop == start:
             return out, 0
-        data, indices = matrix["data"], matrix["indices"]
-        for low, high in self._csc_pieces():
-            cells = load(indices, self.source, slice(low, high)).astype(np.int64, copy=False)
-            self._check_minor(cells, self.n_cells, low, matrix)
-            selected = np.flatnonzero((cells >= start) & (cells < stop))
-            if selected.size == 0:
-                continue
-            values = load(data, self.source, slice(low, high))[selected]
-            genes = np.searchsorted(indptr, low + selected, side="right") - 1
-            rows = cells[selected] - start
+        for rows, genes, values in self._csc_entries_of(matrix, start, stop):
 
             def locate(bad: int, rows=rows, genes=genes) -> tuple[str, str, int]:
                 return f"dataset {self._path}/data", str(start + rows[bad]), int(genes[bad])
