@@ -141,8 +141,8 @@ def _encode(node, kind: str) -> None:
     node.attrs["encoding-version"] = ENCODINGS[kind]
 
 
-class H5Elements:
-    """anndata elements in an HDF5 file."""
+class _Elements:
+    """What an HDF5 file and a zarr group share: the root and groups with their encoding."""
 
     def __init__(self, root):
         self.root = root
@@ -151,6 +151,10 @@ class H5Elements:
         node = parent.create_group(name)
         _encode(node, kind)
         return node
+
+
+class H5Elements(_Elements):
+    """anndata elements in an HDF5 file."""
 
     def array(self, parent, name: str, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values)
@@ -180,16 +184,8 @@ class H5Elements:
         node.attrs.create(name, values, dtype=h5py.string_dtype("utf-8"))
 
 
-class ZarrElements:
+class ZarrElements(_Elements):
     """anndata elements in a zarr (format 2) group."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def group(self, parent, name: str, kind: str = "dict"):
-        node = parent.create_group(name)
-        _encode(node, kind)
-        return node
 
     def empty(self, parent, name: str, shape: tuple[int, ...], dtype, chunks: tuple[int, ...]):
         return parent.create_array(
