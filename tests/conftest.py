@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +67,14 @@ def pytest_runtest_teardown(item, nextitem):
     return result
 
 
+#: util-linux's setpriv: the cluster's processes get SIGTERM when pytest dies, so a killed run
+#: leaves no scheduler or worker behind (stop_loopback_cluster handles a run that ends)
+_DIE_WITH_PYTEST = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+
+
 def _dask_command(*args: str) -> list[str]:
     # `python -m dask` runs the same entry point as the `dask` script, in this interpreter
-    return [sys.executable, "-m", "dask", *args]
+    return [*_DIE_WITH_PYTEST, sys.executable, "-m", "dask", *args]
 
 
 @dataclass
