@@ -219,10 +219,10 @@ def test_refine_zero_is_the_transform_and_refining_keeps_the_knn_graph(tmp_path,
 def test_refined_embedding_does_not_depend_on_chunks_or_workers(
     tmp_path, dataset, local_client, monkeypatch
 ):
-    from distumap.tl import _embed
+    from distumap.tl import _refine_stage
 
     # several refinement tasks per epoch, covering different cells in each run
-    monkeypatch.setattr(_embed, "REFINE_TASK_CELLS", 128)
+    monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 128)
     with dask.config.set(scheduler="threads"):
         small = _embedded(tmp_path, dataset, 64, "refine-small", **REFINE)  # 12 tasks an epoch
     on_cluster = _embedded(tmp_path, dataset, 250, "refine-cluster", **REFINE)  # 6, two workers
@@ -250,16 +250,17 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
 
 
 def _refine_caches_held() -> int:
-    from distumap.tl import _embed
+    from distumap.tl import _refine_stage
 
-    return sum(len(cache._items) for cache in (_embed._SEARCH, _embed._GRAPH, _embed._POSITIONS))
+    caches = (_refine_stage._SEARCH, _refine_stage._GRAPH, _refine_stage._POSITIONS)
+    return sum(len(cache._items) for cache in caches)
 
 
 def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
-    from distumap.tl import _embed
+    from distumap.tl import _embed, _refine_stage
 
-    monkeypatch.setattr(_embed, "REFINE_TASK_CELLS", 300)  # 5 chunks of 300: 5 tasks a step
-    epoch_task = _embed._refine_epoch_task
+    monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 300)  # 5 chunks of 300: 5 tasks a step
+    epoch_task = _refine_stage._refine_epoch_task
 
     def dies_in_epoch_3(first, last, *args, epoch, **kwargs):
         if epoch == 3 and first >= 600:  # a worker lost in the middle of epoch 3
@@ -270,21 +271,22 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
         raise AssertionError("a finished step ran again")
 
     with dask.config.set(scheduler="threads"):
-        monkeypatch.setattr(_embed, "_refine_epoch_task", dies_in_epoch_3)
+        monkeypatch.setattr(_refine_stage, "_refine_epoch_task", dies_in_epoch_3)
         with pytest.raises(RuntimeError, match="worker lost"):
             _embedded(tmp_path, dataset, 300, "refine-resume", **REFINE)
         store = str(tmp_path / "refine-resume.zarr")
         record = distumap._store.stage_record(store, "embed")
         assert record["status"] == "started"
-        steps = distumap._store.progress_array(store, _embed.REFINE_MARKERS, mode="r")[:]
+        steps = distumap._store.progress_array(store, _refine_stage.REFINE_MARKERS, mode="r")[:]
         # transform (5), kNN (5) and epochs 0-2 (15) done; epoch 3 not, nor later ones
         assert len(steps) == 5 + 5 + 5 * 5 and steps[:25].all() and not steps[27:].any()
         # and no chunk of X_umap vouched for: only the last epoch writes it
         assert not distumap._store.progress_array(store, "embed", mode="r")[:].any()
-        monkeypatch.setattr(_embed, "_refine_epoch_task", epoch_task)
+        monkeypatch.setattr(_refine_stage, "_refine_epoch_task", epoch_task)
         monkeypatch.setattr(_embed, "_transform_task", never)
-        monkeypatch.setattr(_embed, "_refine_knn_task", never)
-        monkeypatch.setattr(_embed, "REFINE_TASK_CELLS", 600)  # the stage keeps its own layout
+        monkeypatch.setattr(_refine_stage, "_refine_knn_task", never)
+        # the stage keeps its own layout
+        monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 600)
         resumed = tl.umap(store, **REFINE)
     assert resumed.attrs["distumap"]["stages"]["embed"]["status"] == "complete"
     np.testing.assert_array_equal(resumed["X_umap"].values, _from_the_model(resumed, 6))

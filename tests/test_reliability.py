@@ -28,7 +28,7 @@ from distumap._format import MODEL_GROUP, RESERVED_NAMES, check_loom, check_stor
 from distumap._store import mark_stage, progress_array, stage_record
 from distumap.cli import main
 from distumap.testing import SyntheticSpec, write_dataset
-from distumap.tl import _embed
+from distumap.tl import _model_io
 from distumap.tl._model_io import load_model
 
 ROOT = Path(distumap.__file__).parent
@@ -79,6 +79,7 @@ def _pickle_loading(module: str, name: str) -> list[str]:
         ("distumap.pp._recipes", "_moments_block"),
         ("distumap.pp._recipes", "_normalize_log1p_block"),
         ("distumap.tl._embed", "_transform_task"),
+        ("distumap.tl._refine_stage", "_refine_epoch_task"),
         ("distumap.io._ingest", "_read_block"),
         ("distumap.io.writers.loom", "_encode_block"),
         ("distumap._stage", "run_block"),
@@ -244,7 +245,7 @@ def test_no_stage_unpickles_what_is_planted_in_the_store(data, tmp_path):
     record = stage_record(store, "embed")
     mark_stage(store, "embed", "started", record["params"], token=record["token"])
     progress_array(store, "embed")[0] = False  # one block to transform again, with the model
-    _embed._load_model.cache_clear()
+    _model_io.load_fitted.cache_clear()
     with dask.config.set(scheduler="threads"), pytest.raises(InputError, match="dtype uint8"):
         tl.umap(str(store), landmarks=200, pca=10, n_neighbors=10)
     assert not proof.exists()

@@ -7,12 +7,13 @@ The layout (``distumap._format.MODEL_ARRAYS`` and ``MODEL_SCALARS``) is a store'
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from distumap._errors import InputError
-from distumap._format import MODEL_ARRAYS, MODEL_SCALARS, check_model
+from distumap._format import MODEL_ARRAYS, MODEL_GROUP, MODEL_SCALARS, check_model
 from distumap._store import read_group, write_group
 from distumap.tl._model import LandmarkModel
 
@@ -78,3 +79,29 @@ def load_model(path: str) -> LandmarkModel:
             f"{path}: no distumap UMAP model here (save_model writes a zarr group)"
         ) from None
     return from_arrays(arrays, attrs, source=str(path))
+
+
+# -- the model, by reference: in the store, read once per process --
+
+
+def save_fitted(store: str, model: LandmarkModel, token: str) -> None:
+    """The fitted model into the store, marked as this run's (``token``)."""
+    arrays, attrs = to_arrays(model)
+    write_group(store, MODEL_GROUP, arrays, {**attrs, "token": token})
+
+
+@lru_cache(maxsize=2)
+def load_fitted(store: str, token: str) -> LandmarkModel:
+    """The fitted model, read and validated once per process (and per fit, through ``token``)."""
+    arrays, attrs = read_group(store, MODEL_GROUP)
+    if attrs.get("token") != token:
+        raise RuntimeError(f"{store}: the stored UMAP model is not the one this run fitted")
+    return from_arrays(arrays, attrs, source=f"{store}/{MODEL_GROUP}")
+
+
+def fitted_saved(store: str, token: str) -> bool:
+    """Whether the fit finished: the model of this run (``token``) is in the store."""
+    try:
+        return read_group(store, MODEL_GROUP)[1].get("token") == token
+    except FileNotFoundError:
+        return False

@@ -32,7 +32,7 @@ keeps the landmark fit's mistakes), the fuzzy union beats the directed graph, an
 rate of 0.1 (umap-learn fits start at 1.0) suits a start that is already an embedding.
 
 Everything here takes arrays and returns arrays; the stage that runs it on a cluster, with
-markers per task and epoch, lives in :mod:`distumap.tl._embed`.
+markers per task and epoch, lives in :mod:`distumap.tl._refine_stage`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,320 @@
+"""The embed's refinement, on the cluster: every cell moves with UMAP's SGD over its nearest cells.
+
+After the transform, ``refine_epochs`` epochs of UMAP's SGD over the kNN graph of all cells
+(:mod:`distumap.tl._refine`, the kernels) run as steps of the embed stage, each a set of tasks
+over contiguous cell ranges (a few store chunks each): ``umap-refine-knn`` tasks find their cells'
+nearest cells (written as the store's ``knn_cell``, ``knn_distance`` and ``knn_cell_weight``: a
+result), then each epoch's ``umap-refine-epoch`` tasks read every cell's position after the
+previous epoch and write their own cells' new ones. Whole arrays that every task of a step reads
+(all features, the graph, the positions) are read once per worker process. The working arrays
+live beside the stage's markers (``_progress/refine-*``, hidden from xarray); the last epoch
+writes ``X_umap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import zarr
+
+from distumap import _progress
+from distumap._compute import on_workers_later, trim_memory
+from distumap._format import CELL_GRAPH, PROGRESS_GROUP
+from distumap._stage import Stage, StagePass
+from distumap._store import (
+    progress_array,
+)
+from distumap._workers import WorkerCache
+from distumap.tl import _model_io, _refine
+
+logger = logging.getLogger(__name__)
+
+
+#: the refinement's working arrays: name -> (trailing shape, dtype, writer); "features" is as
+#: wide as the kNN features. Each is chunked as its writer's tasks cover cells (a store chunk
+#: for the transform, a refinement task's cells for the refinement), so that no two tasks
+#: share a chunk and a whole array is read in a few large chunks.
+_SCRATCH = {
+    "features": (None, "f4", "transform"),  # every cell's kNN features
+    "home": ((), "i4", "transform"),  # each cell's bucket: its nearest landmark (or itself)
+    "start": ((2,), "f4", "transform"),  # the transform's coordinates, where epoch 0 starts
+    "xy-0": ((2,), "f4", "refine"),  # the positions after even epochs
+    "xy-1": ((2,), "f4", "refine"),  # ... and after odd ones
+}
+
+
+def _scratch_path(name: str) -> str:
+    return f"{PROGRESS_GROUP}/refine-{name}"
+
+
+def n_features(params: dict[str, Any], n_genes: int) -> int:
+    """Width of the kNN features: ``pca`` components, or the selected genes themselves when
+    there are not more of them (as :func:`distumap.tl._model.fit_landmark_model` decides)."""
+    return params["pca"] if 0 < params["pca"] < n_genes else n_genes
+
+
+def create_scratch(
+    store: str, n_cells: int, chunk: int, chunks_per_task: int, n_features: int
+) -> None:
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    progress = group.require_group(PROGRESS_GROUP)
+    for name, (tail, dtype, writer) in _SCRATCH.items():
+        tail = (n_features,) if tail is None else tail
+        rows = chunk * (chunks_per_task if writer == "refine" else 1)
+        progress.create_array(
+            f"refine-{name}",
+            shape=(n_cells, *tail),
+            chunks=(min(rows, max(n_cells, 1)), *tail),
+            dtype=dtype,
+            fill_value=0,
+            overwrite=True,
+        )
+
+
+def write_scratch(store: str, rows: slice, **arrays: np.ndarray) -> None:
+    for name, value in arrays.items():
+        zarr.open_array(store, path=_scratch_path(name), mode="r+")[rows] = value
+
+
+def _read_scratch(store: str, name: str) -> np.ndarray:
+    return zarr.open_array(store, path=_scratch_path(name), mode="r")[...]
+
+
+_SEARCH = WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
+_GRAPH = WorkerCache(1)  # the symmetrised graph of all cells (epochs)
+_POSITIONS = WorkerCache(1)  # all positions after the previous epoch
+
+
+def clear_caches() -> None:
+    for cache in (_SEARCH, _GRAPH, _POSITIONS):
+        cache.clear()
+    trim_memory()
+
+
+async def _clear_refine_caches_async() -> None:
+    clear_caches()
+
+
+def _search_index(store: str, n_landmarks: int):
+    home = _read_scratch(store, "home")
+    # the features in store chunks, placed in bucket order as read: one copy, not two
+    features = zarr.open_array(store, path=_scratch_path("features"), mode="r")
+    return home, _refine.bucket_index(home, n_landmarks, features)
+
+
+def _refine_knn_task(
+    first: int,
+    last: int,
+    landmark_cells: np.ndarray,
+    *,
+    store: str,
+    token: str,
+    run: str,
+    settings: dict[str, Any],
+) -> int:
+    """The nearest cells of one block's cells, and their membership weights."""
+    model = _model_io.load_fitted(store, token)
+    home, index = _SEARCH.get((store, token, run), lambda: _search_index(store, model.n_landmarks))
+    rows = slice(first, last)
+    neighbors, weights, _, distances = _refine.nearest_cells(
+        index,
+        np.arange(first, last),
+        home[rows],
+        np.searchsorted(landmark_cells, _read_rows(store, "knn_landmark", rows)),
+        mean_distance=model.mean_distance_reference,
+        settings=_refine.RefineSettings(**settings),
+        return_distances=True,
+    )
+    # the task's cells are whole store chunks: no chunk of these has another writer
+    for name, values in zip(CELL_GRAPH, (neighbors, distances, weights), strict=True):
+        zarr.open_array(store, path=name, mode="r+")[rows] = values
+    return last - first
+
+
+def _read_rows(store: str, path: str, rows: slice) -> np.ndarray:
+    return zarr.open_array(store, path=path, mode="r")[rows]
+
+
+def _positions_after(store: str, epoch: int) -> str:
+    """Where the positions after ``epoch`` live (-1: the transform's)."""
+    return _scratch_path("start" if epoch < 0 else f"xy-{epoch % 2}")
+
+
+def _refine_epoch_task(
+    first: int,
+    last: int,
+    landmark_rows: np.ndarray,
+    *,
+    store: str,
+    token: str,
+    run: str,
+    epoch: int,
+    settings: dict[str, Any],
+    n_cells: int,
+    color: str | None = None,
+) -> int:
+    """One epoch for cells ``first:last``: new positions from every cell's previous ones. The
+    last epoch writes ``X_umap`` (one store chunk a task) and sends its points to the page."""
+    _SEARCH.clear()  # the kNN step is over: its features need not stay in memory
+    model = _model_io.load_fitted(store, token)
+    graph = _GRAPH.get(
+        (store, token, run),
+        lambda: _refine.symmetrize(
+            _read_rows(store, "knn_cell", slice(None)),
+            _read_rows(store, "knn_cell_weight", slice(None)),
+        ),
+    )
+    source = _positions_after(store, epoch - 1)
+    positions = _POSITIONS.get(
+        (store, token, run, epoch),
+        lambda: zarr.open_array(store, path=source, mode="r")[...],
+    )
+    frozen = np.zeros(last - first, dtype=bool)
+    if not settings["move_landmarks"]:
+        frozen[landmark_rows - first] = True
+    coords = _refine.epoch(
+        positions,
+        np.arange(first, last),
+        graph,
+        frozen,
+        epoch=epoch,
+        n_epochs=settings["n_epochs"],
+        a=model.a,
+        b=model.b,
+        gamma=model.repulsion_strength,
+        initial_alpha=settings["initial_alpha"],
+        negative_sample_rate=model.negative_sample_rate,
+        seed=model.seed,
+    )
+    if epoch < settings["n_epochs"] - 1:
+        zarr.open_array(store, path=_positions_after(store, epoch), mode="r+")[first:last] = coords
+        return last - first
+    zarr.open_array(store, path="X_umap", mode="r+")[first:last] = coords
+    labels = None if color is None else zarr.open_array(store, path=color, mode="r")[first:last]
+    _progress.send_points("embed", first, coords, labels, first_cell=first, total=n_cells)
+    return last - first
+
+
+#: the markers of the embed stage's steps before the last one when it refines (the transform,
+#: the nearest cells, every epoch but the last), one after the other: ``_progress/embed`` keeps
+#: vouching for ``X_umap``, which only the last epoch writes
+REFINE_MARKERS = "embed-refine"
+
+
+class Steps(StagePass):
+    """One step of the embed stage (the transform, the nearest cells or an epoch) as a pass of
+    the stage: ``count`` tasks, whose markers are ``_progress/embed-refine[first:first + count]``
+    (one array for every step, so the dashboard shows them as one row)."""
+
+    def __init__(self, stage: Stage, first: int, count: int):
+        super().__init__(stage, REFINE_MARKERS)
+        self.blocks = range(first, first + count)
+
+    def pending(self) -> list[int]:
+        # this step's markers only: reading every step's would cost more than a step
+        start, stop = self.blocks.start, self.blocks.stop
+        done = progress_array(self.store, self.markers, mode="r")[start:stop]
+        return [start + int(block) for block in np.flatnonzero(~done)]
+
+
+#: cells per refinement task, about: an epoch is cheap per cell, so each task takes
+#: several store chunks, or the per-task cost (markers, opening arrays) would outweigh it
+REFINE_TASK_CELLS = 32768
+
+
+def refine_epochs(params: dict[str, Any], is_landmark: np.ndarray) -> int:
+    """The epochs to run: none when every cell is a landmark (umap-learn's fit is the result)."""
+    return params["refine_epochs"] if not is_landmark.all() else 0
+
+
+def refine_layout(n_chunks: int, chunk_cells: int, epochs: int) -> dict[str, int]:
+    """How many store chunks one refinement task covers (the last epoch's tasks take one each,
+    as they write ``X_umap``), and how many markers :data:`REFINE_MARKERS` holds: one per store
+    chunk for the transform, then one per task for the nearest cells and each earlier epoch."""
+    per_task = max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
+    n_tasks = -(-n_chunks // per_task)
+    return {"refine_chunks_per_task": per_task, "refine_markers": n_chunks + epochs * n_tasks}
+
+
+def refine(
+    stage: Stage,
+    params: dict[str, Any],
+    bounds: np.ndarray,
+    rows: np.ndarray,
+    landmark_cells: Any,
+    *,
+    token: str,
+    color: str | None,
+) -> dict[str, float]:
+    """Run the refinement's steps that are not done yet, in order; return their timings."""
+    n_epochs = params["refine_epochs"]
+    settings = dataclasses.asdict(dataclasses.replace(_refine.RefineSettings(), n_epochs=n_epochs))
+    n_chunks, n_cells = len(bounds) - 1, int(bounds[-1])
+    # the run that started the stage chose the tasks' extent: a resumed run keeps it
+    per_task = stage.record.get("refine_chunks_per_task")
+    if per_task is None:  # a record without it: the layout the markers were made with
+        per_task = refine_layout(n_chunks, int(bounds[1] - bounds[0]), n_epochs)[
+            "refine_chunks_per_task"
+        ]
+    edges = np.append(bounds[:-1:per_task], bounds[-1])
+    n_tasks = len(edges) - 1
+    common = {"store": stage.store, "token": token, "run": stage.record.get("run", "")}
+    # the dashboard counts the steps before the last in one total: a cell per step
+    steps_total = n_cells * (1 + n_epochs)
+
+    def calls(step: Stage, edges: np.ndarray, **extra: Any) -> dict[int, tuple]:
+        todo = {}
+        for block in step.pending():
+            task = block - (step.blocks.start if isinstance(step, Steps) else 0)
+            first, last = int(edges[task]), int(edges[task + 1])
+            if "epoch" in extra:  # an epoch needs the task's landmarks (to hold them, maybe)
+                lo, hi = np.searchsorted(rows, [first, last])
+                args = (first, last, rows[lo:hi])
+            else:  # the kNN step maps landmark cells to landmark numbers: one shared key
+                args = (first, last, landmark_cells)
+            todo[block] = (args, {**common, "settings": settings, **extra})
+        return todo
+
+    seconds = {}
+    try:
+        started = time.perf_counter()
+        step = Steps(stage, n_chunks, n_tasks)
+        step.run_blocks(
+            _refine_knn_task,
+            calls(step, edges),
+            key="umap-refine-knn",
+            label="embed: refine, nearest cells",
+            total=steps_total,
+        )
+        seconds["refine_knn_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        for epoch in range(n_epochs):
+            label = f"embed: refine, epoch {epoch + 1}/{n_epochs}"
+            extra = {"epoch": epoch, "n_cells": n_cells}
+            if epoch < n_epochs - 1:
+                step = Steps(stage, n_chunks + (1 + epoch) * n_tasks, n_tasks)
+                todo = calls(step, edges, **extra)
+                step.run_blocks(
+                    _refine_epoch_task,
+                    todo,
+                    key="umap-refine-epoch",
+                    label=label,
+                    total=steps_total,
+                )
+            else:  # the last: a task per store chunk writes X_umap and sets the stage's marker
+                last_started = time.perf_counter()
+                todo = calls(stage, bounds, **extra, color=color)
+                stage.run_blocks(
+                    _refine_epoch_task, todo, key="umap-refine-epoch", label=label, total=n_cells
+                )
+                seconds["refine_last_epoch_seconds"] = round(time.perf_counter() - last_started, 3)
+        seconds["refine_epochs_seconds"] = round(time.perf_counter() - started, 3)
+    finally:
+        # the workers' copies of whole arrays (hundreds of MB at a million cells) go
+        clear_caches()
+        on_workers_later(_clear_refine_caches_async)
+    return seconds
