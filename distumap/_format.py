@@ -64,7 +64,17 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "knn_cell": (("cell", "cell_knn"), "int32", None),
     "knn_distance": (("cell", "cell_knn"), "float32", None),
     "knn_cell_weight": (("cell", "cell_knn"), "float32", None),
+    # the embed's principal components (absent when it embeds the genes themselves): each
+    # cell's coordinates (scanpy's obsm X_pca), every gene's loadings (0 for a gene not
+    # selected, as scanpy's varm PCs with a mask), and the fitted cells' variance along each
+    # component and its share of their total variance (scanpy's uns pca)
+    "X_pca": (("cell", "pc"), "float32", None),
+    "PCs": (("gene", "pc"), "float32", None),
+    "pca_variance": (("pc",), "float32", None),
+    "pca_variance_ratio": (("pc",), "float32", None),
 }
+#: the variables of the embed's principal components
+PCA_VARIABLES = ("X_pca", "PCs", "pca_variance", "pca_variance_ratio")
 #: the variables of the graph of all cells: a store has all of them or none
 CELL_GRAPH = ("knn_cell", "knn_distance", "knn_cell_weight")
 
@@ -89,6 +99,8 @@ MODEL_ARRAYS: dict[str, tuple[str, ...]] = {
     "landmark_embedding": ("landmark", "umap"),
     "pca_mean": ("gene",),
     "pca_components": ("feature", "gene"),
+    "pca_variance": ("feature",),
+    "pca_variance_ratio": ("feature",),
 }
 #: scalar attributes of the model and their types
 MODEL_SCALARS: dict[str, type] = {
@@ -140,6 +152,10 @@ ANNDATA_HVG_COLUMNS = ("means", "dispersions", "dispersions_norm")
 #: ``uns`` keys: scanpy's UMAP record (``uns["umap"]["params"]``) and the store's stage records
 ANNDATA_UNS_UMAP = "umap"
 ANNDATA_UNS_RECORD = "distumap"
+#: the embed's principal components where scanpy.pp.pca keeps them: obsm, varm and uns keys
+ANNDATA_PCA = "X_pca"
+ANNDATA_LOADINGS = "PCs"
+ANNDATA_UNS_PCA = "pca"
 #: the graph of all cells where scanpy keeps a neighbour graph: ``obsp`` keys (kNN distances,
 #: symmetric fuzzy connectivities) and the ``uns`` record that names them
 ANNDATA_DISTANCES = "distances"

@@ -103,3 +103,86 @@ def test_embed_fits_the_pca_on_all_cells(tmp_path):
     record = ds.attrs["distumap"]["stages"]["embed"]
     assert record["params"]["pca_fit"] == "all"
     assert np.isfinite(ds["X_umap"].values).all()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """One small dataset embedded with 8 PCs in two chunkings, refined and not."""
+    tmp = tmp_path_factory.mktemp("pca-results")
+    matrix, _ = write_dataset(tmp / "in", synthetic_counts(600, 150, seed=6, zero_cells=2))
+    out = {}
+    with dask.config.set(scheduler="threads"):
+        for chunk, refine in ((64, 2), (150, 2), (64, 0)):
+            ds = distumap.io.read_csv(matrix, tmp / f"s{chunk}-{refine}.zarr", chunk_cells=chunk)
+            out[chunk, refine] = tl.umap(
+                pp.preprocess(ds), landmarks=200, pca=8, n_neighbors=10, refine_epochs=refine
+            )
+    return out
+
+
+def test_the_embed_keeps_every_cells_principal_components(embedded):
+    from sklearn.decomposition import PCA
+
+    ds = embedded[64, 2]
+    model = zarr.open_group(ds.encoding["distumap_store"], mode="r")["umap_model"]
+    mean, components = model["pca_mean"][:], model["pca_components"][:]
+    features = pp.features(ds).values
+    assert ds["X_pca"].shape == (600, 8) and ds["X_pca"].dtype == np.float32
+    np.testing.assert_allclose(ds["X_pca"].values, (features - mean) @ components.T, atol=1e-5)
+    # the same bits whatever the chunks, with or without the refinement
+    for other in (embedded[150, 2], embedded[64, 0]):
+        np.testing.assert_array_equal(other["X_pca"].values, ds["X_pca"].values)
+    # every gene's loadings: the selected genes' components, 0 for the others
+    selected = ds["selected"].values
+    np.testing.assert_array_equal(ds["PCs"].values[selected], components.T)
+    assert not ds["PCs"].values[~selected].any()
+    # the variances are the landmark fit's, as scikit-learn gives them
+    landmarks = ds["landmark"].values
+    reference = PCA(n_components=8, random_state=999).fit(features[landmarks])
+    np.testing.assert_allclose(ds["pca_variance"], reference.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(
+        ds["pca_variance_ratio"], reference.explained_variance_ratio_, rtol=1e-4
+    )
+
+
+def test_the_pca_of_all_cells_gives_its_variance_ratios(tmp_path):
+    from sklearn.decomposition import PCA
+
+    matrix, _ = write_dataset(tmp_path / "in", synthetic_counts(400, 120, seed=2))
+    with dask.config.set(scheduler="threads"):
+        ds = distumap.io.read_csv(matrix, tmp_path / "s.zarr", chunk_cells=128)
+        ds = tl.umap(pp.preprocess(ds), pca_fit="all", landmarks=150, pca=6, refine_epochs=0)
+    reference = PCA(n_components=6, svd_solver="full").fit(pp.features(ds).values.astype(float))
+    np.testing.assert_allclose(ds["pca_variance"], reference.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(
+        ds["pca_variance_ratio"], reference.explained_variance_ratio_, rtol=1e-4
+    )
+
+
+def test_a_re_embed_without_pca_drops_the_components(embedded, tmp_path):
+    import shutil
+
+    store = tmp_path / "again.zarr"
+    shutil.copytree(embedded[64, 0].encoding["distumap_store"], store)
+    with dask.config.set(scheduler="threads"):
+        ds = tl.umap(str(store), landmarks=200, pca=0, n_neighbors=10, refine_epochs=0)
+    assert not {"X_pca", "PCs", "pca_variance", "pca_variance_ratio"} & set(ds.variables)
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_the_anndata_exports_carry_the_pca_as_scanpy_keeps_it(embedded, tmp_path, suffix):
+    import anndata
+
+    ds = embedded[64, 2]
+    path = tmp_path / f"e{suffix}"
+    with dask.config.set(scheduler="threads"):
+        distumap.io.write(ds, path)
+    adata = anndata.read_h5ad(path) if suffix == ".h5ad" else anndata.read_zarr(path)
+    selected = ds["selected"].values
+    np.testing.assert_array_equal(adata.obsm["X_pca"], ds["X_pca"].values)
+    np.testing.assert_array_equal(adata.varm["PCs"], ds["PCs"].values[selected])
+    np.testing.assert_array_equal(adata.uns["pca"]["variance"], ds["pca_variance"].values)
+    ratio = adata.uns["pca"]["variance_ratio"]
+    np.testing.assert_array_equal(ratio, ds["pca_variance_ratio"].values)
+    assert (np.diff(ratio) <= 0).all() and ratio.sum() < 1
+    assert adata.uns["pca"]["params"]["zero_center"]

@@ -43,7 +43,7 @@ from dask.base import tokenize
 from distumap import _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
-from distumap._format import CELL_GRAPH, stages
+from distumap._format import CELL_GRAPH, PCA_VARIABLES, stages
 from distumap._stage import Stage
 from distumap._store import (
     open_store,
@@ -55,7 +55,7 @@ from distumap.pp import features as recipe_features
 from distumap.tl import _model, _model_io, _refine, _refine_stage
 from distumap.tl._landmarks import landmarks
 from distumap.tl._params import embed_params
-from distumap.tl._pca import covariance_moments, pca_from_moments
+from distumap.tl._pca import covariance_moments, pca_from_moments, total_variance
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,10 @@ def _fit_task(
     features: np.ndarray, store: str, token: str, params: dict[str, Any], all_cells=None
 ) -> np.ndarray:
     # all_cells: the covariance moments of every cell and their number, for a PCA of all cells
-    pca = None if all_cells is None else pca_from_moments(*all_cells, params["pca"])[:2]
+    pca = None
+    if all_cells is not None:
+        mean, components, variance = pca_from_moments(*all_cells, params["pca"])
+        pca = (mean, components, variance, variance / total_variance(*all_cells))
     model = _model.fit_landmark_model(
         features,
         n_pca=params["pca"],
@@ -141,7 +144,8 @@ def _transform_task(
     even sample of its points to the dashboard page, coloured by the cell coordinate ``color``.
     With ``refine``, the coordinates are where the refinement starts, not the result: they go
     to ``_progress/refine-start`` with the cells' kNN features and nearest landmark, and
-    ``X_umap`` is left to the refinement's last epoch."""
+    ``X_umap`` is left to the refinement's last epoch. With a PCA, the cells' principal
+    components go to ``X_pca``."""
     model = _model_io.load_fitted(store, token)
     cells = np.arange(first_cell, first_cell + block.shape[0], dtype=np.int64)
     coords = np.empty((block.shape[0], 2), dtype=np.float32)
@@ -152,9 +156,10 @@ def _transform_task(
     # landmarks keep their fitted coordinates; only the others are transformed
     coords[is_landmark] = model.landmark_embedding[landmark_order]
     neighbors[is_landmark], weights[is_landmark] = _model.landmark_knn(model, landmark_order)
-    # the refinement searches all cells' kNN features: keep the ones computed here
+    # the principal components are a result; the refinement searches all cells' kNN features
     features = None
-    if refine:
+    with_pca = model.pca_components is not None
+    if refine or with_pca:
         features = np.empty((block.shape[0], model.landmark_features.shape[1]), np.float32)
         features[is_landmark] = model.landmark_features[landmark_order]
     if (~is_landmark).any():
@@ -172,6 +177,8 @@ def _transform_task(
         _refine_stage.write_scratch(store, rows, features=features, home=home, start=coords)
     zarr.open_array(store, path="knn_landmark", mode="r+")[rows] = landmark_cells[neighbors]
     zarr.open_array(store, path="knn_weight", mode="r+")[rows] = weights
+    if with_pca:
+        zarr.open_array(store, path="X_pca", mode="r+")[rows] = features
     if not refine:
         zarr.open_array(store, path="X_umap", mode="r+")[rows] = coords
     labels = None if color is None else zarr.open_array(store, path=color, mode="r")[rows]
@@ -297,6 +304,7 @@ def umap(
         refined = _refine_stage.refine(
             stage, params, bounds, rows, landmark_cells, token=token, color=color
         )
+    _write_components(location, ds, token)
     stage.complete(
         landmarks_used=len(rows),
         fit_seconds=fit_seconds,
@@ -305,6 +313,24 @@ def umap(
         **refined,
     )
     return open_store(location)
+
+
+def _write_components(location: str, ds: xr.Dataset, token: str) -> None:
+    """The model's loadings, as every gene's (0 for those not selected), and its variances, as
+    store variables beside the cells' ``X_pca``; nothing when the model has no PCA."""
+    model = _model_io.load_fitted(location, token)
+    if model.pca_components is None:
+        return
+    genes = np.flatnonzero(ds["selected"].values)
+    if len(genes) != model.pca_components.shape[1]:
+        raise RuntimeError("the fitted components do not match the selected genes")
+    loadings = np.zeros((ds.sizes["gene"], len(model.pca_components)), dtype=np.float32)
+    loadings[genes] = model.pca_components.T
+    variables = {"PCs": (("gene", "pc"), loadings)}
+    if model.pca_variance is not None:
+        variables["pca_variance"] = ("pc", model.pca_variance)
+        variables["pca_variance_ratio"] = ("pc", model.pca_variance_ratio)
+    write_variables(location, xr.Dataset(variables))
 
 
 def _fit_or_resume(
@@ -361,6 +387,12 @@ def _start(
     if ds.sizes.get("knn", k) != k:  # a re-embed with another k: the old graph goes
         _drop_arrays(location, ["knn_landmark", "knn_weight"])
         ds = ds.drop_vars(["knn_landmark", "knn_weight"])
+    n_pca = params["pca"] if 0 < params["pca"] < n_genes else 0  # as the model decides
+    if n_pca:
+        placeholders["X_pca"] = (("cell", "pc"), placeholder(n_pca, "f4"))
+    if stale := [name for name in PCA_VARIABLES if name in ds and n_pca != ds.sizes["pc"]]:
+        _drop_arrays(location, stale)  # an earlier run's components (another number, or none)
+        ds = ds.drop_vars(stale)
     if epochs:
         placeholders.update(_cell_graph_placeholders(placeholder))
     elif stale := [name for name in CELL_GRAPH if name in ds]:  # an earlier run's graph goes

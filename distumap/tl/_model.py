@@ -103,6 +103,11 @@ class LandmarkModel:
     repulsion_strength: float
     initial_alpha: float
     params: dict[str, Any] = field(default_factory=dict)
+    #: the variance of the fitted cells along each component, and its share of their total
+    #: (scikit-learn's explained_variance_ and explained_variance_ratio_; scanpy's
+    #: uns["pca"]), when the fit knew them
+    pca_variance: np.ndarray | None = None
+    pca_variance_ratio: np.ndarray | None = None
     # derived arrays, rebuilt after unpickling rather than stored
     _components_t: np.ndarray | None = field(init=False, repr=False, default=None)
     _mean_offset: np.ndarray | None = field(init=False, repr=False, default=None)
@@ -487,7 +492,7 @@ def fit_landmark_model(
     min_dist: float = 0.25,
     seed: int = 999,
     transform_epochs: int = 100,
-    pca: tuple[np.ndarray, np.ndarray] | None = None,
+    pca: tuple[np.ndarray, ...] | None = None,
 ) -> LandmarkModel:
     """Fit UMAP on the landmark cells and fix every constant the transform needs.
 
@@ -505,7 +510,8 @@ def fit_landmark_model(
         SGD epochs for every transformed cell, whatever the batch.
     pca
         A PCA fitted elsewhere (all cells: :mod:`distumap.tl._pca`), as its mean and
-        ``(n_pca, n_genes)`` components, used instead of one fitted on the landmarks.
+        ``(n_pca, n_genes)`` components (and optionally each component's variance and
+        variance ratio), used instead of one fitted on the landmarks.
 
     Returns
     -------
@@ -534,10 +540,10 @@ def fit_landmark_model(
     if use_pca and pca is None and n_pca > n_land:
         raise ValueError(f"n_pca={n_pca} exceeds the number of landmarks ({n_land})")
 
-    pca_mean = pca_components = None
+    pca_mean = pca_components = variance = None
     features = X
     if use_pca:
-        pca_mean, pca_components = _fit_pca(X, n_pca, seed) if pca is None else pca[:2]
+        pca_mean, pca_components, *variance = _fit_pca(X, n_pca, seed) if pca is None else pca
         pca_mean, pca_components, features = _project_landmarks(X, pca_mean, pca_components)
     reducer = _fit_umap(features, n_neighbors, min_dist, seed)
     model = LandmarkModel(
@@ -556,6 +562,10 @@ def fit_landmark_model(
         repulsion_strength=float(reducer.repulsion_strength),
         initial_alpha=float(reducer._initial_alpha),
     )
+    if variance:
+        model.pca_variance, model.pca_variance_ratio = (
+            np.asarray(v, dtype=np.float32) for v in variance
+        )
     weight_reference, mean_distance, n_calibration = _calibrate(model, seed)
     model.weight_reference = weight_reference
     model.mean_distance_reference = mean_distance
@@ -578,12 +588,12 @@ def fit_landmark_model(
     return model
 
 
-def _fit_pca(X: np.ndarray, n_pca: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """PCA fitted on the landmarks: its mean and components."""
+def _fit_pca(X: np.ndarray, n_pca: int, seed: int) -> tuple[np.ndarray, ...]:
+    """PCA fitted on the landmarks: its mean, components, variances and variance ratios."""
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=n_pca, random_state=seed).fit(X)
-    return pca.mean_, pca.components_
+    return pca.mean_, pca.components_, pca.explained_variance_, pca.explained_variance_ratio_
 
 
 def _project_landmarks(X: np.ndarray, mean: np.ndarray, components: np.ndarray):

@@ -50,6 +50,8 @@ def from_arrays(arrays: dict[str, np.ndarray], attrs: dict[str, Any], *, source:
     return LandmarkModel(
         pca_mean=arrays.get("pca_mean"),
         pca_components=arrays.get("pca_components"),
+        pca_variance=arrays.get("pca_variance"),
+        pca_variance_ratio=arrays.get("pca_variance_ratio"),
         landmark_features=arrays["landmark_features"],
         landmark_embedding=arrays["landmark_embedding"],
         params=dict(attrs.get("params", {})),

@@ -74,3 +74,10 @@ def pca_from_moments(
     largest = np.argmax(np.abs(components), axis=1)
     components *= np.sign(components[np.arange(len(components)), largest])[:, None]
     return mean, components, variances[order]
+
+
+def total_variance(moments: np.ndarray, n_cells: int) -> float:
+    """The summed variance of every gene (the covariance's trace) from
+    :func:`covariance_moments`: what a PCA's variance ratios are shares of."""
+    mean = moments[0] / n_cells
+    return float((np.diag(moments[1:]) - n_cells * mean**2).sum() / (n_cells - 1))

@@ -17,12 +17,16 @@ from distumap._format import (
     ANNDATA_GENE_IDS,
     ANNDATA_HVG_COLUMNS,
     ANNDATA_LANDMARK,
+    ANNDATA_LOADINGS,
+    ANNDATA_PCA,
     ANNDATA_REQUIRED,
+    ANNDATA_UNS_PCA,
     ANNDATA_UNS_RECORD,
     ANNDATA_UNS_UMAP,
     ANNDATA_ZERO_FRACTION,
     ATTR,
     ENCODINGS,
+    PCA_VARIABLES,
 )
 from distumap.io.writers._blocks import DEFLATE_LEVEL
 from distumap.io.writers._inputs import cell_metadata, require_variables, small_arrays
@@ -82,6 +86,8 @@ def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
         extra["gene_ids"] = ds.coords[ANNDATA_GENE_IDS].data
     # the scanpy recipe's per-gene statistics, under scanpy's var names
     extra.update({name: ds[name].data for name in ANNDATA_HVG_COLUMNS if name in ds})
+    # the embed's principal components, as scanpy.pp.pca keeps them
+    extra.update({name: ds[name].data for name in PCA_VARIABLES if name in ds})
     small: dict[str, Any] = small_arrays(ds, metadata, **extra)
     small["metadata"] = dict(zip(keys, metadata, strict=True))
     return small
@@ -267,6 +273,8 @@ def _mapping(el, parent, name: str, content: dict[str, Any]) -> None:
         key = _key(key)
         if isinstance(value, dict):
             _mapping(el, group, key, value)
+        elif isinstance(value, np.ndarray):
+            el.array(group, key, value)
         elif isinstance(value, str | bool | int | float | np.number | np.bool_):
             el.scalar(group, key, value)
         else:
@@ -306,9 +314,24 @@ def write_annotations(el, small: dict[str, Any], gene_index: np.ndarray, uns: di
     _dataframe(el, root, "var", small["gene"][gene_index], _var_columns(small, gene_index))
     obsm = el.group(root, "obsm")
     el.array(obsm, ANNDATA_EMBEDDING, small["X_umap"].astype(np.float32))
-    for name in ("varm", "obsp", "varp"):
+    varm = el.group(root, "varm")
+    if "X_pca" in small:
+        el.array(obsm, ANNDATA_PCA, small["X_pca"])
+        el.array(varm, ANNDATA_LOADINGS, small["PCs"][gene_index])
+        uns = {**uns, ANNDATA_UNS_PCA: _pca_record(small)}
+    for name in ("obsp", "varp"):
         el.group(root, name)
     _mapping(el, root, "uns", uns)
+
+
+def _pca_record(small: dict[str, Any]) -> dict[str, Any]:
+    """``uns["pca"]`` as scanpy.pp.pca writes it: its parameters, and the variance along each
+    component and its share of the total where the store has them (the fitted cells')."""
+    record: dict[str, Any] = {"params": {"zero_center": True, "use_highly_variable": False}}
+    for key, name in (("variance", "pca_variance"), ("variance_ratio", "pca_variance_ratio")):
+        if name in small:
+            record[key] = small[name]
+    return record
 
 
 def csr_group(el, parent, name: str, shape: tuple[int, int]):
