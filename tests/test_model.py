@@ -257,7 +257,8 @@ def test_load_never_unpickles(tmp_path):
 
 def test_model_layout_is_validated_on_load(model_pca, tmp_path):
     arrays, attrs = to_arrays(model_pca)
-    assert set(arrays) == {"landmark_features", "landmark_embedding", "pca_mean", "pca_components"}
+    pca = {"pca_mean", "pca_components", "pca_variance", "pca_variance_ratio"}
+    assert set(arrays) == {"landmark_features", "landmark_embedding", *pca}
     assert all(a.dtype == np.float32 for a in arrays.values())
     assert check_model(arrays, attrs) == []
     bad = dict(arrays, landmark_embedding=arrays["landmark_embedding"][:-1])
