@@ -2,7 +2,10 @@
 
 A task calls :func:`report` with the stage, the units it finished and the stage's total; the
 event lands in the scheduler's event log under :data:`TOPIC`, where the distumap dashboard page
-(``distumap.dashboard``) sums it up. Outside a worker the call does nothing.
+(``distumap.dashboard``) sums it up. A stage made of several steps (the embed's transform,
+graph and refinement; one export per file) names the step, which the page counts on its own
+row; :func:`report_status` says when a stage or a step starts and ends. Outside a worker and
+without a distributed client the calls do nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import numpy as np
 from distumap._compute import current_client
 from distumap._format import STAGES
 
-__all__ = ["MAX_POINTS", "POINTS_TOPIC", "STAGES", "TOPIC", "report", "send_points"]
+__all__ = [
+    "MAX_POINTS",
+    "POINTS_TOPIC",
+    "STAGES",
+    "STATUSES",
+    "TOPIC",
+    "report",
+    "report_status",
+    "send_points",
+]
 
 TOPIC = "distumap-progress"
 
@@ -27,13 +39,55 @@ POINTS_TOPIC = "distumap-points"
 MAX_POINTS = 20_000
 
 
-def report(stage: str, done: int, total: int, *, block: int | None = None) -> None:
+#: what :func:`report_status` says of a stage or a step
+STATUSES = ("started", "complete", "failed")
+
+
+def report(
+    stage: str,
+    done: int,
+    total: int,
+    *,
+    block: int | None = None,
+    step: str | None = None,
+    per_unit: int | None = None,
+) -> None:
     """Log that ``done`` more units of ``stage`` (out of ``total``) finished.
+
+    ``step`` names the step of the stage they belong to (``"transform"`` of ``"embed"``),
+    counted apart from the stage's other steps; ``per_unit`` says how many of them make one
+    unit that the page shows (the cells of one refinement epoch, which counts cells).
 
     From inside a task the event goes through the worker; elsewhere through the current
     distributed client, if there is one. Without either, nothing happens.
     """
-    message = {"stage": stage, "done": int(done), "total": int(total), "block": block}
+    message: dict[str, Any] = {
+        "stage": stage,
+        "done": int(done),
+        "total": int(total),
+        "block": block,
+    }
+    if step is not None:
+        message["step"] = str(step)
+    if per_unit is not None:
+        message["per_unit"] = int(per_unit)
+    _log(message)
+
+
+def report_status(stage: str, status: str, *, step: str | None = None) -> None:
+    """Log that ``stage`` (or its ``step``) has ``"started"``, is ``"complete"`` or has
+    ``"failed"``: the page shows it running from start to end, whatever its blocks say."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    # done, total and block as in every event, so that readers of the topic need no case
+    message: dict[str, Any] = {"stage": stage, "status": status, "done": 0, "total": 0}
+    message["block"] = None
+    if step is not None:
+        message["step"] = str(step)
+    _log(message)
+
+
+def _log(message: dict[str, Any]) -> None:
     try:
         from distributed import get_worker
 

@@ -55,10 +55,21 @@ from distumap._store import (
 __all__ = ["Stage", "StagePass", "mark_block", "returning_input_errors", "run_block"]
 
 
-def mark_block(store: str, stage: str, block: int, units: int, total: int) -> None:
-    """Mark ``block`` of ``stage`` written and report ``units`` of progress."""
+def mark_block(
+    store: str,
+    stage: str,
+    block: int,
+    units: int,
+    total: int,
+    *,
+    step: str | None = None,
+    per_unit: int | None = None,
+) -> None:
+    """Mark ``block`` of ``stage`` written and report ``units`` of progress (of ``step``, when
+    the markers serve several steps: see :func:`distumap._progress.report`)."""
     progress_array(store, stage)[block] = True
-    _progress.report(stage, units, total, block=block)
+    named = {"step": step, "per_unit": per_unit}
+    _progress.report(stage, units, total, block=block, **{k: v for k, v in named.items() if v})
 
 
 def returning_input_errors(function: Callable[..., Any], *args, **kwargs) -> Any:
@@ -78,6 +89,8 @@ def run_block(
     stage: str,
     block: int,
     total: int,
+    step: str | None = None,
+    per_unit: int | None = None,
 ) -> int | InputError:
     """Run ``function(*args, **kwargs)`` as block ``block`` of ``stage``: skipped when its
     marker is set, marked once it has written."""
@@ -86,7 +99,7 @@ def run_block(
     units = returning_input_errors(function, *args, **kwargs)
     if isinstance(units, InputError):
         return units
-    mark_block(store, stage, block, int(units), total)
+    mark_block(store, stage, block, int(units), total, step=step, per_unit=per_unit)
     return int(units)
 
 
@@ -130,12 +143,16 @@ class _Blocks:
         key: str,
         label: str,
         total: int,
+        step: str | None = None,
+        per_unit: int | None = None,
     ) -> int:
         """Run ``function(*args, **kwargs)`` for each ``block: (args, kwargs)`` in ``calls``.
 
         Each task is named ``<key>-<token>-<block>`` so the dashboard shows the stage; a block
-        already marked is skipped on the worker. Raises the earliest block's InputError, and
-        RuntimeError if a block was left unmarked. Returns the units done.
+        already marked is skipped on the worker. ``total``, ``step`` and ``per_unit`` are what
+        each block's progress event says (:func:`distumap._progress.report`). Raises the
+        earliest block's InputError, and RuntimeError if a block was left unmarked. Returns
+        the units done.
         """
         token = self._token()
         tasks = [
@@ -147,6 +164,8 @@ class _Blocks:
                 stage=self.markers,
                 block=block,
                 total=total,
+                step=step,
+                per_unit=per_unit,
                 dask_key_name=f"{key}-{token}-{block}",
             )
             for block, (args, kwargs) in sorted(calls.items())
@@ -255,6 +274,7 @@ class Stage(_Blocks):
         if n_blocks is not None:
             create_progress(self.store, self.markers, np.zeros(n_blocks, dtype=bool), chunks=1)
         self.record = stage_record(self.store, self.name)
+        _progress.report_status(self.name, "started")  # the page starts the stage's rows anew
 
     def pass_(self, markers: str) -> StagePass:
         """One pass of this stage, with its own block markers ``_progress/<markers>`` (and
@@ -268,6 +288,7 @@ class Stage(_Blocks):
         info = {**kept, **info, "seconds": seconds}
         mark_stage(self.store, self.name, "complete", self.params, **info)
         self.record = stage_record(self.store, self.name)
+        _progress.report_status(self.name, "complete")
         release_worker_memory()  # the next stage starts from what the workers hold, not a peak
 
 

@@ -445,6 +445,7 @@ def _ingest(args: argparse.Namespace, inputs: list[str], store: str, metadata: s
 
 def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, out: str) -> None:
     from distumap import io, pl, pp, tl
+    from distumap._progress import report, report_status
     from distumap.io.writers import writer_named
 
     store, files = _outputs(out, args.formats)
@@ -459,8 +460,17 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     ds = pp.preprocess(ds, **_preprocess_kwargs(args))
 
     def pictures(ds) -> None:
-        pl.umap(ds, color=color, path=png)
-        pl.umap_html(ds, color=color, path=html)
+        # drawn here, not in tasks: the dashboard hears of each picture from this process
+        report_status("pictures", "started")
+        try:
+            pl.umap(ds, color=color, path=png)
+            report("pictures", 1, len(RUN_PICTURES), block=0)
+            pl.umap_html(ds, color=color, path=html)
+            report("pictures", 1, len(RUN_PICTURES), block=1)
+        except BaseException:
+            report_status("pictures", "failed")
+            raise
+        report_status("pictures", "complete")
 
     # each export has one writer, on this process: the loom's waits on the workers (which
     # deflate its chunks), the h5ad's on its own deflate and the pictures on this process,

@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import pytest
 from conftest import start_loopback_cluster, stop_loopback_cluster
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from distumap import _progress
 from distumap._progress import POINTS_TOPIC, send_points
@@ -83,7 +84,10 @@ def test_counting_rules():
     plugin.log_event(_progress.TOPIC, "not a dict")
 
     stages = plugin.snapshot()["stages"]
-    assert list(stages)[:4] == ["ingest", "preprocess", "embed", "export"]
+    # the stages in the order a run executes them; the embed's steps under it, listed before
+    # they begin, except the optional ones
+    assert list(stages) == ["ingest", "preprocess", "embed", "fit", "transform", "export"]
+    assert [stages[key]["stage"] for key in ("fit", "transform")] == ["embed", "embed"]
     assert (stages["ingest"]["done"], stages["ingest"]["total"]) == (3072, 4096)
     assert stages["ingest"]["fraction"] == pytest.approx(0.75)
     assert stages["ingest"]["unit"] == "cells ingested"
@@ -151,16 +155,84 @@ def test_rate_and_time_left():
 def test_stage_time_starts_with_its_first_task():
     plugin = ProgressDashboard()
     plugin.transition("umap-transform-abc-0", "waiting", "processing", stimulus_id="s")
-    first = plugin.first_task["embed"]
-    plugin._count({"stage": "embed", "done": 5, "total": 10, "block": 0}, first + 3)
-    assert plugin.snapshot()["stages"]["embed"]["started"] == first
-    # tasks of a running stage do not move its start; tuple keys are read by their name
+    first = plugin.first_task["transform"]
+    event = {"stage": "embed", "step": "transform", "done": 5, "total": 10, "block": 0}
+    plugin._count(event, first + 3)
+    stages = plugin.snapshot()["stages"]
+    assert stages["transform"]["started"] == first
+    assert stages["embed"]["started"] == first  # the stage's time starts with its steps'
+    # tasks of a running step do not move its start; tuple keys are read by their name
     plugin.transition(("umap-transform-abc", 1), "waiting", "processing", stimulus_id="s")
-    assert "embed" not in plugin.first_task
+    assert "transform" not in plugin.first_task
+    # a file's blocks and its graph's are steps of the export, each with its own clock
     plugin.transition(("h5ad-block-abc", 0), "waiting", "processing", stimulus_id="s")
-    assert "export" in plugin.first_task
+    plugin.transition(("h5ad-graph-block-abc", 0), "waiting", "processing", stimulus_id="s")
+    assert {"h5ad", "h5ad-graph"} <= set(plugin.first_task)
+    assert plugin.snapshot()["stages"]["export"]["current"] in ("h5ad", "graph to h5ad")
     plugin.transition(("other-key", 0), "waiting", "processing", stimulus_id="s")
     plugin.transition(42, "waiting", "processing", stimulus_id="s")
+
+
+def _event(stage, done, total, block=None, **named):
+    return {"stage": stage, "done": done, "total": total, "block": block, **named}
+
+
+def test_steps_their_statuses_and_the_stage_they_belong_to():
+    plugin = ProgressDashboard()
+    topic = _progress.TOPIC
+    plugin.log_event(topic, {"stage": "embed", "status": "started"})
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["embed"]["text"] == "running" and "refine" not in rows  # optional: not begun
+    # the PCA of all cells, counted from its tasks: the group the scheduler shows, then those
+    # that finished (the sums after it are not its tasks)
+    GRAM = "pca-all-gram-" + uuid.uuid4().hex  # a token, as dask names them
+    for i in range(3):
+        plugin.transition((GRAM, i, 0, 0), "released", "waiting", stimulus_id="s")
+    plugin.transition((GRAM, 0, 0, 0), "waiting", "processing", stimulus_id="s")
+    plugin.transition((GRAM, 0, 0, 0), "processing", "memory", stimulus_id="s")
+    plugin.transition(
+        (GRAM.replace("gram-", "gram-partial-"), 0), "released", "waiting", stimulus_id="s"
+    )
+    snapshot = plugin.snapshot()
+    assert (snapshot["stages"]["pca"]["done"], snapshot["stages"]["pca"]["total"]) == (1, 3)
+    rows = {row["key"]: row for row in stage_rows(snapshot)}
+    assert rows["pca"]["text"] == "1 of 3 blocks" and rows["pca"]["parent"] == "embed"
+    assert rows["embed"]["text"] == "running: PCA of all cells"
+    for i in (1, 2):
+        plugin.transition((GRAM, i, 0, 0), "waiting", "processing", stimulus_id="s")
+        plugin.transition((GRAM, i, 0, 0), "processing", "memory", stimulus_id="s")
+    assert plugin.snapshot()["stages"]["pca"]["state"] == "done"
+    # epochs count cells, and show epochs: 1,000 cells an epoch, two tasks of 500
+    for block in range(3):
+        plugin.log_event(
+            topic, _event("embed-refine", 500, 3000, block, step="refine", per_unit=1000)
+        )
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["refine"]["text"] == "1 of 3 epochs" and rows["refine"]["fraction"] == 0.5
+    assert rows["embed"]["text"] == "running: refinement"  # the step that began last
+    assert list(rows).index("refine") > list(rows).index("transform")
+    # the last epoch writes the stage's own markers: same block numbers, other blocks
+    for block in range(3):
+        plugin.log_event(topic, _event("embed", 500, 3000, block, step="refine", per_unit=1000))
+    assert plugin.snapshot()["stages"]["refine"]["done"] == 3000
+    plugin.log_event(topic, {"stage": "embed", "status": "complete"})
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["embed"]["state"] == "done" and rows["refine"]["text"] == "3 of 3 epochs"
+
+    # a file's row runs from its start to its end, after its last block too
+    plugin.log_event(topic, {"stage": "export", "status": "started", "step": "h5ad"})
+    plugin.log_event(topic, _event("export", 1, 1, 0, step="h5ad"))
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["h5ad"]["state"] == "running" and rows["export"]["text"] == "running: h5ad"
+    assert rows["h5ad"]["detail"] == "every block written; not finished yet"
+    plugin.log_event(topic, {"stage": "export", "status": "failed", "step": "h5ad"})
+    rows = {row["key"]: row for row in stage_rows(plugin.snapshot())}
+    assert rows["h5ad"]["state"] == rows["export"]["state"] == "failed"
+    # a new run of the embed starts its steps again
+    plugin.log_event(topic, {"stage": "embed", "status": "started"})
+    stages = plugin.snapshot()["stages"]
+    assert "refine" not in stages and "pca" not in stages
+    assert stages["embed"]["state"] == "running" and stages["fit"]["state"] == "idle"
 
 
 def test_fit_state_from_the_scheduler_transitions():
@@ -395,3 +467,103 @@ def test_install_on_embedded_cluster(local_client):
 def _finished_loom_blocks(dask_scheduler) -> int:
     prefix = dask_scheduler.task_prefixes.get("loom-block")
     return prefix.state_counts.get("memory", 0) if prefix is not None else 0
+
+
+class _RowsAtEachStepEvent(SchedulerPlugin):
+    """A scheduler plugin beside the page's: at every progress event of a step of the embed,
+    the page's rows as they are then (the page's plugin, added first, has counted it)."""
+
+    name = "distumap-dashboard-test-recorder"
+    _EMBED_STEPS = frozenset({"pca", "transform", "graph", "refine"})
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.seen: list[tuple[str, list[dict]]] = []
+
+    def log_event(self, topic: str, msg) -> None:
+        step = msg.get("step") if topic == _progress.TOPIC and isinstance(msg, dict) else None
+        if step in self._EMBED_STEPS and msg.get("status") is None:
+            self.seen.append((step, stage_rows(self.page.snapshot())))
+
+
+#: the page's rows of a refined embed with the PCA of all cells and an h5ad export, in the
+#: order the run executes them: (key, name, the stage it belongs to, unit)
+_EXECUTED = [
+    ("ingest", "ingest", None, "cells ingested"),
+    ("preprocess", "preprocess", None, "genes kept"),
+    ("select", "selected genes copied", "preprocess", "cells"),
+    ("embed", "embed", None, "cells embedded"),
+    ("pca", "PCA of all cells", "embed", "blocks"),
+    ("fit", "UMAP fit", "embed", "steps"),
+    ("transform", "transform", "embed", "cells"),
+    ("graph", "graph of all cells", "embed", "cells"),
+    ("refine", "refinement", "embed", "epochs"),
+    ("export", "export", None, "blocks exported"),
+    ("h5ad-graph", "graph to h5ad", "export", "blocks"),
+    ("h5ad", "h5ad", "export", "blocks"),
+]
+
+
+@pytest.mark.slow
+def test_a_run_names_each_step_as_it_runs(local_client, tmp_path):
+    """A real run on the embedded cluster: the refinement runs under the embed (which says so
+    while it runs), each step on its own row with its own unit, in the order they ran."""
+    from distumap import io, pp, tl
+    from distumap.testing import SyntheticSpec, write_dataset
+
+    client = local_client
+    scheduler = client.cluster.scheduler  # the embedded cluster's scheduler: this process
+    page = scheduler.plugins["distumap-dashboard"]
+    recorder = _RowsAtEachStepEvent(page)
+    scheduler.add_plugin(recorder, name=recorder.name)
+    try:
+        matrix, metadata = write_dataset(tmp_path / "data", SyntheticSpec(800, 150, seed=11))
+        ds = io.read_csv(matrix, tmp_path / "store.zarr", metadata=metadata, chunk_cells=200)
+        ds = pp.preprocess(ds)
+        ds = tl.umap(ds, landmarks=200, pca=8, pca_fit="all", refine_epochs=3, n_neighbors=10)
+        io.write(ds, tmp_path / "embedding.h5ad")
+    finally:
+        scheduler.remove_plugin(name=recorder.name)
+
+    # while the embed's steps ran, the embed was running, and said which step ran
+    by_step = {}
+    for step, rows in recorder.seen:
+        by_step.setdefault(step, []).append({row["key"]: row for row in rows})
+    assert set(by_step) == {"transform", "graph", "refine"}
+    for step, snapshots in by_step.items():
+        for rows in snapshots:
+            assert rows["embed"]["state"] == "running", (step, rows["embed"])
+            assert rows[step]["parent"] == "embed"
+    during = [rows["embed"]["text"] for rows in by_step["refine"]]
+    assert "running: refinement" in during, during
+    first = by_step["refine"][0]
+    assert first["refine"]["text"] == "1 of 3 epochs"  # one task per epoch at 800 cells
+    assert first["refine"]["state"] == "running" and first["refine"]["fraction"] == pytest.approx(
+        1 / 3
+    )
+
+    # once done, the page lists the steps in the order they ran, as what they are
+    data = _wait_for(
+        _base(client.dashboard_link),
+        lambda d: d["stages"].get("h5ad", {}).get("state") == "done",
+    )
+    stages = data["stages"]
+    listed = [key for key in stages if key in {key for key, *_ in _EXECUTED}]
+    assert listed == [key for key, *_ in _EXECUTED]
+    for key, name, parent, unit in _EXECUTED:
+        assert (stages[key]["name"], stages[key]["stage"], stages[key]["unit"]) == (
+            name,
+            parent,
+            unit,
+        ), key
+    assert stages["pca"]["done"] == stages["pca"]["total"] == 4  # four blocks of 200 cells
+    assert (stages["refine"]["done"], stages["refine"]["per_unit"]) == (3 * 800, 800)
+    rows = {row["key"]: row for row in stage_rows(data)}
+    assert rows["embed"]["state"] == "done" and rows["embed"]["text"] == "done"
+    # (the export's own state also depends on earlier tests' tasks on this shared cluster)
+    assert rows["h5ad"]["state"] == rows["h5ad-graph"]["state"] == "done"
+    assert rows["export"]["state"] != "idle"
+    assert rows["refine"]["text"] == "3 of 3 epochs"
+    assert rows["transform"]["text"] == "800 of 800 cells"
+    assert rows["pca"]["text"] == "4 of 4 blocks"
+    assert not [key for key, *_ in _EXECUTED if "units" in rows[key]["text"]]

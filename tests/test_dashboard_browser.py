@@ -10,7 +10,9 @@ the browser, its driver or selenium is missing.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import threading
 import time
@@ -107,6 +109,12 @@ def _wait_for_document(driver, predicate, timeout: float, seen: list[str] | None
     raise AssertionError(f"the page did not get there in {timeout} s; last state: {state}")
 
 
+def _row_text(table: str, row_id: str) -> str | None:
+    """The text cell of one row of the stage table (its HTML, as the document holds it)."""
+    match = re.search(rf'<tr id="{re.escape(row_id)}">.*?<td class="text"[^>]*>(.*?)</td>', table)
+    return html.unescape(match.group(1)) if match else None
+
+
 def _coloured_pixels(png: bytes) -> int:
     """Pixels of a screenshot in a saturated colour (points, not text, axes or background)."""
     import io
@@ -157,7 +165,7 @@ def test_page_in_headless_chromium_during_a_run(tmp_path):
             run.start()
             # the page follows the run live, over Bokeh's websocket, without a reload
             _wait_for_document(
-                driver, lambda s: "3,000 of 3,000 cells embedded" in s["stages"], 400, seen
+                driver, lambda s: _row_text(s["stages"], "stage-embed") == "done", 400, seen
             )
             run.join(timeout=60)
             assert not errors, errors
@@ -168,6 +176,12 @@ def test_page_in_headless_chromium_during_a_run(tmp_path):
 
         stages = state["stages"]
         assert "3,000 of 3,000 cells ingested" in stages
+        # the embed's steps under it, each in its own unit
+        assert _row_text(stages, "stage-transform") == "3,000 of 3,000 cells"
+        assert _row_text(stages, "stage-refine").endswith(" epochs")
+        # the embed runs while its steps do (test_dashboard checks which, event by event)
+        embed_texts = {_row_text(text, "stage-embed") for text in seen}
+        assert any(text.startswith("running: ") for text in embed_texts if text), embed_texts
         assert "genes kept" in stages and "of 2,000 genes kept" in stages
         assert "done in" in stages  # the UMAP fit's time, and the stages' times
         assert any("running" in text for text in seen), "never saw a stage running"

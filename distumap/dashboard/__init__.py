@@ -3,10 +3,14 @@
 Tasks log events to the scheduler; a scheduler plugin keeps small running sums of them and serves
 
 - ``/distumap``: a Bokeh page, built and served like Dask's own pages (same Bokeh server
-  factory, template, theme and navigation bar, where it is listed as "Distumap"): per stage the
-  units done of the total with rate and time left (genes kept is a result, shown as a number),
-  the UMAP fit's state and run time from the scheduler's task state, and a bounded, evenly
-  subsampled scatter of the embedding that grows as transform blocks finish;
+  factory, template, theme and navigation bar, where it is listed as "Distumap"): a row per
+  stage and, under it, a row per step (:data:`STEPS`, in the order a run executes them; an
+  optional step such as the PCA of all cells once it has begun), each with what it has done of
+  its total in its own unit (cells, blocks, epochs, pictures), rate and time left (genes kept
+  is a result, shown as a number); a stage made of steps says which one runs (the embed is
+  running while its refinement is); the UMAP fit's state and run time from the scheduler's
+  task state; and a bounded, evenly subsampled scatter of the embedding that grows as
+  transform blocks finish;
 - ``/distumap/progress.json``: the same numbers as JSON.
 
 Two topics feed it: :data:`distumap._progress.TOPIC` (``{"stage", "done", "total", "block"}``,
@@ -23,11 +27,16 @@ Two ways to install it:
 - an existing cluster, e.g. the embedded ``LocalCluster`` of :func:`distumap.connect`:
   ``distumap.dashboard.install(client)``, which registers the same plugin from the client.
 
-Counting rules: an event that names a ``block`` sets that block's count (a retried or re-run
-block is not counted twice); an event without a block adds to the stage, except for a stage
-whose number is a result (``preprocess``: genes kept), which takes the latest value. A stage
-restarts from zero when an event brings a different ``total`` (a new run on a long-lived
-cluster).
+Counting rules: an event counts towards its ``step`` if it names one (``"transform"``,
+``"refine"``, ``"h5ad"``, ...), else towards its ``stage``. An event that names a ``block``
+sets that block's count (a retried or re-run block is not counted twice); an event without a
+block adds to the stage, except for a stage whose number is a result (``preprocess``: genes
+kept), which takes the latest value. A stage or step restarts from zero when an event brings a
+different ``total`` (a new run on a long-lived cluster), and a stage's ``"started"`` status
+(:func:`distumap._progress.report_status`) starts its steps anew. A status says when a stage or
+step runs, whatever its blocks say (an export file is open after its last block). A step
+without events (the PCA of all cells) counts the tasks of its latest task group that finished,
+out of those the scheduler has seen.
 
 This package imports cheaply (Bokeh only when the page is built, on the scheduler), so a task
 may call :func:`distumap._progress.send_points` from a fresh worker process.
@@ -45,8 +54,10 @@ from distumap.dashboard._state import (
     PLUGIN_NAME,
     RESULT_STAGES,
     STAGE_TASKS,
+    STEPS,
     TASK_PREFIXES,
     TASK_STATES,
+    Step,
 )
 
 __all__ = [
@@ -58,10 +69,12 @@ __all__ = [
     "RESULT_STAGES",
     "ROUTE",
     "STAGE_TASKS",
+    "STEPS",
     "TASK_PREFIXES",
     "TASK_STATES",
     "UPDATE_MS",
     "ProgressDashboard",
+    "Step",
     "dask_setup",
     "format_duration",
     "install",

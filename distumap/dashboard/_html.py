@@ -7,8 +7,6 @@ import html
 import time
 from typing import Any
 
-from distumap.dashboard._state import FIT_STAGE
-
 #: where the page lives on the dashboard server (the JSON is at ``ROUTE + "/progress.json"``)
 ROUTE = "/distumap"
 
@@ -27,54 +25,100 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _format_rate(rate: float, unit: str) -> str:
+def _format_rate(rate: float, unit: str, per_unit: int = 1) -> str:
+    """``1,234 cells/s``; below one unit a second, the time one takes (``2.5 s per epoch``)."""
     what = unit.split()[0]  # "cells ingested" -> cells
+    rate = rate / max(per_unit, 1)
+    if rate < 1:
+        return f"{format_duration(1 / rate)} per {what.removesuffix('s')}"
     shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
     return f"{shown} {what}/s"
 
 
 def stage_rows(snapshot: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
-    """One row per stage for the page: ``stage``, ``text`` (what is done), ``fraction`` (None
-    for results and the fit: no bar), ``detail`` (rate and time left, or time taken)."""
+    """One row per stage and step, in the snapshot's order (the order a run executes them):
+    ``key``, ``stage`` (its name), ``parent`` (the stage a step belongs to, or None),
+    ``state``, ``text`` (what is done), ``fraction`` (None for results, the fit and stages
+    made of steps: no bar) and ``detail`` (rate and time left, or time taken)."""
     now = time.time() if now is None else now
     rows = []
-    for stage, info in snapshot["stages"].items():
-        if stage == FIT_STAGE:
-            continue  # shown in the fit's row
-        if stage == "embed":
-            rows.append(_fit_row(snapshot.get("fit") or {}, now))
-        rows.append(_stage_row(stage, info, snapshot.get("tasks", {})))
+    tasks = snapshot.get("tasks", {})
+    for key, info in snapshot["stages"].items():
+        if info.get("kind") == "task":
+            row = _fit_row(snapshot.get("fit") or {}, now)
+        elif info["kind"] == "progress" and not info["total"] and _has_steps(snapshot, key):
+            row = _parent_row(info)
+        else:
+            row = _stage_row(info, tasks)
+        row.update(key=key, stage=info.get("name", key), parent=info.get("stage"))
+        rows.append(row)
     return rows
 
 
-def _stage_row(stage: str, info: dict[str, Any], tasks: dict[str, Any]) -> dict[str, Any]:
+def _has_steps(snapshot: dict[str, Any], key: str) -> bool:
+    return any(info.get("stage") == key for info in snapshot["stages"].values())
+
+
+def _took(info: dict[str, Any]) -> str:
+    took = (info["updated"] or 0) - (info["started"] or 0)
+    return f"done in {format_duration(took)}" if info["started"] and took > 0 else "done"
+
+
+def _parent_row(info: dict[str, Any]) -> dict[str, Any]:
+    """A stage made of steps (the embed, the exports): which step runs, or how long it took."""
+    state, current = info["state"], info.get("current")
+    row = {"fraction": None, "detail": "", "state": state}
+    if state == "running":
+        row["text"] = f"running: {current}" if current else "running"
+        if current and info.get("seconds_left") is not None:
+            row["detail"] = f"about {format_duration(info['seconds_left'])} left in {current}"
+    elif state == "done":
+        row["text"] = "done"
+        row["detail"] = _took(info)
+    elif state == "failed":
+        row["text"] = "failed"
+    else:
+        row["text"] = "not started"
+    return row
+
+
+def _stage_row(info: dict[str, Any], tasks: dict[str, Any]) -> dict[str, Any]:
     unit, done, total = info["unit"], info["done"], info["total"]
-    row = {"key": stage, "stage": stage, "fraction": None, "detail": "", "state": "idle"}
+    per_unit = info.get("per_unit") or 1
+    state = info.get("state") or ("done" if info["complete"] else "idle")
+    row = {"fraction": None, "detail": "", "state": state}
     if info["kind"] == "result":
-        if info["updated"] is None:
-            running = tasks.get("gene-stats", {}).get("processing", 0)
-            row["text"] = "gene statistics running" if running else "not started"
-            row["state"] = "running" if running else "idle"
-        else:
+        if info["updated"] is not None and info["complete"]:
             row["text"] = f"{done:,} of {total:,} {unit}"
             row["state"] = "done"
+        elif state == "running" or tasks.get("gene-stats", {}).get("processing", 0):
+            current = info.get("current")
+            row["text"] = f"running: {current}" if current else "gene statistics running"
+            row["state"] = "running"
+        else:
+            row["text"] = "not started"
+            row["state"] = "idle"
         return row
     if not total:
-        row["text"] = "not started"
+        row["text"] = {"running": "started", "failed": "failed", "done": "done"}.get(
+            state, "not started"
+        )
         return row
-    row["text"] = f"{done:,} of {total:,} {unit}"
+    row["text"] = f"{done // per_unit:,} of {total // per_unit:,} {unit}"
     row["fraction"] = info["fraction"]
     rate = info.get("rate")
-    if info["complete"]:
-        row["state"] = "done"
-        took = (info["updated"] or 0) - (info["started"] or 0)
-        parts = [f"done in {format_duration(took)}"] if took > 0 else ["done"]
+    if state == "done":
+        parts = [_took(info)]
         if rate:
-            parts.append(f"{_format_rate(rate, unit)} on average")
+            parts.append(f"{_format_rate(rate, unit, per_unit)} on average")
         row["detail"] = " · ".join(parts)
+    elif state == "failed":
+        row["detail"] = "failed"
+    elif info["complete"]:  # every block written, the step not ended (a file being closed)
+        row["detail"] = "every block written; not finished yet"
     else:
         row["state"] = "running"
-        parts = [_format_rate(rate, unit)] if rate else ["measuring rate"]
+        parts = [_format_rate(rate, unit, per_unit)] if rate else ["measuring rate"]
         if info.get("seconds_left") is not None:
             parts.append(f"about {format_duration(info['seconds_left'])} left")
         row["detail"] = " · ".join(parts)
@@ -84,7 +128,7 @@ def _stage_row(stage: str, info: dict[str, Any], tasks: dict[str, Any]) -> dict[
 def _fit_row(fit: dict[str, Any], now: float) -> dict[str, Any]:
     state = fit.get("state", "not started")
     seconds = fit.get("seconds")
-    row = {"key": FIT_STAGE, "stage": "UMAP fit", "fraction": None, "detail": "", "state": "idle"}
+    row = {"fraction": None, "detail": "", "state": "idle"}
     if state == "running":
         row["state"] = "running"
         row["text"] = "running" + (f" for {format_duration(seconds)}" if seconds else "")
@@ -95,7 +139,7 @@ def _fit_row(fit: dict[str, Any], now: float) -> dict[str, Any]:
         row["state"] = "failed"
         row["text"] = "failed" + (f" after {format_duration(seconds)}" if seconds else "")
     else:
-        row["text"] = {"waiting": "waiting for a worker", "stopped": "stopped"}.get(
+        row["text"] = {"waiting": "waiting to start", "stopped": "stopped"}.get(
             state, "not started"
         )
     if fit.get("steps_total"):
@@ -124,9 +168,15 @@ def render_table(snapshot: dict[str, Any], now: float | None = None) -> str:
                 f"</div></div>"
             )
         color = _STATE_COLORS.get(row["state"], "#999")
+        # a step sits under its stage, indented and not bold
+        name_style = (
+            "padding:0.3em 0.8em 0.3em 2em"
+            if row.get("parent")
+            else ("padding:0.3em 0.8em;font-weight:bold")
+        )
         body.append(
             f'<tr id="stage-{esc(row["key"])}">'
-            f'<td style="padding:0.3em 0.8em;font-weight:bold;color:{color}">'
+            f'<td style="{name_style};color:{color}">'
             f"{esc(row['stage'])}</td>"
             f'<td class="text" style="padding:0.3em 0.8em">{esc(row["text"])}</td>'
             f'<td style="padding:0.3em 0.8em">{bar}</td>'

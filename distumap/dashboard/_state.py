@@ -1,6 +1,7 @@
-"""What the scheduler keeps: per stage the running count of distumap's progress events, the
-UMAP fit's state from the scheduler's task transitions, and a bounded sample of the embedding's
-points, by the counting rules that :mod:`distumap.dashboard` states.
+"""What the scheduler keeps: per stage and per step the running count of distumap's progress
+events, the UMAP fit's state and the steps counted by their tasks from the scheduler's task
+transitions, and a bounded sample of the embedding's points, by the counting rules that
+:mod:`distumap.dashboard` states.
 
 No Bokeh, no HTTP: the scheduler plugin and the pages build on it.
 """
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
+
+from dask.utils import key_split
 
 from distumap._palette import MISSING_COLOR, MISSING_LABEL, palette
 from distumap._progress import POINTS_TOPIC, STAGES, TOPIC
@@ -35,6 +39,7 @@ TASK_PREFIXES = (
     "read-mex-gzip",
     "gene-stats",
     "select-genes",
+    "pca-all-gram",
     "umap-fit",
     "umap-transform",
     "umap-refine-knn",
@@ -75,7 +80,74 @@ STAGE_TASKS = {
     "embed": ("umap-transform", "umap-refine"),
     "export": ("loom-block", "loom-graph-block", "h5ad-block", "h5ad-graph", "anndata-zarr"),
 }
-_WATCHED = (FIT_PREFIX, *(prefix for prefixes in STAGE_TASKS.values() for prefix in prefixes))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the page: a stage, or a step of one (``stage`` names it).
+
+    ``key`` is what progress events name it by (their ``step``, else their ``stage``);
+    ``unit`` what its numbers count; ``optional`` steps are listed once they have begun (the
+    PCA of all cells runs only when asked); the first task whose key starts with one of
+    ``tasks`` starts its clock, and a step ``counted`` by its tasks (no events) is as far as
+    those of its latest task group that finished. ``kind``: ``"progress"``, ``"result"`` (a
+    number, not a fraction) or ``"task"`` (the UMAP fit: one task, its state).
+    """
+
+    key: str
+    name: str
+    unit: str
+    stage: str | None = None
+    optional: bool = False
+    tasks: tuple[str, ...] = ()
+    counted: bool = False
+    kind: str = "progress"
+
+
+#: the page's rows in the order a run executes them (``distumap run``'s exports write their
+#: count blocks beside the embed, and add the graph and the embedding after it)
+STEPS: tuple[Step, ...] = (
+    Step("ingest", "ingest", STAGES["ingest"], tasks=STAGE_TASKS["ingest"]),
+    Step("ingest_genes", "gene blocks read", "genes", "ingest", optional=True),
+    Step("sort-csc", "CSC entries sorted by cell", "entries", "ingest", optional=True),
+    Step("preprocess", "preprocess", STAGES["preprocess"], kind="result", tasks=("gene-stats",)),
+    Step("select", "selected genes copied", "cells", "preprocess", True, ("select-genes",)),
+    Step("embed", "embed", STAGES["embed"]),
+    Step("pca", "PCA of all cells", "blocks", "embed", True, ("pca-all-gram",), True),
+    Step("fit", "UMAP fit", "steps", "embed", tasks=(FIT_PREFIX,), kind="task"),
+    Step("transform", "transform", "cells", "embed", tasks=("umap-transform",)),
+    Step("graph", "graph of all cells", "cells", "embed", True, ("umap-refine-knn",)),
+    Step("refine", "refinement", "epochs", "embed", True, ("umap-refine-epoch",)),
+    Step("export", "export", STAGES["export"]),
+    Step("h5ad-graph", "graph to h5ad", "blocks", "export", True, ("h5ad-graph",)),
+    Step(
+        "anndata-zarr-graph",
+        "graph to AnnData zarr",
+        "blocks",
+        "export",
+        True,
+        ("anndata-zarr-graph",),
+    ),
+    Step("loom", "loom", "blocks", "export", True, ("loom-block", "loom-graph-block")),
+    Step("h5ad", "h5ad", "blocks", "export", True, ("h5ad-block",)),
+    Step(
+        "anndata-zarr",
+        "AnnData zarr",
+        "blocks",
+        "export",
+        True,
+        ("anndata-zarr-block", "anndata-zarr-edge", "anndata-zarr-done"),
+    ),
+    Step("pictures", "pictures", "pictures", optional=True),
+)
+STEP_BY_KEY = {step.key: step for step in STEPS}
+
+#: (task key prefix, step), longest prefix first: ``h5ad-graph`` before ``h5ad``
+_TASK_STEPS = sorted(
+    ((prefix, step) for step in STEPS for prefix in step.tasks),
+    key=lambda item: -len(item[0]),
+)
+_WATCHED = tuple(prefix for prefix, _ in _TASK_STEPS)
 
 #: stages whose number is a result, not progress towards a total
 RESULT_STAGES = frozenset({"preprocess"})
@@ -94,10 +166,11 @@ class _StageProgress:
     """The running count of one stage: per-block counts plus counts without a block, and
     recent (time, done) samples for the rate."""
 
-    __slots__ = ("blocks", "loose", "samples", "started", "total", "updated")
+    __slots__ = ("blocks", "loose", "per_unit", "samples", "started", "total", "updated")
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, per_unit: int = 1) -> None:
         self.total = total
+        self.per_unit = max(int(per_unit), 1)  # counted things per unit shown (cells/epoch)
         self.blocks: dict[Any, int] = {}
         self.loose = 0
         self.started: float | None = None
@@ -187,6 +260,28 @@ def _colors() -> list[str]:
     return _PALETTE
 
 
+class _Status:
+    """What :func:`distumap._progress.report_status` last said of a stage or a step."""
+
+    __slots__ = ("ended", "started", "state")
+
+    def __init__(self, state: str, started: float | None, ended: float | None = None) -> None:
+        self.state, self.started, self.ended = state, started, ended
+
+
+class _TaskGroup:
+    """The tasks of one group (one key name, one run) of a step counted by its tasks."""
+
+    __slots__ = ("name", "seen")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: set[Any] = set()
+
+
+_STATUS_STATES = {"started": "running", "complete": "done", "failed": "failed"}
+
+
 class ProgressState:
     """The running sums of one scheduler's distumap events, and the numbers the page shows.
 
@@ -194,16 +289,19 @@ class ProgressState:
     -----
     :meth:`catch_up` replays the events the scheduler still holds for both topics, then
     ``log_event`` keeps counting, so the sums are exact even after the event log has dropped
-    old entries. The fit's state comes from ``transition`` (task keys starting with
-    :data:`FIT_PREFIX`). Everything kept is small: a few numbers per stage and block, and at
-    most :data:`~distumap._progress.MAX_POINTS` points per run.
+    old entries. The fit's state, the steps' first tasks and the steps counted by their tasks
+    come from ``transition``. Everything kept is small: a few numbers per step and block (a
+    task key per block of a step counted by its tasks), and at most
+    :data:`~distumap._progress.MAX_POINTS` points per run.
     """
 
     def __init__(self) -> None:
         self.stages: dict[str, _StageProgress] = {}
+        self.status: dict[str, _Status] = {}
         self.points: dict[str, _Points] = {}
         self.fit: dict[str, Any] = {}
         self.first_task: dict[str, float] = {}
+        self.task_groups: dict[str, _TaskGroup] = {}
         self.scheduler = None
 
     def catch_up(self, scheduler) -> None:
@@ -233,12 +331,39 @@ class ProgressState:
             return
         if name.startswith(FIT_PREFIX):
             self._fit_transition(key, finish, time.time())
+            return
+        prefix, step = next(item for item in _TASK_STEPS if name.startswith(item[0]))
+        if step.counted:
+            # its tasks alone (pca-all-gram-<token>), not those of the sums that follow them
+            if key_split(name) == prefix:
+                self._task_transition(step.key, key, name, finish, time.time())
         elif finish == "processing":
-            stage = next(s for s, prefixes in STAGE_TASKS.items() if name.startswith(prefixes))
-            progress = self.stages.get(stage)
+            progress = self.stages.get(step.key)
             idle = progress is None or (progress.total and progress.done >= progress.total)
-            if idle and stage not in self.first_task:
-                self.first_task[stage] = time.time()  # a new run of the stage begins
+            if idle and step.key not in self.first_task:
+                self.first_task[step.key] = time.time()  # a new run of the step begins
+
+    def _task_transition(self, step: str, key, name: str, finish: str, now: float) -> None:
+        """A step counted by its tasks: those of its latest group that the scheduler has seen
+        are the total, those that finished the progress."""
+        group = self.task_groups.get(step)
+        if group is None or group.name != name:
+            if finish not in ("waiting", "queued", "no-worker", "processing"):
+                return  # the end of a group that the page did not see begin
+            group = self.task_groups[step] = _TaskGroup(name)
+            self.stages[step] = _StageProgress(0)
+            self.status.pop(step, None)
+        progress = self.stages[step]
+        if finish in ("waiting", "queued", "no-worker", "processing", "memory"):
+            group.seen.add(key)
+            progress.total = len(group.seen)
+        if finish == "processing" and progress.started is None:
+            progress.started = now
+        elif finish == "memory":
+            progress.blocks[key] = 1
+            progress.record(now)
+        elif finish == "erred":
+            self.status[step] = _Status("failed", progress.started, now)
 
     def _fit_transition(self, key, state: str, timestamp: float | None) -> None:
         if self.fit.get("key") != key:
@@ -257,26 +382,54 @@ class ProgressState:
     def _count(self, msg: Any, timestamp: float) -> None:
         try:
             stage = str(msg["stage"])
+            key = str(msg.get("step") or stage)
+            status = msg.get("status")
+            if status is not None:
+                self._status(stage, key, str(status), timestamp)
+                return
             done = int(msg["done"])
             total = int(msg["total"])
-        except (TypeError, KeyError, ValueError):
+            per_unit = int(msg.get("per_unit") or 1)
+        except (TypeError, KeyError, ValueError, AttributeError):
             return  # not ours to judge; a malformed event must not break the scheduler
-        progress = self.stages.get(stage)
+        progress = self.stages.get(key)
         if progress is None or progress.total != total:
             previous = progress.updated if progress is not None else 0.0
-            progress = self.stages[stage] = _StageProgress(total)
-            first_task = self.first_task.get(stage)
+            progress = self.stages[key] = _StageProgress(total, per_unit)
+            first_task = self.first_task.get(key)
+            begun = self.status.get(key)
             if first_task is not None and previous <= first_task <= timestamp:
                 progress.started = first_task
-        self.first_task.pop(stage, None)
+            elif begun is not None and begun.started is not None and begun.ended is None:
+                progress.started = begun.started
+        self.first_task.pop(key, None)
         block = msg.get("block")
         if block is not None:
-            progress.blocks[block] = done
-        elif stage in RESULT_STAGES:
+            # one step may take markers of two arrays (the refinement's last epoch writes the
+            # stage's own): a block is a block of its markers
+            progress.blocks[(stage, block)] = done
+        elif key in RESULT_STAGES:
             progress.loose = done  # a result: the latest value, not a sum
         else:
             progress.loose += done
         progress.record(timestamp)
+
+    def _status(self, stage: str, key: str, status: str, timestamp: float) -> None:
+        state = _STATUS_STATES.get(status)
+        if state is None:
+            return
+        if status == "started":
+            # a new run of a stage: its rows start again (a resumed run does not start)
+            for forget in [key, *(s.key for s in STEPS if key == stage and s.stage == stage)]:
+                for kept in (self.stages, self.status, self.first_task, self.task_groups):
+                    kept.pop(forget, None)
+                if forget == FIT_STAGE:
+                    self.fit = {}
+            self.status[key] = _Status(state, timestamp)
+            return
+        begun = self.status.get(key)
+        started = begun.started if begun is not None else None
+        self.status[key] = _Status(state, started, timestamp)
 
     def _add_points(self, msg: Any, timestamp: float) -> None:
         try:
@@ -297,11 +450,23 @@ class ProgressState:
         return max(self.points.items(), key=lambda item: item[1].updated)
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
-        """The page's numbers: per-stage progress, the fit, the points, task counts by prefix."""
+        """The page's numbers: per stage and step in the order a run executes them (optional
+        steps once begun, then any other stage events named), the fit, the points, task counts
+        by prefix."""
         now = time.time() if now is None else now
-        stages = {}
-        for stage in [*STAGES, *sorted(set(self.stages) - set(STAGES))]:
-            stages[stage] = _stage_numbers(stage, self.stages.get(stage), now)
+        fit = self._fit_numbers(now)
+        stages: dict[str, dict[str, Any]] = {}
+        for step in STEPS:
+            if step.optional and not self._begun(step.key):
+                continue
+            stages[step.key] = self._step_numbers(step, fit, now)
+        known = set(STEP_BY_KEY) | {FIT_STAGE}
+        for key in sorted(set(self.stages) - known):
+            stages[key] = self._step_numbers(Step(key, key, "units"), fit, now)
+        for key, numbers in stages.items():
+            children = [child for child in stages.values() if child["stage"] == key]
+            if children:
+                _gather(numbers, children)
         latest = self.latest_points()
         points = None
         if latest is not None:
@@ -310,10 +475,45 @@ class ProgressState:
             points["stride"] = kept.stride
         return {
             "stages": stages,
-            "fit": self._fit_numbers(now),
+            "fit": fit,
             "points": points,
             "tasks": self._task_counts(),
         }
+
+    def _begun(self, key: str) -> bool:
+        return key in self.stages or key in self.status or key in self.first_task
+
+    def _step_numbers(self, step: Step, fit: dict[str, Any], now: float) -> dict[str, Any]:
+        numbers = {"name": step.name, "stage": step.stage}
+        if step.kind == "task":  # the fit: its task's state
+            state = {"running": "running", "done": "done", "failed": "failed"}
+            numbers.update(_stage_numbers(step, None, now))
+            numbers["state"] = state.get(fit["state"], "idle")
+            numbers["started"] = fit["started"]
+            numbers["updated"] = fit["finished"]
+            numbers["complete"] = fit["state"] == "done"
+            return numbers
+        progress = self.stages.get(step.key)
+        numbers.update(_stage_numbers(step, progress, now))
+        status = self.status.get(step.key)
+        if status is not None and status.state in ("running", "failed"):
+            numbers["state"] = status.state
+        elif status is not None and status.state == "done":
+            numbers["state"] = "done"
+        elif numbers["complete"]:
+            numbers["state"] = "done"
+        elif numbers["total"] or step.key in self.first_task:
+            numbers["state"] = "running"
+        else:
+            numbers["state"] = "idle"
+        if numbers["started"] is None:
+            if status is not None and status.started is not None:
+                numbers["started"] = status.started
+            else:
+                numbers["started"] = self.first_task.get(step.key)
+        if status is not None and status.ended is not None:
+            numbers["updated"] = max(numbers["updated"] or 0.0, status.ended)
+        return numbers
 
     def _fit_numbers(self, now: float) -> dict[str, Any]:
         fit = dict(self.fit) or {"key": None, "state": "not started", "started": None}
@@ -327,7 +527,7 @@ class ProgressState:
         fit["steps_total"] = steps.total if steps else 0
         fit["step"] = None
         if steps and steps.blocks:
-            last = max(b for b in steps.blocks if isinstance(b, int))
+            last = max(b for _, b in steps.blocks if isinstance(b, int))
             fit["step"] = FIT_STEPS[last] if 0 <= last < len(FIT_STEPS) else f"step {last + 1}"
         if fit["key"] is not None:
             fit["key"] = str(fit["key"])
@@ -347,6 +547,30 @@ class ProgressState:
         return counts
 
 
+def _gather(parent: dict[str, Any], children: list[dict[str, Any]]) -> None:
+    """A stage with steps: running while any step runs (the embed runs while its refinement
+    does), ``current`` the step that began last of those running, its time from its first
+    step's start to its last step's end."""
+    running = [child for child in children if child["state"] == "running"]
+    states = {child["state"] for child in children}
+    if parent["state"] == "failed" or "failed" in states:
+        parent["state"] = "failed"
+    elif running:
+        parent["state"] = "running"
+    elif parent["state"] == "idle" and states == {"done"}:
+        parent["state"] = "done"  # no word of its own (the exports): its steps say
+    elif parent["state"] == "idle" and "done" in states:
+        parent["state"] = "running"  # between two steps
+    current = max(running, key=lambda child: child["started"] or 0.0, default=None)
+    parent["current"] = current["name"] if current is not None else None
+    if current is not None and parent["seconds_left"] is None:
+        parent["seconds_left"] = current["seconds_left"]
+    starts = [t for t in (parent["started"], *(c["started"] for c in children)) if t is not None]
+    ends = [t for t in (parent["updated"], *(c["updated"] for c in children)) if t is not None]
+    parent["started"] = min(starts, default=None)
+    parent["updated"] = max(ends, default=None)
+
+
 def _key_name(key) -> str | None:
     """The text of a task key: the key itself, or the name of a ``(name, index)`` key."""
     if isinstance(key, str):
@@ -361,20 +585,21 @@ def _is_fit(key) -> bool:
     return name is not None and name.startswith(FIT_PREFIX)
 
 
-def _stage_numbers(stage: str, progress: _StageProgress | None, now: float) -> dict[str, Any]:
+def _stage_numbers(step: Step, progress: _StageProgress | None, now: float) -> dict[str, Any]:
     done = progress.done if progress else 0
     total = progress.total if progress else 0
-    result = stage in RESULT_STAGES
+    result = step.kind == "result"
     complete = bool(total) and done >= total
     rate = progress.rate() if progress else None
     seconds_left = None
     if rate and not complete and not result:
         seconds_left = max((total - done) / rate - max(now - progress.updated, 0.0), 0.0)
     return {
-        "unit": STAGES.get(stage, "units"),
-        "kind": "result" if result else "progress",
+        "unit": step.unit,
+        "kind": step.kind,
         "done": done,
         "total": total,
+        "per_unit": progress.per_unit if progress else 1,
         "fraction": min(done / total, 1.0) if total else 0.0,
         "complete": complete or (result and progress is not None),
         "updated": progress.updated if progress else None,

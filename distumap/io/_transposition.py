@@ -138,6 +138,7 @@ def transpose_csc(
         key="transpose-csc-part",
         label="ingest: sort the CSC matrix by cell block",
         total=nnz,
+        step="sort-csc",  # one row on the dashboard, whichever input's markers
     )
     return entries_path, size, zarr.open_array(store, path=offsets_path, mode="r")[:]
 

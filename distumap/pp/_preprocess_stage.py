@@ -228,5 +228,6 @@ def _copy_selected(
         key="select-genes",
         label="preprocess: copy the selected genes",
         total=n_cells,
+        step="select",
     )
     return gene_index

@@ -490,7 +490,6 @@ def _transform(
     calls = {}
     # refining, the transform is a step before the result: its markers are the refinement's
     transform = _refine_stage.Steps(stage, 0, len(blocks)) if refining else stage
-    transform_total = n_cells * (1 + params["refine_epochs"]) if refining else n_cells
     for i in transform.pending():
         first, last = int(bounds[i]), int(bounds[i + 1])
         lo, hi = np.searchsorted(rows, [first, last])
@@ -503,7 +502,8 @@ def _transform(
         calls,
         key="umap-transform",
         label="embed: transform cells",
-        total=transform_total,
+        total=n_cells,
+        step="transform",
     )
     return round(time.perf_counter() - transform_started, 3)
 

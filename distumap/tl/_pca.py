@@ -1,6 +1,6 @@
 """PCA of every cell, distributed: the covariance of the features is a sum over cell blocks.
 
-Each ``pca-moments`` task reduces its cell block to the column sums and the Gram matrix
+Each ``pca-all-gram`` task reduces its cell block to the column sums and the Gram matrix
 ``X.T @ X`` (float64, genes x genes: affordable for the few thousand selected genes); their
 sum over blocks gives the exact covariance, whose eigendecomposition on one process is the
 PCA. The result depends on the chunks only through float64 rounding, and on no seed.
@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+from dask.array import chunk
+from dask.array.reductions import reduction
 from dask.base import tokenize
 
 #: where the PCA is fitted: on the landmarks (umap-learn's fit set) or on every cell
 PCA_FITS = ("landmarks", "all")
+
+#: the name of the tasks that reduce cell blocks to their Gram matrices (and of their sums)
+GRAM_TASKS = "pca-all-gram"
 
 
 def _moments_block(block: np.ndarray) -> np.ndarray:
@@ -27,7 +32,7 @@ def _moments_block(block: np.ndarray) -> np.ndarray:
 
 def covariance_moments(features: da.Array) -> da.Array:
     """(1 + genes, genes) float64: the column sums and the Gram matrix of ``features``, summed
-    over cell blocks (tasks ``pca-moments``). Builds a graph; computes nothing."""
+    over cell blocks (tasks ``pca-all-gram``). Builds a graph; computes nothing."""
     if features.numblocks[1] != 1:
         features = features.rechunk({1: -1})
     n_genes = features.shape[1]
@@ -39,7 +44,10 @@ def covariance_moments(features: da.Array) -> da.Array:
         dtype=np.float64,
         name=f"pca-moments-{tokenize(features)}",
     )
-    return per_block.sum(axis=0, dtype=np.float64)
+    # ``per_block.sum(axis=0)``, named: the graph fuses each block's moments into the sum's
+    # first tasks, which then carry this name (``pca-all-gram-<token>``, then ``-partial`` and
+    # ``-aggregate``) and so show the PCA of all cells as such on the dashboard
+    return reduction(per_block, chunk.sum, chunk.sum, axis=0, dtype=np.float64, name=GRAM_TASKS)
 
 
 def pca_from_moments(

@@ -208,7 +208,8 @@ REFINE_MARKERS = "embed-refine"
 class Steps(StagePass):
     """One step of the embed stage (the transform, the nearest cells or an epoch) as a pass of
     the stage: ``count`` tasks, whose markers are ``_progress/embed-refine[first:first + count]``
-    (one array for every step, so the dashboard shows them as one row)."""
+    (one array for every step; each step's progress events name the step, which the dashboard
+    shows on a row of its own)."""
 
     def __init__(self, stage: Stage, first: int, count: int):
         super().__init__(stage, REFINE_MARKERS)
@@ -263,8 +264,8 @@ def refine(
     edges = np.append(bounds[:-1:per_task], bounds[-1])
     n_tasks = len(edges) - 1
     common = {"store": stage.store, "token": token, "run": stage.record.get("run", "")}
-    # the dashboard counts the steps before the last in one total: a cell per step
-    steps_total = n_cells * (1 + n_epochs)
+    # the dashboard shows the graph of all cells in cells, the epochs in epochs (of n_cells)
+    epochs = {"step": "refine", "total": n_cells * n_epochs, "per_unit": n_cells}
 
     def calls(step: Stage, edges: np.ndarray, **extra: Any) -> dict[int, tuple]:
         todo = {}
@@ -288,7 +289,8 @@ def refine(
             calls(step, edges),
             key="umap-refine-knn",
             label="embed: refine, nearest cells",
-            total=steps_total,
+            total=n_cells,
+            step="graph",
         )
         seconds["refine_knn_seconds"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
@@ -303,13 +305,13 @@ def refine(
                     todo,
                     key="umap-refine-epoch",
                     label=label,
-                    total=steps_total,
+                    **epochs,
                 )
             else:  # the last: a task per store chunk writes X_umap and sets the stage's marker
                 last_started = time.perf_counter()
                 todo = calls(stage, bounds, **extra, color=color)
                 stage.run_blocks(
-                    _refine_epoch_task, todo, key="umap-refine-epoch", label=label, total=n_cells
+                    _refine_epoch_task, todo, key="umap-refine-epoch", label=label, **epochs
                 )
                 seconds["refine_last_epoch_seconds"] = round(time.perf_counter() - last_started, 3)
         seconds["refine_epochs_seconds"] = round(time.perf_counter() - started, 3)

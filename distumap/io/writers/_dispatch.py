@@ -7,6 +7,7 @@ import os
 import xarray as xr
 
 from distumap._errors import InputError
+from distumap._progress import report_status
 from distumap.io.writers._base import Writer, registered_writers
 
 # isort: off
@@ -84,4 +85,13 @@ def write(ds: xr.Dataset, path: str | os.PathLike, *, progress: bool = False, **
     >>> distumap.io.write(ds, "out/embedding.h5ad")  # doctest: +SKIP
     'out/embedding.h5ad'
     """
-    return writer_named(export_kind(path)).write(ds, path, progress=progress, **options)
+    kind = export_kind(path)
+    # the file's row on the dashboard runs from here to the end, after its last block too
+    report_status("export", "started", step=kind)
+    try:
+        written = writer_named(kind).write(ds, path, progress=progress, **options)
+    except BaseException:
+        report_status("export", "failed", step=kind)
+        raise
+    report_status("export", "complete", step=kind)
+    return written

@@ -28,6 +28,7 @@ from distumap._format import (
     CELL_GRAPH,
     stages,
 )
+from distumap._progress import report, report_status
 from distumap.io.writers._anndata_elements import csr_group
 from distumap.tl import cell_graph, connectivity_rows, distance_rows
 
@@ -81,13 +82,17 @@ def _index(neighbors: np.ndarray, distances: np.ndarray, weights: np.ndarray) ->
     return cell_graph(neighbors, weights), np.asarray(distances, dtype=np.float32)
 
 
-def _graph_block(index: tuple, first: int, last: int) -> tuple:
-    """Rows ``first:last`` of ``distances`` and ``connectivities``, as two CSR row tuples."""
+def _graph_block(index: tuple, first: int, last: int, block: tuple[str, int, int]) -> tuple:
+    """Rows ``first:last`` of ``distances`` and ``connectivities``, as two CSR row tuples;
+    ``block`` (the graph's step, this block's number and their count) goes to the dashboard."""
     graph, distances = index
-    return (
+    rows = (
         tuple(distance_rows(graph.neighbors[first:last], distances[first:last])),
         tuple(connectivity_rows(graph, first, last)),
     )
+    step, number, n_blocks = block
+    report("export", 1, n_blocks, block=number, step=step)
+    return rows
 
 
 def _whole(ds: xr.Dataset, name: str) -> Any:
@@ -112,24 +117,31 @@ def graph_rows(
         (first, min(first + block_cells, n_cells)) for first in range(0, n_cells, block_cells)
     ]
     token = tokenize(*arrays, block_cells)
-    index = dask.delayed(_index, pure=True)(*arrays, dask_key_name=f"{prefix}-graph-index-{token}")
+    step = f"{prefix}-graph"  # the dashboard's row of this graph, apart from its file's
+    index = dask.delayed(_index, pure=True)(*arrays, dask_key_name=f"{step}-index-{token}")
+    report_status("export", "started", step=step)
     if client is None:
         (held,) = dask.compute(index)
-        for first, last in bounds:
-            yield _graph_block(held, first, last)
+        for i, (first, last) in enumerate(bounds):
+            yield _graph_block(held, first, last, (step, i, len(bounds)))
+        report_status("export", "complete", step=step)
         return
     held = client.compute(index)  # kept on its worker until every block has its rows
     block = dask.delayed(_graph_block, pure=True)
     tasks = [
-        block(held, first, last, dask_key_name=(f"{prefix}-graph-block-{token}", i))
+        block(held, first, last, (step, i, len(bounds)), dask_key_name=(f"{step}-block-{token}", i))
         for i, (first, last) in enumerate(bounds)
     ]
     try:
         yield from results_in_order(
             tasks, stage=f"export: {prefix} graph", in_flight=in_flight, client=client
         )
+    except BaseException:
+        report_status("export", "failed", step=step)
+        raise
     finally:
         held.release()
+    report_status("export", "complete", step=step)
 
 
 def write_obsp(

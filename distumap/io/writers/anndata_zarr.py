@@ -126,7 +126,7 @@ def _zarr_block(
         lo, hi = _chunk_span(k, chunk, total)
         a, b = max(lo, start), min(hi, stop)
         edges[k] = (a - lo, tuple(piece[a - start : b - start] for piece in pieces))
-    report("export", 1, n_blocks, block=index)
+    report("export", 1, n_blocks, block=index, step="anndata-zarr")
     return edges
 
 

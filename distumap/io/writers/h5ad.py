@@ -63,7 +63,7 @@ IN_FLIGHT_RAW_BYTES = 2 * 2**30
 
 def _h5ad_block(counts: np.ndarray, index: int, n_blocks: int):
     pieces = csr_pieces(counts)
-    report("export", 1, n_blocks, block=index)
+    report("export", 1, n_blocks, block=index, step="h5ad")
     return pieces
 
 

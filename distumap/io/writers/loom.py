@@ -148,7 +148,7 @@ def _encode_block(
             # no shuffle here: log2(k + 1) takes few distinct 4-byte values, which deflate
             # finds whole; shuffled, the layer is half as large again and slower to compress
             layer_chunks.append(deflate(log2p1))
-    report("export", 1, n_blocks, block=index)
+    report("export", 1, n_blocks, block=index, step="loom")
     return matrix_chunks, layer_chunks
 
 
