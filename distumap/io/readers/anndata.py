@@ -345,10 +345,10 @@ class AnnDataReader(Reader):
         bad = ~np.isfinite(block)
         if bad.any():
             row, column = (int(i) for i in np.argwhere(bad)[0])
+            value = float(values[row, column])
             raise InputError(
                 f"{self.source}: --use-rep {key}: dataset obsm/{key}: a value that is not "
-                f"finite as float32 ({values[row, column]!r}) for cell {start + row}, column "
-                f"{column}"
+                f"finite as float32 ({value:.9g}) for cell {start + row}, column {column}"
             )
         return block
 
