@@ -9,6 +9,7 @@ import warnings
 import dask
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -40,6 +41,7 @@ def _atlas():
     with_nan = rep.copy()
     with_nan[500, 3] = np.nan
     adata.obsm["X_nan"] = with_nan
+    adata.obsm["X_frame"] = pd.DataFrame({"a": rep[:, 0]}, index=adata.obs_names)
     return adata
 
 
@@ -164,7 +166,7 @@ def test_run_embeds_the_representation_and_every_export_carries_it(
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"distumap: error: {paths['h5ad']}: --use-rep X_harmony: obsm has no 'X_harmony' "
-        "(obsm keys: X_int, X_nan, X_scVI)"
+        "(obsm keys: X_frame, X_int, X_nan, X_scVI)"
     )
     assert not (tmp_path / "s.zarr").exists()
 
@@ -182,8 +184,9 @@ def _wrong_length(path) -> None:
 @pytest.mark.parametrize(
     ("key", "message"),
     [
-        ("X_harmony", "obsm has no 'X_harmony' (obsm keys: X_int, X_nan, X_scVI)"),
+        ("X_harmony", "obsm has no 'X_harmony' (obsm keys: X_frame, X_int, X_nan, X_scVI)"),
         ("X_int", "dataset obsm/X_int holds int64 values, not floats"),
+        ("X_frame", "obsm/X_frame is a dataframe, not a dense array of floats"),
         ("X_umap", "the exports write the new embedding under obsm['X_umap']"),
     ],
 )
