@@ -245,3 +245,21 @@ def test_use_rep_refuses_what_it_cannot_do(tmp_path, atlas):
             distumap.tl.umap(ds, use_rep="X_pca")
     # with counts the default embed is the genes' (the recipe's features), as ever
     assert "counts" in ds and "rep" in ds and check_store(ds) == []
+
+
+def test_flags_reach_the_api_and_contradictions_exit_2_before_a_cluster(tmp_path, atlas, capsys):
+    from distumap.cli import _embed_kwargs, build_parser, main
+
+    _, paths = atlas
+    for command in (["embed", "s.zarr"], ["run", "a.h5ad", "--out", "o"]):
+        args = build_parser().parse_args([*command, "--use-rep", "X_scVI"])
+        assert _embed_kwargs(args)["use_rep"] == "X_scVI"
+    out = tmp_path / "out"
+    assert (
+        main(["run", str(paths["h5ad"]), "--out", str(out), "--use-rep", "X_scVI", "--pca", "10"])
+        == 2
+    )
+    assert "--use-rep X_scVI: a representation is embedded as it is" in capsys.readouterr().err
+    assert main(["ingest", str(paths["h5ad"]), str(tmp_path / "s.zarr"), "--with-counts"]) == 2
+    assert "--with-counts goes with --use-rep" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "s.zarr").exists()
