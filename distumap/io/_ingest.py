@@ -15,6 +15,10 @@ written, and runs the one stage shape of :class:`distumap._stage.Stage`:
    writes every block. An input whose cells are scattered over the file is transposed first
    (:mod:`distumap.io._transposition`).
 
+With ``use_rep`` an AnnData ``obsm`` array becomes the store's ``rep``, one ``read-obsm-block``
+task per store chunk, before the counts (their own pass) or, without counts, as the stage's
+blocks: what a reader declares there is :meth:`~distumap.io.readers.Reader.representation`.
+
 What differs between formats is what the readers declare (``needs_index``, ``persists_index``,
 ``sequential``, ``transposition``, their task names); this module asks, and knows no format.
 """
