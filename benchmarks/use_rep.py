@@ -40,14 +40,17 @@ def _population_sizes(n_cells: int, n_populations: int) -> np.ndarray:
     return sizes
 
 
-def write_atlas(path: Path, n_cells: int, n_dims: int, n_genes: int, seed: int) -> np.ndarray:
-    """The seeded ``.h5ad``; returns each cell's population."""
+def write_atlas(
+    path: Path, n_cells: int, n_dims: int, n_genes: int, seed: int, separation: float
+) -> np.ndarray:
+    """The seeded ``.h5ad``; returns each cell's population. The populations' centres are
+    ``separation`` standard deviations apart per dimension (their spread is 1)."""
     import anndata
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(20), _population_sizes(n_cells, 20))
-    centres = rng.normal(scale=4.0, size=(20, n_dims))
+    centres = rng.normal(scale=separation, size=(20, n_dims))
     rep = (centres[labels] + rng.normal(size=(n_cells, n_dims))).astype(np.float32)
     if n_genes:
         density = 0.05
@@ -74,6 +77,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--dims", type=int, default=30)
     parser.add_argument("--genes", type=int, default=2000, help="counts in X (0: none)")
+    parser.add_argument(
+        "--separation", type=float, default=4.0, help="spread of the populations' centres (4)"
+    )
     parser.add_argument("--landmarks", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="3GiB")
@@ -86,12 +92,12 @@ def main() -> None:
 
     import distumap
 
-    work = DATA / f"use-rep-{args.cells}x{args.dims}"
+    work = DATA / f"use-rep-{args.cells}x{args.dims}-{args.separation:g}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     atlas = work / "atlas.h5ad"
     started = time.perf_counter()
-    labels = write_atlas(atlas, args.cells, args.dims, args.genes, args.seed)
+    labels = write_atlas(atlas, args.cells, args.dims, args.genes, args.seed, args.separation)
     print(f"wrote {atlas} in {time.perf_counter() - started:.1f} s", flush=True)
     import anndata
 
