@@ -72,7 +72,17 @@ STORE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str | None]] = {
     "PCs": (("gene", "pc"), "float32", None),
     "pca_variance": (("pc",), "float32", None),
     "pca_variance_ratio": (("pc",), "float32", None),
+    # a representation the input holds (an AnnData obsm array, read with --use-rep), as it is
+    # but for float32; its attribute REP_KEY names the obsm key; no stage requires it
+    "rep": (("cell", "rep_dim"), "float32", None),
 }
+#: the store variable of a representation read with ``--use-rep``, and its attribute that holds
+#: the obsm key it came from (the exports write it back under that key)
+REP = "rep"
+REP_KEY = "obsm_key"
+#: the variables a store ingested without counts (``--use-rep`` alone) lacks: the counts and
+#: what the preprocess derives from them
+COUNTS_DERIVED = ("counts", "zero_fraction", "selected")
 #: the variables of the embed's principal components
 PCA_VARIABLES = ("X_pca", "PCs", "pca_variance", "pca_variance_ratio")
 #: the variables of the graph of all cells: a store has all of them or none
@@ -312,6 +322,9 @@ def check_store(ds: xr.Dataset) -> list[str]:
     done = {name for name, record in stages(ds).items() if record.get("status") == "complete"}
     if "ingest" not in done:
         problems.append("the ingest stage is not complete")
+    ingest_params = stages(ds).get("ingest", {}).get("params", {})
+    # a store ingested with --use-rep alone holds the representation and no counts
+    without_counts = ingest_params.get("counts", True) is False
     for name, dims in STORE_COORDS.items():
         if name not in ds.coords:
             problems.append(f"coordinate {name!r} is missing")
@@ -321,6 +334,8 @@ def check_store(ds: xr.Dataset) -> list[str]:
             problems.append(f"coordinate {name!r} has dtype {ds[name].dtype}, expected strings")
     for name, (dims, kind, stage) in STORE_VARIABLES.items():
         if name not in ds.variables:
+            if without_counts and name in COUNTS_DERIVED:
+                continue
             if stage in done:
                 problems.append(f"variable {name!r} is missing although stage {stage!r} is done")
             continue
@@ -329,6 +344,10 @@ def check_store(ds: xr.Dataset) -> list[str]:
         if not _dtype_ok(ds[name].dtype, kind):
             expected = "uint16, int32 or float32" if kind == "stored values" else kind
             problems.append(f"variable {name!r} has dtype {ds[name].dtype}, expected {expected}")
+    if without_counts and REP not in ds.variables:
+        problems.append(f"variable {REP!r} is missing from a store ingested without counts")
+    if REP in ds.variables and not isinstance(ds[REP].attrs.get(REP_KEY), str):
+        problems.append(f"variable {REP!r} lacks the attribute {REP_KEY!r} naming its obsm key")
     present = [name for name in CELL_GRAPH if name in ds.variables]
     if present and len(present) < len(CELL_GRAPH):
         missing = sorted(set(CELL_GRAPH) - set(present))

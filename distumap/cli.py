@@ -191,6 +191,21 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _use_rep_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--use-rep", metavar="KEY", help=what)
+
+
+#: what --use-rep does, as each command's help says it
+USE_REP_HELP = {
+    "run": "embed this AnnData obsm array (X_scVI, X_pca, ...) as it is: no gene filter, no "
+    "PCA; the counts are read too, for the exports, which carry the array under its own key",
+    "ingest": "read this AnnData obsm array (X_scVI, X_pca, ...) into the store's rep, for "
+    "the embed; the counts are not read unless --with-counts is given (exports need them)",
+    "embed": "embed the representation the store holds from `ingest --use-rep KEY` (the "
+    "default for a store without counts)",
+}
+
+
 def _formats(text: str) -> list[str]:
     formats = [name.strip() for name in text.split(",") if name.strip()]
     unknown = sorted(set(formats) - set(RUN_EXPORTS))
@@ -261,6 +276,7 @@ def _run_command(commands) -> None:
         _formats_option,
     ):
         add(run)
+    _use_rep_option(run, USE_REP_HELP["run"])
     _cluster_options(run)
 
 
@@ -274,6 +290,12 @@ def _ingest_command(commands) -> None:
     ingest.add_argument("inputs", nargs="+", metavar="INPUT")
     ingest.add_argument("store", metavar="STORE")
     _ingest_options(ingest)
+    _use_rep_option(ingest, USE_REP_HELP["ingest"])
+    ingest.add_argument(
+        "--with-counts",
+        action="store_true",
+        help="with --use-rep: read the counts as well, so that the store can be exported",
+    )
     _cluster_options(ingest)
 
 
@@ -288,6 +310,7 @@ def _embed_command(commands) -> None:
     embed = commands.add_parser("embed", help="landmark UMAP fit and parallel transform")
     embed.add_argument("store", metavar="STORE")
     _embed_options(embed)
+    _use_rep_option(embed, USE_REP_HELP["embed"])
     _cluster_options(embed)
 
 
@@ -402,6 +425,7 @@ def _embed_kwargs(args: argparse.Namespace) -> dict:
         "transform_epochs": args.transform_epochs,
         "refine_epochs": args.refine_epochs,
         "pca_fit": args.pca_fit,
+        "use_rep": getattr(args, "use_rep", None),
         "progress": args.progress,
     }
 
@@ -438,6 +462,9 @@ def _ingest(args: argparse.Namespace, inputs: list[str], store: str, metadata: s
         layer=getattr(args, "layer", None),
         dtype=getattr(args, "dtype", "int32"),
         orientation=getattr(args, "orientation", "cells-by-genes"),
+        use_rep=getattr(args, "use_rep", None),
+        # `run` exports, and every export writes counts; `ingest --use-rep` reads them if asked
+        counts=True if args.command == "run" or getattr(args, "with_counts", False) else None,
         overwrite=getattr(args, "overwrite", False),
         progress=args.progress,
     )
@@ -540,6 +567,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "info":
         _info(args.store, args.json)
         return
+    if args.command == "ingest" and args.with_counts and args.use_rep is None:
+        raise InputError("--with-counts goes with --use-rep (the counts are read anyway)")
+    if args.command == "run" and args.use_rep is not None:
+        from distumap.tl._params import embed_params
+
+        # a combination the embed refuses is refused before the ingest, not after it
+        options = {k: v for k, v in _embed_kwargs(args).items() if k not in ("progress",)}
+        embed_params(**options)
     # refuse to write over what distumap did not write before a cluster starts
     if args.command in ("run", "demo"):
         _check_outputs(*_outputs(args.out.rstrip("/"), args.formats))

@@ -37,6 +37,7 @@ TASK_PREFIXES = (
     "read-loom-block",
     "read-anndata-zarr-block",
     "read-mex-gzip",
+    "read-obsm-block",
     "gene-stats",
     "select-genes",
     "pca-all-gram",
@@ -75,6 +76,7 @@ STAGE_TASKS = {
         "read-anndata-zarr",
         "read-loom",
         "read-mex",
+        "read-obsm",  # --use-rep: the representation's blocks
     ),
     "preprocess": ("gene-stats", "select-genes"),
     "embed": ("umap-transform", "umap-refine"),

@@ -15,6 +15,10 @@ written, and runs the one stage shape of :class:`distumap._stage.Stage`:
    writes every block. An input whose cells are scattered over the file is transposed first
    (:mod:`distumap.io._transposition`).
 
+With ``use_rep`` an AnnData ``obsm`` array becomes the store's ``rep``, one ``read-obsm-block``
+task per store chunk, before the counts (their own pass) or, without counts, as the stage's
+blocks: what a reader declares there is :meth:`~distumap.io.readers.Reader.representation`.
+
 What differs between formats is what the readers declare (``needs_index``, ``persists_index``,
 ``sequential``, ``transposition``, their task names); this module asks, and knows no format.
 """
@@ -35,9 +39,9 @@ import zarr
 from dask.base import tokenize
 
 from distumap._errors import InputError, outside_stacklevel
-from distumap._format import metadata_name
+from distumap._format import REP, metadata_name
 from distumap._paths import absolute
-from distumap._stage import Stage, mark_block
+from distumap._stage import Stage, StagePass, mark_block
 from distumap._store import consolidate, create_progress, open_store, progress_array, store_url
 from distumap.io import _transposition as transposition
 from distumap.io._ingest_store import (
@@ -69,6 +73,8 @@ def read(
     layer: str | None = None,
     dtype: str = "int32",
     orientation: str = "cells-by-genes",
+    use_rep: str | None = None,
+    counts: bool | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> xr.Dataset:
@@ -103,6 +109,18 @@ def read(
         per gene, cells in the header, as most GEO supplementary files are). The store is the
         same either way; a genes-by-cells file is transposed through a temporary array in the
         store, with memory bounded per task. The other formats know their own orientation.
+    use_rep
+        An AnnData ``obsm`` key (``X_scVI``, ``X_pca``, ...): that dense float array becomes the
+        store's ``rep`` (cell, rep_dim; float32, attribute ``obsm_key``), read in one task per
+        store chunk (``read-obsm-block``) before any count, for the embed to use as its
+        features (:func:`distumap.tl.umap` ``use_rep``). Checked before any work: the key, two
+        dimensions, floats, a row per cell; a value that is not finite stops the ingest with
+        an InputError naming the cell, and the stage is not marked done.
+    counts
+        Whether to read the counts too. Default: unless ``use_rep`` is given (the embed of a
+        representation needs none; the exports do, as they write the selected genes' counts,
+        so :command:`distumap run` reads them). Without counts the store has no ``counts``,
+        the preprocess records itself and computes nothing, and an export is refused.
     overwrite
         Replace a distumap store made from other input (anything else is never replaced).
     progress
@@ -134,17 +152,54 @@ def read(
     >>> ds = distumap.io.read(["s1.h5", "s2.h5"], "store.zarr")  # doctest: +SKIP
     >>> ds.source.values[:2]  # doctest: +SKIP
     array(['s1', 's1'], dtype=object)
+    >>> ds = distumap.io.read("atlas.h5ad", "store.zarr", use_rep="X_scVI")  # doctest: +SKIP
+    >>> ds.rep.attrs["obsm_key"], "counts" in ds  # doctest: +SKIP
+    ('X_scVI', False)
     """
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     sources = [absolute(source) for source in sources]
     classes = _reader_classes(sources, format, orientation)
     checked_options(chunk_cells, dtype)
+    with_counts = use_rep is None if counts is None else bool(counts)
+    if use_rep is None and not with_counts:
+        raise InputError("nothing to read: counts=False needs use_rep (an obsm key)")
+    # without counts, the matrix is never read: float32 spares the search for integer counts
+    # (an atlas's X is often normalised) and its warning
+    read_as = dtype if with_counts else "float32"
     readers = [
-        cls.open(source, layer=layer, dtype=dtype, orientation=orientation)
+        cls.open(source, layer=layer, dtype=read_as, orientation=orientation)
         for cls, source in zip(classes, sources, strict=True)
     ]
+    representation = None if use_rep is None else (use_rep, _representation_width(readers, use_rep))
     meta = absolute(metadata) if metadata is not None else None
-    return _ingest(readers, store_url(store), meta, chunk_cells, overwrite, progress)
+    return _ingest(
+        readers,
+        store_url(store),
+        meta,
+        chunk_cells,
+        overwrite,
+        progress,
+        representation=representation,
+        with_counts=with_counts,
+    )
+
+
+def _representation_width(readers: list[Reader], key: str) -> int:
+    """The width of every input's representation ``key``, checked before any work."""
+    from distumap._format import ANNDATA_EMBEDDING
+
+    if key == ANNDATA_EMBEDDING:
+        raise InputError(
+            f"--use-rep {key}: the exports write the new embedding under obsm[{key!r}]; "
+            "embed from another representation (X_pca, X_scVI, ...)"
+        )
+    widths = [reader.representation(key) for reader in readers]
+    if len(set(widths)) > 1:
+        listing = ", ".join(
+            f"{reader.source} ({width})" for reader, width in zip(readers, widths, strict=True)
+        )
+        raise InputError(f"--use-rep {key}: the inputs' obsm[{key!r}] differ in width: {listing}")
+    return widths[0]
 
 
 def _reader_classes(sources: list[str], format: str, orientation: str) -> list[type[Reader]]:
@@ -295,15 +350,21 @@ def _ingest(
     chunk_cells: int | None,
     overwrite: bool,
     progress: bool,
+    *,
+    representation: tuple[str, int] | None = None,
+    with_counts: bool = True,
 ) -> xr.Dataset:
     kind = type(readers[0])
     dtype = readers[0].dtype.name
     params = kind.stage_params(readers, metadata=metadata, dtype=dtype)
+    if representation is not None:  # recorded only then: earlier stores keep their record
+        params.update(use_rep=representation[0], counts=with_counts)
     aligned = None
     if all(reader.genes_known for reader in readers):
         aligned = _aligned_genes(readers) if len(readers) > 1 else None
-        n_genes = readers[0].n_genes
-        chunk_cells = fitted_chunk_cells(store, chunk_cells, n_genes, params)
+        # a block holds a chunk of counts, or without them a chunk of the representation
+        width = readers[0].n_genes if with_counts else representation[1]
+        chunk_cells = fitted_chunk_cells(store, chunk_cells, width, params)
     else:  # the genes are found by the index pass: the chunk size cannot wait for them
         chunk_cells = checked_options(chunk_cells, dtype)
     params["chunk_cells"] = chunk_cells
@@ -312,7 +373,9 @@ def _ingest(
     if stage.finished:
         return open_store(store)
     if not _resumable(stage, readers):
-        aligned = _skeleton(stage, readers, aligned, metadata, chunk_cells, progress)
+        aligned = _skeleton(
+            stage, readers, aligned, metadata, chunk_cells, progress, representation, with_counts
+        )
     else:
         for reader in readers:
             _restore_index(stage, reader, progress)
@@ -320,11 +383,15 @@ def _ingest(
     offsets = np.cumsum([0, *(reader.n_cells for reader in readers)])
     if offsets[-1] == 0:
         raise InputError(f"{', '.join(r.source for r in readers)}: no cells")
-    try:
-        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
-    except CountsDoNotFit as error:
-        _widen(stage, readers, str(error))
-        _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+    if representation is not None:  # first: small, and its refusals come before the counts
+        blocks = stage if not with_counts else stage.pass_(REP_MARKERS)
+        _run_representation(blocks, readers, offsets, chunk_cells, representation[0])
+    if with_counts:
+        try:
+            _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
+        except CountsDoNotFit as error:
+            _widen(stage, readers, str(error))
+            _run_blocks(stage, readers, aligned[1], offsets, chunk_cells, progress)
     rounded = warn_rounded(store, ", ".join(reader.source for reader in readers))
     stage.complete(rounded=rounded, **kind.stage_record(readers))
     return open_store(store)
@@ -401,6 +468,8 @@ def _skeleton(
     metadata: str | None,
     chunk_cells: int,
     progress: bool,
+    representation: tuple[str, int] | None = None,
+    with_counts: bool = True,
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Index, write the skeleton and start the stage; returns the genes and their alignment."""
     for reader in readers:
@@ -417,7 +486,7 @@ def _skeleton(
     coords = _coords(readers, cells, labels, offsets, metadata)
     create_skeleton(
         stage.store, cells=cells, genes=genes, coords=coords, chunk_cells=chunk_cells,
-        params=stage.params,
+        params=stage.params, counts=with_counts, representation=representation,
     )  # fmt: skip
     for reader in readers:
         for name, values in reader.persisted_index().items():
@@ -426,8 +495,11 @@ def _skeleton(
             transposition.create_gene_rows(
                 stage, len(cells), len(genes), chunk_cells, stage.params["dtype"]
             )
+    n_blocks = -(-int(offsets[-1]) // chunk_cells)
+    if representation is not None and with_counts:  # the representation's pass: own markers
+        stage.pass_(REP_MARKERS).create_markers(n_blocks)
     # the markers are the last thing the skeleton writes: with them, a resume can trust it
-    stage.start(n_blocks=-(-int(offsets[-1]) // chunk_cells))
+    stage.start(n_blocks=n_blocks)
     return aligned
 
 
@@ -494,6 +566,29 @@ def _run_blocks(
             transposition.drop_scratch(store, i)
         elif reader.transposition == "gene-rows":
             transposition.drop_gene_rows(store)
+
+
+#: the markers of the representation's blocks when the counts are read too (without counts
+#: they are the stage's own)
+REP_MARKERS = "ingest_rep"
+
+
+def _run_representation(
+    blocks: Stage | StagePass,
+    readers: list[Reader],
+    offsets: np.ndarray,
+    chunk_cells: int,
+    key: str,
+) -> None:
+    """Every block of ``rep`` not yet written, one ``read-obsm-block`` task per store chunk."""
+    shared = dask.delayed(readers, pure=True, traverse=False)
+    blocks.run_blocks(
+        _read_representation_block,
+        {b: ((blocks.store, shared, offsets, b, chunk_cells, key), {}) for b in blocks.pending()},
+        key="read-obsm-block",
+        label=f"ingest: read obsm/{key} blocks",
+        total=int(offsets[-1]),
+    )
 
 
 # ---------------------------------------------------------------- several inputs, one store
@@ -640,6 +735,24 @@ def _read_block(
             rounded += moved
     write_block(store, block, first, out)
     progress_array(store, "rounded")[block] = rounded
+    return last - first
+
+
+def _read_representation_block(
+    store: str, readers: list[Reader], offsets: np.ndarray, block: int, chunk_cells: int, key: str
+) -> int:
+    """Read store chunk ``block`` of the representation ``key`` from the input(s) its cells come
+    from, and write it into ``rep``."""
+    rep = zarr.open_array(store, path=REP, mode="r+")
+    first, last = block * chunk_cells, min((block + 1) * chunk_cells, rep.shape[0])
+    out = np.empty((last - first, rep.shape[1]), dtype=np.float32)
+    for reader, begin, end in zip(readers, offsets[:-1], offsets[1:], strict=True):
+        lo, hi = max(first, int(begin)), min(last, int(end))
+        if lo < hi:
+            out[lo - first : hi - first] = reader.read_representation(
+                key, lo - int(begin), hi - int(begin)
+            )
+    rep[first:last] = out
     return last - first
 
 

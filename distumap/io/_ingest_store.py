@@ -24,6 +24,8 @@ from distumap._format import (
     NARROW_COUNTS,
     NONZERO,
     PROGRESS_GROUP,
+    REP,
+    REP_KEY,
     metadata_name,
 )
 from distumap._stage import Stage
@@ -178,37 +180,50 @@ def create_skeleton(
     coords: dict[str, tuple[str, np.ndarray]],
     chunk_cells: int,
     params: dict[str, Any],
+    counts: bool = True,
+    representation: tuple[str, int] | None = None,
 ) -> None:
     """Write a store's skeleton: coordinates, an empty ``counts`` array chunked by cell blocks
     (narrow for counts: :func:`stored_dtype`), the "started" ingest record and the per-block
     rounding counts. Every reader's ingest uses it; the stage's markers, written next by
-    :meth:`distumap._stage.Stage.start`, come last."""
+    :meth:`distumap._stage.Stage.start`, come last.
+
+    ``counts=False`` leaves ``counts`` (and its per-gene statistics) out; ``representation``,
+    ``(obsm key, width)``, adds an empty float32 ``rep`` (cell, rep_dim) with the same cell
+    chunks, whose attribute names the key."""
     n_cells, n_genes = len(cells), len(genes)
     dtype = stored_dtype(params["dtype"])
-    counts = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=dtype)
+    variables: dict[str, Any] = {}
+    encoding: dict[str, Any] = {}
+    if counts:
+        values = da.zeros((n_cells, n_genes), chunks=(chunk_cells, n_genes), dtype=dtype)
+        variables["counts"] = (("cell", "gene"), values)
+        encoding["counts"] = {
+            "chunks": (chunk_cells, n_genes),
+            "compressors": [counts_codec(dtype)],
+        }
+    if representation is not None:
+        key, width = representation
+        values = da.zeros((n_cells, width), chunks=(chunk_cells, width), dtype=np.float32)
+        variables[REP] = (("cell", "rep_dim"), values, {REP_KEY: key})
+        encoding[REP] = {"chunks": (chunk_cells, width)}
     coords = {
         "cell": np.asarray(cells, dtype=object),
         "gene": np.asarray(genes, dtype=object),
         **coords,
     }
-    skeleton = xr.Dataset({"counts": (("cell", "gene"), counts)}, coords=coords)
+    skeleton = xr.Dataset(variables, coords=coords)
     # the "started" record goes in with the skeleton, so a store is never unrecognisable
     skeleton.attrs[ATTR] = {
         "format": FORMAT_VERSION,
         "stages": {"ingest": {"status": "started", "params": params}},
     }
-    skeleton.to_zarr(
-        store,
-        mode="w",
-        compute=False,
-        consolidated=False,
-        encoding={
-            "counts": {"chunks": (chunk_cells, n_genes), "compressors": [counts_codec(dtype)]}
-        },
-    )
+    skeleton.to_zarr(store, mode="w", compute=False, consolidated=False, encoding=encoding)
     n_blocks = -(-n_cells // chunk_cells)
     # per block: float-written counts that were rounded (one warning at the end)
     create_progress(store, "rounded", np.zeros(n_blocks, dtype=np.int64), chunks=1)
+    if not counts:
+        return
     # per block and gene: the cells with a non-zero value, what the preprocess's gene
     # statistics need, counted while the block is in memory (see write_block)
     zarr.open_group(store, mode="r+", use_consolidated=False).require_group(

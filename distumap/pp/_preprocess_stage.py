@@ -17,6 +17,7 @@ import xarray as xr
 from distumap import _config, _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
+from distumap._format import REP, REP_KEY
 from distumap._stage import Stage
 from distumap._store import codec_of, drop_arrays, open_store, store_of, write_variables
 from distumap.pp._preprocess import (
@@ -81,6 +82,9 @@ def preprocess(
         also ``means``, ``dispersions``, ``dispersions_norm`` (per gene, scanpy's ``var``
         columns; ``selected`` is ``highly_variable``) and ``counts_per_cell``.
 
+    A store ingested with ``use_rep`` and without counts has nothing to preprocess: the stage
+    is recorded (its embed uses the representation) and nothing is computed or written.
+
     Notes
     -----
     This computes: one pass over ``counts`` on the current scheduler (the ``log2p1`` recipe
@@ -105,6 +109,8 @@ def preprocess(
         return open_store(location)
     if not isinstance(ds, xr.Dataset):
         ds = open_store(location)
+    if "counts" not in ds:
+        return _without_counts(stage, ds, location)
     counts = ds["counts"]
     chunks = counts.data.chunks[0]
     # the scanpy recipe holds float32 copies of a block beside its counts
@@ -115,6 +121,16 @@ def preprocess(
     gene_index = _copy_selected(stage, location, chunks, ds.sizes["cell"])
     _progress.report("preprocess", len(gene_index), ds.sizes["gene"])
     stage.complete(genes_selected=len(gene_index))
+    return open_store(location)
+
+
+def _without_counts(stage: Stage, ds: xr.Dataset, location: str) -> xr.Dataset:
+    """A store ingested with ``use_rep`` and no counts: there are no genes to filter, and the
+    embed's features are the representation. The stage records that and computes nothing."""
+    if REP not in ds:
+        raise InputError(f"{location}: the store holds neither counts nor a representation")
+    stage.start()
+    stage.complete(genes_selected=0, features=f"obsm {ds[REP].attrs.get(REP_KEY)} (no counts)")
     return open_store(location)
 
 

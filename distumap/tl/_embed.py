@@ -43,10 +43,11 @@ from dask.base import tokenize
 from distumap import _memory, _progress
 from distumap._compute import current_client
 from distumap._errors import InputError
-from distumap._format import CELL_GRAPH, PCA_VARIABLES, stages
+from distumap._format import CELL_GRAPH, PCA_VARIABLES, REP, REP_KEY, stages
 from distumap._stage import Stage
 from distumap._store import (
     open_store,
+    require_stage,
     store_of,
     write_variables,
 )
@@ -198,6 +199,7 @@ def umap(
     transform_epochs: int | None = None,
     refine_epochs: int | None = None,
     pca_fit: str | None = None,
+    use_rep: str | None = None,
     color: str | None = None,
     store: str | None = None,
     progress: bool = False,
@@ -228,6 +230,11 @@ def umap(
     pca_fit
         ``"landmarks"`` (default ``distumap.pca-fit``) fits the PCA on the landmarks;
         ``"all"`` on every cell, exactly, from a covariance summed over cell blocks.
+    use_rep
+        The obsm key of the representation the store holds (ingested with ``use_rep``):
+        embed its ``rep`` as it is, with no gene filter and no PCA (``pca`` and ``pca_fit``
+        must be left unset), refined as principal components are. Default: the genes'
+        features, or the representation when the store holds no counts.
     color
         A cell coordinate (e.g. ``subclass_label``) that colours the embedding drawn live on the
         dashboard page; it does not change the result.
@@ -251,7 +258,8 @@ def umap(
     Notes
     -----
     This computes. Features are the selected genes' values by the preprocess stage's recipe
-    (log2(x+1), or log1p of the normalised counts: :func:`distumap.pp.features`), built lazily.
+    (log2(x+1), or log1p of the normalised counts: :func:`distumap.pp.features`), built lazily,
+    or with ``use_rep`` the store's ``rep``, read in its store chunks.
     A cell's coordinates depend only on its own values, its index and the fitted model (and,
     when refined, on the previous epoch's coordinates of all cells), never on the chunk size or
     the number of workers. A finished stage with the same parameters is skipped; an
@@ -263,7 +271,9 @@ def umap(
     >>> ds = distumap.tl.umap(ds, landmarks=20000, stratify="subclass_label")  # doctest: +SKIP
     """
     location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
+    use_rep = _representation_used(location, use_rep)
     params = embed_params(
+        use_rep=use_rep,
         landmarks=landmarks,
         stratify=stratify,
         pca=pca,
@@ -280,14 +290,14 @@ def umap(
     ds = open_store(location, require="preprocess")
     if color is not None and (color not in ds.coords or ds[color].dims != ("cell",)):
         raise InputError(f"color {color!r}: no such cell coordinate")
-    features = recipe_features(ds).data
+    features = ds[REP].data if use_rep is not None else recipe_features(ds).data
     # the stages embed depends on, not embed's own record: a re-run must find the same token
     earlier = {k: v for k, v in stages(ds).items() if k in ("ingest", "preprocess")}
     token = tokenize(location, params, earlier)
 
     client = current_client()
     # before any heavy work: a block or a fit that cannot fit in a worker is refused (exit 2)
-    _memory.check_blocks(client, "embed", max(ds["counts"].data.chunks[0]), ds.sizes["gene"])
+    _memory.check_blocks(client, "embed", max(features.chunks[0]), _block_width(ds, features))
     is_landmark, fit_seconds = _fit_or_resume(stage, ds, location, params, features, token, client)
     refining = _refine_stage.refine_epochs(params, is_landmark) > 0
     if client is not None:
@@ -333,6 +343,29 @@ def _write_components(location: str, ds: xr.Dataset, token: str) -> None:
     write_variables(location, xr.Dataset(variables))
 
 
+def _representation_used(location: str, use_rep: str | None) -> str | None:
+    """The obsm key of the representation to embed: ``use_rep``, which the store must hold, or
+    (none given) the store's own when it holds no counts to take features from."""
+    require_stage(location, "preprocess", needed_by="embed")
+    ds = open_store(location, require=None)
+    held = ds[REP].attrs.get(REP_KEY) if REP in ds else None
+    if use_rep is None:
+        return held if "counts" not in ds else None
+    if use_rep != held:
+        holds = f"it holds {held!r}" if held else "it holds none"
+        raise InputError(
+            f"{location}: --use-rep {use_rep}: the store holds no representation {use_rep!r} "
+            f"({holds}); ingest the input again with --use-rep {use_rep}"
+        )
+    return use_rep
+
+
+def _block_width(ds: xr.Dataset, features: da.Array) -> int:
+    """The columns of the widest block an embed task holds: a block of counts, or without
+    them of the features."""
+    return ds.sizes["gene"] if "counts" in ds else int(features.shape[1])
+
+
 def _fit_or_resume(
     stage: Stage,
     ds: xr.Dataset,
@@ -351,7 +384,10 @@ def _fit_or_resume(
     _memory.check_fit(
         client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
     )
-    _start(stage, ds, location, params, is_landmark, token, n_genes=features.shape[1])
+    _start(
+        stage, ds, location, params, is_landmark, token,
+        n_genes=features.shape[1], chunks=features.chunks[0],
+    )  # fmt: skip
     return is_landmark, _fit(stage, features, is_landmark, location, token, params, client)
 
 
@@ -364,11 +400,12 @@ def _start(
     token: str,
     *,
     n_genes: int,
+    chunks: tuple[int, ...],
 ) -> None:
-    """Start the stage: its record, the result arrays as placeholders (chunked as the store),
-    ``landmark``, and when it refines, the refinement's markers and working arrays."""
+    """Start the stage: its record, the result arrays as placeholders (chunked as the store's
+    cells, ``chunks``), ``landmark``, and when it refines, the refinement's markers and
+    working arrays."""
     n_cells = ds.sizes["cell"]
-    chunks = ds["counts"].data.chunks[0]
     epochs = _refine_stage.refine_epochs(params, is_landmark)
     layout = _refine_stage.refine_layout(len(chunks), chunks[0], epochs) if epochs else {}
     markers = layout.pop("refine_markers", 0)

@@ -584,6 +584,27 @@ class Reader(abc.ABC):
         """Per-cell columns other than the cell name (one array of ``n_cells`` per column)."""
         return {}
 
+    # -- a representation the input holds (--use-rep) --
+
+    def representation(self, key: str) -> int:
+        """Check the representation ``key`` (an AnnData ``obsm`` array) and return its width.
+
+        Formats without representations refuse; AnnData's readers override this.
+
+        Raises
+        ------
+        InputError
+            The input holds no such representation, or not one distumap can embed.
+        """
+        raise InputError(
+            f"{self.source}: --use-rep {key}: a {self.format} input holds no representations; "
+            "--use-rep reads an obsm array of AnnData (.h5ad, AnnData zarr)"
+        )
+
+    def read_representation(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the representation ``key`` as float32, checked finite."""
+        raise NotImplementedError(f"{type(self).__name__} holds no representations")
+
     # -- counts --
 
     def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:

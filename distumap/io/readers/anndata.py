@@ -265,6 +265,93 @@ class AnnDataReader(Reader):
             uns = root["uns"] if "uns" in root and is_group(root["uns"]) else None
             return frame_columns(root["obs"], self.source, uns)
 
+    # -- a representation in obsm (--use-rep) --
+
+    def _representation_node(self, root: Any, key: str) -> Any:
+        """``obsm/KEY``, or an InputError that lists the keys there are."""
+        obsm = root["obsm"] if "obsm" in root else None
+        if obsm is not None and not is_group(obsm):  # anndata < 0.7: one compound dataset
+            raise InputError(
+                f"{self.source}: --use-rep {key}: obsm is a compound dataset (anndata < 0.7), "
+                "which --use-rep does not read; write the file again with anndata >= 0.7"
+            )
+        keys = sorted(obsm.keys()) if obsm is not None else []
+        if key not in keys:
+            raise InputError(
+                f"{self.source}: --use-rep {key}: obsm has no {key!r} (obsm keys: "
+                f"{', '.join(keys) if keys else 'none'})"
+            )
+        return obsm[key]
+
+    def representation(self, key: str) -> int:
+        """Check ``obsm/KEY`` (a dense 2-D float array with a row per cell); return its width.
+
+        Parameters
+        ----------
+        key
+            The ``obsm`` key, such as ``X_scVI`` or ``X_pca``.
+
+        Returns
+        -------
+        int
+            The representation's dimensions (its columns).
+
+        Raises
+        ------
+        InputError
+            No such key (the message lists the keys there are), a group (a data frame, a
+            sparse matrix), not two dimensions, not floats, or not a row per cell. The values
+            are checked (finite) as they are read, by :meth:`read_representation`.
+        """
+        where = f"dataset obsm/{key}"
+        with self._open() as root:
+            node = self._representation_node(root, key)
+            if is_group(node):
+                kind = attr(node, "encoding-type") or "group"
+                raise InputError(
+                    f"{self.source}: --use-rep {key}: obsm/{key} is a {kind}, not a dense array "
+                    "of floats"
+                )
+            shape, dtype = tuple(int(n) for n in node.shape), np.dtype(node.dtype)
+        if len(shape) != 2 or shape[1] == 0:
+            raise InputError(
+                f"{self.source}: --use-rep {key}: {where} has shape {shape}; a representation "
+                "has a row per cell and at least one column"
+            )
+        if dtype.kind != "f":
+            raise InputError(
+                f"{self.source}: --use-rep {key}: {where} holds {dtype} values, not floats"
+            )
+        if shape[0] != self.n_cells:
+            raise InputError(
+                f"{self.source}: --use-rep {key}: {where} has {shape[0]} rows, but obs has "
+                f"{self.n_cells} cells"
+            )
+        return shape[1]
+
+    def read_representation(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``obsm/KEY`` as float32 (checked by :meth:`representation`).
+
+        Raises
+        ------
+        InputError
+            A value that is not finite (NaN, infinite, or too large for float32), naming the
+            file, the key, the cell and the column.
+        """
+        start, stop = self._check_range(start, stop, self.n_cells, "cells")
+        with self._open() as root:
+            values = load(self._representation_node(root, key), self.source, slice(start, stop))
+        block = values.astype(np.float32)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row, column = (int(i) for i in np.argwhere(bad)[0])
+            value = float(values[row, column])
+            raise InputError(
+                f"{self.source}: --use-rep {key}: dataset obsm/{key}: a value that is not "
+                f"finite as float32 ({value:.9g}) for cell {start + row}, column {column}"
+            )
+        return block
+
     # -- counts --
 
     def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, int]:

@@ -29,7 +29,13 @@ from distumap._format import (
     PCA_VARIABLES,
 )
 from distumap.io.writers._blocks import DEFLATE_LEVEL
-from distumap.io.writers._inputs import cell_metadata, require_variables, small_arrays
+from distumap.io.writers._inputs import (
+    cell_metadata,
+    representation_arrays,
+    representations,
+    require_variables,
+    small_arrays,
+)
 from distumap.pp import log2p1_values
 
 #: umap-learn's default spread; with ``min_dist`` it fixes the curve parameters a and b
@@ -88,6 +94,8 @@ def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
     extra.update({name: ds[name].data for name in ANNDATA_HVG_COLUMNS if name in ds})
     # the embed's principal components, as scanpy.pp.pca keeps them
     extra.update({name: ds[name].data for name in PCA_VARIABLES if name in ds})
+    # the representation the embed used (--use-rep), back under its own obsm key
+    extra.update(representation_arrays(ds))
     small: dict[str, Any] = small_arrays(ds, metadata, **extra)
     small["metadata"] = dict(zip(keys, metadata, strict=True))
     return small
@@ -314,6 +322,8 @@ def write_annotations(el, small: dict[str, Any], gene_index: np.ndarray, uns: di
     _dataframe(el, root, "var", small["gene"][gene_index], _var_columns(small, gene_index))
     obsm = el.group(root, "obsm")
     el.array(obsm, ANNDATA_EMBEDDING, small["X_umap"].astype(np.float32))
+    for key, values in representations(small).items():
+        el.array(obsm, _key(key), values)
     varm = el.group(root, "varm")
     if "X_pca" in small:
         el.array(obsm, ANNDATA_PCA, small["X_pca"])

@@ -58,6 +58,8 @@ def neighbors_uns(ds: xr.Dataset) -> dict[str, Any]:
     }
     if embed.get("seed") is not None:
         params["random_state"] = int(embed["seed"])
+    if embed.get("use_rep"):  # as sc.pp.neighbors(use_rep=...) records the graph's features
+        params["use_rep"] = str(embed["use_rep"])
     record = {
         "connectivities_key": ANNDATA_CONNECTIVITIES,
         "distances_key": ANNDATA_DISTANCES,

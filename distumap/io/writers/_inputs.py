@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from distumap._errors import IncompleteStoreError
+from distumap._format import REP, REP_KEY
 
 #: what an export needs of the store once the embed has finished
 EMBEDDED_VARIABLES = ("counts", "zero_fraction", "X_umap", "landmark")
@@ -20,6 +21,13 @@ EMBEDDED_VARIABLES = ("counts", "zero_fraction", "X_umap", "landmark")
 def require_variables(ds: xr.Dataset, names: tuple[str, ...]) -> None:
     """Refuse a dataset without ``names`` (a store before the stages that write them)."""
     missing = [name for name in names if name not in ds]
+    if "counts" in missing and REP in ds:
+        key = ds[REP].attrs.get(REP_KEY)
+        raise IncompleteStoreError(
+            f"the store holds the representation {key} and no counts (ingested with --use-rep "
+            "alone), and every export writes the selected genes' counts: ingest with "
+            f"--use-rep {key} --with-counts (as distumap run does)"
+        )
     if missing:
         raise IncompleteStoreError(
             f"the dataset lacks {', '.join(missing)}: run the preprocess and embed stages first"
@@ -45,6 +53,27 @@ def matrix_dtype(dtype: np.dtype) -> np.dtype:
 def cell_metadata(ds: xr.Dataset) -> list[str]:
     """The names of the metadata columns: the ``cell`` coordinates other than ``cell``."""
     return [name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"]
+
+
+#: the prefix of the representation's entry in :func:`small_arrays`' ``extra``: ``rep:<key>``
+REP_PREFIX = "rep:"
+
+
+def representation_arrays(ds: xr.Dataset) -> dict[str, Any]:
+    """The store's representation (``--use-rep``) as an ``extra`` of :func:`small_arrays`:
+    ``{"rep:<obsm key>": lazy (cell, rep_dim) float32}``; empty for a store without one."""
+    if REP not in ds:
+        return {}
+    return {f"{REP_PREFIX}{ds[REP].attrs[REP_KEY]}": ds[REP].transpose("cell", ...).data}
+
+
+def representations(small: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The representations among ``small`` (:func:`representation_arrays`), by obsm key."""
+    return {
+        name[len(REP_PREFIX) :]: np.asarray(values, dtype=np.float32)
+        for name, values in small.items()
+        if name.startswith(REP_PREFIX)
+    }
 
 
 def small_arrays(ds: xr.Dataset, metadata: list[str], **extra: Any) -> dict[str, np.ndarray]:

@@ -59,9 +59,12 @@ from distumap.io.writers._blocks import (
 )
 from distumap.io.writers._inputs import (
     EMBEDDED_VARIABLES,
+    REP_PREFIX,
     cell_metadata,
     embedded_store,
     matrix_dtype,
+    representation_arrays,
+    representations,
     require_variables,
     selected_genes,
     small_arrays,
@@ -188,7 +191,13 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     clashes = sorted({name.replace("/", "_") for name in metadata} & set(LOOM_COL_ATTRS))
     if clashes:
         raise InputError(f"metadata column(s) {clashes} clash with loom's own column attributes")
-    small: dict[str, Any] = small_arrays(ds, metadata)
+    # the representation the embed used (--use-rep) is a column attribute of its own name
+    extra = representation_arrays(ds)
+    taken = {name.replace("/", "_") for name in metadata} | set(LOOM_COL_ATTRS)
+    clashes = sorted({name[len(REP_PREFIX) :].replace("/", "_") for name in extra} & taken)
+    if clashes:
+        raise InputError(f"the representation {clashes} clashes with a loom column attribute")
+    small: dict[str, Any] = small_arrays(ds, metadata, **extra)
     small["metadata"] = metadata
     return small
 
@@ -257,6 +266,8 @@ def _create_annotations(
     for name in small["metadata"]:
         # "/" separates HDF5 path components; a column "area/region" becomes "area_region"
         put(cols, name.replace("/", "_"), _col_attr(small[f"meta:{name}"]))
+    for key, values in representations(small).items():
+        put(cols, key.replace("/", "_"), values)
     f.create_group("row_graphs")
     graphs = f.create_group("col_graphs")
     graph = None
