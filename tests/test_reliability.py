@@ -229,6 +229,8 @@ def test_no_stage_unpickles_what_is_planted_in_the_store(data, tmp_path):
         "landmark_embedding",
         "pca_mean",
         "pca_components",
+        "pca_variance",
+        "pca_variance_ratio",
     }
     assert all(array.dtype == np.float32 for _, array in group.arrays())
     assert not any(p.name.endswith((".pkl", ".pickle")) for p in store.rglob("*"))
