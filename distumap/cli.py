@@ -332,6 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- running
 
 
+def _input_bytes(inputs: Sequence[str]) -> int | None:
+    """The size on disk of local inputs (a folder's files summed), None if any is a URL or
+    missing (the ingest says what is wrong with it)."""
+    from distumap._paths import is_local, local_path
+
+    total = 0
+    for source in inputs:
+        path = local_path(source)
+        if not is_local(source) or not os.path.exists(path):
+            return None
+        if os.path.isdir(path):
+            total += sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+        else:
+            total += os.path.getsize(path)
+    return total
+
+
+def _in_process(args: argparse.Namespace) -> bool:
+    """Whether the embedded cluster's workers are threads of this process: for inputs smaller
+    than ``distumap.in-process-below``, where starting worker processes is most of the time."""
+    inputs = getattr(args, "inputs", None) if args.command in ("ingest", "run") else None
+    size = _input_bytes(inputs) if inputs else None
+    return size is not None and size < dask.config.get("distumap.in-process-below")
+
+
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[object]:
     from distumap.cluster import close, connect
@@ -342,6 +367,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[object]:
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
         dashboard_address=args.dashboard_address,
+        processes=not _in_process(args),
     )
     try:
         if args.performance_report:
