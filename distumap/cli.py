@@ -523,7 +523,8 @@ def _info(store: str, as_json: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from distumap import io, pp, tl
+    # each command imports the namespaces it uses: an ingest loads no science and no writer
+    from distumap import io
 
     if args.command == "info":
         _info(args.store, args.json)
@@ -558,8 +559,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         elif args.command == "ingest":
             _ingest(args, args.inputs, args.store, args.metadata)
         elif args.command == "preprocess":
+            from distumap import pp
+
             pp.preprocess(args.store, **_preprocess_kwargs(args))
         elif args.command == "embed":
+            from distumap import tl
+
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
             ds = io.open_store(args.store, require="embed")
