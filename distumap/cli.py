@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -573,7 +574,22 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``distumap`` command; returns the exit code."""
+    """Run the ``distumap`` command; returns the exit code.
+
+    Without ``argv`` (the command itself: its arguments are the process's), the process ends
+    after it: the objects it made are frozen out of the garbage collector first, so that the
+    interpreter's exit does not walk every object of numba, pandas, xarray and bokeh in each of
+    its collections (most of a small input's exit). Nothing else changes: files are closed and
+    the cluster is gone by then, and the atexit handlers still run.
+    """
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:
+            gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("default", category=UserWarning, module="distumap")
