@@ -5,7 +5,9 @@ Runs ``distumap ingest`` of a 200 x 300 CSV and ``distumap run`` of an 800 x 30,
 timestamps taken inside the command's process (the functions named below are wrapped, nothing
 else changes): the interpreter and imports until the cluster starts, the embedded cluster's
 start (``distumap.cluster.connect``), the command's stages, the cluster's close
-(``distumap.cluster.close``), and the process's exit after ``main`` returns. Two source trees
+(``distumap.cluster.close``), and the process's exit after ``main`` returns; and the CPU
+seconds of the command's process and its worker processes together, which a loaded machine
+stretches less than the wall time. Two source trees
 can be compared run by run, interleaved (A, B, A, B, ...) so that both see the same machine load:
 
     python benchmarks/startup.py --tree before=/tmp/before --tree after=. --repeats 5
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -78,6 +81,7 @@ def _phases(marks: dict[str, float], total: float) -> dict[str, float]:
 def _once(tree: Path, argv: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "STARTUP_T0": repr(time.time())}
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     # run from outside every tree: ``python -c`` puts the working folder first on sys.path
     done = subprocess.run(
@@ -88,6 +92,9 @@ def _once(tree: Path, argv: list[str], out: Path) -> dict:
         cwd=out.parent,
     )
     total = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the command's process and the worker processes it started (and waited for)
+    cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     line = [x for x in done.stderr.splitlines() if x.startswith("STARTUP ")][-1]
@@ -95,6 +102,7 @@ def _once(tree: Path, argv: list[str], out: Path) -> dict:
     marks = dict(found["marks"])
     return {
         "phases": {k: round(v, 3) for k, v in _phases(marks, total).items()},
+        "cpu_seconds": round(cpu, 2),
         "load_1min": os.getloadavg()[0],
         "in_process": "workers are threads" in done.stderr,
         "killed_workers": done.stderr.count("still alive after"),
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                     phases = " ".join(
                         f"{k.split()[0]} {v:.2f}" for k, v in result["phases"].items()
                     )
-                    print(f"{command} {name}: {phases} load {result['load_1min']:.1f}", flush=True)
+                    cpu, load = result["cpu_seconds"], result["load_1min"]
+                    print(f"{command} {name}: {phases} cpu {cpu:.2f} load {load:.1f}", flush=True)
         summary = {
             command: {
                 name: {
@@ -156,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 | {
                     "load_1min": [round(r["load_1min"], 1) for r in runs],
                     "totals": [round(r["phases"]["total"], 2) for r in runs],
+                    "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
                     "in_process": runs[0]["in_process"],
                     "killed_workers": sum(r["killed_workers"] for r in runs),
                     "modules": runs[0]["modules"],
