@@ -28,7 +28,8 @@ RUN_PICTURES = {"umap.png": "png", "umap.html": "html"}
 EPILOG = """\
 Settings default to dask's config namespace `distumap.*` (e.g. DASK_DISTUMAP__LANDMARKS=50000);
 flags override them. With no --scheduler, --scheduler-file or DASK_SCHEDULER_ADDRESS, an embedded
-cluster of worker processes starts; its dashboard link is printed at start."""
+cluster of worker processes starts (threads of this process for inputs under
+distumap.in-process-below, 64 MiB); its dashboard link is printed at start."""
 
 
 # ---------------------------------------------------------------- options
@@ -47,7 +48,7 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         "--n-workers",
         type=int,
         metavar="N",
-        help="worker processes of the embedded cluster (default: one per core)",
+        help="workers of the embedded cluster (default: one per core)",
     )
     group.add_argument(
         "--memory-limit",

@@ -20,7 +20,7 @@ def connect(
     processes: bool = True,
     quiet: bool = False,
 ) -> Client:
-    """Connect to a Dask cluster, starting a local one of worker processes if none is named.
+    """Connect to a Dask cluster, starting a local one if none is named.
 
     Parameters
     ----------
@@ -31,8 +31,8 @@ def connect(
     scheduler_file
         A scheduler file written by ``dask scheduler --scheduler-file``.
     n_workers, threads_per_worker, memory_limit
-        Shape of the embedded ``LocalCluster`` (used only when no scheduler is named). Workers
-        are processes; one thread each suits distumap's compiled, GIL-free kernels.
+        Shape of the embedded ``LocalCluster`` (used only when no scheduler is named). One
+        thread per worker suits distumap's compiled, GIL-free kernels.
     dashboard_address
         Where the embedded cluster serves its dashboard; a busy port falls back to a free one.
     processes
