@@ -70,6 +70,10 @@ def connect(
         client = Client(cluster)
         client._distumap_owns_cluster = True  # closed with the client by close()
         client._distumap_restore = restore  # undone by close()
+        if processes:
+            from distumap._workers import quick_exit_plugin
+
+            client.register_plugin(quick_exit_plugin())
     page = None
     try:
         from distumap import dashboard

@@ -3,7 +3,9 @@ processes, and no module the command does not use."""
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -145,3 +147,29 @@ def test_a_small_run_in_threads_writes_the_bits_of_a_run_in_processes(tmp_path):
         assert "col_attrs/X_umap" in mine or "obsm/X_umap" in mine
         for name, values in mine.items():
             np.testing.assert_array_equal(values, theirs[name], err_msg=f"{export}: {name}")
+
+
+def _freeze_count_in_a_worker_process(queue) -> None:
+    from distumap._workers import _freeze_if_worker_process
+
+    _freeze_if_worker_process()
+    queue.put(gc.get_freeze_count())
+
+
+def test_only_a_process_that_ends_freezes_its_objects(tmp_path):
+    """The command's process (``main()`` without arguments) and a closing worker process skip
+    the collector's walk at their exit; a caller of ``main(argv)`` and the process of in-process
+    workers go on, and keep a collected heap."""
+    from distumap._workers import _freeze_if_worker_process
+    from distumap.cli import main
+
+    before = gc.get_freeze_count()
+    assert main(["info", str(tmp_path / "no-store.zarr")]) != 0
+    _freeze_if_worker_process()
+    assert gc.get_freeze_count() == before
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_freeze_count_in_a_worker_process, args=(queue,))
+    child.start()
+    assert queue.get(timeout=300) > 0
+    child.join(timeout=60)
