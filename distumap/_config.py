@@ -29,6 +29,10 @@ DEFAULTS: dict[str, Any] = {
     "max-zero-fraction": 0.5,
     "n-top-genes": 2000,
     "target-sum": 1e4,
+    # an embedded cluster for inputs smaller than this (bytes on disk, all inputs together)
+    # runs its workers as threads of the command's own process: starting and importing worker
+    # processes is most of a small input's time, and the results are the same (0: processes)
+    "in-process-below": 64 * 2**20,
     # a command whose cluster has had no worker this long exits 1 instead of waiting forever
     "no-workers-timeout": "5 minutes",
     # how long the workers have to say which of a command's paths they see (a hung mount)

@@ -15,7 +15,14 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["BackgroundPlugin", "SetupPlugin", "WorkerCache", "fit_worker", "prepare_fit_workers"]
+__all__ = [
+    "BackgroundPlugin",
+    "SetupPlugin",
+    "WorkerCache",
+    "fit_worker",
+    "prepare_fit_workers",
+    "quick_exit_plugin",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,26 @@ class BackgroundPlugin(WorkerPlugin):
             threading.Thread(
                 target=_quietly, args=(self.run, part), name=self.thread, daemon=True
             ).start()
+
+
+def quick_exit_plugin() -> SetupPlugin:
+    """A plugin for the worker processes of an embedded cluster: when a worker closes, its
+    process is about to end, and its objects are frozen out of the garbage collector so that
+    the interpreter's exit does not walk them all in each of its collections (its nanny waits for
+    that exit, and kills a worker that takes longer than its timeout)."""
+    return SetupPlugin("distumap-quick-exit", _nothing, teardown=_freeze_if_worker_process)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _freeze_if_worker_process() -> None:
+    import gc
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # never a process that goes on
+        gc.freeze()
 
 
 def _quietly(run: Callable[[Any], None], part: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -27,7 +28,8 @@ RUN_PICTURES = {"umap.png": "png", "umap.html": "html"}
 EPILOG = """\
 Settings default to dask's config namespace `distumap.*` (e.g. DASK_DISTUMAP__LANDMARKS=50000);
 flags override them. With no --scheduler, --scheduler-file or DASK_SCHEDULER_ADDRESS, an embedded
-cluster of worker processes starts; its dashboard link is printed at start."""
+cluster of worker processes starts (threads of this process for inputs under
+distumap.in-process-below, 64 MiB); its dashboard link is printed at start."""
 
 
 # ---------------------------------------------------------------- options
@@ -46,7 +48,7 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         "--n-workers",
         type=int,
         metavar="N",
-        help="worker processes of the embedded cluster (default: one per core)",
+        help="workers of the embedded cluster (default: one per core)",
     )
     group.add_argument(
         "--memory-limit",
@@ -383,6 +385,31 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- running
 
 
+def _input_bytes(inputs: Sequence[str]) -> int | None:
+    """The size on disk of local inputs (a folder's files summed), None if any is a URL or
+    missing (the ingest says what is wrong with it)."""
+    from distumap._paths import is_local, local_path
+
+    total = 0
+    for source in inputs:
+        path = local_path(source)
+        if not is_local(source) or not os.path.exists(path):
+            return None
+        if os.path.isdir(path):
+            total += sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+        else:
+            total += os.path.getsize(path)
+    return total
+
+
+def _in_process(args: argparse.Namespace) -> bool:
+    """Whether the embedded cluster's workers are threads of this process: for inputs smaller
+    than ``distumap.in-process-below``, where starting worker processes is most of the time."""
+    inputs = getattr(args, "inputs", None) if args.command in ("ingest", "run") else None
+    size = _input_bytes(inputs) if inputs else None
+    return size is not None and size < dask.config.get("distumap.in-process-below")
+
+
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[object]:
     from distumap.cluster import close, connect
@@ -393,6 +420,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[object]:
         n_workers=args.n_workers,
         memory_limit=args.memory_limit,
         dashboard_address=args.dashboard_address,
+        processes=not _in_process(args),
     )
     try:
         if args.performance_report:
@@ -562,7 +590,8 @@ def _info(store: str, as_json: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from distumap import io, pp, tl
+    # each command imports the namespaces it uses: an ingest loads no science and no writer
+    from distumap import io
 
     if args.command == "info":
         _info(args.store, args.json)
@@ -605,8 +634,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         elif args.command == "ingest":
             _ingest(args, args.inputs, args.store, args.metadata)
         elif args.command == "preprocess":
+            from distumap import pp
+
             pp.preprocess(args.store, **_preprocess_kwargs(args))
         elif args.command == "embed":
+            from distumap import tl
+
             tl.umap(args.store, **_embed_kwargs(args))
         elif args.command == "export":
             ds = io.open_store(args.store, require="embed")
@@ -615,7 +648,22 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``distumap`` command; returns the exit code."""
+    """Run the ``distumap`` command; returns the exit code.
+
+    Without ``argv`` (the command itself: its arguments are the process's), the process ends
+    after it: the objects it made are frozen out of the garbage collector first, so that the
+    interpreter's exit does not walk every object of numba, pandas, xarray and bokeh in each of
+    its collections (most of a small input's exit). Nothing else changes: files are closed and
+    the cluster is gone by then, and the atexit handlers still run.
+    """
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:
+            gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("default", category=UserWarning, module="distumap")

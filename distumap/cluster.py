@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from distributed import Client, LocalCluster
 
@@ -16,9 +17,10 @@ def connect(
     threads_per_worker: int = 1,
     memory_limit: str | None = "auto",
     dashboard_address: str | None = ":8787",
+    processes: bool = True,
     quiet: bool = False,
 ) -> Client:
-    """Connect to a Dask cluster, starting a local one of worker processes if none is named.
+    """Connect to a Dask cluster, starting a local one if none is named.
 
     Parameters
     ----------
@@ -29,10 +31,14 @@ def connect(
     scheduler_file
         A scheduler file written by ``dask scheduler --scheduler-file``.
     n_workers, threads_per_worker, memory_limit
-        Shape of the embedded ``LocalCluster`` (used only when no scheduler is named). Workers
-        are processes; one thread each suits distumap's compiled, GIL-free kernels.
+        Shape of the embedded ``LocalCluster`` (used only when no scheduler is named). One
+        thread per worker suits distumap's compiled, GIL-free kernels.
     dashboard_address
         Where the embedded cluster serves its dashboard; a busy port falls back to a free one.
+    processes
+        False: the embedded cluster's workers are threads of this process, with the thread
+        settings (one BLAS and OpenMP thread) that worker processes get from their nanny. For
+        small inputs, where starting worker processes would take most of the time.
     quiet
         Do not print the dashboard link.
 
@@ -51,10 +57,11 @@ def connect(
     elif scheduler:
         client = Client(scheduler)
     else:
+        restore = None if processes else _one_thread_libraries()
         cluster = LocalCluster(
             n_workers=n_workers or os.cpu_count() or 1,
             threads_per_worker=threads_per_worker,
-            processes=True,
+            processes=processes,
             memory_limit=memory_limit,
             dashboard_address=dashboard_address,
             # distumap's page on the dashboard: each stage's progress
@@ -62,6 +69,11 @@ def connect(
         )
         client = Client(cluster)
         client._distumap_owns_cluster = True  # closed with the client by close()
+        client._distumap_restore = restore  # undone by close()
+        if processes:
+            from distumap._workers import quick_exit_plugin
+
+            client.register_plugin(quick_exit_plugin())
     page = None
     try:
         from distumap import dashboard
@@ -73,6 +85,12 @@ def connect(
     if not quiet:
         address = client.scheduler.address if client.scheduler is not None else "?"
         print(f"distumap: Dask scheduler at {address}", file=sys.stderr, flush=True)
+        if not processes and client.cluster is not None:
+            print(
+                "distumap: small input: the workers are threads of this process",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"distumap: Dask dashboard at {client.dashboard_link}", file=sys.stderr, flush=True)
         if page:
             print(f"distumap: stage progress at {page}", file=sys.stderr, flush=True)
@@ -89,5 +107,36 @@ def close(client: Client) -> None:
     try:
         client.close(timeout=CLOSE_TIMEOUT)
     finally:
-        if cluster is not None:
-            cluster.close(timeout=CLOSE_TIMEOUT)
+        try:
+            if cluster is not None:
+                cluster.close(timeout=CLOSE_TIMEOUT)
+        finally:
+            restore = getattr(client, "_distumap_restore", None)
+            if restore is not None:
+                restore()
+
+
+def _one_thread_libraries() -> Callable[[], None]:
+    """Give this process the thread settings that a nanny gives the worker processes it starts
+    (``distributed.nanny.pre-spawn-environ``: one OpenMP, BLAS and MKL thread), so that tasks
+    run as threads here compute what they compute in a worker process, to the bit (the number
+    of BLAS threads changes the low bits of a PCA). Returns what undoes it."""
+    import dask.config
+    from threadpoolctl import threadpool_limits
+
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    names = [name for name in environ if name.endswith("_NUM_THREADS")]
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:  # for the libraries loaded from now on
+        os.environ[name] = str(environ[name])
+    limits = threadpool_limits(limits=1)  # for the libraries loaded already
+
+    def restore() -> None:
+        limits.restore_original_limits()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
