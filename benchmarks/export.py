@@ -54,10 +54,12 @@ class PeakRSS:
         import psutil
 
         self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.client_peak = 0  # this process alone, without the worker processes
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _rss(self) -> int:
         total = self.process.memory_info().rss
+        self.client_peak = max(self.client_peak, total)
         for child in self.process.children(recursive=True):
             try:
                 total += child.memory_info().rss
@@ -216,6 +218,7 @@ def run_one(method: str, store: Path, out: Path, workers: int) -> dict:
         "file_mb": round(_size(target) / 1e6, 1),
         "rss_before_mb": round(memory.before / 1e6),
         "peak_rss_over_before_mb": round((memory.peak - memory.before) / 1e6),
+        "client_peak_rss_mb": round(memory.client_peak / 1e6),
     }
     if client is not None:
         from distumap.cluster import close
