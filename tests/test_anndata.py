@@ -261,25 +261,35 @@ def test_h5ad_chunks_span_blocks(dataset, tmp_path, monkeypatch, h5ad_chunk):
 
 
 def test_h5ad_spans_cover_every_value_and_block_once():
-    """The second pass's runs of chunks: every value in one run, each run whole chunks (the last
-    one excepted), its blocks those that hold its values, every block done in exactly one run,
-    empty blocks (first, middle, last) included."""
-    from distumap.io.writers.h5ad import _spans
+    """The runs of chunks, cut as the blocks' nonzeros arrive: every value in one run, each run
+    whole chunks (the last one excepted), its blocks those that hold its values, every block
+    with values done in exactly one run, empty blocks (first, middle, last) included."""
+    from distumap.io.writers.h5ad import _Spans
 
     block_nnz = np.array([0, 5, 40, 0, 0, 3, 17, 1, 0, 29, 0])
     offsets = np.concatenate([[0], np.cumsum(block_nnz)])
-    for chunk in (1, 4, 7, 100):
-        spans = _spans(offsets, chunk)
+    for chunk in (1, 4, 7, 100, 95):
+        cutter = _Spans(chunk, len(block_nnz))
+        spans = []
+        for i, nnz in enumerate(block_nnz):
+            for span in cutter.add(nnz):
+                assert span.done.stop <= i + 1 and span.hi <= offsets[i + 1]  # no block ahead
+                spans.append(span)
+        spans += cutter.finish()
         assert spans[0].lo == 0 and spans[-1].hi == offsets[-1]
         assert all(a.hi == b.lo for a, b in itertools.pairwise(spans))
-        assert all(span.lo % chunk == 0 for span in spans)
-        assert [b for span in spans for b in span.done] == list(range(len(block_nnz)))
+        assert all(span.lo % chunk == 0 and span.hi > span.lo for span in spans)
+        assert all(span.hi % chunk == 0 for span in spans[:-1])
+        done = [b for span in spans for b in span.done]
+        assert done == list(range(len(done)))  # the writer finishes blocks without values after
+        assert not block_nnz[len(done) :].any()
         for span in spans:
             assert all(block_nnz[b] for b in span.blocks)
             assert span.start == offsets[span.blocks[0]] <= span.lo
             assert span.stop == offsets[span.blocks[-1] + 1] >= span.hi
             assert span.stop - span.start == block_nnz[list(span.blocks)].sum()
-    assert _spans(np.zeros(4, np.int64), 7) == []
+    cutter = _Spans(7, 3)
+    assert [cutter.add(0) for _ in range(3)] == [[], [], []] and cutter.finish() == []
 
 
 @pytest.mark.cluster
@@ -304,7 +314,6 @@ def test_h5ad_chunks_deflated_on_worker_processes(dataset, tmp_path, local_clien
         _write("h5ad", ds, reference, block_cells=CHUNK)
     chunk = 37  # boundaries inside rows: no row holds a multiple of 37 values
     monkeypatch.setattr("distumap.io.writers.h5ad.H5AD_CHUNK", chunk)
-    monkeypatch.setattr("distumap.io.writers.h5ad.SPAN_BLOCKS", 2)
     _write("h5ad", ds, path, block_cells=block_cells, client=local_client)
     adata = _read("h5ad", path)
     _assert_contents(adata, ds)
@@ -319,11 +328,7 @@ def test_h5ad_chunks_deflated_on_worker_processes(dataset, tmp_path, local_clien
             assert data.chunks == (chunk,) and data.compression == "gzip"
             assert data.shuffle == (name != "layers/log2p1/data")
             assert data.id.get_num_chunks() == -(-len(data) // chunk)
-    runs = {
-        key
-        for key in _task_keys(local_client)
-        if isinstance(key, tuple) and str(key[0]).startswith("h5ad-chunks-")
-    }
+    runs = {key for key in _task_keys(local_client) if str(key).startswith("h5ad-chunks-")}
     assert len(runs) > 1
 
 

@@ -12,7 +12,11 @@ ever gathered into one ``AnnData`` in memory.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import os
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +39,7 @@ from distumap.io.writers._anndata_elements import (
 )
 from distumap.io.writers._base import Writer
 from distumap.io.writers._blocks import (
+    BESIDE_THE_EMBED,
     DEFLATE_LEVEL,
     block_tasks,
     block_written,
@@ -42,7 +47,6 @@ from distumap.io.writers._blocks import (
     cells_per_block,
     counts_in_blocks,
     deflate,
-    export_blocks,
 )
 from distumap.io.writers._graph import (
     graph_rows,
@@ -66,9 +70,6 @@ H5AD_CHUNK = 2**18
 DEFLATE_THREADS = 2
 #: raw bytes of the blocks computed ahead of the h5ad writer, at most
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
-#: a task's run of chunks holds about this many typical blocks' nonzeros: the two blocks it
-#: shares with its neighbours (and reads again) are then a small part of what it reads
-SPAN_BLOCKS = 8
 
 
 def _count_block(counts: np.ndarray, index: int, n_blocks: int) -> np.ndarray:
@@ -90,50 +91,66 @@ class _Span:
     done: range
 
 
-def _spans(offsets: np.ndarray, chunk: int) -> list[_Span]:
-    """The tasks of the second pass, from the first value of every block (and the end of the
-    last), which the first pass fixes."""
-    total, n_blocks = int(offsets[-1]), len(offsets) - 1
-    if total == 0:
-        return []
-    block_nnz = np.diff(offsets)
-    typical = float(np.median(block_nnz[block_nnz > 0]))
-    step = max(1, round(SPAN_BLOCKS * typical / chunk)) * chunk
-    spans, done = [], 0
-    for lo in range(0, total, step):
-        hi = min(lo + step, total)
+class _Spans:
+    """Cuts the 1-D datasets into runs of whole chunks as the blocks' nonzeros arrive in cell
+    order: a run is given as soon as the places of its values are known (at least one chunk's
+    worth past the previous run), so that a block's pieces wait for no more than the next
+    chunk boundary."""
+
+    def __init__(self, chunk: int, n_blocks: int):
+        self.chunk, self.n_blocks = chunk, n_blocks
+        self.offsets = [0]  # the first value of every block so far, and the end of the last
+        self.lo = 0  # the first value not yet in a run
+        self.done = 0  # the first block not yet done
+
+    def add(self, nnz: int) -> list[_Span]:
+        """The runs that block ``len(offsets) - 1``'s ``nnz`` values complete."""
+        self.offsets.append(self.offsets[-1] + int(nnz))
+        hi = self.offsets[-1] // self.chunk * self.chunk
+        return [self._span(hi)] if hi > self.lo else []
+
+    def finish(self) -> list[_Span]:
+        """The last run (its last chunk partly filled), once every block has arrived."""
+        return [self._span(self.offsets[-1])] if self.offsets[-1] > self.lo else []
+
+    def _span(self, hi: int) -> _Span:
+        offsets = self.offsets
         # the block that holds value lo (blocks without values hold none), to the first block
         # that starts at or past hi
-        first = int(np.searchsorted(offsets, lo, side="right")) - 1
-        last = int(np.searchsorted(offsets, hi, side="left"))
-        blocks = tuple(b for b in range(first, last) if block_nnz[b])
-        # a block is done once its last value is written; blocks without values at the end
-        until = n_blocks if hi == total else int(np.searchsorted(offsets[1:], hi, "right"))
-        start, stop = int(offsets[first]), int(offsets[last])
-        spans.append(_Span(lo, hi, blocks, start, stop, range(done, until)))
-        done = until
-    return spans
+        first = bisect.bisect_right(offsets, self.lo) - 1
+        last = bisect.bisect_left(offsets, hi)
+        blocks = tuple(b for b in range(first, last) if offsets[b + 1] > offsets[b])
+        # the blocks whose every value lies below hi (those without values at the end too)
+        until = bisect.bisect_right(offsets, hi) - 1
+        span = _Span(self.lo, hi, blocks, offsets[first], offsets[last], range(self.done, until))
+        self.lo, self.done = hi, until
+        return span
 
 
 def _block_pieces(counts: np.ndarray, index: int, n_blocks: int) -> tuple[np.ndarray, ...]:
-    """A block's values of ``X``, of the layer and their indices (what a run of chunks takes:
-    its memory then follows its values, not the dense blocks)."""
-    return csr_pieces(counts)[:3]
+    """A block's CSR pieces (:func:`csr_pieces`), held on its worker until the runs of chunks
+    that hold its values have taken them."""
+    return csr_pieces(counts)
+
+
+def _row_nnz(pieces: tuple[np.ndarray, ...]) -> np.ndarray:
+    return pieces[3]
 
 
 def _deflate_span(
-    span: _Span, chunk: int, n_blocks: int, x_dtype: np.dtype, *blocks: tuple[np.ndarray, ...]
+    chunk: int, n_blocks: int, x_dtype: np.dtype, span: _Span, *blocks: tuple[np.ndarray, ...]
 ) -> list[tuple[bytes, bytes, bytes]]:
     """Every chunk of ``span`` as ``(X data, layer data, indices)``, deflated as the HDF5
     datasets' filters would (``X``'s values and the indices byte-shuffled first); the last
     chunk of the datasets padded with zeros. ``blocks`` are the pieces of ``span.blocks``
     (:func:`_block_pieces`)."""
-    data, layer, indices = (np.concatenate(kept) for kept in zip(*blocks, strict=True))
+    data, layer, indices = (
+        np.concatenate([pieces[which] for pieces in blocks]) for which in range(3)
+    )
     if data.size != span.stop - span.start:
         raise RuntimeError(
-            f"blocks {span.blocks[0]}-{span.blocks[-1]}: {data.size} nonzeros now, "
-            f"{span.stop - span.start} when they were counted; the store changed during the "
-            "export"
+            f"blocks {span.blocks[0]}-{span.blocks[-1]}: {data.size} nonzeros, "
+            f"{span.stop - span.start} expected"
         )
     chunks = []
     for offset in range(span.lo - span.start, span.hi - span.start, chunk):
@@ -151,6 +168,91 @@ def _deflate_span(
     for b in span.done:
         report("export", 1, n_blocks, block=b)
     return chunks
+
+
+def _pipeline_local(blocks: list, spans: _Spans, deflate_span, in_flight: int) -> Iterator:
+    """:func:`_pipeline` with dask's local scheduler: blocks computed here, a batch at a time,
+    runs deflated here."""
+    held: dict[int, tuple] = {}
+    for start in range(0, len(blocks), in_flight):
+        computed = dask.compute(*blocks[start : start + in_flight])
+        for i, pieces in enumerate(computed, start):
+            held[i] = pieces
+            yield "rows", pieces[3]
+            for span in spans.add(pieces[0].size):
+                yield "span", span, deflate_span(span, *(held[b] for b in span.blocks))
+                for b in span.done:
+                    held.pop(b, None)
+    for span in spans.finish():
+        yield "span", span, deflate_span(span, *(held[b] for b in span.blocks))
+
+
+def _pipeline(
+    blocks: list,
+    spans: _Spans,
+    deflate_span,
+    *,
+    token: str,
+    in_flight: int,
+    client,
+    priority: int,
+    check,
+) -> Iterator:
+    """Events in cell order: ``("rows", row_nnz)`` for every block, ``("span", span, chunks)``
+    for every run of deflated chunks. Every block is read once: its pieces stay on its worker
+    until the runs that hold its values have been submitted, at most ``in_flight`` blocks
+    being computed ahead; at most ``in_flight`` runs are waiting for this writer. ``check()`` runs
+    before every event (it raises to stop)."""
+    from distumap._compute import Watchdog, own_graphs, wait_result
+
+    if client is None:
+        yield from _pipeline_local(blocks, spans, deflate_span, in_flight)
+        return
+    blocks = own_graphs(blocks)
+    stage = "export: h5ad"
+    watchdog = Watchdog(client, stage)
+    held: dict = {}  # block -> the future of its pieces, until its runs are submitted
+    rows: deque = deque()  # the futures of the blocks' row nonzeros, in order
+    runs: deque = deque()  # (span, future of its chunks), in order
+    submitted, n_runs = 0, 0
+    options = {"priority": priority, "retries": 2, "pure": False}
+
+    def submit_runs(new: list[_Span]) -> None:
+        nonlocal n_runs
+        for span in new:
+            arguments = [held[b] for b in span.blocks]
+            key = f"h5ad-chunks-{token}-{n_runs}"
+            runs.append((span, client.submit(deflate_span, span, *arguments, key=key, **options)))
+            n_runs += 1
+            for b in span.done:
+                held.pop(b, None)  # its run holds it now, as long as it needs it
+
+    try:
+        for _ in range(len(blocks)):
+            # the blocks whose nonzeros are not known yet; those known wait in ``held`` for
+            # the next chunk boundary (less than a chunk of values), or for their run
+            while submitted < len(blocks) and len(rows) < in_flight:
+                future = client.compute(blocks[submitted], retries=2, priority=priority)
+                held[submitted] = future
+                key = f"h5ad-count-{token}-{submitted}"
+                rows.append(client.submit(_row_nnz, future, key=key, **options))
+                submitted += 1
+            row_nnz = wait_result(rows.popleft(), watchdog, stage, client)
+            check()
+            yield "rows", row_nnz
+            submit_runs(spans.add(int(row_nnz.sum())))
+            while runs and (len(runs) > in_flight or runs[0][1].done()):
+                span, future = runs.popleft()
+                yield "span", span, wait_result(future, watchdog, stage, client)
+        submit_runs(spans.finish())
+        while runs:
+            span, future = runs.popleft()
+            result = wait_result(future, watchdog, stage, client)
+            check()
+            yield "span", span, result
+    finally:
+        for future in [*held.values(), *rows, *(future for _, future in runs)]:
+            future.cancel()
 
 
 class _Appendable:
@@ -279,12 +381,12 @@ def write_h5ad(
     )
 
 
-def _dataset(group, name: str, size: int, dtype, shuffle: bool):
-    """A 1-D dataset of ``size`` values in HDF5 chunks of ``H5AD_CHUNK``, deflated, resizable
-    (as anndata creates them), for whole chunks written raw."""
+def _dataset(group, name: str, dtype, shuffle: bool):
+    """An empty 1-D dataset in HDF5 chunks of ``H5AD_CHUNK``, deflated, resizable (as anndata
+    creates them), for whole chunks written raw."""
     return group.create_dataset(
         name,
-        shape=(size,),
+        shape=(0,),
         maxshape=(None,),
         dtype=dtype,
         chunks=(H5AD_CHUNK,),
@@ -295,57 +397,39 @@ def _dataset(group, name: str, size: int, dtype, shuffle: bool):
 
 
 def _write_x_and_layer(
-    el: H5Elements,
-    shape,
-    x_dtype,
-    pool,
-    counts,
-    export,
-    path,
-    progress: bool,
+    el: H5Elements, shape, x_dtype, pool, counts, pipeline, path, progress: bool
 ) -> None:
-    """``X`` and ``layers["log2p1"]``: the first pass's counts give ``indptr`` (appended here
-    in cell order) and where every block's values go; then the tasks of the second pass
-    deflate whole chunks of ``data`` and ``indices``, written here raw."""
+    """``X`` and ``layers["log2p1"]``: ``indptr`` appended here in cell order as the blocks'
+    nonzeros arrive, ``data`` and ``indices`` written raw as the runs of chunks arrive, deflated
+    on the workers."""
     f = el.root
+    n_cells = shape[0]
     x_group = csr_group(el, f, "X", shape)
     layer_group = csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
     indptr = _Appendable(x_group, "indptr", np.int64, True, pool)
-    token = tokenize(counts, H5AD_CHUNK)
-    n_blocks = counts.numblocks[0]
-    indptr.append(np.zeros(1, dtype=np.int64))
-    offsets = np.zeros(n_blocks + 1, dtype=np.int64)
-    count_tasks = block_tasks(counts, _count_block, f"h5ad-count-{token}")
-    for i, row_nnz in enumerate(export(count_tasks, "export: h5ad nonzeros")):
-        ends = offsets[i] + np.cumsum(row_nnz, dtype=np.int64)
-        indptr.append(ends)
-        offsets[i + 1] = ends[-1] if ends.size else offsets[i]
-    indptr.close()
-    total = int(offsets[-1])
-    x_data = _dataset(x_group, "data", total, x_dtype, True)
-    layer_data = _dataset(layer_group, "data", total, np.float32, False)
-    indices = _dataset(x_group, "indices", total, np.int32, True)
+    # the values' datasets grow as the runs arrive (the last run sets their final size)
+    x_data = _dataset(x_group, "data", x_dtype, True)
+    layer_data = _dataset(layer_group, "data", np.float32, False)
+    indices = _dataset(x_group, "indices", np.int32, True)
     # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
     # hard links, which every reader follows), written once, not twice
     layer_group["indices"], layer_group["indptr"] = indices, indptr.dataset
-    spans = _spans(offsets, H5AD_CHUNK)
-    pieces = block_tasks(counts, _block_pieces, f"h5ad-block-{token}")
-    deflate_span = dask.delayed(_deflate_span, pure=True)
-    tasks = [
-        deflate_span(
-            span,
-            H5AD_CHUNK,
-            n_blocks,
-            x_dtype,
-            *(pieces[b] for b in span.blocks),
-            dask_key_name=(f"h5ad-chunks-{token}", u),
-        )
-        for u, span in enumerate(spans)
-    ]
-    # a run's values, raw and deflated, bound what runs ahead of this writer
-    span_bytes = 16 * max((span.stop - span.start for span in spans), default=0)
-    results = export(tasks, "export: h5ad chunks", span_bytes)
-    for span, chunks in zip(spans, results, strict=True):
+    n_blocks = counts.numblocks[0]
+    token = tokenize(counts, H5AD_CHUNK)
+    blocks = block_tasks(counts, _block_pieces, f"h5ad-block-{token}")
+
+    deflate_span = functools.partial(_deflate_span, H5AD_CHUNK, n_blocks, x_dtype)
+    end, written = 0, 0
+    indptr.append(np.zeros(1, dtype=np.int64))
+    for event in pipeline(blocks, _Spans(H5AD_CHUNK, n_blocks), deflate_span, token):
+        if event[0] == "rows":
+            ends = end + np.cumsum(event[1], dtype=np.int64)
+            indptr.append(ends)
+            end = int(ends[-1]) if ends.size else end
+            continue
+        _, span, chunks = event
+        for dataset in (x_data, layer_data, indices):
+            dataset.resize((span.hi,))
         for j, (x_chunk, layer_chunk, index_chunk) in enumerate(chunks):
             offset = (span.lo + j * H5AD_CHUNK,)
             x_data.id.write_direct_chunk(offset, x_chunk)
@@ -353,9 +437,14 @@ def _write_x_and_layer(
             indices.id.write_direct_chunk(offset, index_chunk)
         for i in span.done:
             block_written(path, i, n_blocks, progress)
-    if not spans:  # no values at all: every block is done
-        for i in range(n_blocks):
-            block_written(path, i, n_blocks, progress)
+        written = span.done.stop
+    indptr.close()
+    if len(indptr.dataset) != n_cells + 1:
+        raise RuntimeError(f"indptr: {len(indptr.dataset)} of {n_cells + 1} values")
+    # blocks without values after the last run's (every block, in a matrix of zeros)
+    for i in range(written, n_blocks):
+        report("export", 1, n_blocks, block=i)
+        block_written(path, i, n_blocks, progress)
 
 
 def _write_graph(
@@ -411,12 +500,24 @@ class H5adWriter(Writer):
         params = export_params("h5ad", block_cells, chunk=H5AD_CHUNK, compression="deflate-1")
         counts = counts_in_blocks(ds, gene_index, block_cells)
 
-        def export(tasks: list, stage: str, task_bytes: int | None = None):
-            ahead = in_flight
-            if task_bytes:
-                ahead = blocks_in_flight(client, task_bytes, IN_FLIGHT_RAW_BYTES)
-            return export_blocks(
-                tasks, stage=stage, in_flight=ahead, client=client, embedded=embedded
+        def pipeline(blocks: list, spans: _Spans, deflate_span, token: str) -> Iterator:
+            if embedded is not None and embedded.done() and embedded.exception() is not None:
+                raise embedded.exception()  # an embed that has already failed: nothing runs
+
+            def check() -> None:  # the embed's failure stops the export at the next event
+                if embedded is not None and embedded.done() and embedded.exception() is not None:
+                    raise embedded.exception()
+
+            priority = BESIDE_THE_EMBED if embedded is not None else 0
+            return _pipeline(
+                blocks,
+                spans,
+                deflate_span,
+                token=token,
+                in_flight=in_flight,
+                client=client,
+                priority=priority,
+                check=check,
             )
 
         shape = (ds.sizes["cell"], int(gene_index.size))
@@ -426,7 +527,7 @@ class H5adWriter(Writer):
             with h5py.File(local, "w", libver="earliest") as f:
                 el = H5Elements(f)
                 x_dtype = matrix_dtype(ds["counts"].dtype)
-                _write_x_and_layer(el, shape, x_dtype, pool, counts, export, path, progress)
+                _write_x_and_layer(el, shape, x_dtype, pool, counts, pipeline, path, progress)
                 # the rest needs the embedding: the embedded store, once the embed has finished
                 if small is None:
                     ds = embedded_store(ds, embedded, gene_index)
