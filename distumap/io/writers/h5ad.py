@@ -1,13 +1,14 @@
 """Write a finished store as ``.h5ad``, block by block, in anndata's on-disk format.
 
 HDF5 takes one writer, so the cluster does the expensive part and the client only writes finished
-chunks with ``write_direct_chunk``, as the loom writer does. A first pass counts every cell's
-nonzeros among the selected genes, which fixes ``indptr`` and where each value of ``X``, of the
-``log2p1`` layer and of their ``indices`` goes. The 1-D datasets are cut into fixed-size HDF5
-chunks that do not respect cell or block boundaries, so each task takes a run of whole chunks,
-reads the cells whose values fall in it (the first and last of them shared with its neighbours)
-and deflates every chunk of the run; no chunk has two writers or is read back. No cell block is
-ever gathered into one ``AnnData`` in memory.
+chunks with ``write_direct_chunk``, as the loom writer does. Each cell block's CSR pieces are
+built once, on a worker, and stay there; the client learns only the nonzeros of its rows, which
+extend ``indptr`` and fix where the block's values go. The 1-D datasets of ``X``, the
+``log2p1`` layer and their ``indices`` are cut into fixed-size HDF5 chunks that respect no cell
+or block boundary, so once the places of a run of whole chunks are known, one task takes the
+pieces of the blocks whose values fall in it and deflates every chunk of the run; no chunk has
+two writers or is read back, and the counts are read once. No cell block is ever gathered into
+one ``AnnData`` in memory.
 """
 
 from __future__ import annotations
@@ -70,11 +71,6 @@ H5AD_CHUNK = 2**18
 DEFLATE_THREADS = 2
 #: raw bytes of the blocks computed ahead of the h5ad writer, at most
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
-
-
-def _count_block(counts: np.ndarray, index: int, n_blocks: int) -> np.ndarray:
-    """The first pass: every cell's nonzeros among the selected genes."""
-    return np.count_nonzero(counts, axis=1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -342,18 +338,19 @@ def write_h5ad(
 
     Notes
     -----
-    This computes, in two passes over the counts of the selected genes. First every cell's
-    nonzeros (one task per block, ``h5ad-count``), which the client appends to ``indptr`` in
-    cell order and which fix where each block's values go. Then the values of ``X`` (int32
-    counts), ``layers["log2p1"]`` (float32, the same sparsity) and their ``indices``, in
-    resizable HDF5 datasets of chunks of 256 Ki elements: one task per run of whole chunks
-    (``h5ad-chunks``) takes the CSR pieces of the blocks whose values fall in it (one task per
-    block, ``h5ad-block``; the first and last shared with its neighbours) and deflates every
-    chunk of the run at ISA-L's level 1 (counts and indices byte-shuffled first,
-    as HDF5's filters do); the client writes the finished chunks raw with
-    ``write_direct_chunk``. The layer's ``indices`` and ``indptr`` are hard links to ``X``'s,
-    its sparsity. At most two tasks per worker thread (and 2 GiB of raw block data) run ahead
-    of the client, so its memory does not grow with the number of cells beyond a few bytes per
+    This computes, reading the counts of the selected genes once: one task per cell block
+    (``h5ad-block``) builds its CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]``
+    (float32, the same sparsity) and keeps them on its worker; a tiny task (``h5ad-count``)
+    sends the client the nonzeros of its rows, which it appends to ``indptr`` in cell order.
+    The values and ``indices`` go to resizable HDF5 datasets of chunks of 256 Ki elements: as
+    soon as the places of a run of whole chunks are known, one task (``h5ad-chunks``) takes the
+    pieces of the blocks whose values fall in it and deflates every chunk of the run at ISA-L's
+    level 1 (counts and indices byte-shuffled first, as HDF5's filters do); the client writes
+    the finished chunks raw with ``write_direct_chunk``. The layer's ``indices`` and
+    ``indptr`` are hard links to ``X``'s, its sparsity. At most two blocks per worker thread
+    (and 2 GiB of raw block data) are computed ahead of the client, and a block's pieces wait
+    on its worker for no more than the next chunk boundary, so memory does not grow with the
+    number of cells beyond a few bytes per
     block. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
