@@ -14,6 +14,7 @@ import os
 import warnings
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 import zarr
@@ -181,9 +182,11 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     if require is not None:
         require_stage(store, require, needed_by="this step")
     ds = xr.open_zarr(store_url(store), consolidated=False)
-    for variable in ds.variables.values():
-        if variable.ndim == 1:
-            variable.load()
+    # names and per-gene values: small reads, done here, never waiting on a cluster's workers
+    with dask.config.set(scheduler="threads"):
+        for variable in ds.variables.values():
+            if variable.ndim == 1:
+                variable.load()
     # zarr 3 hands strings back as numpy's StringDType, which pandas, bokeh and h5py do not all
     # take yet; plain object strings work everywhere
     text = {

@@ -73,7 +73,14 @@ _embed._transform_task = _padded(_embed._transform_task)
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     command = [sys.executable, "-m", "distumap.cli", *args]
-    environment = {**os.environ, "DISTUMAP_TRACEBACK": "1", **(env or {})}
+    # worker processes, whatever the input's size: these tests kill them and watch them
+    # come back (a small input's command would otherwise run its workers as threads)
+    environment = {
+        **os.environ,
+        "DISTUMAP_TRACEBACK": "1",
+        "DASK_DISTUMAP__IN_PROCESS_BELOW": "0",
+        **(env or {}),
+    }
     environment.pop("DASK_SCHEDULER_ADDRESS", None)
     return command, environment
 

@@ -254,3 +254,22 @@ def test_no_stage_unpickles_what_is_planted_in_the_store(data, tmp_path):
     with pytest.raises(InputError):
         load_model(str(store / "_progress" / "umap_model"))
     assert not proof.exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_opening_a_store_waits_on_no_worker(data, tmp_path):
+    """A store's names are read by the process that opens it: a default client whose cluster
+    has no worker (all lost) does not make `distumap info` or open_store wait forever."""
+    from distributed import Client, LocalCluster
+
+    store = tmp_path / "store.zarr"
+    with dask.config.set(scheduler="threads"):
+        io.read_csv(data["matrix"], store, metadata=data["metadata"], chunk_cells=128)
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster),
+    ):
+        ds = io.open_store(str(store))
+        assert ds.sizes["cell"] == SPEC.n_cells and ds["cell"].values[0]
+        assert main(["info", str(store), "--json"]) == 0
