@@ -122,6 +122,11 @@ def run(n_cells: int, args) -> dict:
     return result
 
 
+def _row(name: str, row: dict, full: dict) -> str:
+    cells = [f"{row['scores'][m]:.4f} ({row['scores'][m] / full[m]:.1%})" for m in MEASURES]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def table(result: dict) -> str:
     full = result["full_fit"]["scores"]
     lines = [
@@ -131,13 +136,9 @@ def table(result: dict) -> str:
         "| umap-learn, full fit | " + " | ".join(f"{full[m]:.4f}" for m in MEASURES) + " |",
     ]
     for row in result["distumap"]:
-        cells = [f"{row['scores'][m]:.4f} ({row['scores'][m] / full[m]:.1%})" for m in MEASURES]
-        lines.append(
-            f"| distumap, {row['share']:.0%} ({row['landmarks']:,}) | " + " | ".join(cells)
-        )
+        lines.append(_row(f"distumap, {row['share']:.0%} ({row['landmarks']:,})", row, full))
     for row in result["other_seeds"]:
-        cells = [f"{row['scores'][m]:.4f} ({row['scores'][m] / full[m]:.1%})" for m in MEASURES]
-        lines.append(f"| umap-learn, seed {row['seed']} | " + " | ".join(cells) + " |")
+        lines.append(_row(f"umap-learn, seed {row['seed']}", row, full))
     return "\n".join(lines)
 
 
