@@ -1,4 +1,5 @@
-"""Seeded synthetic count matrices in the tutorial's CSV layout, for tests, demo and benchmarks.
+"""Seeded synthetic count matrices in the tutorial's CSV layout, for tests, demo and benchmarks,
+and the measures of an embedding's quality that the tests' floors and the benchmarks use.
 
 The model, in short: each gene has a heavy-tailed base expression; cells belong to subclasses of
 very different sizes, grouped in classes; every class and every subclass raises its own marker
@@ -35,6 +36,15 @@ from distumap.testing._csv import (
     write_metadata_csv,
 )
 from distumap.testing._loom import write_loom
+from distumap.testing._quality import (
+    class_distance_correlation,
+    class_means_preservation,
+    distance_correlation,
+    knn_preservation,
+    label_agreement,
+    sample_cells,
+    trustworthiness,
+)
 from distumap.testing._synthetic import (
     TUTORIAL_CELLS,
     TUTORIAL_GENES,
@@ -51,8 +61,15 @@ __all__ = [
     "TUTORIAL_GENES",
     "SyntheticData",
     "SyntheticSpec",
+    "class_distance_correlation",
+    "class_means_preservation",
+    "distance_correlation",
+    "knn_preservation",
+    "label_agreement",
+    "sample_cells",
     "synthetic_counts",
     "synthetic_gene_ids",
+    "trustworthiness",
     "write_10x_h5",
     "write_anndata_zarr",
     "write_dataset",
