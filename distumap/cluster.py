@@ -84,13 +84,14 @@ def connect(
             print(f"distumap: no progress page on the dashboard ({error})", file=sys.stderr)
     if not quiet:
         address = client.scheduler.address if client.scheduler is not None else "?"
-        print(f"distumap: Dask scheduler at {address}", file=sys.stderr, flush=True)
-        if not processes and client.cluster is not None:
-            print(
-                "distumap: small input: the workers are threads of this process",
-                file=sys.stderr,
-                flush=True,
-            )
+        # a small input's workers are threads of this process: said on the same line
+        threads = " (a small input: the workers are threads of this process)"
+        in_process = not processes and client.cluster is not None
+        print(
+            f"distumap: Dask scheduler at {address}{threads if in_process else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         print(f"distumap: Dask dashboard at {client.dashboard_link}", file=sys.stderr, flush=True)
         if page:
             print(f"distumap: stage progress at {page}", file=sys.stderr, flush=True)

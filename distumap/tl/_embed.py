@@ -271,9 +271,7 @@ def umap(
     >>> ds = distumap.tl.umap(ds, landmarks=20000, stratify="subclass_label")  # doctest: +SKIP
     """
     location = store_of(ds, store) if isinstance(ds, xr.Dataset) else str(ds)
-    use_rep = _representation_used(location, use_rep)
-    params = embed_params(
-        use_rep=use_rep,
+    given = dict(
         landmarks=landmarks,
         stratify=stratify,
         pca=pca,
@@ -284,6 +282,10 @@ def umap(
         refine_epochs=refine_epochs,
         pca_fit=pca_fit,
     )
+    # bad parameters are refused before the store is read
+    params = embed_params(use_rep=use_rep, **given)
+    if (held := _representation_used(location, use_rep)) != use_rep:
+        use_rep, params = held, embed_params(use_rep=held, **given)
     stage = Stage(location, "embed", params, requires="preprocess", progress=progress)
     if stage.finished:
         return open_store(location)
