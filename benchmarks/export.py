@@ -54,12 +54,10 @@ class PeakRSS:
         import psutil
 
         self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self.client_peak = 0  # this process alone, without the worker processes
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _rss(self) -> int:
         total = self.process.memory_info().rss
-        self.client_peak = max(self.client_peak, total)
         for child in self.process.children(recursive=True):
             try:
                 total += child.memory_info().rss
@@ -152,22 +150,6 @@ def run_one(method: str, store: Path, out: Path, workers: int) -> dict:
             (ds["counts"].data[:, np.flatnonzero(selected)] != 0).sum().compute(scheduler="threads")
         )
     memory = PeakRSS().__enter__()
-    # CPU seconds of this process and of the worker processes: on a shared machine the wall
-    # time follows the load, the CPU each side spends does not
-    import psutil
-
-    me = psutil.Process()
-
-    def cpu_seconds() -> tuple[float, float]:
-        workers = 0.0
-        for child in me.children(recursive=True):
-            try:
-                workers += sum(child.cpu_times()[:2])
-            except psutil.Error:  # a worker that just exited
-                pass
-        return sum(me.cpu_times()[:2]), workers
-
-    cpu_before = cpu_seconds()
     target = (
         out
         / {"h5ad": "x.h5ad", "zarr": "x.zarr", "loom": "x.loom", "loompy": "x.loom"}[
@@ -221,7 +203,6 @@ def run_one(method: str, store: Path, out: Path, workers: int) -> dict:
             else:
                 adata.write_zarr(target)
     seconds = time.perf_counter() - started
-    cpu_after = cpu_seconds()
     memory.__exit__()
     payload = 16 * nnz + 2 * 8 * (n_cells + 1)
     result = {
@@ -235,9 +216,6 @@ def run_one(method: str, store: Path, out: Path, workers: int) -> dict:
         "file_mb": round(_size(target) / 1e6, 1),
         "rss_before_mb": round(memory.before / 1e6),
         "peak_rss_over_before_mb": round((memory.peak - memory.before) / 1e6),
-        "client_peak_rss_mb": round(memory.client_peak / 1e6),
-        "client_cpu_seconds": round(cpu_after[0] - cpu_before[0], 1),
-        "workers_cpu_seconds": round(cpu_after[1] - cpu_before[1], 1),
     }
     if client is not None:
         from distumap.cluster import close

@@ -252,16 +252,6 @@ def own_graphs(tasks: Sequence[Any]) -> list[Any]:
     return culled
 
 
-def wait_result(future, watchdog: Watchdog, stage: str, client) -> Any:
-    """``future``'s result, waited for as :func:`results_in_order` waits: a cluster without
-    workers for too long, a lost scheduler or workers that kept dying is a clear error."""
-    watchdog.wait([future])
-    try:
-        return future.result()
-    except BaseException as error:
-        _reraise(error, stage, client)
-
-
 def results_in_order(
     tasks: Sequence[Any], *, stage: str, in_flight: int, client=None, priority: int = 0
 ) -> Iterator[Any]:

@@ -80,14 +80,7 @@ STAGE_TASKS = {
     ),
     "preprocess": ("gene-stats", "select-genes"),
     "embed": ("umap-transform", "umap-refine"),
-    "export": (
-        "loom-block",
-        "loom-graph-block",
-        "h5ad-block",
-        "h5ad-chunks",
-        "h5ad-graph",
-        "anndata-zarr",
-    ),
+    "export": ("loom-block", "loom-graph-block", "h5ad-block", "h5ad-graph", "anndata-zarr"),
 }
 
 
@@ -138,7 +131,7 @@ STEPS: tuple[Step, ...] = (
         ("anndata-zarr-graph",),
     ),
     Step("loom", "loom", "blocks", "export", True, ("loom-block", "loom-graph-block")),
-    Step("h5ad", "h5ad", "blocks", "export", True, ("h5ad-block", "h5ad-chunks")),
+    Step("h5ad", "h5ad", "blocks", "export", True, ("h5ad-block",)),
     Step(
         "anndata-zarr",
         "AnnData zarr",

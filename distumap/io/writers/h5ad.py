@@ -1,27 +1,16 @@
 """Write a finished store as ``.h5ad``, block by block, in anndata's on-disk format.
 
-HDF5 takes one writer, so the cluster does the expensive part and the client only writes finished
-chunks with ``write_direct_chunk``, as the loom writer does. Each cell block's CSR pieces are
-built once, on a worker, and stay there; the client learns only the nonzeros of its rows, which
-extend ``indptr`` and fix where the block's values go. The 1-D datasets of ``X``, the
-``log2p1`` layer and their ``indices`` are cut into fixed-size HDF5 chunks that respect no cell
-or block boundary, so once the places of a run of whole chunks are known, one task takes the
-pieces of the blocks whose values fall in it and deflates every chunk of the run; no chunk has
-two writers or is read back, and the counts are read once. No cell block is ever gathered into
-one ``AnnData`` in memory.
+The cluster turns each cell block into the CSR pieces of ``X`` and of the ``log2p1`` layer; HDF5
+takes one writer, so the client appends the blocks in cell order to resizable, chunked, deflated
+datasets, with a bounded number of blocks in flight. No cell block is ever gathered into one
+``AnnData`` in memory.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import os
-from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
-import dask
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
@@ -40,7 +29,6 @@ from distumap.io.writers._anndata_elements import (
 )
 from distumap.io.writers._base import Writer
 from distumap.io.writers._blocks import (
-    BESIDE_THE_EMBED,
     DEFLATE_LEVEL,
     block_tasks,
     block_written,
@@ -48,6 +36,7 @@ from distumap.io.writers._blocks import (
     cells_per_block,
     counts_in_blocks,
     deflate,
+    export_blocks,
 )
 from distumap.io.writers._graph import (
     graph_rows,
@@ -66,196 +55,22 @@ from distumap.io.writers._target import written_whole
 
 #: HDF5 chunk of the 1-D CSR datasets, in elements (1 MiB of int32)
 H5AD_CHUNK = 2**18
-#: threads that deflate the chunks the client still deflates (``indptr``, the graph; ISA-L
-#: releases the GIL)
+#: threads that deflate the h5ad's chunks on the client (ISA-L releases the GIL)
 DEFLATE_THREADS = 2
 #: raw bytes of the blocks computed ahead of the h5ad writer, at most
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
 
 
-@dataclass(frozen=True)
-class _Span:
-    """A run of whole chunks of the 1-D datasets that one task fills: values ``[lo, hi)``, of
-    the cell blocks ``blocks`` (those with values there), which hold values ``[start, stop)``;
-    the blocks whose last value it holds are ``done`` (each block is done in one span)."""
-
-    lo: int
-    hi: int
-    blocks: tuple[int, ...]
-    start: int
-    stop: int
-    done: range
-
-
-class _Spans:
-    """Cuts the 1-D datasets into runs of whole chunks as the blocks' nonzeros arrive in cell
-    order: a run is given as soon as the places of its values are known (at least one chunk's
-    worth past the previous run), so that a block's pieces wait for no more than the next
-    chunk boundary."""
-
-    def __init__(self, chunk: int, n_blocks: int):
-        self.chunk, self.n_blocks = chunk, n_blocks
-        self.offsets = [0]  # the first value of every block so far, and the end of the last
-        self.lo = 0  # the first value not yet in a run
-        self.done = 0  # the first block not yet done
-
-    def add(self, nnz: int) -> list[_Span]:
-        """The runs that block ``len(offsets) - 1``'s ``nnz`` values complete."""
-        self.offsets.append(self.offsets[-1] + int(nnz))
-        hi = self.offsets[-1] // self.chunk * self.chunk
-        return [self._span(hi)] if hi > self.lo else []
-
-    def finish(self) -> list[_Span]:
-        """The last run (its last chunk partly filled), once every block has arrived."""
-        return [self._span(self.offsets[-1])] if self.offsets[-1] > self.lo else []
-
-    def _span(self, hi: int) -> _Span:
-        offsets = self.offsets
-        # the block that holds value lo (blocks without values hold none), to the first block
-        # that starts at or past hi
-        first = bisect.bisect_right(offsets, self.lo) - 1
-        last = bisect.bisect_left(offsets, hi)
-        blocks = tuple(b for b in range(first, last) if offsets[b + 1] > offsets[b])
-        # the blocks whose every value lies below hi (those without values at the end too)
-        until = bisect.bisect_right(offsets, hi) - 1
-        span = _Span(self.lo, hi, blocks, offsets[first], offsets[last], range(self.done, until))
-        self.lo, self.done = hi, until
-        return span
-
-
-def _block_pieces(counts: np.ndarray, index: int, n_blocks: int) -> tuple[np.ndarray, ...]:
-    """A block's CSR pieces (:func:`csr_pieces`), held on its worker until the runs of chunks
-    that hold its values have taken them."""
-    return csr_pieces(counts)
-
-
-def _row_nnz(pieces: tuple[np.ndarray, ...]) -> np.ndarray:
-    return pieces[3]
-
-
-def _deflate_span(
-    chunk: int, n_blocks: int, x_dtype: np.dtype, span: _Span, *blocks: tuple[np.ndarray, ...]
-) -> list[tuple[bytes, bytes, bytes]]:
-    """Every chunk of ``span`` as ``(X data, layer data, indices)``, deflated as the HDF5
-    datasets' filters would (``X``'s values and the indices byte-shuffled first); the last
-    chunk of the datasets padded with zeros. ``blocks`` are the pieces of ``span.blocks``
-    (:func:`_block_pieces`)."""
-    data, layer, indices = (
-        np.concatenate([pieces[which] for pieces in blocks]) for which in range(3)
-    )
-    if data.size != span.stop - span.start:
-        raise RuntimeError(
-            f"blocks {span.blocks[0]}-{span.blocks[-1]}: {data.size} nonzeros, "
-            f"{span.stop - span.start} expected"
-        )
-    chunks = []
-    for offset in range(span.lo - span.start, span.hi - span.start, chunk):
-        parts = []
-        for values, shuffle in (
-            (data.astype(x_dtype, copy=False), True),
-            (layer, False),
-            (indices, True),
-        ):
-            part = values[offset : offset + chunk]
-            if part.size < chunk:  # the datasets' last chunk, padded as HDF5 stores it
-                part = np.concatenate([part, np.zeros(chunk - part.size, part.dtype)])
-            parts.append(deflate(part, shuffle=shuffle))
-        chunks.append(tuple(parts))
-    for b in span.done:
-        report("export", 1, n_blocks, block=b, step="h5ad")
-    return chunks
-
-
-def _pipeline_local(blocks: list, spans: _Spans, deflate_span, in_flight: int) -> Iterator:
-    """:func:`_pipeline` with dask's local scheduler: blocks computed here, a batch at a time,
-    runs deflated here."""
-    held: dict[int, tuple] = {}
-    for start in range(0, len(blocks), in_flight):
-        computed = dask.compute(*blocks[start : start + in_flight])
-        for i, pieces in enumerate(computed, start):
-            held[i] = pieces
-            yield "rows", pieces[3]
-            for span in spans.add(pieces[0].size):
-                yield "span", span, deflate_span(span, *(held[b] for b in span.blocks))
-                for b in span.done:
-                    held.pop(b, None)
-    for span in spans.finish():
-        yield "span", span, deflate_span(span, *(held[b] for b in span.blocks))
-
-
-def _pipeline(
-    blocks: list,
-    spans: _Spans,
-    deflate_span,
-    *,
-    token: str,
-    in_flight: int,
-    client,
-    priority: int,
-    check,
-) -> Iterator:
-    """Events in cell order: ``("rows", row_nnz)`` for every block, ``("span", span, chunks)``
-    for every run of deflated chunks. Every block is read once: its pieces stay on its worker
-    until the runs that hold its values have been submitted, at most ``in_flight`` blocks
-    being computed ahead; at most ``in_flight`` runs are waiting for this writer. ``check()`` runs
-    before every event (it raises to stop)."""
-    from distumap._compute import Watchdog, own_graphs, wait_result
-
-    if client is None:
-        yield from _pipeline_local(blocks, spans, deflate_span, in_flight)
-        return
-    blocks = own_graphs(blocks)
-    stage = "export: h5ad"
-    watchdog = Watchdog(client, stage)
-    held: dict = {}  # block -> the future of its pieces, until its runs are submitted
-    rows: deque = deque()  # the futures of the blocks' row nonzeros, in order
-    runs: deque = deque()  # (span, future of its chunks), in order
-    submitted, n_runs = 0, 0
-    options = {"priority": priority, "retries": 2, "pure": False}
-
-    def submit_runs(new: list[_Span]) -> None:
-        nonlocal n_runs
-        for span in new:
-            arguments = [held[b] for b in span.blocks]
-            key = f"h5ad-chunks-{token}-{n_runs}"
-            runs.append((span, client.submit(deflate_span, span, *arguments, key=key, **options)))
-            n_runs += 1
-            for b in span.done:
-                held.pop(b, None)  # its run holds it now, as long as it needs it
-
-    try:
-        for _ in range(len(blocks)):
-            # the blocks whose nonzeros are not known yet; those known wait in ``held`` for
-            # the next chunk boundary (less than a chunk of values), or for their run
-            while submitted < len(blocks) and len(rows) < in_flight:
-                future = client.compute(blocks[submitted], retries=2, priority=priority)
-                held[submitted] = future
-                key = f"h5ad-count-{token}-{submitted}"
-                rows.append(client.submit(_row_nnz, future, key=key, **options))
-                submitted += 1
-            row_nnz = wait_result(rows.popleft(), watchdog, stage, client)
-            check()
-            yield "rows", row_nnz
-            submit_runs(spans.add(int(row_nnz.sum())))
-            while runs and (len(runs) > in_flight or runs[0][1].done()):
-                span, future = runs.popleft()
-                yield "span", span, wait_result(future, watchdog, stage, client)
-        submit_runs(spans.finish())
-        while runs:
-            span, future = runs.popleft()
-            result = wait_result(future, watchdog, stage, client)
-            check()
-            yield "span", span, result
-    finally:
-        for future in [*held.values(), *rows, *(future for _, future in runs)]:
-            future.cancel()
+def _h5ad_block(counts: np.ndarray, index: int, n_blocks: int):
+    pieces = csr_pieces(counts)
+    report("export", 1, n_blocks, block=index, step="h5ad")
+    return pieces
 
 
 class _Appendable:
     """A resizable 1-D HDF5 dataset that takes values block by block and stores them in whole
     chunks, each deflated here (ISA-L releases the GIL, unlike h5py's own filter) and written
-    raw; the last, partly filled chunk goes in padded when :meth:`close` is called. For the
-    arrays the client builds in order: ``indptr`` and the neighbour graph."""
+    raw; the last, partly filled chunk goes in padded when :meth:`close` is called."""
 
     def __init__(self, group, name: str, dtype, shuffle: bool, pool: ThreadPoolExecutor):
         self.pool = pool  # deflates a block's chunks side by side
@@ -338,20 +153,14 @@ def write_h5ad(
 
     Notes
     -----
-    This computes, reading the counts of the selected genes once: one task per cell block
-    (``h5ad-block``) builds its CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]``
-    (float32, the same sparsity) and keeps them on its worker; a tiny task (``h5ad-count``)
-    sends the client the nonzeros of its rows, which it appends to ``indptr`` in cell order.
-    The values and ``indices`` go to resizable HDF5 datasets of chunks of 256 Ki elements: as
-    soon as the places of a run of whole chunks are known, one task (``h5ad-chunks``) takes the
-    pieces of the blocks whose values fall in it and deflates every chunk of the run at ISA-L's
-    level 1 (counts and indices byte-shuffled first, as HDF5's filters do); the client writes
-    the finished chunks raw with ``write_direct_chunk``. The layer's ``indices`` and
-    ``indptr`` are hard links to ``X``'s, its sparsity. At most two blocks per worker thread
-    (and 2 GiB of raw block data) are computed ahead of the client, and a block's pieces wait
-    on its worker for no more than the next chunk boundary, so memory does not grow with the
-    number of cells beyond a few bytes per
-    block. ``obs`` holds the cell
+    This computes: the cluster reads every cell block, keeps the selected genes and turns them
+    into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
+    sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
+    resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process by two
+    threads at ISA-L's level 1 and written raw, counts and indices byte-shuffled; the layer's
+    ``indices`` and ``indptr`` are hard links to ``X``'s, its sparsity), keeping at most two
+    blocks per worker thread (and 2 GiB of raw block data) in flight, so its memory does not
+    grow with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
     ``obsm["X_umap"]`` the embedding; ``uns["umap"]["params"]`` what ``scanpy.tl.umap`` keeps
@@ -378,70 +187,33 @@ def write_h5ad(
     )
 
 
-def _dataset(group, name: str, dtype, shuffle: bool):
-    """An empty 1-D dataset in HDF5 chunks of ``H5AD_CHUNK``, deflated, resizable (as anndata
-    creates them), for whole chunks written raw."""
-    return group.create_dataset(
-        name,
-        shape=(0,),
-        maxshape=(None,),
-        dtype=dtype,
-        chunks=(H5AD_CHUNK,),
-        compression="gzip",
-        compression_opts=DEFLATE_LEVEL,
-        shuffle=shuffle,
-    )
-
-
 def _write_x_and_layer(
-    el: H5Elements, shape, x_dtype, pool, counts, pipeline, path, progress: bool
+    el: H5Elements, shape, x_dtype, pool, results, n_blocks: int, path, progress: bool
 ) -> None:
-    """``X`` and ``layers["log2p1"]``: ``indptr`` appended here in cell order as the blocks'
-    nonzeros arrive, ``data`` and ``indices`` written raw as the runs of chunks arrive, deflated
-    on the workers."""
+    """``X`` and ``layers["log2p1"]`` from the blocks' CSR pieces, appended in cell order."""
     f = el.root
-    n_cells = shape[0]
     x_group = csr_group(el, f, "X", shape)
     layer_group = csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
+    x_data = _Appendable(x_group, "data", x_dtype, True, pool)
+    layer_data = _Appendable(layer_group, "data", np.float32, False, pool)
+    indices = _Appendable(x_group, "indices", np.int32, True, pool)
     indptr = _Appendable(x_group, "indptr", np.int64, True, pool)
-    # the values' datasets grow as the runs arrive (the last run sets their final size)
-    x_data = _dataset(x_group, "data", x_dtype, True)
-    layer_data = _dataset(layer_group, "data", np.float32, False)
-    indices = _dataset(x_group, "indices", np.int32, True)
     # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
-    # hard links, which every reader follows), written once, not twice
-    layer_group["indices"], layer_group["indptr"] = indices, indptr.dataset
-    n_blocks = counts.numblocks[0]
-    token = tokenize(counts, H5AD_CHUNK)
-    blocks = block_tasks(counts, _block_pieces, f"h5ad-block-{token}")
-
-    deflate_span = functools.partial(_deflate_span, H5AD_CHUNK, n_blocks, x_dtype)
-    end, written = 0, 0
-    indptr.append(np.zeros(1, dtype=np.int64))
-    for event in pipeline(blocks, _Spans(H5AD_CHUNK, n_blocks), deflate_span, token):
-        if event[0] == "rows":
-            ends = end + np.cumsum(event[1], dtype=np.int64)
-            indptr.append(ends)
-            end = int(ends[-1]) if ends.size else end
-            continue
-        _, span, chunks = event
-        for dataset in (x_data, layer_data, indices):
-            dataset.resize((span.hi,))
-        for j, (x_chunk, layer_chunk, index_chunk) in enumerate(chunks):
-            offset = (span.lo + j * H5AD_CHUNK,)
-            x_data.id.write_direct_chunk(offset, x_chunk)
-            layer_data.id.write_direct_chunk(offset, layer_chunk)
-            indices.id.write_direct_chunk(offset, index_chunk)
-        for i in span.done:
-            block_written(path, i, n_blocks, progress)
-        written = span.done.stop
-    indptr.close()
-    if len(indptr.dataset) != n_cells + 1:
-        raise RuntimeError(f"indptr: {len(indptr.dataset)} of {n_cells + 1} values")
-    # blocks without values after the last run's (every block, in a matrix of zeros)
-    for i in range(written, n_blocks):
-        report("export", 1, n_blocks, block=i, step="h5ad")
+    # hard links, which every reader follows), deflated once on this process, not twice
+    layer_group["indices"], layer_group["indptr"] = indices.dataset, indptr.dataset
+    offset = np.zeros(1, dtype=np.int64)
+    indptr.append(offset)
+    for i, (data, layer, block_indices, row_nnz) in enumerate(results):
+        x_data.append(data)
+        layer_data.append(layer)
+        ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)
+        indices.append(block_indices)
+        indptr.append(ends)
+        if ends.size:
+            offset = ends[-1:]
         block_written(path, i, n_blocks, progress)
+    for dataset in (x_data, layer_data, indices, indptr):
+        dataset.close()
 
 
 def _write_graph(
@@ -496,27 +268,14 @@ class H5adWriter(Writer):
         in_flight = blocks_in_flight(client, block_bytes, IN_FLIGHT_RAW_BYTES)
         params = export_params("h5ad", block_cells, chunk=H5AD_CHUNK, compression="deflate-1")
         counts = counts_in_blocks(ds, gene_index, block_cells)
-
-        def pipeline(blocks: list, spans: _Spans, deflate_span, token: str) -> Iterator:
-            if embedded is not None and embedded.done() and embedded.exception() is not None:
-                raise embedded.exception()  # an embed that has already failed: nothing runs
-
-            def check() -> None:  # the embed's failure stops the export at the next event
-                if embedded is not None and embedded.done() and embedded.exception() is not None:
-                    raise embedded.exception()
-
-            priority = BESIDE_THE_EMBED if embedded is not None else 0
-            return _pipeline(
-                blocks,
-                spans,
-                deflate_span,
-                token=token,
-                in_flight=in_flight,
-                client=client,
-                priority=priority,
-                check=check,
-            )
-
+        blocks = block_tasks(counts, _h5ad_block, "h5ad-block-" + tokenize(counts))
+        results = export_blocks(
+            blocks,
+            stage="export: h5ad blocks",
+            in_flight=in_flight,
+            client=client,
+            embedded=embedded,
+        )
         shape = (ds.sizes["cell"], int(gene_index.size))
 
         deflating = ThreadPoolExecutor(DEFLATE_THREADS, thread_name_prefix="h5ad-deflate")
@@ -524,7 +283,7 @@ class H5adWriter(Writer):
             with h5py.File(local, "w", libver="earliest") as f:
                 el = H5Elements(f)
                 x_dtype = matrix_dtype(ds["counts"].dtype)
-                _write_x_and_layer(el, shape, x_dtype, pool, counts, pipeline, path, progress)
+                _write_x_and_layer(el, shape, x_dtype, pool, results, len(blocks), path, progress)
                 # the rest needs the embedding: the embedded store, once the embed has finished
                 if small is None:
                     ds = embedded_store(ds, embedded, gene_index)
