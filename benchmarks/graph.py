@@ -25,16 +25,8 @@ import numpy as np
 import distumap
 from distumap._format import MODEL_GROUP
 from distumap._store import read_group
-from distumap.testing import synthetic_counts, write_dataset
+from distumap.testing import SEPARATED, synthetic_counts, write_dataset
 from distumap.tl import _model, _model_io
-
-SEPARATED = {
-    "n_subclasses": 5,
-    "n_classes": 5,
-    "smallest_fraction": 0.1,
-    "marker_fraction": 0.1,
-    "marker_log2_fold": 3.0,
-}
 
 
 def _features(store: str, ds) -> np.ndarray:

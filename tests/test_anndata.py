@@ -18,21 +18,11 @@ from distumap._format import CELL_GRAPH
 from distumap._progress import TOPIC
 from distumap.io.writers import write_anndata_zarr, write_h5ad
 from distumap.pp._preprocess import log2p1_values
-from distumap.testing import synthetic_counts, write_dataset
+from distumap.testing import SEPARATED, synthetic_counts, write_dataset
 
 N_CELLS, N_GENES, CHUNK = 1_200, 200, 256
 EMBED = {"landmarks": 300, "pca": 10, "n_neighbors": 15, "min_dist": 0.3, "seed": 7}
 WRITERS = {"h5ad": write_h5ad, "zarr": write_anndata_zarr}
-#: five populations of equal-ish size, each with its own marker genes, so that clusterings of
-#: two neighbour graphs of the same cells can agree (the default's twenty subclasses with a few
-#: markers among 200 genes barely separate)
-SEPARATED = {
-    "n_subclasses": 5,
-    "n_classes": 5,
-    "smallest_fraction": 0.1,
-    "marker_fraction": 0.1,
-    "marker_log2_fold": 3.0,
-}
 #: floors of the exported graph's quality on this data, measured with a margin below them
 #: (benchmarks/RESULTS.md, "Neighbour graph"): its kNN recall against brute force, and the
 #: adjusted Rand index of leiden on it against leiden on sc.pp.neighbors of the same features

@@ -46,6 +46,7 @@ from distumap.testing._quality import (
     trustworthiness,
 )
 from distumap.testing._synthetic import (
+    SEPARATED,
     TUTORIAL_CELLS,
     TUTORIAL_GENES,
     SyntheticData,
@@ -57,6 +58,7 @@ from distumap.testing._tenx import write_10x_h5, write_mex
 
 __all__ = [
     "R_DIALECTS",
+    "SEPARATED",
     "TUTORIAL_CELLS",
     "TUTORIAL_GENES",
     "SyntheticData",

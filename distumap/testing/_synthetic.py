@@ -16,6 +16,17 @@ from distumap.testing._kernels import NAME_WIDTH, cell_draws, fill_counts, name_
 TUTORIAL_CELLS = 76_533
 TUTORIAL_GENES = 50_281
 
+#: :func:`synthetic_counts` options for a few well-separated populations, on which two
+#: neighbour graphs of the same cells can agree (the default's twenty subclasses with a few
+#: markers among a few hundred genes barely separate)
+SEPARATED = {
+    "n_subclasses": 5,
+    "n_classes": 5,
+    "smallest_fraction": 0.1,
+    "marker_fraction": 0.1,
+    "marker_log2_fold": 3.0,
+}
+
 # Class and subclass names of the human motor cortex, so that demos read like the tutorial.
 _CLASS_NAMES = ("Glutamatergic", "GABAergic", "Non-neuronal")
 _SUBCLASS_NAMES = {
