@@ -10,6 +10,8 @@ What runs, on files of the tutorial's layout written by ``distumap.testing`` (ca
   running LocalCluster of ``--workers`` processes with one thread each, started and warmed up
   (imports, compiled kernel) before the clock starts. Peak RSS of the client and of every worker
   is sampled during the run, and the CPU seconds of all of them are summed.
+- ``distumap-cli``: ``distumap ingest FILE STORE --scheduler ADDRESS`` onto that cluster, the
+  command as a user runs it, timed from its start to its exit (the main file).
 - ``kernel``: the bare parse kernel on one store chunk's bytes already in memory, into a buffer
   already allocated: the floor, per core.
 - ``pyarrow`` (``pyarrow.csv.read_csv`` at its default block size; ``pyarrow-64mib`` at 64 MiB)
@@ -253,6 +255,30 @@ def run_distumap(path: Path, store: Path, client, pids: dict, chunk_cells: int, 
     }
 
 
+def run_cli(path: Path, store: Path, address: str, label: str) -> dict:
+    """``distumap ingest PATH STORE --scheduler ADDRESS`` as a user types it: the wall time of the
+    whole command (interpreter start, imports, connect, ingest, the store's checks) on the running
+    cluster."""
+    shutil.rmtree(store, ignore_errors=True)
+    command = [str(Path(sys.executable).with_name("distumap")), "ingest", str(path), str(store)]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--scheduler", address, "--no-progress"], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    shutil.rmtree(store, ignore_errors=True)
+    if done.returncode != 0:
+        return {"reader": "distumap-cli", "file": label, "error": done.stderr.strip()[-500:]}
+    size = path.stat().st_size
+    return {
+        "reader": "distumap-cli",
+        "file": label,
+        "bytes": size,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(size / seconds / 1e6, 1),
+    }
+
+
 # ------------------------------------------------------------------ the floor
 
 
@@ -482,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument(
-        "--readers", default="distumap,kernel,pyarrow,pyarrow-64mib,datatable,pandas,dask"
+        "--readers",
+        default="distumap,distumap-cli,kernel,pyarrow,pyarrow-64mib,datatable,pandas,dask",
     )
     parser.add_argument("--repeats", type=int, default=1, help="distumap runs on the main file")
     parser.add_argument("--timeout", type=float, default=600, help="per other reader, seconds")
@@ -531,6 +558,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     reference[label] = max(reference.get(label, 0), row["mb_per_s"])
+            if "distumap-cli" in readers:
+                for _ in range(args.repeats):
+                    row = run_cli(files["main"][1], store, cluster.scheduler_address, "main")
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
         finally:
             client.close()
             cluster.close()
