@@ -67,6 +67,49 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
     return int(0.26 * GIB + 2.9 * matrix + graph)
 
 
+#: margin on the refinement's arrays (:func:`refine_bytes`) for what else its tasks hold: with
+#: it the estimate at 1,000,000 cells (0.93 GiB with the warmed worker) lies above the largest
+#: worker's measured peak of those runs (0.88 GiB; benchmarks/RESULTS.md, "Atlas scale")
+REFINE_MARGIN = 1.5
+#: the process that runs a command (the client, with the embedded cluster's scheduler) holds
+#: every cell's name, metadata and embedding while it exports and draws: its peak is about
+#: CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks (0.60 GiB at
+#: 100,000 cells, 0.68-0.88 at 300,000, 1.48-1.52 at 1,000,000; benchmarks/RESULTS.md)
+CLIENT_BASE = int(0.5 * GIB)
+CLIENT_PER_CELL = 1200
+
+
+def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
+    """Bytes the embed's refinement holds on every worker above a warmed-up worker.
+
+    Parameters
+    ----------
+    n_cells
+        Cells of the store: each worker reads the arrays below for all of them.
+    n_features
+        Width of the kNN features (principal components, or the representation's columns).
+    n_neighbors
+        Nearest cells per cell in the refinement's graph.
+
+    Returns
+    -------
+    int
+        The larger of its two steps, times :data:`REFINE_MARGIN`: the nearest-cell search holds
+        every cell's features in bucket order with its bucket and row (and their sort while it
+        is built); the epochs hold the graph's out-edges and weights, its in-edges while it is
+        symmetrised, and two copies of every cell's position.
+    """
+    search = 4 * n_features + 32
+    epochs = 20 * n_neighbors + 40
+    return int(REFINE_MARGIN * max(search, epochs) * n_cells)
+
+
+def client_bytes(n_cells: int) -> int:
+    """Bytes the command's own process needs at its peak for ``n_cells`` cells (exports and
+    pictures; see :data:`CLIENT_PER_CELL`)."""
+    return CLIENT_BASE + CLIENT_PER_CELL * n_cells
+
+
 def block_bytes(chunk_cells: int, n_genes: int, itemsize: int = 4) -> int:
     """Bytes one block task needs above its worker's resident memory."""
     return BLOCK_COPIES * chunk_cells * n_genes * itemsize
@@ -146,6 +189,59 @@ def check_fit(client, n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: i
         f"{f' ({n_pca} PCs)' if 0 < n_pca < n_genes else ''} needs about {gib(need)} on one "
         f"worker, and the workers' memory limit is {gib(limit)}; give the workers more memory "
         f"(--memory-limit {_limit_flag(need)}) or {landmarks}"
+    )
+
+
+def check_refine(client, n_cells: int, n_features: int, n_neighbors: int = 15) -> None:
+    """Refuse a refinement whose arrays of all cells would not fit in the smallest worker.
+
+    Raises
+    ------
+    InputError
+        With the estimate, the limit, and the ``--memory-limit`` under which it would run or
+        ``--refine-epochs 0``.
+    """
+    limited = _limited(client)
+    if not limited:
+        return
+    limit = min(w["memory_limit"] for w in limited)
+    need = WARMED_WORKER + refine_bytes(n_cells, n_features, n_neighbors)
+    if need <= USABLE_SHARE * limit:
+        return
+    raise InputError(
+        f"embed: the refinement of {n_cells:,} cells reads every cell's features, then the "
+        f"graph of all cells, on each worker: about {gib(need)}, and the workers' memory limit "
+        f"is {gib(limit)}; give the workers more memory (--memory-limit {_limit_flag(need)}) "
+        "or skip the refinement (--refine-epochs 0)"
+    )
+
+
+def check_client(n_cells: int, stage: str) -> None:
+    """Refuse to export ``n_cells`` cells from a process whose machine cannot hold them.
+
+    The need (:func:`client_bytes`) is compared with the memory this process may still take:
+    what it holds now plus what the machine has available, and no more than the machine's or
+    its container's limit (``distributed.system.MEMORY_LIMIT``, which reads cgroups).
+
+    Raises
+    ------
+    InputError
+        With the estimate and the memory there is.
+    """
+    if not _config.get("memory-check"):
+        return
+    import psutil
+    from distributed.system import MEMORY_LIMIT
+
+    need = client_bytes(n_cells)
+    room = min(psutil.Process().memory_info().rss + psutil.virtual_memory().available, MEMORY_LIMIT)
+    if need <= USABLE_SHARE * room:
+        return
+    raise InputError(
+        f"{stage}: {n_cells:,} cells need about {gib(need)} in this process (it holds every "
+        f"cell's name, metadata and embedding while it exports and draws), and it has "
+        f"{gib(room)}; run the command on a machine with more memory (the workers can stay: "
+        "--scheduler ADDRESS)"
     )
 
 

@@ -499,7 +499,7 @@ def _ingest(args: argparse.Namespace, inputs: list[str], store: str, metadata: s
 
 
 def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, out: str) -> None:
-    from distumap import io, pl, pp, tl
+    from distumap import _memory, io, pl, pp, tl
     from distumap._progress import report, report_status
     from distumap.io.writers import writer_named
 
@@ -509,6 +509,7 @@ def _run_all(args: argparse.Namespace, inputs: list[str], metadata: str | None, 
     tl.prepare_workers()  # the fit's kernels compile on the workers while the ingest runs
     # nothing is made at OUT before the ingest has checked that every worker sees it
     ds = _ingest(args, inputs, store, metadata)
+    _memory.check_client(ds.sizes["cell"], "run")  # before the embed, not at its exports
     if "://" not in out:
         Path(out).mkdir(parents=True, exist_ok=True)
     color = _default_color(ds, getattr(args, "color", None))

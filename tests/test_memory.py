@@ -121,3 +121,55 @@ def test_an_ingest_fits_its_chunks_to_the_workers_before_reading(tmp_path, small
     with dask.config.set({"distumap.memory-check": False}):
         again = io.read(h5, tmp_path / "fitted.zarr", progress=False)
     assert again["counts"].data.chunks == ds["counts"].data.chunks
+
+
+def test_refinement_estimate_grows_with_the_cells_and_the_features():
+    base = _memory.refine_bytes(1_000_000, 50)
+    assert _memory.refine_bytes(2_000_000, 50) == 2 * base
+    assert _memory.refine_bytes(1_000_000, 500) > base  # wide features: the search holds them
+    # at a million cells it lies above the largest worker's peak measured there (0.88 GiB)
+    assert _memory.WARMED_WORKER + base > 0.88 * GIB
+
+
+def test_a_refinement_too_large_names_the_flags_that_fix_it(small_client):
+    with pytest.raises(InputError) as error:
+        _memory.check_refine(small_client, 2_000_000, 50)
+    message = str(error.value)
+    assert "refinement of 2,000,000 cells" in message and "memory limit is 1.0 GiB" in message
+    assert "(--refine-epochs 0)" in message
+    flag = float(message.split("--memory-limit ")[1].split("GiB")[0])
+    need = _memory.WARMED_WORKER + _memory.refine_bytes(2_000_000, 50)
+    # the proposed limit is the smallest tenth of a GiB under which the estimate fits
+    assert need <= _memory.USABLE_SHARE * flag * GIB
+    assert need > _memory.USABLE_SHARE * (flag - 0.1) * GIB
+    _memory.check_refine(small_client, 200_000, 50)
+    with dask.config.set({"distumap.memory-check": False}):
+        _memory.check_refine(small_client, 2_000_000, 50)
+
+
+def test_the_client_refuses_more_cells_than_its_machine_holds():
+    import psutil
+
+    too_many = 2 * psutil.virtual_memory().total // _memory.CLIENT_PER_CELL
+    with pytest.raises(InputError, match=rf"^export: {too_many:,} cells need about"):
+        _memory.check_client(too_many, "export")
+    _memory.check_client(100_000, "export")
+    with dask.config.set({"distumap.memory-check": False}):
+        _memory.check_client(too_many, "export")
+
+
+def test_run_refuses_a_refinement_too_large_before_the_embed_starts(tmp_path):
+    # 900,000 cells of 4 genes: a fit of 300 landmarks is small, the refinement's arrays of
+    # every cell (their features, then the graph) are not, for workers of 1 GiB
+    spec = SyntheticSpec(900_000, 4, seed=2, n_subclasses=3)
+    matrix, _ = write_dataset(tmp_path, spec)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--out", str(out)]
+    options = ["--n-workers", "1", "--memory-limit", "1GiB", "--landmarks", "300", "--no-progress"]
+    refused = subprocess.run([*command, *options], capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "embed: the refinement of 900,000 cells" in last and "--refine-epochs 0" in last
+    store = str(out / "store.zarr")
+    assert stage_record(store, "preprocess")["status"] == "complete"
+    assert stage_record(store, "embed") is None  # refused before the stage started

@@ -386,6 +386,9 @@ def _fit_or_resume(
     _memory.check_fit(
         client, int(is_landmark.sum()), features.shape[1], params["pca"], params["n_neighbors"]
     )
+    if _refine_stage.refine_epochs(params, is_landmark):
+        width = _refine_stage.n_features(params, features.shape[1])
+        _memory.check_refine(client, len(is_landmark), width, _refine.RefineSettings.n_neighbors)
     _start(
         stage, ds, location, params, is_landmark, token,
         n_genes=features.shape[1], chunks=features.chunks[0],

@@ -6,6 +6,7 @@ import os
 
 import xarray as xr
 
+from distumap import _memory
 from distumap._errors import InputError
 from distumap._progress import report_status
 from distumap.io.writers._base import Writer, registered_writers
@@ -86,6 +87,7 @@ def write(ds: xr.Dataset, path: str | os.PathLike, *, progress: bool = False, **
     'out/embedding.h5ad'
     """
     kind = export_kind(path)
+    _memory.check_client(ds.sizes["cell"], "export")
     # the file's row on the dashboard runs from here to the end, after its last block too
     report_status("export", "started", step=kind)
     try:
