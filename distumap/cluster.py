@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import dask.config
 from distributed import Client, LocalCluster
 
 
@@ -58,15 +59,21 @@ def connect(
         client = Client(scheduler)
     else:
         restore = None if processes else _one_thread_libraries()
-        cluster = LocalCluster(
-            n_workers=n_workers or os.cpu_count() or 1,
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            memory_limit=memory_limit,
-            dashboard_address=dashboard_address,
-            # distumap's page on the dashboard: each stage's progress
-            scheduler_kwargs={"preload": ["distumap.dashboard"]},
-        )
+        # threads of this process measure this process, the client's memory included: one that
+        # paused above its share of the limit would never resume (no nanny restarts it). Their
+        # limit stays for the estimates that refuse work before it starts (distumap._memory)
+        fractions = () if processes else ("target", "spill", "pause")
+        unmanaged = {f"distributed.worker.memory.{name}": False for name in fractions}
+        with dask.config.set(unmanaged):
+            cluster = LocalCluster(
+                n_workers=n_workers or os.cpu_count() or 1,
+                threads_per_worker=threads_per_worker,
+                processes=processes,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address,
+                # distumap's page on the dashboard: each stage's progress
+                scheduler_kwargs={"preload": ["distumap.dashboard"]},
+            )
         client = Client(cluster)
         client._distumap_owns_cluster = True  # closed with the client by close()
         client._distumap_restore = restore  # undone by close()

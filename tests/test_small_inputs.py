@@ -173,3 +173,25 @@ def test_only_a_process_that_ends_freezes_its_objects(tmp_path):
     child.start()
     assert queue.get(timeout=300) > 0
     child.join(timeout=60)
+
+
+@pytest.mark.cluster
+def test_thread_workers_never_pause_for_the_memory_of_the_process_they_share():
+    # a thread worker measures the whole process (client and scheduler included): one paused
+    # above its share of the limit would wait forever, as no nanny restarts it
+    import time
+
+    import psutil
+
+    from distumap import cluster
+
+    limit = 200 * 2**20
+    assert psutil.Process().memory_info().rss > 0.8 * limit  # a worker process would pause
+    client = cluster.connect(n_workers=1, memory_limit=limit, processes=False, quiet=True)
+    try:
+        time.sleep(1)  # several rounds of a memory monitor, were one running
+        assert client.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+        (worker,) = client.scheduler_info()["workers"].values()
+        assert worker["memory_limit"] == limit  # still there for distumap._memory's estimates
+    finally:
+        cluster.close(client)
