@@ -68,15 +68,16 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 
 
 #: margin on the refinement's arrays (:func:`refine_bytes`) for what else its tasks hold: with
-#: it the estimate at 1,000,000 cells (0.93 GiB with the warmed worker) lies above the largest
-#: worker's measured peak of those runs (0.88 GiB; benchmarks/RESULTS.md, "Atlas scale")
-REFINE_MARGIN = 1.5
+#: it the estimate at 1,000,000 cells (1.0 GiB with the warmed worker) lies above the largest
+#: worker's peak measured there (0.88-0.99 GiB; benchmarks/RESULTS.md, "Atlas scale" and
+#: "Neighbour graph")
+REFINE_MARGIN = 1.75
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
 #: every cell's name, metadata and embedding while it exports and draws: its peak is about
-#: CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks (0.60 GiB at
-#: 100,000 cells, 0.68-0.88 at 300,000, 1.48-1.52 at 1,000,000; benchmarks/RESULTS.md)
+#: CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks (0.58-0.60 GiB at
+#: 100,000 cells, 0.68-0.88 at 300,000, 1.48-1.88 at 1,000,000; benchmarks/RESULTS.md)
 CLIENT_BASE = int(0.5 * GIB)
-CLIENT_PER_CELL = 1200
+CLIENT_PER_CELL = 1600
 
 
 def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
