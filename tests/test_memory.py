@@ -79,26 +79,37 @@ def test_a_fit_too_large_names_the_flags_that_fix_it(small_client):
     _memory.check_fit(small_client, 2_000, 1_000, 50, 30)
 
 
+def _refused_before_the_embed(matrix, out, options: list[str], *expected: str) -> list[str]:
+    """``distumap run`` with ``options`` exits 2 with ``expected`` in its last line, the
+    preprocess finished and the embed not started (the store resumable); returns the command."""
+    command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--out", str(out)]
+    refused = subprocess.run([*command, *options], capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert all(text in last for text in expected), last
+    store = str(out / "store.zarr")
+    assert stage_record(store, "preprocess")["status"] == "complete"
+    assert stage_record(store, "embed") is None  # refused before the stage started
+    return command
+
+
 def test_run_refuses_the_fit_before_it_starts_and_resumes_with_the_flag(tmp_path):
     spec = SyntheticSpec(800, 200, seed=5)
     matrix, _ = write_dataset(tmp_path, spec)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--out", str(out)]
     cluster = ["--n-workers", "1", "--no-progress"]
-    small = subprocess.run(
-        [*command, *cluster, "--memory-limit", "700MiB"], capture_output=True, text=True
+    command = _refused_before_the_embed(
+        matrix,
+        out,
+        [*cluster, "--memory-limit", "700MiB"],
+        "embed: the UMAP fit on 800 landmarks",
+        "--memory-limit",
     )
-    assert small.returncode == 2, small.stderr[-2000:]
-    last = small.stderr.strip().splitlines()[-1]
-    assert "embed: the UMAP fit on 800 landmarks" in last and "--memory-limit" in last
-    store = str(out / "store.zarr")
-    assert stage_record(store, "preprocess")["status"] == "complete"
-    assert stage_record(store, "embed") is None  # refused before the stage started
     enough = subprocess.run(
         [*command, *cluster, "--memory-limit", "2GiB"], capture_output=True, text=True
     )
     assert enough.returncode == 0, enough.stderr[-2000:]
-    assert stage_record(store, "embed")["status"] == "complete"
+    assert stage_record(str(out / "store.zarr"), "embed")["status"] == "complete"
 
 
 def test_an_ingest_fits_its_chunks_to_the_workers_before_reading(tmp_path, small_client):
@@ -163,13 +174,11 @@ def test_run_refuses_a_refinement_too_large_before_the_embed_starts(tmp_path):
     # every cell (their features, then the graph) are not, for workers of 1 GiB
     spec = SyntheticSpec(800_000, 4, seed=2, n_subclasses=3)
     matrix, _ = write_dataset(tmp_path, spec)
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "distumap.cli", "run", str(matrix), "--out", str(out)]
     options = ["--n-workers", "1", "--memory-limit", "1GiB", "--landmarks", "300", "--no-progress"]
-    refused = subprocess.run([*command, *options], capture_output=True, text=True)
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    last = refused.stderr.strip().splitlines()[-1]
-    assert "embed: the refinement of 800,000 cells" in last and "--refine-epochs 0" in last
-    store = str(out / "store.zarr")
-    assert stage_record(store, "preprocess")["status"] == "complete"
-    assert stage_record(store, "embed") is None  # refused before the stage started
+    _refused_before_the_embed(
+        matrix,
+        tmp_path / "out",
+        options,
+        "embed: the refinement of 800,000 cells",
+        "--refine-epochs 0",
+    )
