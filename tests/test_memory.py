@@ -175,6 +175,7 @@ def test_run_refuses_a_refinement_too_large_before_the_embed_starts(tmp_path):
     spec = SyntheticSpec(800_000, 4, seed=2, n_subclasses=3)
     matrix, _ = write_dataset(tmp_path, spec)
     options = ["--n-workers", "1", "--memory-limit", "1GiB", "--landmarks", "300", "--no-progress"]
+    options += ["--chunk-cells", "65536"]  # few tasks: the refusal is what is tested
     _refused_before_the_embed(
         matrix,
         tmp_path / "out",
