@@ -68,10 +68,10 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 
 
 #: margin on the refinement's arrays (:func:`refine_bytes`) for what else its tasks hold: with
-#: it the estimate at 1,000,000 cells (1.0 GiB with the warmed worker) lies above the largest
-#: worker's peak measured there (0.88-0.99 GiB; benchmarks/RESULTS.md, "Atlas scale" and
-#: "Neighbour graph")
-REFINE_MARGIN = 1.75
+#: it the estimate at 1,000,000 cells (1.05 GiB with the warmed worker) lies above the largest
+#: worker's peak measured there, whatever the stage (0.88-1.04 GiB; benchmarks/RESULTS.md,
+#: "Atlas scale" and "Neighbour graph")
+REFINE_MARGIN = 1.9
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
 #: every cell's name, metadata and embedding while it exports and draws: its peak is about
 #: CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks (0.58-0.60 GiB at

@@ -138,8 +138,8 @@ def test_refinement_estimate_grows_with_the_cells_and_the_features():
     base = _memory.refine_bytes(1_000_000, 50)
     assert _memory.refine_bytes(2_000_000, 50) == 2 * base
     assert _memory.refine_bytes(1_000_000, 500) > base  # wide features: the search holds them
-    # at a million cells it lies above the largest worker's peak measured there (0.99 GiB)
-    assert _memory.WARMED_WORKER + base > 0.99 * GIB
+    # at a million cells it lies above the largest worker's peak measured there (1.04 GiB)
+    assert _memory.WARMED_WORKER + base > 1.04 * GIB
 
 
 def test_a_refinement_too_large_names_the_flags_that_fix_it(small_client):
