@@ -241,11 +241,7 @@ def run_distumap(path: Path, store: Path, client, pids: dict, chunk_cells: int, 
     cpu_total = sum(usage["cpu_seconds"].values())
     usage["cpu_seconds_by_process"] = usage.pop("cpu_seconds")
     return {
-        "reader": "distumap",
-        "file": label,
-        "bytes": size,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(size / seconds / 1e6, 1),
+        **_throughput("distumap", label, size, seconds),
         "mb_per_cpu_s": round(size / cpu_total / 1e6, 1),
         "cpu_seconds": round(cpu_total, 2),
         "task_seconds": {k: round(v, 2) for k, v in sorted(phases.items())},
@@ -269,9 +265,13 @@ def run_cli(path: Path, store: Path, address: str, label: str) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     if done.returncode != 0:
         return {"reader": "distumap-cli", "file": label, "error": done.stderr.strip()[-500:]}
-    size = path.stat().st_size
+    return _throughput("distumap-cli", label, path.stat().st_size, seconds)
+
+
+def _throughput(reader: str, label: str, size: int, seconds: float) -> dict:
+    """The fields every distumap row starts with: what was read, how long it took, how fast."""
     return {
-        "reader": "distumap-cli",
+        "reader": reader,
         "file": label,
         "bytes": size,
         "seconds": round(seconds, 3),

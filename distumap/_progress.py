@@ -80,8 +80,13 @@ def report_status(stage: str, status: str, *, step: str | None = None) -> None:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
     # done, total and block as in every event, so that readers of the topic need no case
-    message: dict[str, Any] = {"stage": stage, "status": status, "done": 0, "total": 0}
-    message["block"] = None
+    message: dict[str, Any] = {
+        "stage": stage,
+        "status": status,
+        "done": 0,
+        "total": 0,
+        "block": None,
+    }
     if step is not None:
         message["step"] = str(step)
     _log(message)
