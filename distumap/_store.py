@@ -15,9 +15,11 @@ import warnings
 from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 
 from distumap import __name__ as _pkg
 from distumap._errors import IncompleteStoreError, InputError
@@ -164,9 +166,12 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     Returns
     -------
     xarray.Dataset
-        ``counts`` and ``X_umap`` stay lazy (dask); the one-dimensional variables and the
-        metadata coordinates are small and are loaded, so later steps can index with them
-        without computing anything.
+        Everything along ``cell`` stays lazy (dask, read block by block where it is used):
+        the matrices, ``X_umap``, the cell names and the metadata coordinates, so that opening
+        a store of ten million cells holds nothing per cell. The other one-dimensional
+        variables (genes, per-gene statistics) are small and are loaded. ``gene`` carries an
+        index (``ds.sel(gene="GAD1")``); ``cell`` carries none, since building it reads every
+        cell's name: ``ds.set_xindex("cell")`` builds it when you need ``ds.sel(cell=...)``.
 
     Raises
     ------
@@ -178,25 +183,62 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     >>> ds = distumap.io.open_store("out/store.zarr")  # doctest: +SKIP
     >>> ds.counts.shape  # doctest: +SKIP
     (76533, 50281)
+    >>> ds.set_xindex("cell").sel(cell="AAACCCAAGGATTTCC-1")  # doctest: +SKIP
     """
     if require is not None:
         require_stage(store, require, needed_by="this step")
-    ds = xr.open_zarr(store_url(store), consolidated=False)
-    # names and per-gene values: small reads, done here, never waiting on a cluster's workers
-    with dask.config.set(scheduler="threads"):
-        for variable in ds.variables.values():
-            if variable.ndim == 1:
-                variable.load()
+    url = store_url(store)
+    ds = xr.open_zarr(url, consolidated=False, drop_variables=["cell"])
     # zarr 3 hands strings back as numpy's StringDType, which pandas, bokeh and h5py do not all
     # take yet; plain object strings work everywhere
+    per_cell = {"cell": _lazy_text(zarr.open_array(url, path="cell", mode="r"))}
+    small = {}
+    for name, variable in ds.variables.items():
+        if "cell" in variable.dims:
+            if variable.dtype.kind == "T":
+                per_cell[name] = _lazy_text(variable)
+        elif variable.ndim == 1:
+            small[name] = variable
+    # per-gene values: small reads, done here, never waiting on a cluster's workers
+    with dask.config.set(scheduler="threads"):
+        for variable in small.values():
+            variable.load()
     text = {
         name: (var.dims, np.asarray(var.values, dtype=object), var.attrs)
-        for name, var in ds.variables.items()
+        for name, var in small.items()
         if var.dtype.kind == "T"
     }
     ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords})
-    ds.encoding["distumap_store"] = store_url(store)
+    # the cell coordinates without an index: an index would read every name now
+    coords = {
+        name: ds.coords[name].variable.copy(data=data)
+        for name, data in per_cell.items()
+        if name != "cell"
+    }
+    coords["cell"] = xr.Variable("cell", per_cell["cell"])
+    ds = ds.assign_coords(xr.Coordinates(coords, indexes={}))
+    ds.encoding["distumap_store"] = url
     return ds
+
+
+def _text_block(block: np.ndarray) -> np.ndarray:
+    return np.asarray(block, dtype=object)
+
+
+def _lazy_text(array) -> da.Array:
+    """A per-cell text array, lazy, read as object strings block by block."""
+    data = array.data if isinstance(array, xr.Variable) else da.from_zarr(array)
+    if data.dtype.kind == "O":
+        return data
+    return data.map_blocks(_text_block, dtype=object, name=f"open-store-text-{tokenize(data)}")
+
+
+def cell_coords(ds: xr.Dataset) -> xr.Coordinates:
+    """``ds``'s coordinates along ``cell`` (names and metadata), for a new array along ``cell``:
+    lazy and index-free as :func:`open_store` opens them, so that building the array reads
+    no cell's name (an index ``ds`` has on ``cell`` comes along)."""
+    names = [name for name, coord in ds.coords.items() if coord.dims == ("cell",)]
+    return ds.coords.to_dataset()[names].coords
 
 
 def write_group(

@@ -116,6 +116,27 @@ def _assert_contents(adata, ds: xr.Dataset) -> None:
     assert record["stages"]["embed"]["params"]["min_dist"] == embed["min_dist"]
 
 
+def test_open_store_reads_no_cell_until_asked(store):
+    """Opening a store holds nothing per cell (at ten million cells the names alone are a
+    gigabyte): the names and metadata stay lazy and ``cell`` has no index until one is set."""
+    import dask.array as da
+
+    ds = distumap.io.open_store(store, require="embed")
+    assert "cell" not in ds.xindexes and "gene" in ds.xindexes
+    along_cells = [name for name, var in ds.variables.items() if "cell" in var.dims]
+    assert {"cell", "class_label", "landmark", "X_umap"} <= set(along_cells)
+    for name in along_cells:
+        assert isinstance(ds[name].variable.data, da.Array), name
+    assert ds["cell"].dtype == object and isinstance(ds["cell"].values[0], str)
+    name = ds["cell"].values[17]
+    picked = ds.set_xindex("cell").sel(cell=name)
+    np.testing.assert_array_equal(picked["X_umap"].values, ds["X_umap"].values[17])
+    # a new array along cell takes the coordinates as they are, reading no name
+    logged = distumap.pp.log2p1(ds)
+    assert "cell" not in logged.xindexes and isinstance(logged["cell"].data, da.Array)
+    assert logged.sel(gene=logged["gene"].values[:2]).shape == (ds.sizes["cell"], 2)
+
+
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_anndata_reads_back_exactly(dataset, tmp_path, fmt):
     path = tmp_path / f"embedding{SUFFIX[fmt]}"

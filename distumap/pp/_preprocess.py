@@ -15,9 +15,7 @@ from dask.base import tokenize
 from distumap import _config
 from distumap._errors import InputError
 from distumap._format import NONZERO
-from distumap._store import (
-    stage_record,
-)
+from distumap._store import cell_coords, stage_record
 
 
 def _zero_count_chunk(block: np.ndarray, axis, keepdims: bool) -> np.ndarray:
@@ -246,8 +244,7 @@ def log2p1(
     >>> x = distumap.pp.log2p1(ds)  # doctest: +SKIP
     """
     index = gene_index_of(ds, genes)
-    coords = {"cell": ds["cell"], "gene": ds["gene"].values[index]}
-    coords.update({name: c for name, c in ds.coords.items() if c.dims == ("cell",)})
+    genes = ds["gene"].values[index]
     if var == "counts" and _cached(ds, index):
         # the preprocess stage's copy of these genes: a block is read without the other genes
         counts, index = ds[CACHE], np.arange(len(index))
@@ -255,7 +252,7 @@ def log2p1(
         counts = ds[var]
     if not isinstance(counts.data, da.Array):
         values = _log2p1_block(np.asarray(counts.values), index)
-        return xr.DataArray(values, dims=("cell", "gene"), coords=coords, name="log2p1")
+        return along_cells(values, ds, genes, "log2p1")
     data = counts.data
     if data.numblocks[1] != 1:
         data = data.rechunk({1: -1})
@@ -266,7 +263,13 @@ def log2p1(
         dtype=np.float32,
         name=f"log2p1-{tokenize(data, index)}",
     )
-    return xr.DataArray(logged, dims=("cell", "gene"), coords=coords, name="log2p1")
+    return along_cells(logged, ds, genes, "log2p1")
+
+
+def along_cells(values, ds: xr.Dataset, genes: np.ndarray, name: str) -> xr.DataArray:
+    """A (cell, gene) array of ``genes`` with ``ds``'s cell coordinates, lazy as they are."""
+    array = xr.DataArray(values, dims=("cell", "gene"), coords=cell_coords(ds), name=name)
+    return array.assign_coords(gene=genes)
 
 
 def max_zero_fraction_of(max_zero_fraction: float | None) -> float:

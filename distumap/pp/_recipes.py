@@ -27,7 +27,7 @@ from dask.base import tokenize
 from distumap import _config
 from distumap._errors import InputError
 from distumap._format import stages
-from distumap.pp._preprocess import gene_index_of, log2p1, selected_counts
+from distumap.pp._preprocess import along_cells, gene_index_of, log2p1, selected_counts
 
 #: the recipes the preprocess stage knows: distumap's own (genes with few zeros, log2(x+1) of the
 #: counts) and scanpy's standard one
@@ -253,7 +253,9 @@ def highly_variable_genes(
             "zero_fraction": (gene, (moments[2] / max(n_cells, 1)).astype(np.float32)),
             TOTALS: (("cell",), total_counts(ds, var=var).data),
         },
-        coords={"cell": ds["cell"], "gene": ds["gene"]},
+        # no cell coordinate: the names are in the store already, and writing them again
+        # would read them all
+        coords={"gene": ds["gene"]},
     )
 
 
@@ -312,9 +314,7 @@ def normalize_log1p(
         dtype=np.float32,
         name=f"normalize-log1p-{tokenize(counts, totals, target_sum)}",
     )
-    coords = {"cell": ds["cell"], "gene": ds["gene"].values[index]}
-    coords.update({name: c for name, c in ds.coords.items() if c.dims == ("cell",)})
-    return xr.DataArray(values, dims=("cell", "gene"), coords=coords, name="normalize_log1p")
+    return along_cells(values, ds, ds["gene"].values[index], "normalize_log1p")
 
 
 def recipe_of(ds: xr.Dataset) -> str:

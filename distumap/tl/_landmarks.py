@@ -7,6 +7,7 @@ import xarray as xr
 
 from distumap import _config
 from distumap._errors import InputError
+from distumap._store import cell_coords
 
 __all__ = ["landmarks"]
 
@@ -62,7 +63,7 @@ def landmarks(
         chosen = _stratified(np.asarray(ds[stratify].values).astype(str), n, minimum, rng)
     mask = np.zeros(n_cells, dtype=bool)
     mask[chosen] = True
-    return xr.DataArray(mask, dims=("cell",), coords={"cell": ds["cell"]}, name="landmark")
+    return xr.DataArray(mask, dims=("cell",), coords=cell_coords(ds), name="landmark")
 
 
 def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generator) -> np.ndarray:
