@@ -138,6 +138,27 @@ def test_open_store_reads_no_cell_until_asked(store):
 
 
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_per_cell_parts_written_in_many_blocks_and_chunks(dataset, tmp_path, monkeypatch, fmt):
+    """obs and obsm come in blocks the client appends in order, chunk by chunk: block sizes and
+    chunks that divide no other (nor the cell count), a category first seen in a later block
+    and missing values change nothing that anndata reads."""
+    from distumap.io.writers import _anndata_elements, _cells
+
+    monkeypatch.setattr(_cells, "CELL_BLOCK", 97)
+    monkeypatch.setattr(_anndata_elements, "ZARR_CELL_CHUNK", 130)
+    monkeypatch.setattr(_anndata_elements, "H5_CHUNK_VALUES", 130)
+    monkeypatch.setattr(_anndata_elements, "H5_STRING_CHUNK", 130)
+    late = dataset["class_label"].values.astype(object)
+    late[-5:] = "seen last"
+    ds = dataset.assign_coords(late=("cell", late))
+    adata = _read(fmt, _write(fmt, ds, tmp_path / f"blocks{SUFFIX[fmt]}"))
+    _assert_contents(adata, ds)
+    assert adata.obs["late"].cat.categories.tolist() == sorted(set(late.tolist()))
+    np.testing.assert_array_equal(adata.obs["late"].astype(str), late.astype(str))
+    np.testing.assert_array_equal(adata.obsm["X_pca"], ds["X_pca"].values)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_anndata_reads_back_exactly(dataset, tmp_path, fmt):
     path = tmp_path / f"embedding{SUFFIX[fmt]}"
     with dask.config.set(scheduler="threads"):

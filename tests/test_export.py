@@ -207,6 +207,21 @@ def test_block_size_does_not_change_contents(dataset, tmp_path, block_cells):
         np.testing.assert_array_equal(got, want)
 
 
+def test_column_attributes_written_in_many_blocks_and_chunks(dataset, tmp_path, monkeypatch):
+    """The per-cell attributes come in blocks the client appends in order, chunk by chunk: a
+    block size and an HDF5 chunk that divide no other (and the cell count) change nothing."""
+    from distumap.io.writers import _cells, loom
+
+    monkeypatch.setattr(_cells, "CELL_BLOCK", 97)
+    monkeypatch.setattr(loom, "ATTR_CHUNK", 40)
+    path = tmp_path / "small-blocks.loom"
+    write_loom(dataset, path, graph=True)
+    _validate(path)
+    _assert_contents(path, dataset)
+    with h5py.File(path, "r") as f:
+        assert f["col_attrs/CellID"].chunks == (40,)
+
+
 @pytest.mark.cluster
 def test_worker_processes_give_the_same_file(dataset, tmp_path, local_client):
     path = tmp_path / "cluster.loom"

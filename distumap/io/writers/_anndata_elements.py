@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from distumap._format import (
@@ -29,10 +28,20 @@ from distumap._format import (
     PCA_VARIABLES,
 )
 from distumap.io.writers._blocks import DEFLATE_LEVEL
+from distumap.io.writers._cells import (
+    META,
+    NAMES,
+    ColumnWriter,
+    categories,
+    cell_blocks,
+    cell_columns,
+    codes_dtype,
+    is_text,
+)
 from distumap.io.writers._inputs import (
     cell_metadata,
     representation_arrays,
-    representations,
+    representation_keys,
     require_variables,
     small_arrays,
 )
@@ -45,6 +54,10 @@ UMAP_SPREAD = 1.0
 ZARR_FORMAT = 2
 #: zarr chunk of the per-cell arrays (indptr, obs columns, obsm), in cells
 ZARR_CELL_CHUNK = 2**18
+#: values per HDF5 chunk of a per-cell array (its rows: this over the row's width)
+H5_CHUNK_VALUES = 2**18
+#: cells per HDF5 chunk of a per-cell string array
+H5_STRING_CHUNK = 2**16
 
 
 def zarr_compressor():
@@ -78,7 +91,9 @@ def _key(name: Any) -> str:
 
 
 def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
-    """The small arrays of the file, computed together (they are small and concrete)."""
+    """The per-gene arrays of the file, computed together (they are small), its metadata
+    columns (``{obs key: coordinate}``) and its lazy per-cell ``columns``
+    (:func:`~distumap.io.writers._cells.cell_columns`)."""
     require_variables(ds, ANNDATA_REQUIRED)
     metadata = cell_metadata(ds)
     keys = [_key(name) for name in metadata]
@@ -92,25 +107,20 @@ def anndata_inputs(ds: xr.Dataset) -> dict[str, Any]:
         extra["gene_ids"] = ds.coords[ANNDATA_GENE_IDS].data
     # the scanpy recipe's per-gene statistics, under scanpy's var names
     extra.update({name: ds[name].data for name in ANNDATA_HVG_COLUMNS if name in ds})
-    # the embed's principal components, as scanpy.pp.pca keeps them
-    extra.update({name: ds[name].data for name in PCA_VARIABLES if name in ds})
-    # the representation the embed used (--use-rep), back under its own obsm key
-    extra.update(representation_arrays(ds))
-    small: dict[str, Any] = small_arrays(ds, metadata, **extra)
+    # the embed's principal components, as scanpy.pp.pca keeps them (X_pca per cell, below)
+    extra.update({name: ds[name].data for name in PCA_VARIABLES if name in ds and name != "X_pca"})
+    small: dict[str, Any] = small_arrays(ds, **extra)
     small["metadata"] = dict(zip(keys, metadata, strict=True))
+    # the representation the embed used (--use-rep), back under its own obsm key
+    per_cell = representation_arrays(ds)
+    if "X_pca" in ds:
+        per_cell["X_pca"] = ds["X_pca"].transpose("cell", ...).data
+    small["columns"] = cell_columns(ds, metadata, **per_cell)
     return small
 
 
 def _text(values: np.ndarray) -> np.ndarray:
     return np.array(["" if v is None else str(v) for v in values.tolist()], dtype=object)
-
-
-def _categorical(values: np.ndarray) -> pd.Categorical:
-    """Strings as anndata keeps them: a categorical of str, missing values as code -1."""
-    series = pd.Series(values, dtype=object)
-    missing = series.isna().to_numpy()
-    text = series.astype(str).where(~missing)
-    return pd.Categorical(text)
 
 
 def _ab_params(min_dist: float, spread: float = UMAP_SPREAD) -> tuple[float, float]:
@@ -183,6 +193,32 @@ class H5Elements(_Elements):
         node = parent.create_dataset(name, data=_text(values), dtype=h5py.string_dtype("utf-8"))
         _encode(node, "string-array")
 
+    def cell_array(self, parent, name: str, shape: tuple[int, ...], dtype, convert=None):
+        """An empty per-cell dataset of ``shape``, and the writer that fills it in order."""
+        width = int(np.prod(shape[1:], dtype=np.int64))
+        rows = max(1, min(shape[0], H5_CHUNK_VALUES // max(width, 1)))
+        node = parent.create_dataset(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(rows, *shape[1:]),
+            compression="gzip",
+            compression_opts=DEFLATE_LEVEL,
+        )
+        _encode(node, "array")
+        return ColumnWriter(node, rows, convert)
+
+    def cell_strings(self, parent, name: str, n: int):
+        """An empty per-cell string dataset, and the writer that fills it in order."""
+        import h5py
+
+        rows = max(1, min(n, H5_STRING_CHUNK))
+        node = parent.create_dataset(
+            name, shape=(n,), dtype=h5py.string_dtype("utf-8"), chunks=(rows,)
+        )
+        _encode(node, "string-array")
+        return ColumnWriter(node, rows, _text)
+
     def scalar(self, parent, name: str, value) -> None:
         import h5py
 
@@ -208,27 +244,39 @@ class ZarrElements(_Elements):
 
     def array(self, parent, name: str, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values)
-        chunks = (max(1, min(len(values), ZARR_CELL_CHUNK)), *values.shape[1:])
-        node = self.empty(parent, name, values.shape, values.dtype, chunks)
-        node[...] = values
-        _encode(node, "array")
+        writer = self.cell_array(parent, name, values.shape, values.dtype)
+        writer.append(values)
+        writer.close()
 
     def strings(self, parent, name: str, values: np.ndarray) -> None:
+        writer = self.cell_strings(parent, name, len(values))
+        writer.append(values)
+        writer.close()
+
+    def cell_array(self, parent, name: str, shape: tuple[int, ...], dtype, convert=None):
+        """An empty (per-cell) array of ``shape``, and the writer that fills it in order."""
+        rows = max(1, min(shape[0], ZARR_CELL_CHUNK))
+        node = self.empty(parent, name, shape, dtype, (rows, *shape[1:]))
+        _encode(node, "array")
+        return ColumnWriter(node, rows, convert)
+
+    def cell_strings(self, parent, name: str, n: int):
+        """An empty (per-cell) string array, and the writer that fills it in order."""
         import numcodecs
         from zarr.core.dtype import VariableLengthUTF8
 
-        values = _text(values)
+        rows = max(1, min(n, ZARR_CELL_CHUNK))
         node = parent.create_array(
             name,
-            shape=values.shape,
-            chunks=(max(1, min(len(values), ZARR_CELL_CHUNK)),),
+            shape=(n,),
+            chunks=(rows,),
             dtype=VariableLengthUTF8(),
             filters=[numcodecs.VLenUTF8()],
             fill_value="",
             compressors=zarr_compressor(),
         )
-        node[...] = values
         _encode(node, "string-array")
+        return ColumnWriter(node, rows, _text)
 
     def scalar(self, parent, name: str, value) -> None:
         import numcodecs
@@ -262,12 +310,7 @@ def _dataframe(el, parent, name: str, index: np.ndarray, columns: dict[str, Any]
     el.string_list_attr(group, "column-order", list(columns))
     el.strings(group, "_index", index)
     for key, values in columns.items():
-        if isinstance(values, pd.Categorical):
-            node = el.group(group, key, "categorical")
-            node.attrs["ordered"] = bool(values.ordered)
-            el.array(node, "codes", np.asarray(values.codes))
-            el.strings(node, "categories", np.asarray(values.categories, dtype=object))
-        elif np.asarray(values).dtype.kind in "OUST":
+        if np.asarray(values).dtype.kind in "OUST":
             el.strings(group, key, np.asarray(values))
         else:
             el.array(group, key, np.asarray(values))
@@ -289,18 +332,6 @@ def _mapping(el, parent, name: str, content: dict[str, Any]) -> None:
             el.scalar(group, key, json.dumps(value, sort_keys=True, default=str))
 
 
-def _obs_columns(small: dict[str, Any]) -> dict[str, Any]:
-    columns: dict[str, Any] = {}
-    for key, name in small["metadata"].items():
-        values = small[f"meta:{name}"]
-        if values.dtype.kind in "biuf":
-            columns[key] = values
-        else:
-            columns[key] = _categorical(values)
-    columns[ANNDATA_LANDMARK] = small["landmark"].astype(bool)
-    return columns
-
-
 def _var_columns(small: dict[str, Any], gene_index: np.ndarray) -> dict[str, Any]:
     columns: dict[str, Any] = {
         ANNDATA_ZERO_FRACTION: small["zero_fraction"][gene_index].astype(np.float32)
@@ -314,24 +345,75 @@ def _var_columns(small: dict[str, Any], gene_index: np.ndarray) -> dict[str, Any
     return columns
 
 
-def write_annotations(el, small: dict[str, Any], gene_index: np.ndarray, uns: dict) -> None:
-    """Everything but X and the layer: obs, var, obsm, uns and the empty groups."""
+def _obs(el, root, small: dict[str, Any], n_cells: int, client) -> dict[str, ColumnWriter]:
+    """``obs``, its datasets empty: the cell names, every metadata column (text as a
+    categorical) and ``landmark``; the writers that fill them, by per-cell column."""
+    columns = small["columns"]
+    text = [
+        f"{META}{name}" for name in small["metadata"].values() if is_text(columns[f"{META}{name}"])
+    ]
+    coded = categories(columns, text, client=client)
+    group = el.group(root, "obs", "dataframe")
+    group.attrs["_index"] = "_index"
+    el.string_list_attr(group, "column-order", [*small["metadata"], ANNDATA_LANDMARK])
+    writers = {NAMES: el.cell_strings(group, "_index", n_cells)}
+    for key, name in small["metadata"].items():
+        column = f"{META}{name}"
+        if column in coded:
+            node = el.group(group, key, "categorical")
+            node.attrs["ordered"] = False
+            writers[column] = el.cell_array(
+                node, "codes", (n_cells,), codes_dtype(len(coded[column]))
+            )
+            el.strings(node, "categories", coded[column])
+        else:
+            writers[column] = el.cell_array(group, key, (n_cells,), columns[column].dtype)
+    writers["landmark"] = el.cell_array(
+        group, ANNDATA_LANDMARK, (n_cells,), bool, lambda values: values.astype(bool)
+    )
+    small["coded"] = coded
+    return writers
+
+
+def write_annotations(
+    el, small: dict[str, Any], gene_index: np.ndarray, uns: dict, *, client=None
+) -> None:
+    """Everything but X and the layer: obs, var, obsm, uns and the empty groups. The per-cell
+    parts are written in cell blocks computed on the cluster (``export-cells``), so that this
+    process holds a few blocks of them, never a whole column."""
     root = el.root
     _encode(root, "anndata")
-    _dataframe(el, root, "obs", small["cell"], _obs_columns(small))
+    columns = small["columns"]
+    n_cells = int(columns[NAMES].shape[0])
+    writers = _obs(el, root, small, n_cells, client)
     _dataframe(el, root, "var", small["gene"][gene_index], _var_columns(small, gene_index))
     obsm = el.group(root, "obsm")
-    el.array(obsm, ANNDATA_EMBEDDING, small["X_umap"].astype(np.float32))
-    for key, values in representations(small).items():
-        el.array(obsm, _key(key), values)
+
+    def per_cell(parent, name: str, column: str) -> None:
+        shape = tuple(int(n) for n in columns[column].shape)
+        writers[column] = el.cell_array(
+            parent, name, shape, np.float32, lambda values: values.astype(np.float32)
+        )
+
+    per_cell(obsm, ANNDATA_EMBEDDING, "X_umap")
+    for key, column in representation_keys(columns).items():
+        per_cell(obsm, _key(key), column)
     varm = el.group(root, "varm")
-    if "X_pca" in small:
-        el.array(obsm, ANNDATA_PCA, small["X_pca"])
+    if "X_pca" in columns:
+        per_cell(obsm, ANNDATA_PCA, "X_pca")
         el.array(varm, ANNDATA_LOADINGS, small["PCs"][gene_index])
         uns = {**uns, ANNDATA_UNS_PCA: _pca_record(small)}
     for name in ("obsp", "varp"):
         el.group(root, name)
     _mapping(el, root, "uns", uns)
+    blocks = cell_blocks(
+        {name: columns[name] for name in writers}, coded=small["coded"], client=client
+    )
+    for block in blocks:
+        for name, writer in writers.items():
+            writer.append(block[name])
+    for writer in writers.values():
+        writer.close()
 
 
 def _pca_record(small: dict[str, Any]) -> dict[str, Any]:

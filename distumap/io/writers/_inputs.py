@@ -55,40 +55,28 @@ def cell_metadata(ds: xr.Dataset) -> list[str]:
     return [name for name, coord in ds.coords.items() if coord.dims == ("cell",) and name != "cell"]
 
 
-#: the prefix of the representation's entry in :func:`small_arrays`' ``extra``: ``rep:<key>``
+#: the prefix of the representation's entry among an export's per-cell columns: ``rep:<key>``
 REP_PREFIX = "rep:"
 
 
 def representation_arrays(ds: xr.Dataset) -> dict[str, Any]:
-    """The store's representation (``--use-rep``) as an ``extra`` of :func:`small_arrays`:
+    """The store's representation (``--use-rep``) as a per-cell column of an export:
     ``{"rep:<obsm key>": lazy (cell, rep_dim) float32}``; empty for a store without one."""
     if REP not in ds:
         return {}
     return {f"{REP_PREFIX}{ds[REP].attrs[REP_KEY]}": ds[REP].transpose("cell", ...).data}
 
 
-def representations(small: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The representations among ``small`` (:func:`representation_arrays`), by obsm key."""
-    return {
-        name[len(REP_PREFIX) :]: np.asarray(values, dtype=np.float32)
-        for name, values in small.items()
-        if name.startswith(REP_PREFIX)
-    }
+def representation_keys(columns: dict[str, Any]) -> dict[str, str]:
+    """The representations among an export's per-cell ``columns``: ``{obsm key: column}``."""
+    return {name[len(REP_PREFIX) :]: name for name in columns if name.startswith(REP_PREFIX)}
 
 
-def small_arrays(ds: xr.Dataset, metadata: list[str], **extra: Any) -> dict[str, np.ndarray]:
-    """The small arrays of an export, computed together (they are small and concrete): genes,
-    ``zero_fraction``, cells, ``X_umap`` (cells first), ``landmark``, every metadata column as
-    ``meta:<name>`` and the lazy arrays in ``extra``."""
-    small = {
-        "gene": ds["gene"].data,
-        "zero_fraction": ds["zero_fraction"].data,
-        "cell": ds["cell"].data,
-        "X_umap": ds["X_umap"].transpose("cell", ...).data,
-        "landmark": ds["landmark"].data,
-        **{f"meta:{name}": ds.coords[name].data for name in metadata},
-        **extra,
-    }
+def small_arrays(ds: xr.Dataset, **extra: Any) -> dict[str, np.ndarray]:
+    """The per-gene arrays of an export, computed together (a few values per gene): genes,
+    ``zero_fraction`` and the arrays in ``extra``. The per-cell ones come in blocks
+    (:mod:`distumap.io.writers._cells`)."""
+    small = {"gene": ds["gene"].data, "zero_fraction": ds["zero_fraction"].data, **extra}
     (small,) = dask.compute(small)
     return {key: np.asarray(value) for key, value in small.items()}
 

@@ -278,8 +278,8 @@ def _write_folder(
 
     root = zarr.open_group(local, mode="w", zarr_format=ZARR_FORMAT)
     el = ZarrElements(root)
-    write_annotations(el, small, gene_index, uns)
-    _create_csr(el, (len(small["cell"]), int(gene_index.size)), x_dtype, slices)
+    write_annotations(el, small, gene_index, uns, client=client)
+    _create_csr(el, (counts.shape[0], int(gene_index.size)), x_dtype, slices)
     tasks = _write_tasks(counts, local, slices)
     if progress:
         print(f"distumap export: writing {slices.n_blocks} blocks", file=sys.stderr, flush=True)

@@ -289,6 +289,6 @@ class H5adWriter(Writer):
                     ds = embedded_store(ds, embedded, gene_index)
                     small = anndata_inputs(ds)
                 uns = {**uns_record(ds, params), **neighbors_uns(ds)}
-                write_annotations(el, small, gene_index, uns)
+                write_annotations(el, small, gene_index, uns, client=client)
                 _write_graph(el, ds, block_cells, in_flight, client, pool, path, progress)
         return target

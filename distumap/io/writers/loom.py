@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from distumap._compute import current_client, results_in_order
+from distumap._compute import current_client, results_in_order, run
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import (
     ATTR,
@@ -57,6 +57,7 @@ from distumap.io.writers._blocks import (
     deflate,
     export_blocks,
 )
+from distumap.io.writers._cells import META, NAMES, ColumnWriter, cell_blocks, cell_columns
 from distumap.io.writers._inputs import (
     EMBEDDED_VARIABLES,
     REP_PREFIX,
@@ -64,7 +65,7 @@ from distumap.io.writers._inputs import (
     embedded_store,
     matrix_dtype,
     representation_arrays,
-    representations,
+    representation_keys,
     require_variables,
     selected_genes,
     small_arrays,
@@ -183,7 +184,9 @@ def _col_attr(values: np.ndarray) -> np.ndarray:
 
 
 def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
-    """The small arrays of the loom file, computed together (they are small and concrete)."""
+    """The per-gene arrays of the loom file, computed together (they are small), its metadata
+    columns and its lazy per-cell ``columns``
+    (:func:`~distumap.io.writers._cells.cell_columns`)."""
     require_variables(ds, EMBEDDED_VARIABLES)
     metadata = cell_metadata(ds)
     # ingest renames such columns (distumap._format.metadata_name); a store written otherwise
@@ -197,8 +200,9 @@ def _loom_inputs(ds: xr.Dataset) -> dict[str, Any]:
     clashes = sorted({name[len(REP_PREFIX) :].replace("/", "_") for name in extra} & taken)
     if clashes:
         raise InputError(f"the representation {clashes} clashes with a loom column attribute")
-    small: dict[str, Any] = small_arrays(ds, metadata, **extra)
+    small: dict[str, Any] = small_arrays(ds)
     small["metadata"] = metadata
+    small["columns"] = cell_columns(ds, metadata, **extra)
     return small
 
 
@@ -237,11 +241,13 @@ def _create_annotations(
     knn: int,
 ):
     """Every group and dataset of the file but the matrix and the layer; the graph is left to be
-    filled with raw chunk writes. Returns it, a dict of ``a``, ``b``, ``w`` (or None when
-    ``knn`` is 0)."""
+    filled with raw chunk writes, the column attributes with the per-cell blocks. Returns the
+    graph, a dict of ``a``, ``b``, ``w`` (or None when ``knn`` is 0), and the column
+    attributes' writers by per-cell column."""
     import h5py
 
-    n_cells = len(small["cell"])
+    columns = small["columns"]
+    n_cells = int(columns[NAMES].shape[0])
     text = h5py.string_dtype("utf-8")
 
     def put(group, name: str, values: np.ndarray) -> None:
@@ -256,18 +262,41 @@ def _create_annotations(
             compression_opts=DEFLATE_LEVEL,
         )
 
+    def per_cell(name: str, column: str, dtype, convert) -> None:
+        # as put's, filled from the per-cell blocks by the writer returned
+        width = tuple(int(n) for n in columns[column].shape[1:])
+        rows = min(max(n_cells, 1), ATTR_CHUNK)
+        node = cols.create_dataset(
+            name.replace("/", "_"),
+            shape=(n_cells, *width),
+            dtype=dtype,
+            maxshape=(None, *width),
+            chunks=(rows, *width),
+            compression="gzip",
+            compression_opts=DEFLATE_LEVEL,
+        )
+        writers[column] = ColumnWriter(node, rows, convert)
+
     rows = f.create_group("row_attrs")
     put(rows, LOOM_GENE, _string_array(small["gene"][gene_index]))
     put(rows, LOOM_ZERO_FRACTION, small["zero_fraction"][gene_index].astype(np.float32))
     cols = f.create_group("col_attrs")
-    put(cols, LOOM_CELL, _string_array(small["cell"]))
-    put(cols, LOOM_EMBEDDING, small["X_umap"].astype(np.float32))
-    put(cols, LOOM_LANDMARK, small["landmark"].astype(np.int8))
+    writers: dict[str, ColumnWriter] = {}
+    per_cell(LOOM_CELL, NAMES, text, _string_array)
+    per_cell(LOOM_EMBEDDING, "X_umap", np.float32, lambda v: v.astype(np.float32))
+    per_cell(LOOM_LANDMARK, "landmark", np.int8, lambda v: v.astype(np.int8))
     for name in small["metadata"]:
         # "/" separates HDF5 path components; a column "area/region" becomes "area_region"
-        put(cols, name.replace("/", "_"), _col_attr(small[f"meta:{name}"]))
-    for key, values in representations(small).items():
-        put(cols, key.replace("/", "_"), values)
+        column = f"{META}{name}"
+        kind = np.dtype(columns[column].dtype).kind
+        if kind == "b":
+            per_cell(name, column, np.uint8, lambda v: v.astype(np.uint8))
+        elif kind in "iuf":
+            per_cell(name, column, columns[column].dtype, None)
+        else:
+            per_cell(name, column, text, _string_array)
+    for key, column in representation_keys(columns).items():
+        per_cell(key, column, np.float32, lambda v: v.astype(np.float32))
     f.create_group("row_graphs")
     graphs = f.create_group("col_graphs")
     graph = None
@@ -290,7 +319,7 @@ def _create_annotations(
     globals_ = f.create_group("attrs")
     for key, value in attrs.items():
         globals_.create_dataset(key, data=_loom_text(value), dtype=text)
-    return graph
+    return graph, writers
 
 
 def _run_params(ds: xr.Dataset, params: dict[str, Any]) -> dict[str, str]:
@@ -559,10 +588,16 @@ def _write_the_rest(
     )
     knn = _knn_arrays(ds, layout.block_cells) if graph else None
     k = 0 if knn is None else knn[0].shape[1]
-    edges = _create_annotations(f, small, layout.gene_index, layout.chunk_shape, attrs, k)
+    edges, writers = _create_annotations(f, small, layout.gene_index, layout.chunk_shape, attrs, k)
+    for block in cell_blocks(small["columns"], client=client):
+        for name, writer in writers.items():
+            writer.append(block[name])
+    for writer in writers.values():
+        writer.close()
     if knn is None:
         return
-    is_landmark = small["landmark"].astype(bool)
+    (is_landmark,) = run([ds["landmark"].data], stage="export: loom graph", client=client)
+    is_landmark = np.asarray(is_landmark, dtype=bool)
     block_cells, chunk_cells = layout.block_cells, layout.chunk_cells
     graph_blocks = _graph_blocks(knn, is_landmark, block_cells, chunk_cells)
     for i, encoded in enumerate(
