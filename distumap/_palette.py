@@ -78,26 +78,62 @@ def palette(n: int) -> list[str]:
     return list(_grown_palette(n))
 
 
-def _given_colors(
-    codes: np.ndarray, n: int, given: np.ndarray | None, missing: bool
-) -> list[str] | None:
-    """One colour per category from the data's own colour column, if it has exactly that.
+def _text(values: np.ndarray) -> np.ndarray:
+    """A column as strings, missing values (None, NaN) as ``""``."""
+    return np.array(
+        [
+            "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+            for v in values.tolist()
+        ],
+        dtype=object,
+    )
 
-    The missing category (the last one, if ``missing``) gets grey whatever the column says.
-    """
-    if given is None:
-        return None
-    first = np.zeros(n, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes))[::-1]  # a cell of each category
-    colors = [str(given[i]) for i in first]
+
+def tally(values: np.ndarray, given: np.ndarray | None = None) -> dict[str, tuple[int, set]]:
+    """Every category of ``values`` (as text, missing as ``""``) with its number of cells and
+    the colours ``given`` (hex per cell) gives its cells (at most two: one means a colour per
+    category). Tallies of parts of a column add up with :func:`merge_tallies`."""
+    text = _text(np.asarray(values))
+    names, inverse, counts = np.unique(text, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    found: dict[str, tuple[int, set]] = {}
+    for i, name in enumerate(names.tolist()):
+        colours: set = set()
+        if given is not None:
+            colours = set(np.unique(np.asarray(given)[inverse == i].astype(str))[:2].tolist())
+        found[name] = (int(counts[i]), colours)
+    return found
+
+
+def merge_tallies(tallies) -> dict[str, tuple[int, set]]:
+    """The tally of a whole column from those of its parts (:func:`tally`)."""
+    merged: dict[str, tuple[int, set]] = {}
+    for part in tallies:
+        for name, (count, colours) in part.items():
+            total, seen = merged.get(name, (0, set()))
+            merged[name] = (total + count, set(sorted(seen | colours)[:2]))
+    return merged
+
+
+def ranked(merged: dict[str, tuple[int, set]]) -> tuple[list[str], np.ndarray, list[str]]:
+    """The categories of a tally, largest first and missing values last, as the keys that
+    :func:`codes_of` looks up; their counts and colours (the column's own where it gives one
+    per category, grey for missing values)."""
+    keys = sorted(merged, key=lambda name: (name == "", -merged[name][0], name))
+    counts = np.array([merged[name][0] for name in keys], dtype=np.int64)
+    missing = bool(keys) and keys[-1] == ""
+    colors = [next(iter(merged[name][1])) if len(merged[name][1]) == 1 else "" for name in keys]
     if missing:
         colors[-1] = MISSING_COLOR
-    if not all(_HEX.fullmatch(c) for c in colors):
-        return None
-    known = codes != n - 1 if missing else slice(None)
-    if not np.array_equal(np.asarray(colors, dtype=object)[codes][known], given[known]):
-        return None  # a category with several colours: not a colour per category
-    return colors
+    if not keys or not all(_HEX.fullmatch(c) for c in colors):
+        colors = palette(len(keys) - int(missing)) + ([MISSING_COLOR] if missing else [])
+    return keys, counts, colors
+
+
+def codes_of(values: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Each cell's category among ``keys`` (:func:`ranked`)."""
+    rank = {name: i for i, name in enumerate(keys)}
+    return np.array([rank[name] for name in _text(np.asarray(values)).tolist()], dtype=np.int32)
 
 
 def categories(
@@ -108,25 +144,9 @@ def categories(
     Missing values (empty strings, None, NaN) become one grey category listed last. ``given``
     (hex colours per cell) is used when it assigns one colour to each category.
     """
-    text = np.array(
-        [
-            "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-            for v in values.tolist()
-        ],
-        dtype=object,
-    )
-    names, codes, counts = np.unique(text, return_inverse=True, return_counts=True)
-    order = sorted(range(len(names)), key=lambda i: (names[i] == "", -counts[i], names[i]))
-    rank = np.empty(len(names), dtype=np.int64)
-    rank[order] = np.arange(len(names))
-    missing = bool(names[0] == "") if len(names) else False
-    names = [str(names[i]) or MISSING_LABEL for i in order]
-    counts = counts[order]
-    codes = rank[codes.ravel()]
-    colors = _given_colors(codes, len(names), given, missing)
-    if colors is None:
-        colors = palette(len(names) - int(missing)) + ([MISSING_COLOR] if missing else [])
-    return codes, names, counts, colors
+    keys, counts, colors = ranked(tally(values, given))
+    names = [name or MISSING_LABEL for name in keys]
+    return codes_of(values, keys), names, counts, colors
 
 
 def hex_to_rgb(colors: list[str]) -> np.ndarray:

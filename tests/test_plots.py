@@ -110,6 +110,36 @@ def test_the_data_own_colours_are_used_when_one_per_category():
         assert categories(values, np.array(bad, dtype=object))[3] == [*palette(2), "#c8c8c8"]
 
 
+def test_a_text_column_in_blocks_gives_the_categories_of_the_whole():
+    """A text colour column is tallied and coded block by block where it lies: the codes,
+    names, counts and colours are those of the whole column, categories first seen in a
+    later block, the data's own colours and missing values included."""
+    import dask.array as da
+    import xarray as xr
+
+    from distumap.pl._shared import plot_data
+
+    rng = np.random.default_rng(3)
+    values = rng.choice(np.array(["b", "a", "c", "", None], dtype=object), 1_000)
+    values[-3:] = "late"
+    hue = {"a": "#0000ff", "b": "#00aa00", "c": "#aa0000", "late": "#123456"}
+    given = np.array([hue.get(v, "") if v else "" for v in values.tolist()], dtype=object)
+    for colours in (given, None):
+        columns = {"label": values} | ({} if colours is None else {"label_color": colours})
+        ds = xr.Dataset(
+            {"X_umap": (("cell", "umap"), da.from_array(rng.normal(size=(1_000, 2)), 64))},
+            coords={k: ("cell", da.from_array(v, chunks=64)) for k, v in columns.items()},
+        )
+        _, numbers, groups = plot_data(ds, "label")
+        assert numbers is None
+        want = categories(values, colours)
+        np.testing.assert_array_equal(groups[0], want[0])
+        assert groups[1] == want[1] and groups[3] == want[3]
+        np.testing.assert_array_equal(groups[2], want[2])
+    assert want[1][-1] == "(missing)" and "late" in want[1]
+    assert categories(values, given)[3][want[1].index("late")] == "#123456"
+
+
 def test_png_uses_subclass_color_column(dataset, tmp_path):
     hue = {
         f"type {i:02d}": f"#{(i * 8) % 256:02x}{(255 - i * 8) % 256:02x}80" for i in range(N_GROUPS)

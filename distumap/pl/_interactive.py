@@ -8,12 +8,11 @@ import numpy as np
 import xarray as xr
 
 from distumap._format import HTML_MARK, check_replaceable
-from distumap._palette import categories, hex_to_rgb
+from distumap._palette import hex_to_rgb
 from distumap.pl._shared import (
     default_title,
     density_rgba,
     extent,
-    is_categorical,
     marker_style,
     plot_data,
 )
@@ -74,11 +73,9 @@ def umap_html(
     >>> distumap.pl.umap_html(ds, color="subclass_label", path="umap.html")  # doctest: +SKIP
     'umap.html'
     """
-    embedding, values, given = plot_data(ds, color)
+    # groups: codes per cell, then the categories' names, counts and colours
+    embedding, values, groups = plot_data(ds, color)
     n = embedding.shape[0]
-    groups = None  # codes per cell, then the categories' names, counts and colours
-    if values is not None and is_categorical(values):
-        groups = categories(values, given)
     keep = np.arange(n)
     if n > max_points:
         keep = sample_cells(n, max_points, None if groups is None else groups[0])
@@ -92,7 +89,7 @@ def umap_html(
     # marker sizes in screen pixels, from the area in points^2 the static plot would use
     size, alpha = marker_style(keep.size)
     style = {"size": float(np.clip(np.sqrt(size) * 2.0, 2.0, 8.0)), "alpha": alpha}
-    cells = np.asarray(ds["cell"].values[keep]).astype(str)
+    cells = np.asarray(ds["cell"].isel(cell=keep).values).astype(str)  # the sample's names alone
     data = {"x": embedding[keep, 0], "y": embedding[keep, 1], "cell": cells}
     tooltips = [("cell", "@cell")]
     if groups is not None:

@@ -3,8 +3,19 @@ categories, marker sizes, titles, bounds and the density shading of many cells."
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import xarray as xr
+
+from distumap._palette import (
+    MISSING_LABEL,
+    categories,
+    codes_of,
+    merge_tallies,
+    ranked,
+    tally,
+)
 
 #: integer columns with at most this many distinct values are drawn as categories
 MAX_INTEGER_CATEGORIES = 60
@@ -20,11 +31,16 @@ def is_categorical(values: np.ndarray) -> bool:
     return False
 
 
-def plot_data(
-    ds: xr.Dataset, color: str | None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The embedding (cells x 2, float32), the colour column and its colours, if the data has
-    them (``<color>_color``, as the Allen Institute's metadata has for ``subclass_label``)."""
+def plot_data(ds: xr.Dataset, color: str | None) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """The embedding (cells x 2, float32), and the colour column: its values when they are
+    numbers drawn on a colour bar, else its categories (codes per cell, names, counts and
+    colours, as :func:`distumap._palette.categories` gives them), using the data's own colours
+    if it has them (``<color>_color``, as the Allen Institute's metadata has for
+    ``subclass_label``).
+
+    A text column is tallied and coded block by block where it lies (``plot-categories``,
+    ``plot-codes``), so that this process holds a code per cell, never the column's strings.
+    """
     import dask
 
     if "X_umap" not in ds:
@@ -33,17 +49,67 @@ def plot_data(
         columns = sorted(name for name, c in ds.coords.items() if c.dims == ("cell",))
         raise ValueError(f"no column {color!r} to colour by; the cell columns are {columns}")
     embedding = ds["X_umap"].transpose("cell", ...).data
-    values = ds[color].data if color is not None else None
-    given_name = f"{color.removesuffix('_label')}_color" if color is not None else None
+    if color is None:
+        (embedding,) = dask.compute(embedding)
+        return np.asarray(embedding, dtype=np.float32), None, None
+    values = ds[color].data
+    given_name = f"{color.removesuffix('_label')}_color"
     given = None
     if given_name in ds.variables and ds[given_name].dims == ("cell",):
         given = ds[given_name].data
+    if np.dtype(values.dtype).kind in "OUST":
+        embedding, groups = dask.compute(embedding, _text_categories(values, given))
+        return np.asarray(embedding, dtype=np.float32), None, groups
     embedding, values, given = dask.compute(embedding, values, given)
-    return (
-        np.asarray(embedding, dtype=np.float32),
-        None if values is None else np.asarray(values),
-        None if given is None else np.asarray(given),
-    )
+    values = np.asarray(values)
+    if is_categorical(values):
+        return np.asarray(embedding, dtype=np.float32), None, categories(values, given)
+    return np.asarray(embedding, dtype=np.float32), values, None
+
+
+def _text_categories(values, given) -> Any:
+    """:func:`distumap._palette.categories` of a text column, as a dask graph: a tally per
+    block, their sum, then the codes per block."""
+    import dask
+    import dask.array as da
+
+    def lazy(column) -> da.Array:  # an in-memory column is one block
+        if isinstance(column, da.Array):
+            return column
+        return da.from_array(np.asarray(column), chunks=(max(1, len(column)),))
+
+    values = lazy(values)
+    blocks = values.to_delayed().ravel()
+    given_blocks = [None] * len(blocks)
+    if given is not None:
+        given_blocks = lazy(given).rechunk(values.chunks).to_delayed().ravel()
+    token = dask.base.tokenize(values, given)
+    tallies = [
+        dask.delayed(tally, pure=True)(
+            block, colours, dask_key_name=(f"plot-categories-{token}", i)
+        )
+        for i, (block, colours) in enumerate(zip(blocks, given_blocks, strict=True))
+    ]
+    order = dask.delayed(_ranked_tallies, pure=True)(tallies, dask_key_name=f"plot-ranked-{token}")
+    codes = [
+        dask.delayed(_codes, pure=True)(block, order, dask_key_name=(f"plot-codes-{token}", i))
+        for i, block in enumerate(blocks)
+    ]
+    return dask.delayed(_groups, pure=True)(codes, order, dask_key_name=f"plot-groups-{token}")
+
+
+def _ranked_tallies(tallies) -> tuple:
+    return ranked(merge_tallies(tallies))
+
+
+def _codes(block: np.ndarray, order: tuple) -> np.ndarray:
+    return codes_of(block, order[0])
+
+
+def _groups(codes: list[np.ndarray], order: tuple) -> tuple:
+    keys, counts, colors = order
+    names = [name or MISSING_LABEL for name in keys]
+    return np.concatenate(codes) if codes else np.zeros(0, np.int32), names, counts, colors
 
 
 def marker_style(n: int) -> tuple[float, float]:

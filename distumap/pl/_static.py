@@ -9,12 +9,11 @@ import xarray as xr
 
 from distumap import __version__
 from distumap._format import OUTPUT_MARK, check_replaceable
-from distumap._palette import categories, hex_to_rgb
+from distumap._palette import hex_to_rgb
 from distumap.pl._shared import (
     default_title,
     density_rgba,
     extent,
-    is_categorical,
     marker_style,
     plot_data,
 )
@@ -78,7 +77,7 @@ def umap(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    embedding, values, given = plot_data(ds, color)
+    embedding, values, groups = plot_data(ds, color)
     n = embedding.shape[0]
     if ax is None:
         fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
@@ -88,9 +87,9 @@ def umap(
         fig = ax.figure
     size, alpha = marker_style(n)
     if n > DENSITY_CELLS:
-        _shaded(fig, ax, embedding, values, given, color)
+        _shaded(fig, ax, embedding, values, groups, color)
     else:
-        _scatter(fig, ax, embedding, values, given, color, size, alpha)
+        _scatter(fig, ax, embedding, values, groups, color, size, alpha)
     ax.set_title(title or default_title(n, color))
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
@@ -104,40 +103,38 @@ def umap(
     return fig
 
 
-def _scatter(fig, ax, embedding, values, given, color, size: float, alpha: float) -> None:
+def _scatter(fig, ax, embedding, values, groups, color, size: float, alpha: float) -> None:
     order = np.random.default_rng(0).permutation(embedding.shape[0])
     x, y = embedding[order, 0], embedding[order, 1]
     common = dict(s=size, alpha=alpha, linewidths=0, rasterized=True, plotnonfinite=True)
-    if values is None:
-        ax.scatter(x, y, c="#1f77b4", **common)
-    elif is_categorical(values):
-        codes, names, counts, colors = categories(values, given)
+    if groups is not None:
+        codes, names, counts, colors = groups
         from matplotlib.colors import to_rgba_array
 
         ax.scatter(x, y, c=to_rgba_array(colors)[codes[order]], **common)
         _legend(ax, names, counts, colors, color)
-    else:
+    elif values is not None:
         import matplotlib as mpl
 
         cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
         points = ax.scatter(x, y, c=values[order].astype(float), cmap=cmap, **common)
         fig.colorbar(points, ax=ax, label=color, shrink=0.6, pad=0.02)
+    else:
+        ax.scatter(x, y, c="#1f77b4", **common)
 
 
-def _shaded(fig, ax, embedding, values, given, color) -> None:
+def _shaded(fig, ax, embedding, values, groups, color) -> None:
     import matplotlib as mpl
 
     bounds = x0, x1, y0, y1 = extent(embedding)
     aspect = (y1 - y0) / (x1 - x0)
     cols = DENSITY_PIXELS if aspect <= 1 else max(round(DENSITY_PIXELS / aspect), 1)
     shape = (max(round(cols * aspect), 1), cols)
-    if values is None:
-        rgb = hex_to_rgb(["#1f77b4"])
-    elif is_categorical(values):
-        codes, names, counts, colors = categories(values, given)
+    if groups is not None:
+        codes, names, counts, colors = groups
         rgb = hex_to_rgb(colors)[codes]
         _legend(ax, names, counts, colors, color)
-    else:
+    elif values is not None:
         numbers = values.astype(float)
         finite = numbers[np.isfinite(numbers)]
         low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -147,6 +144,8 @@ def _shaded(fig, ax, embedding, values, given, color) -> None:
         fig.colorbar(
             mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=color, shrink=0.6, pad=0.02
         )
+    else:
+        rgb = hex_to_rgb(["#1f77b4"])
     image = density_rgba(embedding, rgb, bounds=bounds, shape=shape)
     ax.imshow(image, extent=(x0, x1, y0, y1), origin="upper", interpolation="nearest")
 
