@@ -140,6 +140,33 @@ def test_a_text_column_in_blocks_gives_the_categories_of_the_whole():
     assert categories(values, given)[3][want[1].index("late")] == "#123456"
 
 
+def test_shading_by_codes_in_parts_is_shading_by_colour_per_cell(monkeypatch):
+    """The shading takes the cells a part at a time, and a palette with a code per cell: the
+    image is the one a colour per cell, all at once, gives; and a numeric column's codes
+    look the colour map up as the map itself does (NaN grey, infinities at the ends)."""
+    import matplotlib as mpl
+
+    from distumap.pl import _shared
+    from distumap.pl._shared import density_rgba
+    from distumap.pl._static import lookup
+
+    rng = np.random.default_rng(5)
+    xy = rng.normal(size=(5_000, 2))
+    xy[7] = np.nan
+    numbers = rng.normal(size=5_000)
+    numbers[:3] = [np.nan, np.inf, -np.inf]
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
+    norm = mpl.colors.Normalize(-2.0, 2.0)
+    rgb, codes = lookup(cmap, norm, numbers)
+    np.testing.assert_allclose(rgb[codes], cmap(norm(numbers))[:, :3])
+    bounds, shape = (-3.0, 3.0, -3.0, 3.0), (40, 50)
+    whole = density_rgba(xy, rgb[codes], bounds=bounds, shape=shape)
+    monkeypatch.setattr(_shared, "SHADE_CELLS", 333)
+    parts = density_rgba(xy, rgb, bounds=bounds, shape=shape, codes=codes)
+    np.testing.assert_array_equal(parts, whole)
+    assert (parts[..., 3] > 0).sum() > 500
+
+
 def test_png_uses_subclass_color_column(dataset, tmp_path):
     hue = {
         f"type {i:02d}": f"#{(i * 8) % 256:02x}{(255 - i * 8) % 256:02x}80" for i in range(N_GROUPS)

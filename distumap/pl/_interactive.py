@@ -133,10 +133,9 @@ def _shading_item(fig, embedding: np.ndarray, groups):
     """The shading of all cells, in their categories' colours, and its legend entry."""
     n = embedding.shape[0]
     if groups is not None:
-        rgb = hex_to_rgb(groups[3])[groups[0]]
+        shading = _shading(fig, embedding, hex_to_rgb(groups[3]), groups[0])
     else:
-        rgb = hex_to_rgb(["#1f77b4"])
-    shading = _shading(fig, embedding, rgb)
+        shading = _shading(fig, embedding, hex_to_rgb(["#1f77b4"]))
     return _legend_item(f"all {n:,} cells (shading)", [shading])
 
 
@@ -263,8 +262,9 @@ def sample_cells(n: int, size: int, codes: np.ndarray | None = None) -> np.ndarr
     return np.sort(np.concatenate([forced, rest[: size - forced.size]]))
 
 
-def _shading(fig, embedding: np.ndarray, rgb: np.ndarray):
-    """All cells as one PNG image under the points (a data URL: the page stays one file)."""
+def _shading(fig, embedding: np.ndarray, rgb: np.ndarray, codes: np.ndarray | None = None):
+    """All cells as one PNG image under the points (a data URL: the page stays one file), in
+    the colours ``rgb`` (by ``codes``, where given: see :func:`density_rgba`)."""
     import base64
     import io
 
@@ -274,7 +274,7 @@ def _shading(fig, embedding: np.ndarray, rgb: np.ndarray):
     aspect = (y1 - y0) / (x1 - x0)
     cols = DENSITY_PIXELS if aspect <= 1 else max(round(DENSITY_PIXELS / aspect), 1)
     rows = max(round(cols * aspect), 1)
-    image = density_rgba(embedding, rgb, bounds=(x0, x1, y0, y1), shape=(rows, cols))
+    image = density_rgba(embedding, rgb, bounds=(x0, x1, y0, y1), shape=(rows, cols), codes=codes)
     buffer = io.BytesIO()
     imsave(buffer, image, format="png")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

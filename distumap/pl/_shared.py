@@ -139,37 +139,55 @@ def extent(embedding: np.ndarray, margin: float = 0.02) -> tuple[float, float, f
     return (low[0] - pad[0], high[0] + pad[0], low[1] - pad[1], high[1] + pad[1])
 
 
+#: cells shaded at a time: the shading's memory is the image's and this many cells' arrays
+SHADE_CELLS = 2**18
+
+
 def density_rgba(
     embedding: np.ndarray,
     rgb: np.ndarray,
     *,
     bounds: tuple[float, float, float, float],
     shape: tuple[int, int],
+    codes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Every cell shaded into one ``(rows, cols, 4)`` uint8 image, top row first.
 
-    A pixel's colour is the mean colour of its cells (``rgb``: one row per cell, or one row
-    for all), its opacity grows with the log of their number: dense regions show their
-    inner structure instead of a solid blot, and a single cell still shows. Memory and time
-    are linear in the cells and bounded by the image: how pictures stay light at any size.
+    A pixel's colour is the mean colour of its cells (``rgb``: one row for all cells, one per
+    cell, or with ``codes`` a palette and each cell's row in it), its opacity grows with the
+    log of their number: dense regions show their inner structure instead of a solid blot,
+    and a single cell still shows. The cells are taken :data:`SHADE_CELLS` at a time, so that
+    the memory is the image's whatever the number of cells: how pictures stay light at any
+    size.
     """
     rows, cols = shape
     x0, x1, y0, y1 = bounds
-    finite = np.isfinite(embedding).all(axis=1)
-    xy = embedding[finite].astype(np.float64)
-    col = np.clip(((xy[:, 0] - x0) / (x1 - x0) * cols).astype(np.int64), 0, cols - 1)
-    row = np.clip(((y1 - xy[:, 1]) / (y1 - y0) * rows).astype(np.int64), 0, rows - 1)
-    pixel = row * cols + col
-    count = np.bincount(pixel, minlength=rows * cols).astype(np.float64)
     rgb = np.asarray(rgb, dtype=np.float64)
+    count = np.zeros(rows * cols)
+    totals = np.zeros((3, rows * cols))
+    for start in range(0, embedding.shape[0], SHADE_CELLS):
+        part = slice(start, start + SHADE_CELLS)
+        xy = np.asarray(embedding[part], dtype=np.float64)
+        finite = np.isfinite(xy).all(axis=1)
+        xy = xy[finite]
+        col = np.clip(((xy[:, 0] - x0) / (x1 - x0) * cols).astype(np.int64), 0, cols - 1)
+        row = np.clip(((y1 - xy[:, 1]) / (y1 - y0) * rows).astype(np.int64), 0, rows - 1)
+        pixel = row * cols + col
+        count += np.bincount(pixel, minlength=rows * cols)
+        if codes is None and rgb.shape[0] == 1:
+            continue
+        colours = rgb[codes[part][finite]] if codes is not None else rgb[part][finite]
+        for channel in range(3):
+            weights = colours[:, channel]
+            totals[channel] += np.bincount(pixel, weights=weights, minlength=rows * cols)
     image = np.zeros((rows * cols, 4))
-    if rgb.shape[0] == 1:
+    if codes is None and rgb.shape[0] == 1:
         image[:, :3] = rgb[0]
     else:
-        rgb = rgb[finite]
         for channel in range(3):
-            total = np.bincount(pixel, weights=rgb[:, channel], minlength=rows * cols)
-            image[:, channel] = np.divide(total, count, out=np.ones_like(total), where=count > 0)
+            image[:, channel] = np.divide(
+                totals[channel], count, out=np.ones_like(count), where=count > 0
+            )
     peak = max(float(count.max()), 1.0)
     opacity = 0.55 + 0.45 * np.log1p(count) / np.log1p(peak)
     image[:, 3] = np.where(count > 0, opacity, 0.0)

@@ -132,22 +132,34 @@ def _shaded(fig, ax, embedding, values, groups, color) -> None:
     shape = (max(round(cols * aspect), 1), cols)
     if groups is not None:
         codes, names, counts, colors = groups
-        rgb = hex_to_rgb(colors)[codes]
+        rgb = hex_to_rgb(colors)
         _legend(ax, names, counts, colors, color)
     elif values is not None:
         numbers = values.astype(float)
-        finite = numbers[np.isfinite(numbers)]
-        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        finite = np.isfinite(numbers)
+        low, high = (numbers[finite].min(), numbers[finite].max()) if finite.any() else (0.0, 1.0)
         norm = mpl.colors.Normalize(low, high)
         cmap = mpl.colormaps["viridis"].with_extremes(bad="#c8c8c8")
-        rgb = cmap(norm(numbers))[:, :3]
+        rgb, codes = lookup(cmap, norm, numbers)
         fig.colorbar(
             mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=color, shrink=0.6, pad=0.02
         )
     else:
-        rgb = hex_to_rgb(["#1f77b4"])
-    image = density_rgba(embedding, rgb, bounds=bounds, shape=shape)
+        rgb, codes = hex_to_rgb(["#1f77b4"]), None
+    image = density_rgba(embedding, rgb, bounds=bounds, shape=shape, codes=codes)
     ax.imshow(image, extent=(x0, x1, y0, y1), origin="upper", interpolation="nearest")
+
+
+def lookup(cmap, norm, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The colour map's own table (its ``N`` colours, then the colour of NaN) and each value's
+    row in it, as ``cmap(norm(numbers))`` looks the values up: the shading takes a code per
+    cell, not a colour (32 bytes) per cell."""
+    rgb = np.vstack([cmap(np.arange(cmap.N))[:, :3], [cmap.get_bad()[:3]]])
+    known = ~np.isnan(numbers)
+    codes = np.full(len(numbers), cmap.N, dtype=np.int32)
+    scaled = np.asarray(norm(numbers[known]), dtype=np.float64) * cmap.N
+    codes[known] = np.clip(scaled, 0, cmap.N - 1).astype(np.int32)
+    return rgb, codes
 
 
 def _legend(ax, names, counts, colors, color: str | None) -> None:
