@@ -73,11 +73,12 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 #: "Atlas scale" and "Neighbour graph")
 REFINE_MARGIN = 1.9
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
-#: every cell's name, metadata and embedding while it exports and draws: its peak is about
-#: CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks (0.58-0.60 GiB at
-#: 100,000 cells, 0.68-0.88 at 300,000, 1.48-1.88 at 1,000,000; benchmarks/RESULTS.md)
-CLIENT_BASE = int(0.5 * GIB)
-CLIENT_PER_CELL = 1600
+#: a code and an embedding row per cell while it draws, and the ingest's names: its peak is
+#: about CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks since the
+#: exports stream (0.55 GiB at 100,000 cells, 0.63 at 300,000, 0.77-0.79 at 1,000,000;
+#: benchmarks/RESULTS.md, "The client streams")
+CLIENT_BASE = int(0.6 * GIB)
+CLIENT_PER_CELL = 400
 
 
 def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
@@ -239,8 +240,8 @@ def check_client(n_cells: int, stage: str) -> None:
     if need <= USABLE_SHARE * room:
         return
     raise InputError(
-        f"{stage}: {n_cells:,} cells need about {gib(need)} in this process (it holds every "
-        f"cell's name, metadata and embedding while it exports and draws), and it has "
+        f"{stage}: {n_cells:,} cells need about {gib(need)} in this process (it holds a "
+        f"few values per cell while it ingests, exports and draws), and it has "
         f"{gib(room)}; run the command on a machine with more memory (the workers can stay: "
         "--scheduler ADDRESS)"
     )

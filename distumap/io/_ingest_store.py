@@ -172,6 +172,10 @@ def read_metadata(
     return columns
 
 
+#: cells per zarr chunk of the names and metadata columns
+CELL_COORD_CHUNK = 2**16
+
+
 def create_skeleton(
     store: str,
     *,
@@ -213,6 +217,11 @@ def create_skeleton(
         **coords,
     }
     skeleton = xr.Dataset(variables, coords=coords)
+    # the names and metadata in chunks of a few MB, which the exports and pictures read a
+    # block at a time (zarr's own choice for strings is a few chunks for all cells)
+    for name, coord in skeleton.coords.items():
+        if coord.dims == ("cell",) and name not in encoding:
+            encoding[name] = {"chunks": (max(1, min(n_cells, CELL_COORD_CHUNK)),)}
     # the "started" record goes in with the skeleton, so a store is never unrecognisable
     skeleton.attrs[ATTR] = {
         "format": FORMAT_VERSION,

@@ -21,10 +21,11 @@ from distumap._compute import results_in_order, run
 NAMES = "cell"
 #: the prefix of a metadata column's key: ``meta:<name>``
 META = "meta:"
-#: cells per block of the per-cell columns: a few MB per block of what an export writes
-CELL_BLOCK = 2**14
+#: cells per block of the per-cell columns: a few MB per block of what an export writes, and
+#: a zarr chunk of the store's names and metadata (distumap.io._ingest_store.CELL_COORD_CHUNK)
+CELL_BLOCK = 2**16
 #: blocks computed ahead of the writer: their values are all the client holds of a column
-CELLS_IN_FLIGHT = 4
+CELLS_IN_FLIGHT = 3
 
 
 def cell_columns(ds: xr.Dataset, metadata: list[str], **extra: da.Array) -> dict[str, da.Array]:
