@@ -68,14 +68,14 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 
 
 #: margin on the refinement's arrays (:func:`refine_bytes`) for what else its tasks hold: with
-#: it the estimate at 1,000,000 cells (1.05 GiB with the warmed worker) lies above the largest
-#: worker's peak measured there, whatever the stage (0.88-1.04 GiB; benchmarks/RESULTS.md,
-#: "Atlas scale" and "Neighbour graph")
-REFINE_MARGIN = 1.9
+#: it the estimate at 1,000,000 cells (1.11 GiB with the warmed worker) lies above the largest
+#: worker's peak measured there, whatever the stage (0.88-1.08 GiB; benchmarks/RESULTS.md,
+#: "Atlas scale", "Neighbour graph" and "The client streams")
+REFINE_MARGIN = 2.1
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
 #: a code and an embedding row per cell while it draws, and the ingest's names: its peak is
 #: about CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks since the
-#: exports stream (0.55 GiB at 100,000 cells, 0.63 at 300,000, 0.77-0.79 at 1,000,000;
+#: exports stream (0.55 GiB at 100,000 cells, 0.63 at 300,000, 0.72-0.79 at 1,000,000;
 #: benchmarks/RESULTS.md, "The client streams")
 CLIENT_BASE = int(0.6 * GIB)
 CLIENT_PER_CELL = 400

@@ -191,12 +191,11 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
     ds = xr.open_zarr(url, consolidated=False, drop_variables=["cell"])
     # zarr 3 hands strings back as numpy's StringDType, which pandas, bokeh and h5py do not all
     # take yet; plain object strings work everywhere
-    per_cell = {"cell": _lazy_text(zarr.open_array(url, path="cell", mode="r"))}
-    small = {}
+    per_cell, small = {}, {}
     for name, variable in ds.variables.items():
         if "cell" in variable.dims:
             if variable.dtype.kind == "T":
-                per_cell[name] = _lazy_text(variable)
+                per_cell[name] = variable.copy(data=_lazy_text(variable.data))
         elif variable.ndim == 1:
             small[name] = variable
     # per-gene values: small reads, done here, never waiting on a cluster's workers
@@ -209,13 +208,13 @@ def open_store(store: str | os.PathLike, *, require: str | None = "ingest") -> x
         if var.dtype.kind == "T"
     }
     ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords})
-    # the cell coordinates without an index: an index would read every name now
-    coords = {
-        name: ds.coords[name].variable.copy(data=data)
-        for name, data in per_cell.items()
-        if name != "cell"
-    }
-    coords["cell"] = xr.Variable("cell", per_cell["cell"])
+    ds = ds.assign({k: v for k, v in per_cell.items() if k not in ds.coords})
+    # the cell coordinates without an index: an index would read every name now (a store
+    # without names is left for check_store to report)
+    coords = {k: v for k, v in per_cell.items() if k in ds.coords}
+    if "cell" in _open_group(url):
+        names = da.from_zarr(zarr.open_array(url, path="cell", mode="r"))
+        coords["cell"] = xr.Variable("cell", _lazy_text(names))
     ds = ds.assign_coords(xr.Coordinates(coords, indexes={}))
     ds.encoding["distumap_store"] = url
     return ds
@@ -225,9 +224,8 @@ def _text_block(block: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=object)
 
 
-def _lazy_text(array) -> da.Array:
+def _lazy_text(data: da.Array) -> da.Array:
     """A per-cell text array, lazy, read as object strings block by block."""
-    data = array.data if isinstance(array, xr.Variable) else da.from_zarr(array)
     if data.dtype.kind == "O":
         return data
     return data.map_blocks(_text_block, dtype=object, name=f"open-store-text-{tokenize(data)}")

@@ -345,9 +345,10 @@ def _var_columns(small: dict[str, Any], gene_index: np.ndarray) -> dict[str, Any
     return columns
 
 
-def _obs(el, root, small: dict[str, Any], n_cells: int, client) -> dict[str, ColumnWriter]:
+def _obs(el, root, small: dict[str, Any], n_cells: int, client) -> tuple[dict, dict]:
     """``obs``, its datasets empty: the cell names, every metadata column (text as a
-    categorical) and ``landmark``; the writers that fill them, by per-cell column."""
+    categorical) and ``landmark``; the writers that fill them, by per-cell column, and the
+    text columns' categories."""
     columns = small["columns"]
     text = [
         f"{META}{name}" for name in small["metadata"].values() if is_text(columns[f"{META}{name}"])
@@ -371,8 +372,7 @@ def _obs(el, root, small: dict[str, Any], n_cells: int, client) -> dict[str, Col
     writers["landmark"] = el.cell_array(
         group, ANNDATA_LANDMARK, (n_cells,), bool, lambda values: values.astype(bool)
     )
-    small["coded"] = coded
-    return writers
+    return writers, coded
 
 
 def write_annotations(
@@ -385,7 +385,7 @@ def write_annotations(
     _encode(root, "anndata")
     columns = small["columns"]
     n_cells = int(columns[NAMES].shape[0])
-    writers = _obs(el, root, small, n_cells, client)
+    writers, coded = _obs(el, root, small, n_cells, client)
     _dataframe(el, root, "var", small["gene"][gene_index], _var_columns(small, gene_index))
     obsm = el.group(root, "obsm")
 
@@ -406,9 +406,7 @@ def write_annotations(
     for name in ("obsp", "varp"):
         el.group(root, name)
     _mapping(el, root, "uns", uns)
-    blocks = cell_blocks(
-        {name: columns[name] for name in writers}, coded=small["coded"], client=client
-    )
+    blocks = cell_blocks({name: columns[name] for name in writers}, coded=coded, client=client)
     for block in blocks:
         for name, writer in writers.items():
             writer.append(block[name])

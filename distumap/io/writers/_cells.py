@@ -109,7 +109,7 @@ def _cell_block(pieces: dict[str, np.ndarray], coded: dict[str, np.ndarray]) -> 
         values = np.asarray(values)
         if name in coded:
             values = category_codes(values, coded[name])
-        elif values.dtype.kind == "O" or values.dtype.kind == "T":
+        elif values.dtype.kind in "OT":  # zarr's StringDType: object strings for every writer
             values = np.asarray(values, dtype=object)
         block[name] = values
     return block
@@ -125,9 +125,9 @@ def cell_blocks(
     stage: str = "export: cell columns",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every column's values for one block of ``block_cells`` cells (default
-    :data:`CELL_BLOCK`) at a time, in cell order:
-    one task per block (``export-cells``), at most ``in_flight`` ahead of the writer. The text
-    columns in ``coded`` come as their codes among those categories (:func:`category_codes`)."""
+    :data:`CELL_BLOCK`) at a time, in cell order: one task per block (``export-cells``), at
+    most ``in_flight`` ahead of the writer. The text columns in ``coded`` come as their codes
+    among those categories (:func:`category_codes`)."""
     coded = coded or {}
     block_cells = block_cells or CELL_BLOCK
     names = list(columns)
