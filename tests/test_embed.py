@@ -54,6 +54,24 @@ def test_stratified_landmarks_represent_rare_groups():
     assert (groups[uniform] == "rare").sum() < 20  # what stratifying buys
 
 
+def test_stratified_landmarks_from_a_column_in_blocks():
+    """The stratifying column is coded block by block where it lies (this process holds a
+    code per cell, not the strings): in blocks, with a group first seen in the last one, it
+    picks the landmarks the column in memory picks."""
+    import dask.array as da
+
+    rng = np.random.default_rng(2)
+    groups = rng.choice(np.array(["b", "a", "c"], dtype=object), 5_000)
+    groups[-7:] = "late"
+    cells = np.arange(len(groups)).astype(str)
+    in_memory = xr.Dataset(coords={"cell": cells, "label": ("cell", groups)})
+    in_blocks = in_memory.assign_coords(label=("cell", da.from_array(groups, chunks=512)))
+    picked = tl.landmarks(in_memory, 300, stratify="label", seed=4, min_per_group=5).values
+    again = tl.landmarks(in_blocks, 300, stratify="label", seed=4, min_per_group=5).values
+    np.testing.assert_array_equal(again, picked)
+    assert picked.sum() == 300 and (groups[picked] == "late").sum() == 5
+
+
 def test_embedding_does_not_depend_on_chunks_or_workers(tmp_path, dataset, local_client):
     with dask.config.set(scheduler="threads"):
         small = _embedded(tmp_path, dataset, 64, "small")

@@ -60,17 +60,52 @@ def landmarks(
         if stratify not in ds.coords:
             raise InputError(f"cannot stratify by {stratify!r}: no such cell coordinate")
         minimum = int(_config.get("min-per-group", min_per_group))
-        chosen = _stratified(np.asarray(ds[stratify].values).astype(str), n, minimum, rng)
+        codes, n_groups = _group_codes(ds[stratify].data)
+        chosen = _stratified(codes, n_groups, n, minimum, rng)
     mask = np.zeros(n_cells, dtype=bool)
     mask[chosen] = True
     return xr.DataArray(mask, dims=("cell",), coords=cell_coords(ds), name="landmark")
 
 
-def _stratified(groups: np.ndarray, n: int, minimum: int, rng: np.random.Generator) -> np.ndarray:
-    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+def _block_groups(block: np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(block).astype(str))
+
+
+def _block_codes(block: np.ndarray, names: np.ndarray) -> np.ndarray:
+    return np.searchsorted(names, np.asarray(block).astype(str)).astype(np.int32)
+
+
+def _group_codes(values) -> tuple[np.ndarray, int]:
+    """Each cell's group (its value as text) as an index into the sorted group names, and the
+    number of groups: the column is read and coded block by block where it lies, so that
+    this process holds an int32 per cell, never the column's strings."""
+    import dask
+    import dask.array as da
+
+    if not isinstance(values, da.Array):  # an in-memory column is one block
+        values = da.from_array(np.asarray(values), chunks=(max(1, len(values)),))
+    token = dask.base.tokenize(values)
+    blocks = values.to_delayed().ravel()
+    found = dask.delayed(_block_groups, pure=True)
+    (parts,) = dask.compute(
+        [found(b, dask_key_name=(f"landmark-group-names-{token}", i)) for i, b in enumerate(blocks)]
+    )
+    names = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=str)
+    key = f"landmark-groups-{dask.base.tokenize(values, names)}"
+    codes = values.map_blocks(_block_codes, names, dtype=np.int32, name=key)
+    (codes,) = dask.compute(codes)
+    return np.asarray(codes), len(names)
+
+
+def _stratified(
+    inverse: np.ndarray, n_groups: int, n: int, minimum: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n`` landmarks, each group's ``min(size, minimum)`` and the rest in proportion to the
+    groups' sizes; ``inverse``: each cell's group, in ``range(n_groups)``."""
+    sizes = np.bincount(inverse, minlength=n_groups)
     quota = np.minimum(sizes, minimum)
     if quota.sum() > n:  # more groups than room: the smallest guarantees shrink evenly
-        quota = np.minimum(sizes, max(1, n // len(names)))
+        quota = np.minimum(sizes, max(1, n // n_groups))
     rest = n - quota.sum()
     spare = sizes - quota
     if rest > 0 and spare.sum() > 0:
