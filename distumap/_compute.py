@@ -204,6 +204,29 @@ def trim_memory() -> int:
         return 0
 
 
+def release_memory() -> None:
+    """Collect this process's garbage, then hand its free heap back (:func:`trim_memory`): for
+    the client once it drops something that held a few hundred bytes per cell."""
+    import gc
+
+    gc.collect()
+    trim_memory()
+
+
+def as_blocks(values, block: int | None = None):
+    """``values`` as a dask array: as it is if it is one, else in blocks of ``block`` cells
+    along the first axis (one block without ``block``), for code that reads a column block by
+    block whether the Dataset holds it lazily or in memory."""
+    import dask.array as da
+    import numpy as np
+
+    if isinstance(values, da.Array):
+        return values
+    values = np.asarray(values)
+    rows = max(1, min(len(values), block or len(values)))
+    return da.from_array(values, chunks=(rows, *values.shape[1:]))
+
+
 async def _trim_memory_async() -> int:
     return trim_memory()
 

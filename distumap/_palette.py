@@ -95,13 +95,15 @@ def tally(values: np.ndarray, given: np.ndarray | None = None) -> dict[str, tupl
     category). Tallies of parts of a column add up with :func:`merge_tallies`."""
     text = _text(np.asarray(values))
     names, inverse, counts = np.unique(text, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
-    found: dict[str, tuple[int, set]] = {}
-    for i, name in enumerate(names.tolist()):
-        colours: set = set()
-        if given is not None:
-            colours = set(np.unique(np.asarray(given)[inverse == i].astype(str))[:2].tolist())
-        found[name] = (int(counts[i]), colours)
+    found: dict[str, tuple[int, set]] = {
+        name: (int(count), set()) for name, count in zip(names.tolist(), counts, strict=True)
+    }
+    if given is not None:  # each distinct (category, colour) pair once, sorted by colour
+        hues, hue = np.unique(np.asarray(given).astype(str), return_inverse=True)
+        for pair in np.unique(inverse.ravel() * len(hues) + hue.ravel()).tolist():
+            colours = found[names[pair // len(hues)]][1]
+            if len(colours) < 2:
+                colours.add(str(hues[pair % len(hues)]))
     return found
 
 
@@ -145,8 +147,12 @@ def categories(
     (hex colours per cell) is used when it assigns one colour to each category.
     """
     keys, counts, colors = ranked(tally(values, given))
-    names = [name or MISSING_LABEL for name in keys]
-    return codes_of(values, keys), names, counts, colors
+    return codes_of(values, keys), labels(keys), counts, colors
+
+
+def labels(keys: list[str]) -> list[str]:
+    """The categories' names as a legend shows them (:func:`ranked`'s keys, missing named)."""
+    return [name or MISSING_LABEL for name in keys]
 
 
 def hex_to_rgb(colors: list[str]) -> np.ndarray:

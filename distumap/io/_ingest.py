@@ -25,7 +25,6 @@ What differs between formats is what the readers declare (``needs_index``, ``per
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import sys
@@ -39,7 +38,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from distumap._compute import trim_memory
+from distumap._compute import release_memory
 from distumap._errors import InputError, outside_stacklevel
 from distumap._format import REP, metadata_name
 from distumap._paths import absolute
@@ -378,10 +377,7 @@ def _ingest(
         aligned = _skeleton(
             stage, readers, aligned, metadata, chunk_cells, progress, representation, with_counts
         )
-        # the names and metadata the skeleton held (a few hundred MB at a million cells) go
-        # back to the system, rather than stay in this process's heap for the later stages
-        gc.collect()
-        trim_memory()
+        release_memory()  # the skeleton's names and metadata, not kept for the later stages
     else:
         for reader in readers:
             _restore_index(stage, reader, progress)

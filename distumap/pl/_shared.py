@@ -8,14 +8,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from distumap._palette import (
-    MISSING_LABEL,
-    categories,
-    codes_of,
-    merge_tallies,
-    ranked,
-    tally,
-)
+from distumap._compute import as_blocks
+from distumap._palette import categories, codes_of, labels, merge_tallies, ranked, tally
 
 #: integer columns with at most this many distinct values are drawn as categories
 MAX_INTEGER_CATEGORIES = 60
@@ -71,18 +65,12 @@ def _text_categories(values, given) -> Any:
     """:func:`distumap._palette.categories` of a text column, as a dask graph: a tally per
     block, their sum, then the codes per block."""
     import dask
-    import dask.array as da
 
-    def lazy(column) -> da.Array:  # an in-memory column is one block
-        if isinstance(column, da.Array):
-            return column
-        return da.from_array(np.asarray(column), chunks=(max(1, len(column)),))
-
-    values = lazy(values)
+    values = as_blocks(values)
     blocks = values.to_delayed().ravel()
     given_blocks = [None] * len(blocks)
     if given is not None:
-        given_blocks = lazy(given).rechunk(values.chunks).to_delayed().ravel()
+        given_blocks = as_blocks(given).rechunk(values.chunks).to_delayed().ravel()
     token = dask.base.tokenize(values, given)
     tallies = [
         dask.delayed(tally, pure=True)(
@@ -108,8 +96,8 @@ def _codes(block: np.ndarray, order: tuple) -> np.ndarray:
 
 def _groups(codes: list[np.ndarray], order: tuple) -> tuple:
     keys, counts, colors = order
-    names = [name or MISSING_LABEL for name in keys]
-    return np.concatenate(codes) if codes else np.zeros(0, np.int32), names, counts, colors
+    codes = np.concatenate(codes) if codes else np.zeros(0, np.int32)
+    return codes, labels(keys), counts, colors
 
 
 def marker_style(n: int) -> tuple[float, float]:
@@ -163,6 +151,7 @@ def density_rgba(
     rows, cols = shape
     x0, x1, y0, y1 = bounds
     rgb = np.asarray(rgb, dtype=np.float64)
+    uniform = codes is None and rgb.shape[0] == 1  # one colour for every cell
     count = np.zeros(rows * cols)
     totals = np.zeros((3, rows * cols))
     for start in range(0, embedding.shape[0], SHADE_CELLS):
@@ -174,14 +163,14 @@ def density_rgba(
         row = np.clip(((y1 - xy[:, 1]) / (y1 - y0) * rows).astype(np.int64), 0, rows - 1)
         pixel = row * cols + col
         count += np.bincount(pixel, minlength=rows * cols)
-        if codes is None and rgb.shape[0] == 1:
+        if uniform:
             continue
         colours = rgb[codes[part][finite]] if codes is not None else rgb[part][finite]
         for channel in range(3):
             weights = colours[:, channel]
             totals[channel] += np.bincount(pixel, weights=weights, minlength=rows * cols)
     image = np.zeros((rows * cols, 4))
-    if codes is None and rgb.shape[0] == 1:
+    if uniform:
         image[:, :3] = rgb[0]
     else:
         for channel in range(3):

@@ -6,6 +6,7 @@ import numpy as np
 import xarray as xr
 
 from distumap import _config
+from distumap._compute import as_blocks
 from distumap._errors import InputError
 from distumap._store import cell_coords
 
@@ -80,21 +81,21 @@ def _group_codes(values) -> tuple[np.ndarray, int]:
     number of groups: the column is read and coded block by block where it lies, so that
     this process holds an int32 per cell, never the column's strings."""
     import dask
-    import dask.array as da
 
-    if not isinstance(values, da.Array):  # an in-memory column is one block
-        values = da.from_array(np.asarray(values), chunks=(max(1, len(values)),))
-    token = dask.base.tokenize(values)
-    blocks = values.to_delayed().ravel()
-    found = dask.delayed(_block_groups, pure=True)
-    (parts,) = dask.compute(
-        [found(b, dask_key_name=(f"landmark-group-names-{token}", i)) for i, b in enumerate(blocks)]
-    )
-    names = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=str)
-    key = f"landmark-groups-{dask.base.tokenize(values, names)}"
-    codes = values.map_blocks(_block_codes, names, dtype=np.int32, name=key)
-    (codes,) = dask.compute(codes)
-    return np.asarray(codes), len(names)
+    blocks = as_blocks(values).to_delayed().ravel()
+    token = dask.base.tokenize(*blocks)
+    found, code = (dask.delayed(f, pure=True) for f in (_block_groups, _block_codes))
+    parts = [found(b, dask_key_name=(f"landmark-names-{token}", i)) for i, b in enumerate(blocks)]
+    names = dask.delayed(_sorted_union, pure=True)(parts, dask_key_name=f"landmark-groups-{token}")
+    # one graph: each block is read once, for its names and then its codes
+    keys = [(f"landmark-code-{token}", i) for i in range(len(blocks))]
+    codes = [code(b, names, dask_key_name=key) for b, key in zip(blocks, keys, strict=True)]
+    codes, names = dask.compute(codes, names)
+    return np.concatenate(codes) if codes else np.zeros(0, np.int32), len(names)
+
+
+def _sorted_union(parts: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=str)
 
 
 def _stratified(

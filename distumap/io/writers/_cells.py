@@ -15,7 +15,7 @@ import pandas as pd
 import xarray as xr
 from dask.base import tokenize
 
-from distumap._compute import results_in_order, run
+from distumap._compute import as_blocks, results_in_order, run
 
 #: the key of the cell names among the columns
 NAMES = "cell"
@@ -38,15 +38,7 @@ def cell_columns(ds: xr.Dataset, metadata: list[str], **extra: da.Array) -> dict
         **{f"{META}{name}": ds.coords[name].data for name in metadata},
         **extra,
     }
-    return {key: _lazy(values) for key, values in columns.items()}
-
-
-def _lazy(values) -> da.Array:
-    """A per-cell array as dask, in blocks of :data:`CELL_BLOCK` cells where it was not."""
-    if isinstance(values, da.Array):
-        return values
-    values = np.asarray(values)
-    return da.from_array(values, chunks=(max(1, min(len(values), CELL_BLOCK)), *values.shape[1:]))
+    return {key: as_blocks(values, CELL_BLOCK) for key, values in columns.items()}
 
 
 def is_text(values: da.Array | np.ndarray) -> bool:
