@@ -43,6 +43,12 @@ def pytest_sessionstart(session):
     compileall.compile_dir(package, quiet=1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's default): a process per core, at most four. A test file may run a
+    cluster of three processes and a command beside it; more files at once only contend."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
