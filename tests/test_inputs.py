@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from distumap import io
 from distumap._errors import InputError
@@ -134,6 +135,76 @@ def test_metadata_csv_joins_on_cell_names_for_binary_formats(files, tmp_path):
     with _threads():
         ds = _quiet_read(files["10x-v3.h5"], tmp_path / "store.zarr", metadata=meta)
     assert ds["donor"].values.tolist() == [f"d{(229 - i) % 4}" for i in range(230)]
+
+
+@pytest.mark.parametrize("block", [7, 64])
+def test_the_skeleton_writes_names_and_metadata_a_block_at_a_time(
+    files, tmp_path, monkeypatch, block
+):
+    """The skeleton reads, checks and writes the names and joins the metadata in blocks that
+    straddle the inputs and divide nothing: the store of one block holding every cell."""
+    from distumap.io import _ingest, _ingest_store
+
+    inputs = [files["10x-v3.h5"], files["csr.h5ad"], files["mex-gz"], files["counts.loom"]]
+    rng = np.random.default_rng(3)
+    labels = ["10x-v3", "csr", "mex-gz", "counts"]
+    names = [f"{cell}-{label}" for label in labels for cell in DATA.cell_names]
+    kept = rng.permutation(len(names))[:-9]  # nine cells without a metadata row
+    meta = tmp_path / "meta.csv"
+    pd.DataFrame(
+        {
+            "sample_name": np.array(names)[kept],
+            "donor": [f"d{i % 4}" for i in kept],
+            "age": kept % 50,  # integers, NaN where a row is missing
+            "flag": kept % 3 == 0,
+        }
+    ).to_csv(meta, index=False)
+    stores = []
+    for chunk in (block, _ingest_store.CELL_COORD_CHUNK):
+        monkeypatch.setattr(_ingest, "CELL_COORD_CHUNK", chunk)
+        monkeypatch.setattr(_ingest_store, "CELL_COORD_CHUNK", chunk)
+        with _threads():
+            stores.append(
+                _quiet_read(inputs, tmp_path / f"{chunk}.zarr", metadata=meta, chunk_cells=50)
+            )
+    ds, whole = stores
+    assert ds["cell"].values.tolist() == names
+    assert zarr.open_array(tmp_path / f"{block}.zarr" / "cell").chunks == (block,)
+    for name in ["cell", "source", "subclass_label", "size_factor", "donor", "age", "flag"]:
+        assert ds[name].dims == ("cell",) and name in ds.coords, name
+        assert ds[name].dtype == whole[name].dtype, name
+        np.testing.assert_array_equal(ds[name].values, whole[name].values)
+    missing = np.setdiff1d(np.arange(len(names)), kept)
+    assert np.isnan(ds["age"].values[missing]).all() and ds["age"].dtype == np.float64
+    assert ds["donor"].values[missing].tolist() == [""] * 9
+    assert ds["donor"].values[kept].tolist() == [f"d{i % 4}" for i in kept]
+
+
+def test_a_cell_named_twice_is_refused_whatever_its_hash(tmp_path, monkeypatch):
+    """Names are compared where their 64-bit hashes meet: a repeat in blocks far apart is
+    found with both cells' numbers, and names whose hashes all meet are not repeats."""
+    from distumap.io import _ingest
+
+    monkeypatch.setattr(_ingest, "CELL_COORD_CHUNK", 5)
+    path = write_10x_h5(tmp_path / "twice.h5", DATA)
+    with h5py.File(path, "r+") as file:
+        file["matrix/barcodes"][117] = file["matrix/barcodes"][12]
+    with pytest.raises(
+        InputError, match=rf"cell '{DATA.cell_names[12]}' is named twice \(cells 12 and 117\)"
+    ):
+        _quiet_read(path, tmp_path / "twice.zarr")
+    monkeypatch.setattr(_ingest, "hash", lambda name: 0, raising=False)  # every hash meets
+    with pytest.raises(InputError, match=r"\(cells 12 and 117\)"):
+        _quiet_read(path, tmp_path / "twice.zarr")
+    once = [write_10x_h5(tmp_path / f"{name}.h5", DATA) for name in ("one", "other")]
+    with h5py.File(once[1], "r+") as file:  # the same length, other names
+        barcodes = file["matrix/barcodes"]
+        barcodes[:] = np.char.replace(barcodes[:], b"LKTX", b"LKTY")
+    with _threads(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "repeat across the inputs"
+        ds = io.read(once, tmp_path / "once.zarr")
+    others = [name.replace("LKTX", "LKTY") for name in DATA.cell_names]
+    assert ds["cell"].values.tolist() == [*DATA.cell_names, *others]
 
 
 def test_an_interrupted_read_resumes_only_the_missing_blocks(files, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,13 +47,14 @@ from distumap._stage import Stage, StagePass, mark_block
 from distumap._store import consolidate, create_progress, open_store, progress_array, store_url
 from distumap.io import _transposition as transposition
 from distumap.io._ingest_store import (
+    CELL_COORD_CHUNK,
     CountsDoNotFit,
+    MetadataTable,
     block_buffer,
     checked_options,
     claim,
     create_skeleton,
     fitted_chunk_cells,
-    read_metadata,
     warn_rounded,
     widen_counts,
     write_block,
@@ -484,18 +486,25 @@ def _skeleton(
     if offsets[-1] == 0:
         raise InputError(f"{', '.join(r.source for r in readers)}: no cells")
     labels = source_labels([reader.source for reader in readers])
-    cells = _cell_names(readers, labels)
-    coords = _coords(readers, cells, labels, offsets, metadata)
+    suffixed = _check_cell_names(readers, labels)
+    table = None
+    if metadata is not None:
+        table = MetadataTable(metadata)
+        for _, cells in _name_blocks(readers, labels, suffixed):
+            table.match(cells)
+        table.settle()
     create_skeleton(
-        stage.store, cells=cells, genes=genes, coords=coords, chunk_cells=chunk_cells,
-        params=stage.params, counts=with_counts, representation=representation,
+        stage.store, n_cells=int(offsets[-1]), genes=genes, gene_coords=_gene_coords(readers),
+        cell_columns=_cell_columns(readers, labels, offsets, suffixed, table),
+        chunk_cells=chunk_cells, params=stage.params, counts=with_counts,
+        representation=representation,
     )  # fmt: skip
     for reader in readers:
         for name, values in reader.persisted_index().items():
             create_progress(stage.store, name, values)
         if reader.transposition == "gene-rows":
             transposition.create_gene_rows(
-                stage, len(cells), len(genes), chunk_cells, stage.params["dtype"]
+                stage, int(offsets[-1]), len(genes), chunk_cells, stage.params["dtype"]
             )
     n_blocks = -(-int(offsets[-1]) // chunk_cells)
     if representation is not None and with_counts:  # the representation's pass: own markers
@@ -505,30 +514,39 @@ def _skeleton(
     return aligned
 
 
-def _coords(
-    readers: list[Reader],
-    cells: np.ndarray,
-    labels: list[str],
-    offsets: np.ndarray,
-    metadata: str | None,
-) -> dict[str, tuple[str, np.ndarray]]:
-    """The store's coordinates besides ``cell`` and ``gene``: metadata (the inputs' own, then
-    the metadata file's), ``gene_ids`` where every input has them, ``source`` for several."""
-    columns = _metadata(readers)
-    if metadata is not None:
-        columns.update(read_metadata(metadata, cells))
-    coords: dict[str, tuple[str, np.ndarray]] = {}
-    taken: set[str] = set()
-    for name, values in columns.items():
-        key = metadata_name(name, taken)
-        taken.add(key)
-        coords[key] = ("cell", values)
+def _gene_coords(readers: list[Reader]) -> dict[str, np.ndarray]:
+    """``gene_ids`` where every input has them."""
     gene_ids = [reader.gene_ids() for reader in readers]
     if all(ids is not None for ids in gene_ids):
-        coords["gene_ids"] = ("gene", np.asarray(gene_ids[0], dtype=object))
-    if len(readers) > 1:
-        coords["source"] = ("cell", np.repeat(np.array(labels, dtype=object), np.diff(offsets)))
-    return coords
+        return {"gene_ids": np.asarray(gene_ids[0], dtype=object)}
+    return {}
+
+
+def _cell_columns(
+    readers: list[Reader],
+    labels: list[str],
+    offsets: np.ndarray,
+    suffixed: bool,
+    table: MetadataTable | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The store's per-cell coordinates a block at a time: ``cell``, the metadata (the inputs'
+    own, then the metadata file's, joined on the final names) and ``source`` for several
+    inputs."""
+    own = _metadata(readers)
+    keys: dict[str, tuple[bool, str]] = {}  # store name -> (the inputs' own?, column)
+    for is_own, columns in ((True, list(own)), (False, list(table.kinds) if table else [])):
+        for name in columns:
+            keys[metadata_name(name, set(keys))] = (is_own, name)
+    sources = np.array(labels, dtype=object)
+    for start, cells in _name_blocks(readers, labels, suffixed):
+        stop = start + len(cells)
+        aligned = table.aligned(cells) if table is not None else {}
+        block = {"cell": cells}
+        for key, (is_own, name) in keys.items():
+            block[key] = own[name][start:stop] if is_own else aligned[name]
+        if len(readers) > 1:
+            block["source"] = sources[np.searchsorted(offsets, np.arange(start, stop), "right") - 1]
+        yield block
 
 
 def _run_blocks(
@@ -643,33 +661,85 @@ def _aligned_genes(readers: list[Reader]) -> tuple[np.ndarray, list[np.ndarray |
     return genes, permutations
 
 
-def _cell_names(readers: list[Reader], labels: list[str]) -> np.ndarray:
-    names = []
-    for reader in readers:
-        cells = reader.cells()
-        seen: dict[str, int] = {}
-        for i, name in enumerate(cells):
+def _name_blocks(
+    readers: list[Reader], labels: list[str], suffixed: bool
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Every input's cell names in store order, :data:`CELL_COORD_CHUNK` at a time (the last
+    block may be shorter) with the first cell's number; each name gets ``-<label>`` of its input
+    where ``suffixed``."""
+    pending: list[np.ndarray] = []
+    held = start = 0
+    for reader, label in zip(readers, labels, strict=True):
+        for part in reader.cell_blocks(CELL_COORD_CHUNK):
+            if suffixed:
+                part = np.array([f"{name}-{label}" for name in part], dtype=object)
+            pending.append(part)
+            held += len(part)
+            while held >= CELL_COORD_CHUNK:
+                merged = np.concatenate(pending)
+                yield start, merged[:CELL_COORD_CHUNK]
+                start += CELL_COORD_CHUNK
+                pending, held = [merged[CELL_COORD_CHUNK:]], held - CELL_COORD_CHUNK
+    if held:
+        yield start, np.concatenate(pending)
+
+
+def _check_cell_names(readers: list[Reader], labels: list[str]) -> bool:
+    """Refuse an input that names a cell twice; say whether names repeat across the inputs
+    (then every name gets ``-<label>`` of its input, as ``anndata.concat(index_unique="-")``
+    does). One pass over the names keeping a 64-bit hash per cell; the few names whose hashes
+    meet are read again and compared."""
+    hashes = []
+    for reader, label in zip(readers, labels, strict=True):
+        parts = [
+            np.fromiter(map(hash, names), np.int64, len(names))
+            for names in reader.cell_blocks(CELL_COORD_CHUNK)
+        ]
+        own = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if len(own) != reader.n_cells:
+            raise InputError(f"{reader.source}: {len(own)} cell names for {reader.n_cells} cells")
+        first = _first_repeat([reader], [label], own)
+        if first is not None:
+            name, (i, j) = first
+            raise InputError(f"{reader.source}: cell {name!r} is named twice (cells {i} and {j})")
+        hashes.append(own)
+    if len(readers) < 2:
+        return False
+    every = np.concatenate(hashes)
+    del hashes
+    if _first_repeat(readers, labels, every) is None:
+        return False
+    repeats = len(every) - len(np.unique(every))
+    warnings.warn(
+        f"cell names repeat across the inputs ({repeats:,} of them); every cell name gets "
+        "'-<source>' appended, as anndata.concat(index_unique='-') does",
+        UserWarning,
+        stacklevel=outside_stacklevel(),
+    )
+    return True
+
+
+def _first_repeat(
+    readers: list[Reader], labels: list[str], hashes: np.ndarray
+) -> tuple[str, tuple[int, int]] | None:
+    """The first cell whose name an earlier cell has, with both cells' numbers, or None;
+    ``hashes`` of the names say where to look, the names themselves decide."""
+    order = np.argsort(hashes, kind="stable")
+    ranked = hashes[order]
+    meet = np.flatnonzero(ranked[1:] == ranked[:-1])
+    if not len(meet):
+        return None
+    candidates = np.unique(np.concatenate([order[meet], order[meet + 1]]))
+    del order, ranked
+    seen: dict[str, int] = {}
+    for start, block in _name_blocks(readers, labels, suffixed=False):
+        here = candidates[(candidates >= start) & (candidates < start + len(block))]
+        for cell in here.tolist():
+            name = block[cell - start]
             if name in seen:
-                raise InputError(
-                    f"{reader.source}: cell {name!r} is named twice (cells {seen[name]} and {i})"
-                )
-            seen[name] = i
-        names.append(cells)
-    every = np.concatenate(names) if names else np.zeros(0, dtype=object)
-    if len(readers) > 1 and len(set(every)) < len(every):
-        warnings.warn(
-            f"cell names repeat across the inputs ({len(every) - len(set(every)):,} of them); "
-            "every cell name gets '-<source>' appended, as anndata.concat(index_unique='-') does",
-            UserWarning,
-            stacklevel=outside_stacklevel(),
-        )
-        every = np.concatenate(
-            [
-                np.array([f"{name}-{label}" for name in cells], dtype=object)
-                for cells, label in zip(names, labels, strict=True)
-            ]
-        )
-    return every.astype(object)
+                return name, (seen[name], cell)
+            seen[name] = cell
+    return None
 
 
 def _metadata(readers: list[Reader]) -> dict[str, np.ndarray]:

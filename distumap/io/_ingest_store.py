@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import dask.array as da
@@ -36,6 +37,7 @@ __all__ = [
     "COUNTS_CODEC",
     "DTYPES",
     "CountsDoNotFit",
+    "MetadataTable",
     "block_buffer",
     "checked_options",
     "claim",
@@ -118,58 +120,104 @@ def read_metadata(
     Cells missing from the metadata get empty strings (text columns) or NaN (numbers), and one
     warning counts them. Columns whose names the store uses get a ``_metadata`` suffix.
     """
-    import pandas as pd
+    table = MetadataTable(metadata)
+    cells = np.asarray(cells, dtype=object)
+    table.match(cells)
+    table.settle(stacklevel=stacklevel + 1 if stacklevel else None)
+    return table.aligned(cells)
 
-    source = str(metadata)
-    try:
-        table = pd.read_csv(source, dtype={"sample_name": str}, keep_default_na=True)
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{source}: line 1: the metadata file is empty") from None
-    except pd.errors.ParserError as error:
-        raise InputError(f"{source}: {error}") from None
-    if "sample_name" not in table.columns:
-        # the first column names the cells, as pandas writes an index (empty header cell)
-        first = table.columns[0]
-        table = table.rename(columns={first: "sample_name"})
-        table["sample_name"] = table["sample_name"].astype(str)
-    duplicated = table["sample_name"].duplicated(keep="first")
-    if duplicated.any():
-        row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise InputError(
-            f"{source}: line {row + 2}, column sample_name: duplicate sample name "
-            f"{table['sample_name'].iloc[row]!r}"
-        )
-    table = table.set_index("sample_name")
-    aligned = table.reindex(pd.Index(np.asarray(cells, dtype=object)))
-    missing = int((~pd.Index(np.asarray(cells, dtype=object)).isin(table.index)).sum())
-    if missing:
-        warnings.warn(
-            f"{source}: {missing} of {len(cells)} cells have no metadata row; "
-            "they get empty labels (and NaN for numeric columns)",
-            UserWarning,
-            stacklevel=stacklevel or outside_stacklevel(),
-        )
-    columns: dict[str, np.ndarray] = {}
-    renamed: list[str] = []
-    for name in aligned.columns:
-        column = aligned[name]
-        key = metadata_name(name, set(columns))
-        if key != name:
-            renamed.append(f"{name!r} -> {key!r}")
-        if pd.api.types.is_bool_dtype(column) and not column.isna().any():
-            columns[key] = column.to_numpy(dtype=bool)
-        elif pd.api.types.is_numeric_dtype(column):
-            columns[key] = column.to_numpy(dtype=np.float64 if column.isna().any() else None)
-        else:
-            columns[key] = column.fillna("").astype(str).to_numpy(dtype=object)
-    if renamed:
-        warnings.warn(
-            f"{source}: metadata column(s) renamed, since distumap's store or exports use the "
-            f"name (or it holds '/'): {', '.join(renamed)}",
-            UserWarning,
-            stacklevel=stacklevel or outside_stacklevel(),
-        )
-    return columns
+
+class MetadataTable:
+    """A metadata CSV joined on cell names a block at a time: the ingest's skeleton matches
+    every block of names (:meth:`match`), settles each column's type once (:meth:`settle`,
+    which warns), then takes the aligned columns block by block (:meth:`aligned`). The table
+    is read once; no array of every cell is made."""
+
+    def __init__(self, metadata: str):
+        import pandas as pd
+
+        self.source = source = str(metadata)
+        try:
+            table = pd.read_csv(source, dtype={"sample_name": str}, keep_default_na=True)
+        except pd.errors.EmptyDataError:
+            raise InputError(f"{source}: line 1: the metadata file is empty") from None
+        except pd.errors.ParserError as error:
+            raise InputError(f"{source}: {error}") from None
+        if "sample_name" not in table.columns:
+            # the first column names the cells, as pandas writes an index (empty header cell)
+            first = table.columns[0]
+            table = table.rename(columns={first: "sample_name"})
+            table["sample_name"] = table["sample_name"].astype(str)
+        duplicated = table["sample_name"].duplicated(keep="first")
+        if duplicated.any():
+            row = int(np.flatnonzero(duplicated.to_numpy())[0])
+            raise InputError(
+                f"{source}: line {row + 2}, column sample_name: duplicate sample name "
+                f"{table['sample_name'].iloc[row]!r}"
+            )
+        self.table = table.set_index("sample_name")
+        self.used = np.zeros(len(self.table), dtype=bool)  # rows some cell joins
+        self.cells = self.missing = 0
+        self.kinds: dict[str, tuple[str, np.dtype | None]] = {}  # key -> (column, dtype)
+
+    def match(self, names: np.ndarray) -> None:
+        """Join one block of cell names (every block, before :meth:`settle`)."""
+        import pandas as pd
+
+        rows = self.table.index.get_indexer(pd.Index(names, dtype=object))
+        self.used[rows[rows >= 0]] = True
+        self.missing += int((rows < 0).sum())
+        self.cells += len(names)
+
+    def settle(self, *, stacklevel: int | None = None) -> dict[str, tuple[str, np.dtype | None]]:
+        """Each column's store name and type, as the whole aligned column would have them:
+        bool, a number (float64 where a joined cell lacks a value), or text (``None``)."""
+        import pandas as pd
+
+        stacklevel = stacklevel or outside_stacklevel()
+        if self.missing:
+            warnings.warn(
+                f"{self.source}: {self.missing} of {self.cells} cells have no metadata row; "
+                "they get empty labels (and NaN for numeric columns)",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+        renamed: list[str] = []
+        for name in self.table.columns:
+            column = self.table[name]
+            key = metadata_name(name, set(self.kinds))
+            if key != name:
+                renamed.append(f"{name!r} -> {key!r}")
+            if pd.api.types.is_bool_dtype(column):
+                dtype = np.dtype(bool) if not self.missing else None
+            elif pd.api.types.is_numeric_dtype(column):
+                gaps = bool(self.missing) or bool(column[self.used].isna().any())
+                dtype = np.dtype(np.float64) if gaps else np.dtype(column.dtype)
+            else:
+                dtype = None
+            self.kinds[key] = (name, dtype)
+        if renamed:
+            warnings.warn(
+                f"{self.source}: metadata column(s) renamed, since distumap's store or exports "
+                f"use the name (or it holds '/'): {', '.join(renamed)}",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+        return self.kinds
+
+    def aligned(self, names: np.ndarray) -> dict[str, np.ndarray]:
+        """The settled columns for one block of cell names."""
+        import pandas as pd
+
+        block = self.table.reindex(pd.Index(names, dtype=object))
+        columns: dict[str, np.ndarray] = {}
+        for key, (name, dtype) in self.kinds.items():
+            column = block[name]
+            if dtype is None:
+                columns[key] = column.fillna("").astype(str).to_numpy(dtype=object)
+            else:
+                columns[key] = column.to_numpy(dtype=dtype)
+        return columns
 
 
 #: cells per zarr chunk of the names and metadata columns
@@ -179,9 +227,10 @@ CELL_COORD_CHUNK = 2**16
 def create_skeleton(
     store: str,
     *,
-    cells: list[str] | np.ndarray,
+    n_cells: int,
+    cell_columns: Iterable[dict[str, np.ndarray]],
     genes: list[str] | np.ndarray,
-    coords: dict[str, tuple[str, np.ndarray]],
+    gene_coords: dict[str, np.ndarray],
     chunk_cells: int,
     params: dict[str, Any],
     counts: bool = True,
@@ -192,10 +241,35 @@ def create_skeleton(
     rounding counts. Every reader's ingest uses it; the stage's markers, written next by
     :meth:`distumap._stage.Stage.start`, come last.
 
-    ``counts=False`` leaves ``counts`` (and its per-gene statistics) out; ``representation``,
-    ``(obsm key, width)``, adds an empty float32 ``rep`` (cell, rep_dim) with the same cell
-    chunks, whose attribute names the key."""
-    n_cells, n_genes = len(cells), len(genes)
+    ``cell_columns`` gives the per-cell coordinates (``cell``, the names, first) in blocks of
+    :data:`CELL_COORD_CHUNK` cells (the last may be shorter), each written as it comes: no
+    array of every cell is made. ``counts=False`` leaves ``counts`` (and its per-gene
+    statistics) out; ``representation``, ``(obsm key, width)``, adds an empty float32 ``rep``
+    (cell, rep_dim) with the same cell chunks, whose attribute names the key."""
+    n_genes = len(genes)
+    # the "started" record goes in with the first block, so a store is never unrecognisable
+    attrs = {
+        ATTR: {
+            "format": FORMAT_VERSION,
+            "stages": {"ingest": {"status": "started", "params": params}},
+        }
+    }
+    written = 0
+    for columns in cell_columns:
+        names = columns.pop("cell")
+        part = xr.Dataset(
+            coords={"cell": names, **{key: ("cell", values) for key, values in columns.items()}}
+        )
+        if written == 0:
+            # the names and metadata in chunks of a few MB, which the exports and pictures
+            # read a block at a time (zarr's own choice for strings is a few chunks for all)
+            chunk = (max(1, min(n_cells, CELL_COORD_CHUNK)),)
+            part.attrs.update(attrs)
+            encoding = {key: {"chunks": chunk} for key in part.coords}
+            part.to_zarr(store, mode="w", consolidated=False, encoding=encoding)
+        else:
+            part.to_zarr(store, append_dim="cell", consolidated=False)
+        written += len(names)
     dtype = stored_dtype(params["dtype"])
     variables: dict[str, Any] = {}
     encoding: dict[str, Any] = {}
@@ -211,23 +285,16 @@ def create_skeleton(
         values = da.zeros((n_cells, width), chunks=(chunk_cells, width), dtype=np.float32)
         variables[REP] = (("cell", "rep_dim"), values, {REP_KEY: key})
         encoding[REP] = {"chunks": (chunk_cells, width)}
-    coords = {
-        "cell": np.asarray(cells, dtype=object),
-        "gene": np.asarray(genes, dtype=object),
-        **coords,
-    }
-    skeleton = xr.Dataset(variables, coords=coords)
-    # the names and metadata in chunks of a few MB, which the exports and pictures read a
-    # block at a time (zarr's own choice for strings is a few chunks for all cells)
-    for name, coord in skeleton.coords.items():
-        if coord.dims == ("cell",) and name not in encoding:
-            encoding[name] = {"chunks": (max(1, min(n_cells, CELL_COORD_CHUNK)),)}
-    # the "started" record goes in with the skeleton, so a store is never unrecognisable
-    skeleton.attrs[ATTR] = {
-        "format": FORMAT_VERSION,
-        "stages": {"ingest": {"status": "started", "params": params}},
-    }
-    skeleton.to_zarr(store, mode="w", compute=False, consolidated=False, encoding=encoding)
+    coords = {"gene": np.asarray(genes, dtype=object)}
+    coords.update({key: ("gene", values) for key, values in gene_coords.items()})
+    # xarray keeps the names of coordinates no variable uses in the group's "coordinates"
+    # attribute, which a second write replaces: without it they would open as data variables
+    cell_coords = zarr.open_group(store, mode="r", use_consolidated=False).attrs.get("coordinates")
+    template = xr.Dataset(variables, coords=coords, attrs=attrs)
+    template.to_zarr(store, mode="a", compute=False, consolidated=False, encoding=encoding)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    if cell_coords:
+        group.attrs.update({"coordinates": cell_coords})
     n_blocks = -(-n_cells // chunk_cells)
     # per block: float-written counts that were rounded (one warning at the end)
     create_progress(store, "rounded", np.zeros(n_blocks, dtype=np.int64), chunks=1)
@@ -235,9 +302,7 @@ def create_skeleton(
         return
     # per block and gene: the cells with a non-zero value, what the preprocess's gene
     # statistics need, counted while the block is in memory (see write_block)
-    zarr.open_group(store, mode="r+", use_consolidated=False).require_group(
-        PROGRESS_GROUP
-    ).create_array(
+    group.require_group(PROGRESS_GROUP).create_array(
         NONZERO.rsplit("/", 1)[1],
         shape=(n_blocks, n_genes),
         chunks=(1, n_genes),

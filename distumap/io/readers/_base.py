@@ -537,6 +537,15 @@ class Reader(abc.ABC):
     def cells(self) -> np.ndarray:
         """Cell names (barcodes) in row order, as an object array of ``str``."""
 
+    def cell_blocks(self, size: int) -> Iterator[np.ndarray]:
+        """The cell names in row order, ``size`` at a time (the last block may be shorter).
+
+        What the ingest's skeleton reads, so that no process holds every name at once; formats
+        whose names can be read by range override it, the others read them all once."""
+        names = self.cells()
+        for start in range(0, len(names), size):
+            yield names[start : start + size]
+
     @abc.abstractmethod
     def _raw_genes(self) -> np.ndarray:
         """Gene names as written (kept genes only), object array of ``str``."""

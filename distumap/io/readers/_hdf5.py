@@ -86,14 +86,18 @@ def load(node: Any, source: str, selection: Any = ()) -> np.ndarray:
         raise InputError(f"{source}: dataset {node_name(node)}: cannot read ({exc})") from exc
 
 
-def load_strings(node: Any, source: str, *, unescape: bool = False) -> np.ndarray:
+def load_strings(
+    node: Any, source: str, *, unescape: bool = False, part: slice | None = None
+) -> np.ndarray:
+    """A string dataset (or ``part`` of it) as an object array of ``str``."""
+    selection = () if part is None else part
     if isinstance(node, h5py.Dataset) and h5py.check_string_dtype(node.dtype) is not None:
         try:
-            values = node.asstr(errors="replace")[()]
+            values = node.asstr(errors="replace")[selection]
         except (OSError, ValueError) as exc:
             raise InputError(f"{source}: dataset {node_name(node)}: cannot read ({exc})") from exc
     else:
-        values = load(node, source)
+        values = load(node, source, selection)
     strings = as_strings(values)
     if unescape:  # loompy writes non-ASCII characters as XML character references
         for i, value in enumerate(strings):

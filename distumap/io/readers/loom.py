@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -138,6 +139,16 @@ class LoomReader(Reader):
 
     def cells(self) -> np.ndarray:
         return self._names("col_attrs", self._cell_attr, self.n_cells)
+
+    def cell_blocks(self, size: int) -> Iterator[np.ndarray]:
+        if self._cell_attr is None:  # numbered cells
+            yield from super().cell_blocks(size)
+            return
+        with open_hdf5(self.source) as file:
+            node = file[f"col_attrs/{self._cell_attr}"]
+            for start in range(0, self.n_cells, size):
+                part = slice(start, start + size)
+                yield load_strings(node, self.source, unescape=True, part=part)
 
     def _raw_genes(self) -> np.ndarray:
         return self._names("row_attrs", self._gene_attr, self.n_genes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -152,6 +153,12 @@ class TenxH5Reader(Reader):
     def cells(self) -> np.ndarray:
         with open_hdf5(self.source) as file:
             return load_strings(child(file[self._group], "barcodes", self.source), self.source)
+
+    def cell_blocks(self, size: int) -> Iterator[np.ndarray]:
+        with open_hdf5(self.source) as file:
+            barcodes = child(file[self._group], "barcodes", self.source)
+            for start in range(0, self.n_cells, size):
+                yield load_strings(barcodes, self.source, part=slice(start, start + size))
 
     def _raw_genes(self) -> np.ndarray:
         with open_hdf5(self.source) as file:
