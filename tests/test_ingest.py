@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -299,6 +300,56 @@ def test_metadata_without_sample_name_joins_on_its_first_column(tmp_path):
     ds = ingest(path, tmp_path / "store.zarr", metadata=meta)
     expected = [f"L{(len(names) - 1 - i) % 3}" for i in range(len(names))]
     assert ds["label"].values.tolist() == expected
+
+
+@pytest.mark.parametrize("rows", [3, 7])
+def test_metadata_read_in_blocks_is_the_metadata_read_at_once(tmp_path, monkeypatch, rows):
+    """The metadata file is parsed a few rows at a time and joined by hashes of the names: the
+    columns, their types and the cells left without a row are those of one parse. Names are
+    text: "007" and "7" are two cells."""
+    from distumap.io import _ingest_store
+
+    names = ["007", "7", "c3", "c4", "c5", "c6", "c7", "c8", "c9", "c10", "c11"]
+    table = pd.DataFrame(
+        {
+            "count": [1, 2, 3, 4, 5, 6, 7, 8, 9, None, 11],  # NaN in one block only
+            "ok": [True, False] * 5 + [True],
+            "label": ["a", "b", "3", "", "c", None, "d", "e", "f", "g", "h"],
+            "size": np.linspace(0.5, 1.5, 11),
+        },
+        index=pd.Index(names, name=None),
+    ).iloc[::-1]
+    table = table.drop(index="c3")  # one cell without a row
+    meta = tmp_path / "meta.csv"
+    table.to_csv(meta)  # pandas' index: the first column, with an empty header cell
+    cells = [*names, "x"][::-1]  # "x" and "c3" have no row
+    with pytest.warns(UserWarning, match="2 of 12 cells have no metadata row"):
+        whole = dio.read_metadata(meta, cells)
+    monkeypatch.setattr(_ingest_store, "METADATA_ROWS", rows)
+    with pytest.warns(UserWarning, match="2 of 12 cells have no metadata row"):
+        parts = dio.read_metadata(meta, cells)
+    assert list(parts) == list(whole) == ["count", "ok", "label", "size"]
+    for key in whole:
+        assert parts[key].dtype == whole[key].dtype, key
+        np.testing.assert_array_equal(parts[key], whole[key])
+    by_name = dict(zip(cells, range(12), strict=True))
+    assert parts["count"][by_name["007"]] == 1 and parts["count"][by_name["7"]] == 2
+    assert np.isnan(parts["count"][by_name["c3"]]) and np.isnan(parts["count"][by_name["c10"]])
+    assert parts["ok"].dtype == object and parts["ok"][by_name["c3"]] == ""
+    assert parts["label"][by_name["c6"]] == "" and parts["label"][by_name["c4"]] == ""
+    assert parts["label"][by_name["c3"]] == "" and parts["label"][by_name["c5"]] == "c"
+
+
+def test_a_metadata_name_given_twice_names_its_line(tmp_path, monkeypatch):
+    from distumap.io import _ingest_store
+
+    monkeypatch.setattr(_ingest_store, "METADATA_ROWS", 2)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("sample_name,x\na,1\nb,2\n,3\nc,4\n,5\nb,6\n")  # unnamed rows join nothing
+    with pytest.raises(
+        InputError, match=r"meta.csv: line 7, column sample_name: duplicate sample name 'b'"
+    ):
+        dio.read_metadata(meta, ["a", "b", "c"])
 
 
 # ------------------------------------------------------------------ CSVs as people write them

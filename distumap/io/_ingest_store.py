@@ -130,41 +130,74 @@ def read_metadata(
 class MetadataTable:
     """A metadata CSV joined on cell names a block at a time: the ingest's skeleton matches
     every block of names (:meth:`match`), settles each column's type once (:meth:`settle`,
-    which warns), then takes the aligned columns block by block (:meth:`aligned`). The table
-    is read once; no array of every cell is made."""
+    which warns), then takes the aligned columns block by block (:meth:`aligned`).
+
+    The file is read once, :data:`METADATA_ROWS` rows at a time. Its names are kept as two
+    64-bit hashes per row, not as strings, and cells are joined on equal pairs (names that
+    differ share both with odds of about 2**-128 a pair); no array of every cell is made."""
 
     def __init__(self, metadata: str):
         import pandas as pd
 
         self.source = source = str(metadata)
         try:
-            table = pd.read_csv(source, dtype={"sample_name": str}, keep_default_na=True)
+            header = pd.read_csv(source, nrows=0).columns
+            # the first column names the cells when none is called sample_name, as pandas
+            # writes an index (empty header cell)
+            self.key = key = "sample_name" if "sample_name" in header else header[0]
+            parts, hashes, named = [], [], []
+            for part in pd.read_csv(
+                source, dtype={key: str}, keep_default_na=True, chunksize=METADATA_ROWS
+            ):
+                names = part.pop(key)
+                named.append(names.notna().to_numpy())  # a row without a name joins no cell
+                hashes.append(_name_hashes(names.fillna("").to_numpy(dtype=object)))
+                parts.append(part.copy())  # the parsed block kept the names alive
         except pd.errors.EmptyDataError:
             raise InputError(f"{source}: line 1: the metadata file is empty") from None
         except pd.errors.ParserError as error:
             raise InputError(f"{source}: {error}") from None
-        if "sample_name" not in table.columns:
-            # the first column names the cells, as pandas writes an index (empty header cell)
-            first = table.columns[0]
-            table = table.rename(columns={first: "sample_name"})
-            table["sample_name"] = table["sample_name"].astype(str)
-        duplicated = table["sample_name"].duplicated(keep="first")
-        if duplicated.any():
-            row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        if not parts:  # a header alone
+            parts = [pd.DataFrame(columns=[column for column in header if column != key])]
+            hashes, named = [_name_hashes(np.zeros(0, dtype=object))], [np.zeros(0, dtype=bool)]
+        self.table = pd.concat(parts, ignore_index=True)
+        del parts
+        first, second = (np.concatenate(column) for column in zip(*hashes, strict=True))
+        named = np.concatenate(named)
+        del hashes
+        order = np.lexsort((second, first))
+        self.order = order[named[order]]
+        del order, named
+        self.first, self.second = first[self.order], second[self.order]
+        repeated = (self.first[1:] == self.first[:-1]) & (self.second[1:] == self.second[:-1])
+        if repeated.any():
+            row = int(self.order[1:][repeated].min())  # the first row that repeats a name
+            name = pd.read_csv(source, dtype=str, skiprows=range(1, row + 1), nrows=1)[key][0]
             raise InputError(
-                f"{source}: line {row + 2}, column sample_name: duplicate sample name "
-                f"{table['sample_name'].iloc[row]!r}"
+                f"{source}: line {row + 2}, column {key}: duplicate sample name {name!r}"
             )
-        self.table = table.set_index("sample_name")
         self.used = np.zeros(len(self.table), dtype=bool)  # rows some cell joins
         self.cells = self.missing = 0
         self.kinds: dict[str, tuple[str, np.dtype | None]] = {}  # key -> (column, dtype)
 
+    def rows(self, names: np.ndarray) -> np.ndarray:
+        """The table's row of each name, -1 where it has none."""
+        first, second = _name_hashes(names)
+        left = np.searchsorted(self.first, first, "left")
+        right = np.searchsorted(self.first, first, "right")
+        rows = np.full(len(names), -1, dtype=np.int64)
+        one = np.flatnonzero(right - left == 1)  # nearly always: the second hash decides
+        hit = one[self.second[left[one]] == second[one]]
+        rows[hit] = self.order[left[hit]]
+        for cell in np.flatnonzero(right - left > 1).tolist():  # a first hash shared
+            span = np.flatnonzero(self.second[left[cell] : right[cell]] == second[cell])
+            if len(span):
+                rows[cell] = self.order[left[cell] + span[0]]
+        return rows
+
     def match(self, names: np.ndarray) -> None:
         """Join one block of cell names (every block, before :meth:`settle`)."""
-        import pandas as pd
-
-        rows = self.table.index.get_indexer(pd.Index(names, dtype=object))
+        rows = self.rows(names)
         self.used[rows[rows >= 0]] = True
         self.missing += int((rows < 0).sum())
         self.cells += len(names)
@@ -207,9 +240,7 @@ class MetadataTable:
 
     def aligned(self, names: np.ndarray) -> dict[str, np.ndarray]:
         """The settled columns for one block of cell names."""
-        import pandas as pd
-
-        block = self.table.reindex(pd.Index(names, dtype=object))
+        block = self.table.reindex(self.rows(names))  # row -1: none, NaN in every column
         columns: dict[str, np.ndarray] = {}
         for key, (name, dtype) in self.kinds.items():
             column = block[name]
@@ -219,6 +250,16 @@ class MetadataTable:
                 columns[key] = column.to_numpy(dtype=dtype)
         return columns
 
+
+def _name_hashes(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of each name (this process's own: never stored)."""
+    first = np.fromiter(map(hash, names), np.int64, len(names))
+    second = np.fromiter((hash(name + "\0") for name in names), np.int64, len(names))
+    return first, second
+
+
+#: rows of a metadata file parsed at a time
+METADATA_ROWS = 2**16
 
 #: cells per zarr chunk of the names and metadata columns
 CELL_COORD_CHUNK = 2**16
