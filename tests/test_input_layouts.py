@@ -45,6 +45,8 @@ def _quiet_open(path, **options):
 def _assert_reads_as(reader, matrix, cells, genes, obs=None) -> None:
     np.testing.assert_array_equal(reader.read(0, reader.n_cells), _dense(matrix))
     assert reader.cells().tolist() == [str(c) for c in cells]
+    # the names by range, as the ingest's skeleton reads them
+    assert [name for block in reader.cell_blocks(7) for name in block] == [str(c) for c in cells]
     assert reader.genes().tolist() == [str(g) for g in genes]
     if obs is not None:
         metadata = reader.metadata()
@@ -233,6 +235,8 @@ def test_loom_without_names_names_by_index_with_one_warning(tmp_path):
     assert len(caught) == 1
     assert "no cell names" in str(caught[0].message) and "no gene names" in str(caught[0].message)
     assert reader.cells().tolist() == [str(i) for i in range(DATA.counts.shape[0])]
+    numbered = [name for block in reader.cell_blocks(7) for name in block]
+    assert numbered == [str(i) for i in range(DATA.counts.shape[0])]
     assert reader.genes().tolist() == [str(i) for i in range(DATA.counts.shape[1])]
 
 

@@ -904,6 +904,9 @@ def test_fsspec_urls(written):
             assert reader.format == expected
             np.testing.assert_array_equal(_by_blocks(reader, [30, 100]), DATA.counts)
             np.testing.assert_array_equal(reader.cells(), DATA.cell_names)
+            np.testing.assert_array_equal(
+                np.concatenate(list(reader.cell_blocks(70))), DATA.cell_names
+            )
             assert reader.fingerprint()["files"][0]["size"] > 0
     finally:
         memory.rm("/readers", recursive=True)

@@ -147,8 +147,10 @@ def read(
     -----
     This computes: every cell is read once, on the current scheduler, one task per store chunk
     (a genes-by-cells file: one task per block of gene lines, then one per store chunk). No
-    matrix is gathered on the client; cell and gene names and metadata are. Re-running with
-    the same inputs resumes an interrupted ingest. Warnings name the line that called ``read``.
+    matrix is gathered on the client. The gene names are; the cell names and metadata pass
+    through it 65,536 cells at a time (with a 64-bit hash per cell kept for the duplicate
+    check, and two per metadata row for the join). Re-running with the same inputs resumes an
+    interrupted ingest. Warnings name the line that called ``read``.
 
     Examples
     --------

@@ -94,13 +94,14 @@ def categorical(codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
     return out
 
 
-def frame_index(frame: Any, source: str) -> np.ndarray:
-    """The names of an obs/var frame (cell or gene names): ``_index``, or (before 0.7) the first
-    field of the compound dataset, as anndata reads it."""
+def frame_index(frame: Any, source: str, part: slice | None = None) -> np.ndarray:
+    """The names of an obs/var frame (cell or gene names), or ``part`` of them: ``_index``, or
+    (before 0.7) the first field of the compound dataset, as anndata reads it."""
     if is_compound(frame):
-        return as_strings(_compound(frame, source)[frame.dtype.names[0]])
+        names = as_strings(_compound(frame, source)[frame.dtype.names[0]])
+        return names if part is None else names[part]
     key = attr(frame, "_index", "_index")
-    return load_strings(child(frame, key, source), source)
+    return load_strings(child(frame, key, source), source, part=part)
 
 
 def frame_length(frame: Any, source: str) -> int:

@@ -245,6 +245,14 @@ class AnnDataReader(Reader):
         with self._open() as root:
             return frame_index(root["obs"], self.source)
 
+    def cell_blocks(self, size: int) -> Iterator[np.ndarray]:
+        with self._open() as root:
+            if is_compound(root["obs"]):  # before anndata 0.7: one dataset of every column
+                yield from super().cell_blocks(size)
+                return
+            for start in range(0, self.n_cells, size):
+                yield frame_index(root["obs"], self.source, part=slice(start, start + size))
+
     def _raw_genes(self) -> np.ndarray:
         with self._open() as root:
             return frame_index(root[self._var], self.source)
