@@ -204,6 +204,33 @@ def trim_memory() -> int:
         return 0
 
 
+#: glibc's mallopt parameters (malloc.h) and what a command sets them to, by the environment
+#: variable that, where set, wins
+_MALLOPT = {"MALLOC_ARENA_MAX": (-8, 2), "MALLOC_TRIM_THRESHOLD_": (-1, 65536)}
+
+
+def tune_allocator() -> dict[str, int]:
+    """Bound glibc's heap in a command's own process (the client, and an embedded cluster's
+    scheduler): two heap arenas instead of up to one per thread that allocates (each grows and
+    keeps its own pages), and free heap above 64 KiB handed back at once, as distributed's
+    nanny sets for its workers. A variable the environment sets (``MALLOC_ARENA_MAX``,
+    ``MALLOC_TRIM_THRESHOLD_``) wins; without glibc, nothing changes. Returns what was set, by
+    the name of its environment variable."""
+    import os
+
+    applied: dict[str, int] = {}
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        for variable, (option, value) in _MALLOPT.items():
+            if variable not in os.environ and libc.mallopt(option, value) == 1:
+                applied[variable] = value
+    except (OSError, AttributeError):
+        pass
+    return applied
+
+
 def release_memory() -> None:
     """Collect this process's garbage, then hand its free heap back (:func:`trim_memory`): for
     the client once it drops something that held a few hundred bytes per cell."""

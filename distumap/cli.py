@@ -651,12 +651,17 @@ def _dispatch(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``distumap`` command; returns the exit code.
 
-    Without ``argv`` (the command itself: its arguments are the process's), the process ends
+    Without ``argv`` (the command itself: its arguments are the process's), the process's
+    heap is bounded first (:func:`distumap._compute.tune_allocator`), and the process ends
     after it: the objects it made are frozen out of the garbage collector first, so that the
     interpreter's exit does not walk every object of numba, pandas, xarray and bokeh in each of
     its collections (most of a small input's exit). Nothing else changes: files are closed and
     the cluster is gone by then, and the atexit handlers still run.
     """
+    if argv is None:
+        from distumap._compute import tune_allocator
+
+        tune_allocator()
     try:
         return _main(argv)
     finally:

@@ -4,6 +4,7 @@ resumable and the same command with the flag finishes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -183,3 +184,22 @@ def test_run_refuses_a_refinement_too_large_before_the_embed_starts(tmp_path):
         "embed: the refinement of 800,000 cells",
         "--refine-epochs 0",
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_command_bounds_its_heap_unless_the_environment_says_otherwise():
+    """The command's own process gets two heap arenas and an eager trim (the client's peak at
+    1M cells fell 0.74 -> 0.60 GiB in RESULTS "The client's heap"); a variable the environment
+    sets is left to glibc."""
+    code = "from distumap._compute import tune_allocator; print(sorted(tune_allocator().items()))"
+
+    def applied(**env: str) -> str:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**environment, **env}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert applied() == "[('MALLOC_ARENA_MAX', 2), ('MALLOC_TRIM_THRESHOLD_', 65536)]"
+    assert applied(MALLOC_ARENA_MAX="4") == "[('MALLOC_TRIM_THRESHOLD_', 65536)]"
