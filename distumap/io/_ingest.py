@@ -709,7 +709,7 @@ def _check_cell_names(readers: list[Reader], labels: list[str]) -> bool:
         return False
     every = np.concatenate(hashes)
     del hashes
-    if _first_repeat(readers, labels, every) is None:
+    if not _repeats_somewhere(readers, labels, every):
         return False
     repeats = len(every) - len(np.unique(every))
     warnings.warn(
@@ -719,6 +719,25 @@ def _check_cell_names(readers: list[Reader], labels: list[str]) -> bool:
         stacklevel=outside_stacklevel(),
     )
     return True
+
+
+def _repeats_somewhere(readers: list[Reader], labels: list[str], hashes: np.ndarray) -> bool:
+    """Whether two cells share a name: pairs of cells whose hashes meet are compared, 64 pairs
+    a pass over the names, until one pair shares its name (nearly always the first pass). Where
+    names repeat across inputs, nearly every cell is in such a pair: holding them all to find
+    the first would hold every name."""
+    order = np.argsort(hashes, kind="stable")
+    meet = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    for first in range(0, len(meet), 64):
+        pairs = np.stack([order[meet[first : first + 64]], order[meet[first : first + 64] + 1]])
+        wanted = np.unique(pairs)
+        names: dict[int, str] = {}
+        for start, block in _name_blocks(readers, labels, suffixed=False):
+            here = wanted[(wanted >= start) & (wanted < start + len(block))]
+            names.update((cell, block[cell - start]) for cell in here.tolist())
+        if any(names[a] == names[b] for a, b in pairs.T.tolist()):
+            return True
+    return False
 
 
 def _first_repeat(
