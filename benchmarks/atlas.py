@@ -205,6 +205,63 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "stderr_tail": stderr[-1500:],
     }
+    result["gib_by_stage"] = stage_peaks(result)
+    return result
+
+
+#: the stages a run's peaks are placed in, in order (the exports and pictures come last)
+STAGES = ("ingest", "preprocess", "embed", "export")
+
+
+def stage_peaks(row: dict) -> dict[str, dict[str, float]]:
+    """The client's and the largest worker's peak (GiB) in each stage of one distumap row,
+    placed by the stages' recorded seconds on the once-a-second traces."""
+    seconds = row["stage_seconds"]
+    bounds, start = {}, 0.0
+    for name in STAGES[:-1]:
+        bounds[name] = (start, start + (seconds.get(name) or 0.0))
+        start = bounds[name][1]
+    bounds["export"] = (start, float("inf"))
+    peaks = {}
+    for role, trace in (
+        ("client", row["client_gib_by_second"]),
+        ("worker", row["worker_gib_by_second"]),
+    ):
+        peaks[role] = {
+            name: max((gib for t, gib in trace if low <= t < high), default=float("nan"))
+            for name, (low, high) in bounds.items()
+        }
+    return peaks
+
+
+def fit(paths: list[Path], project: int = 10_000_000) -> dict:
+    """peak = a + b x cells per role and stage, by least squares over result files of several
+    sizes (their distumap rows), and each line at ``project`` cells: issue 22's projection.
+    The highest stage's projection is the role's."""
+    rows = [
+        row
+        for path in paths
+        for row in json.loads(Path(path).read_text())["rows"]
+        if row["method"] == "distumap run"
+    ]
+    if len({row["cells"] for row in rows}) < 2:
+        raise SystemExit("--fit needs results of at least two sizes")
+    cells = np.array([row["cells"] for row in rows], dtype=float)
+    peaks = [stage_peaks(row) for row in rows]
+    result = {}
+    for role in ("client", "worker"):
+        lines = {}
+        for name in STAGES:
+            gib = np.array([peak[role][name] for peak in peaks])
+            slope, intercept = np.polyfit(cells / 1e6, gib, 1)
+            lines[name] = {
+                "gib": gib.tolist(),
+                "a_gib": round(float(intercept), 3),
+                "b_gib_per_million": round(float(slope), 3),
+                f"at_{project}": round(float(intercept + slope * project / 1e6), 2),
+            }
+        result[role] = {"cells": cells.astype(int).tolist(), "stages": lines}
+        result[role][f"highest_at_{project}"] = max(v[f"at_{project}"] for v in lines.values())
     return result
 
 
@@ -308,8 +365,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the run's outputs")
     parser.add_argument("--output", type=Path, default=None, help="JSON (default: atlas-N.json)")
+    parser.add_argument(
+        "--fit",
+        type=Path,
+        nargs="+",
+        help="no run: fit peak = a + b x cells per role and stage over these result files (of "
+        "several sizes) and project each line to 10,000,000 cells",
+    )
     parser.add_argument("extra", nargs="*", help="more `distumap run` options, after --")
     args = parser.parse_args(argv)
+    if args.fit:
+        print(json.dumps(fit(args.fit), indent=1))
+        return
     for n_cells in args.cells:
         h5, metadata = atlas(args.data, n_cells)
         if args.generate_only:
