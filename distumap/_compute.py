@@ -192,16 +192,23 @@ def run(
             future.release()
 
 
+def _glibc():
+    """This process's glibc (ctypes), or None where there is none."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def trim_memory() -> int:
     """Hand this process's free heap pages back to the system (glibc's ``malloc_trim``); 0
     where there is no glibc. Freed arrays of a few MB come from the heap, and without this a
     worker's resident memory stays at the high-water mark of the last stage."""
-    try:
-        import ctypes
-
-        return int(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return 0
+    libc = _glibc()
+    return 0 if libc is None else int(libc.malloc_trim(0))
 
 
 #: glibc's mallopt parameters (malloc.h) and what a command sets them to, by the environment
@@ -218,17 +225,12 @@ def tune_allocator() -> dict[str, int]:
     the name of its environment variable."""
     import os
 
-    applied: dict[str, int] = {}
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        for variable, (option, value) in _MALLOPT.items():
-            if variable not in os.environ and libc.mallopt(option, value) == 1:
-                applied[variable] = value
-    except (OSError, AttributeError):
-        pass
-    return applied
+    libc = _glibc()
+    return {
+        variable: value
+        for variable, (option, value) in _MALLOPT.items()
+        if libc is not None and variable not in os.environ and libc.mallopt(option, value) == 1
+    }
 
 
 def release_memory() -> None:

@@ -73,10 +73,10 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 #: "Atlas scale", "Neighbour graph" and "The client streams")
 REFINE_MARGIN = 2.1
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
-#: a code and an embedding row per cell while it draws, and the ingest's names: its peak is
-#: about CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks since the
-#: exports stream (0.55 GiB at 100,000 cells, 0.63 at 300,000, 0.72-0.79 at 1,000,000;
-#: benchmarks/RESULTS.md, "The client streams")
+#: a code and an embedding row per cell while it draws, and a hash per cell in the ingest: its
+#: peak is about CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks
+#: (0.52 GiB at 100,000 cells, 0.59 at 300,000, 0.60 at 1,000,000 since the skeleton streams
+#: and the heap is bounded; benchmarks/RESULTS.md, "The client's heap")
 CLIENT_BASE = int(0.6 * GIB)
 CLIENT_PER_CELL = 400
 

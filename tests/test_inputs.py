@@ -143,7 +143,7 @@ def test_the_skeleton_writes_names_and_metadata_a_block_at_a_time(
 ):
     """The skeleton reads, checks and writes the names and joins the metadata in blocks that
     straddle the inputs and divide nothing: the store of one block holding every cell."""
-    from distumap.io import _ingest, _ingest_store
+    from distumap.io import _ingest_cells, _ingest_store
 
     inputs = [files["10x-v3.h5"], files["csr.h5ad"], files["mex-gz"], files["counts.loom"]]
     rng = np.random.default_rng(3)
@@ -161,7 +161,7 @@ def test_the_skeleton_writes_names_and_metadata_a_block_at_a_time(
     ).to_csv(meta, index=False)
     stores = []
     for chunk in (block, _ingest_store.CELL_COORD_CHUNK):
-        monkeypatch.setattr(_ingest, "CELL_COORD_CHUNK", chunk)
+        monkeypatch.setattr(_ingest_cells, "CELL_COORD_CHUNK", chunk)
         monkeypatch.setattr(_ingest_store, "CELL_COORD_CHUNK", chunk)
         with _threads():
             stores.append(
@@ -183,9 +183,9 @@ def test_the_skeleton_writes_names_and_metadata_a_block_at_a_time(
 def test_a_cell_named_twice_is_refused_whatever_its_hash(tmp_path, monkeypatch):
     """Names are compared where their 64-bit hashes meet: a repeat in blocks far apart is
     found with both cells' numbers, and names whose hashes all meet are not repeats."""
-    from distumap.io import _ingest
+    from distumap.io import _ingest_cells, _ingest_store
 
-    monkeypatch.setattr(_ingest, "CELL_COORD_CHUNK", 5)
+    monkeypatch.setattr(_ingest_cells, "CELL_COORD_CHUNK", 5)
     path = write_10x_h5(tmp_path / "twice.h5", DATA)
     with h5py.File(path, "r+") as file:
         file["matrix/barcodes"][117] = file["matrix/barcodes"][12]
@@ -193,7 +193,7 @@ def test_a_cell_named_twice_is_refused_whatever_its_hash(tmp_path, monkeypatch):
         InputError, match=rf"cell '{DATA.cell_names[12]}' is named twice \(cells 12 and 117\)"
     ):
         _quiet_read(path, tmp_path / "twice.zarr")
-    monkeypatch.setattr(_ingest, "hash", lambda name: 0, raising=False)  # every hash meets
+    monkeypatch.setattr(_ingest_store, "hash", lambda name: 0, raising=False)  # every hash meets
     with pytest.raises(InputError, match=r"\(cells 12 and 117\)"):
         _quiet_read(path, tmp_path / "twice.zarr")
     once = [write_10x_h5(tmp_path / f"{name}.h5", DATA) for name in ("one", "other")]

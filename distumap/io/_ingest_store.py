@@ -44,6 +44,7 @@ __all__ = [
     "counts_codec",
     "create_skeleton",
     "fitted_chunk_cells",
+    "name_hash",
     "narrowed",
     "nonzero_per_gene",
     "read_metadata",
@@ -251,11 +252,15 @@ class MetadataTable:
         return columns
 
 
+def name_hash(names: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each name (this process's own: never stored)."""
+    return np.fromiter(map(hash, names), np.int64, len(names))
+
+
 def _name_hashes(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent 64-bit hashes of each name (this process's own: never stored)."""
-    first = np.fromiter(map(hash, names), np.int64, len(names))
+    """Two independent 64-bit hashes of each name."""
     second = np.fromiter((hash(name + "\0") for name in names), np.int64, len(names))
-    return first, second
+    return name_hash(names), second
 
 
 #: rows of a metadata file parsed at a time
@@ -295,13 +300,12 @@ def create_skeleton(
             "stages": {"ingest": {"status": "started", "params": params}},
         }
     }
-    written = 0
-    for columns in cell_columns:
+    for number, columns in enumerate(cell_columns):
         names = columns.pop("cell")
         part = xr.Dataset(
             coords={"cell": names, **{key: ("cell", values) for key, values in columns.items()}}
         )
-        if written == 0:
+        if number == 0:
             # the names and metadata in chunks of a few MB, which the exports and pictures
             # read a block at a time (zarr's own choice for strings is a few chunks for all)
             chunk = (max(1, min(n_cells, CELL_COORD_CHUNK)),)
@@ -310,7 +314,6 @@ def create_skeleton(
             part.to_zarr(store, mode="w", consolidated=False, encoding=encoding)
         else:
             part.to_zarr(store, append_dim="cell", consolidated=False)
-        written += len(names)
     dtype = stored_dtype(params["dtype"])
     variables: dict[str, Any] = {}
     encoding: dict[str, Any] = {}
