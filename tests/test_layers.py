@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distumap._stage", "distumap._workers"),
     ("distumap.io.readers",),
     ("distumap.io._ingest_store", "distumap.io._transposition"),
+    ("distumap.io._ingest_cells",),
     ("distumap.io._ingest",),
     ("distumap.pp",),
     ("distumap.tl",),
