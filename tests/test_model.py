@@ -452,6 +452,41 @@ def test_symmetrize_is_umaps_fuzzy_union():
         assert (np.diff(sources) > 0).all()
 
 
+@pytest.mark.parametrize("piece", [1, 64, 1000])
+def test_graph_rows_from_pieces_are_the_whole_graphs(piece):
+    """A part of the graph (a task's cells), built from the edges into it found piece by piece
+    in every cell's rows, holds the whole graph's rows, and an epoch on it moves its cells as an
+    epoch on the whole graph does."""
+    from distumap.tl import _refine
+
+    rng = np.random.default_rng(3)
+    n, k = 300, 8
+    neighbors = np.stack(
+        [rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)]
+    ).astype(np.int32)
+    neighbors[::7, -2:] = -1  # fewer neighbours than k
+    weights = np.where(neighbors >= 0, rng.random((n, k)), 0).astype(np.float32)
+    whole = _refine.symmetrize(neighbors, weights)
+    positions = rng.normal(size=(n, 2)).astype(np.float32)
+    options = {"epoch": 2, "n_epochs": 5, "a": 1.6, "b": 0.9, "seed": 7}
+    for first, last in [(0, 1), (0, 117), (117, 118), (118, n)]:
+        edges = [
+            _refine.in_edges(neighbors[at : at + piece], weights[at : at + piece], at, first, last)
+            for at in range(0, n, piece)
+        ]
+        part = _refine.graph_part(neighbors[first:last], weights[first:last], first, edges)
+        lo, hi = whole.in_start[first], whole.in_start[last]
+        np.testing.assert_array_equal(part.out_weight, whole.out_weight[first:last])
+        np.testing.assert_array_equal(part.in_start, whole.in_start[first : last + 1] - lo)
+        np.testing.assert_array_equal(part.in_source, whole.in_source[lo:hi])
+        np.testing.assert_array_equal(part.in_weight, whole.in_weight[lo:hi])
+        cells, frozen = np.arange(first, last), np.zeros(last - first, dtype=bool)
+        np.testing.assert_array_equal(
+            _refine.epoch(positions, cells, part, frozen, **options),
+            _refine.epoch(positions, cells, whole, frozen, **options),
+        )
+
+
 @pytest.mark.parametrize("chunk", [1, 97, N_CELLS])
 def test_refine_epochs_identical_across_chunk_sizes(model_pca, data, chunk):
     from distumap.tl import _refine

@@ -10,15 +10,19 @@ from distumap.tl._graph import (
     connectivity_rows,
     distance_rows,
     neighbor_graph,
+    union_rows,
 )
+from distumap.tl._refine import in_edges
 
 __all__ = [
     "CsrRows",
     "cell_graph",
     "connectivity_rows",
     "distance_rows",
+    "in_edges",
     "landmarks",
     "neighbor_graph",
     "prepare_workers",
     "umap",
+    "union_rows",
 ]

@@ -6,9 +6,9 @@ membership weights of these directed edges). scanpy keeps a neighbour graph as t
 matrices, cells x cells: ``distances``, each cell's k nearest neighbours (the cell itself left
 out, nearest first, as ``scanpy.pp.neighbors`` stores them) and ``connectivities``, umap-learn's
 fuzzy union ``w + w.T - w * w.T`` of the membership weights, symmetric. The functions here build
-them row block by row block, so that a writer streams them like any other matrix: the union needs
-every cell's edges once (:func:`cell_graph`, the refinement's own :func:`~distumap.tl._refine.
-symmetrize`), then each block's rows are read from it.
+them row block by row block, so that a writer streams them like any other matrix: a block's rows
+of the union need its cells' edges and every edge into them (:func:`union_rows`, from the
+refinement's own :func:`~distumap.tl._refine.graph_part`), never the graph of all cells.
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ import xarray as xr
 
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import CELL_GRAPH
-from distumap.tl._refine import Graph, symmetrize
+from distumap.tl._refine import Graph, graph_part, symmetrize
 
-__all__ = ["CsrRows", "cell_graph", "connectivity_rows", "distance_rows", "neighbor_graph"]
+__all__ = [
+    "CsrRows",
+    "cell_graph",
+    "connectivity_rows",
+    "distance_rows",
+    "neighbor_graph",
+    "union_rows",
+]
 
 
 class CsrRows(NamedTuple):
@@ -59,13 +66,48 @@ def cell_graph(neighbors: np.ndarray, weights: np.ndarray) -> Graph:
     Computes, and holds the whole graph (about 24 bytes per edge).
     """
     neighbors = np.asarray(neighbors)
-    n_cells = len(neighbors)
+    _check_targets(neighbors, len(neighbors))
+    return symmetrize(neighbors, np.asarray(weights))
+
+
+def _check_targets(neighbors: np.ndarray, n_cells: int) -> None:
     if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= n_cells):
         raise InputError(
             f"the graph of all cells points at cells beyond these {n_cells}: is this a subset of "
             f"a store's cells? Drop {', '.join(CELL_GRAPH)} to export it without the graph"
         )
-    return symmetrize(neighbors, np.asarray(weights))
+
+
+def union_rows(
+    neighbors: np.ndarray,
+    weights: np.ndarray,
+    first: int,
+    n_cells: int,
+    edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> CsrRows:
+    """Rows of scanpy's ``connectivities`` for consecutive cells, without the graph of all.
+
+    Parameters
+    ----------
+    neighbors, weights
+        ``knn_cell`` and ``knn_cell_weight`` of cells ``first:first + n`` (n x k).
+    first
+        The cell of row 0.
+    n_cells
+        The store's cells (an edge beyond them is refused, as :func:`cell_graph` refuses it).
+    edges
+        Every edge into these cells: :func:`~distumap.tl._refine.in_edges` of every cell's
+        rows, in cell order.
+
+    Returns
+    -------
+    CsrRows
+        The rows :func:`connectivity_rows` gives from the graph of all cells, the same bits.
+    """
+    neighbors = np.asarray(neighbors)
+    _check_targets(neighbors, n_cells)
+    graph = graph_part(neighbors, weights, first, edges)
+    return connectivity_rows(graph, first, first + len(neighbors))
 
 
 def distance_rows(neighbors: np.ndarray, distances: np.ndarray) -> CsrRows:
@@ -98,7 +140,8 @@ def connectivity_rows(graph: Graph, first: int, last: int) -> CsrRows:
     Parameters
     ----------
     graph
-        Every cell's edges (:func:`cell_graph`).
+        Every cell's edges (:func:`cell_graph`), or those of consecutive cells that include
+        these (:func:`~distumap.tl._refine.graph_part`).
     first, last
         The rows (cells) to give.
 
@@ -110,6 +153,7 @@ def connectivity_rows(graph: Graph, first: int, last: int) -> CsrRows:
         but that it does not list, so that the matrix is symmetric; zero weights are left out.
     """
     n = last - first
+    first, last = first - graph.first, last - graph.first  # the graph's own rows
     neighbors = graph.neighbors[first:last]
     valid = neighbors >= 0
     starts = graph.in_start[first : last + 1]

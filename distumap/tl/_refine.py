@@ -61,7 +61,9 @@ __all__ = [
     "cell_knn",
     "epoch",
     "fit_weights",
+    "graph_part",
     "home_buckets",
+    "in_edges",
     "nearest_cells",
     "refine",
     "refine_embedding",
@@ -321,6 +323,7 @@ def _fires(weight, epoch):
 def _epoch_block(
     cells,
     frozen,
+    row0,
     neighbors,
     out_weight,
     in_start,
@@ -339,7 +342,8 @@ def _epoch_block(
     """New positions of ``cells`` after one epoch that reads only ``positions``.
 
     A cell's edges are its out-edges (row order, nearest first) with their symmetrised weights,
-    then the in-edges whose reverse it does not hold (ascending source): a fixed order.
+    then the in-edges whose reverse it does not hold (ascending source): a fixed order. Cell
+    ``i``'s edges are the graph's row ``i - row0``.
     """
     n = cells.shape[0]
     k = neighbors.shape[1]
@@ -362,13 +366,14 @@ def _epoch_block(
         # the cell's own random stream for this epoch
         _, mixed = splitmix64(state0 ^ np.uint64(i))
         _, state = splitmix64(mixed ^ epoch_key)
-        n_edges = k + in_start[i + 1] - in_start[i]
+        g = i - row0
+        n_edges = k + in_start[g + 1] - in_start[g]
         for e in range(n_edges):
             if e < k:
-                j = np.int64(neighbors[i, e])
-                w = np.float64(out_weight[i, e])
+                j = np.int64(neighbors[g, e])
+                w = np.float64(out_weight[g, e])
             else:
-                t = in_start[i] + e - k
+                t = in_start[g] + e - k
                 j = np.int64(in_source[t])
                 w = np.float64(in_weight[t])
             if j < 0 or not _fires(w, epoch):
@@ -459,17 +464,21 @@ def fit_weights(distances: np.ndarray, n_neighbors: int, mean_distance: float) -
 
 @dataclass(frozen=True)
 class Graph:
-    """The symmetrised kNN graph of all cells, as the epochs read it.
+    """The symmetrised kNN graph of consecutive cells (all of them, or one task's), as the
+    epochs read it.
 
     Attributes
     ----------
     neighbors
-        int32 ``(n_cells, k)``: each cell's out-edges (-1: none).
+        int32 ``(n, k)``: the out-edges of cells ``first:first + n`` (-1: none).
     out_weight
-        float32 ``(n_cells, k)``: their fuzzy-union weights ``w_ij + w_ji - w_ij w_ji``.
+        float32 ``(n, k)``: their fuzzy-union weights ``w_ij + w_ji - w_ij w_ji``.
     in_start, in_source, in_weight
-        CSR over cells (int64 ``(n_cells + 1,)``, int32, float32): the in-edges ``j -> i`` whose
-        reverse ``i -> j`` is not an out-edge of ``i``, ascending ``j``, with weight ``w_ji``.
+        CSR over those cells (int64 ``(n + 1,)``, int32, float32): the in-edges ``j -> i``
+        whose reverse ``i -> j`` is not an out-edge of ``i``, ascending ``j``, with weight
+        ``w_ji``.
+    first
+        The cell of row 0 (0: the graph of every cell).
     """
 
     neighbors: np.ndarray
@@ -477,76 +486,131 @@ class Graph:
     in_start: np.ndarray
     in_source: np.ndarray
     in_weight: np.ndarray
+    first: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+        arrays = ("neighbors", "out_weight", "in_start", "in_source", "in_weight")
+        return sum(getattr(self, name).nbytes for name in arrays)
+
+
+def in_edges(
+    neighbors: np.ndarray, weights: np.ndarray, source_first: int, first: int, last: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges ``j -> i`` of some cells' kNN rows whose target ``i`` lies in ``first:last``.
+
+    Parameters
+    ----------
+    neighbors, weights
+        ``(m, k)`` out-edges of cells ``source_first:source_first + m`` (-1: none) and their
+        membership weights.
+    source_first
+        The cell of row 0.
+    first, last
+        The targets wanted.
+
+    Returns
+    -------
+    targets, sources, weights
+        int32, int32, float32, one entry per edge, ascending source. Computes.
+    """
+    neighbors = np.asarray(neighbors)
+    rows, slots = np.nonzero((neighbors >= first) & (neighbors < last))
+    return (
+        neighbors[rows, slots].astype(np.int32),
+        (rows + source_first).astype(np.int32),
+        np.asarray(weights)[rows, slots].astype(np.float32),
+    )
 
 
 @njit(cache=True, nogil=True)
-def _symmetrize(neighbors, weights):
+def _union_rows(neighbors, weights, in_start, in_source, in_weight):
+    """The fuzzy union's rows of consecutive cells, from their out-edges and all their in-edges
+    (CSR, ascending source): out-edge weights with their reverses', then the lone in-edges."""
     n, k = neighbors.shape
-    # in-edges by target, sources ascending (a counting sort over targets); an in-edge whose
-    # reverse the target also holds is flipped to -1 - source, so no mask or slot array is kept
-    # beside it (each would be another array of edges at the stage's peak)
-    in_start = np.zeros(n + 1, dtype=np.int64)
-    for i in range(n):
-        for e in range(k):
-            if neighbors[i, e] >= 0:
-                in_start[neighbors[i, e] + 1] += 1
-    for i in range(n):
-        in_start[i + 1] += in_start[i]
-    in_source = np.empty(in_start[n], dtype=np.int32)
-    fill = in_start[:-1].copy()
-    for i in range(n):
-        for e in range(k):
-            j = neighbors[i, e]
-            if j >= 0:
-                in_source[fill[j]] = i
-                fill[j] += 1
-    # an out-edge's union weight, with its reverse's weight when the target lists the source
     out_weight = np.zeros((n, k), dtype=np.float32)
-    for i in range(n):
-        for t in range(in_start[i], in_start[i + 1]):
-            j = in_source[t]
-            for e in range(k):
-                if neighbors[i, e] == j:
-                    in_source[t] = -1 - j
-                    break
+    lone_start = np.zeros(n + 1, dtype=np.int64)
+    for q in range(n):
         for e in range(k):
-            j = neighbors[i, e]
+            j = neighbors[q, e]
             if j < 0:
                 continue
-            w = np.float64(weights[i, e])
+            w = np.float64(weights[q, e])
             reverse = 0.0
-            for f in range(k):
-                if neighbors[j, f] == i:
-                    reverse = np.float64(weights[j, f])
+            for t in range(in_start[q], in_start[q + 1]):
+                if in_source[t] == j:  # j lists this cell: the edge's reverse
+                    reverse = np.float64(in_weight[t])
                     break
-            out_weight[i, e] = np.float32(w + reverse - w * reverse)
-    # in-edges whose reverse the target does not hold, with their own weight
-    lone_start = np.zeros(n + 1, dtype=np.int64)
-    for i in range(n):
+            out_weight[q, e] = np.float32(w + reverse - w * reverse)
         count = 0
-        for t in range(in_start[i], in_start[i + 1]):
-            if in_source[t] >= 0:
+        for t in range(in_start[q], in_start[q + 1]):
+            held = False
+            for e in range(k):
+                if neighbors[q, e] == in_source[t]:
+                    held = True
+                    break
+            if not held:
                 count += 1
-        lone_start[i + 1] = lone_start[i] + count
+        lone_start[q + 1] = lone_start[q] + count
     lone_source = np.empty(lone_start[n], dtype=np.int32)
     lone_weight = np.empty(lone_start[n], dtype=np.float32)
     at = 0
-    for i in range(n):
-        for t in range(in_start[i], in_start[i + 1]):
-            j = in_source[t]
-            if j < 0:
-                continue
-            lone_source[at] = j
-            for e in range(k):  # the edge j -> i: i is in j's row once
-                if neighbors[j, e] == i:
-                    lone_weight[at] = weights[j, e]
+    for q in range(n):
+        for t in range(in_start[q], in_start[q + 1]):
+            held = False
+            for e in range(k):
+                if neighbors[q, e] == in_source[t]:
+                    held = True
                     break
-            at += 1
+            if not held:
+                lone_source[at] = in_source[t]
+                lone_weight[at] = in_weight[t]
+                at += 1
     return out_weight, lone_start, lone_source, lone_weight
+
+
+def graph_part(
+    neighbors: np.ndarray,
+    weights: np.ndarray,
+    first: int,
+    edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> Graph:
+    """The fuzzy union's rows of cells ``first:first + n``.
+
+    Parameters
+    ----------
+    neighbors, weights
+        ``(n, k)`` out-edges of those cells (-1: none; no cell twice in a row) and their
+        membership weights.
+    first
+        The cell of row 0.
+    edges
+        Every edge into those cells, from every cell's rows: :func:`in_edges` of row blocks
+        in cell order (so that sources ascend).
+
+    Returns
+    -------
+    Graph
+        The rows :func:`symmetrize` gives these cells, the same bits. Computes (linear in the
+        edges given).
+    """
+    neighbors = np.ascontiguousarray(neighbors, dtype=np.int32)
+    n = len(neighbors)
+    targets, sources, in_weight = (
+        np.concatenate([edge[part] for edge in edges]) if edges else np.zeros(0, dtype)
+        for part, dtype in enumerate((np.int32, np.int32, np.float32))
+    )
+    order = np.argsort(targets, kind="stable")  # by target, sources ascending within
+    in_start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(targets - first, minlength=n), out=in_start[1:])
+    out_weight, lone_start, lone_source, lone_weight = _union_rows(
+        neighbors,
+        np.ascontiguousarray(weights, dtype=np.float32),
+        in_start,
+        sources[order],
+        in_weight[order],
+    )
+    return Graph(neighbors, out_weight, lone_start, lone_source, lone_weight, first=int(first))
 
 
 def symmetrize(neighbors: np.ndarray, weights: np.ndarray) -> Graph:
@@ -561,12 +625,11 @@ def symmetrize(neighbors: np.ndarray, weights: np.ndarray) -> Graph:
     Returns
     -------
     Graph
-        Every edge of the union, held by both of its cells. Computes (linear in the edges).
+        Every edge of the union, held by both of its cells: :func:`graph_part` of all cells.
+        Computes (linear in the edges).
     """
-    neighbors = np.ascontiguousarray(neighbors, dtype=np.int32)
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
-    out_weight, in_start, in_source, in_weight = _symmetrize(neighbors, weights)
-    return Graph(neighbors, out_weight, in_start, in_source, in_weight)
+    n = len(neighbors)
+    return graph_part(neighbors, weights, 0, [in_edges(neighbors, weights, 0, 0, n)])
 
 
 def epoch(
@@ -593,7 +656,8 @@ def epoch(
     cells
         int ``(n,)``: the cells to move.
     graph
-        The symmetrised kNN graph of all cells (:func:`symmetrize`).
+        The symmetrised kNN graph of all cells (:func:`symmetrize`), or of consecutive cells
+        that include ``cells`` (:func:`graph_part`).
     frozen
         bool ``(n,)``: cells of ``cells`` that keep their position.
     epoch, n_epochs, a, b, gamma, initial_alpha, negative_sample_rate, seed
@@ -611,6 +675,7 @@ def epoch(
     return _epoch_block(
         np.ascontiguousarray(cells, dtype=np.int64),
         np.ascontiguousarray(frozen, dtype=np.bool_),
+        int(graph.first),
         graph.neighbors,
         graph.out_weight,
         graph.in_start,
