@@ -68,10 +68,10 @@ def fit_bytes(n_landmarks: int, n_genes: int, n_pca: int, n_neighbors: int = 30)
 
 
 #: margin on the refinement's arrays (:func:`refine_bytes`) for what else its tasks hold: with
-#: it the estimate at 1,000,000 cells (1.11 GiB with the warmed worker) lies above the largest
-#: worker's peak measured there, whatever the stage (0.88-1.08 GiB; benchmarks/RESULTS.md,
-#: "Atlas scale", "Neighbour graph" and "The client streams")
-REFINE_MARGIN = 2.1
+#: it the estimate at 1,000,000 cells and 50 components (1.10 GiB with the warmed worker) lies
+#: above the largest worker's peak measured there, whatever the stage (0.87-1.08 GiB;
+#: benchmarks/RESULTS.md, "Atlas scale", "The client streams", "The graph by rows")
+REFINE_MARGIN = 3.0
 #: the process that runs a command (the client, with the embedded cluster's scheduler) holds
 #: a code and an embedding row per cell while it draws, and a hash per cell in the ingest: its
 #: peak is about CLIENT_BASE + CLIENT_PER_CELL x cells, above the atlas runs' client peaks
@@ -96,13 +96,13 @@ def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
     Returns
     -------
     int
-        The larger of its two steps, times :data:`REFINE_MARGIN`: the nearest-cell search holds
+        The larger of its steps, times :data:`REFINE_MARGIN`: the nearest-cell search holds
         every cell's features in bucket order with its bucket and row (and their sort while it
-        is built); the epochs hold the graph's out-edges and weights, its in-edges while it is
-        symmetrised, and two copies of every cell's position.
+        is built); the epochs hold two copies of every cell's position (and their own cells'
+        rows of the graph, which do not grow with the cells; ``n_neighbors`` no longer counts).
     """
     search = 4 * n_features + 32
-    epochs = 20 * n_neighbors + 40
+    epochs = 16
     return int(REFINE_MARGIN * max(search, epochs) * n_cells)
 
 
@@ -211,8 +211,8 @@ def check_refine(client, n_cells: int, n_features: int, n_neighbors: int = 15) -
     if need <= USABLE_SHARE * limit:
         return
     raise InputError(
-        f"embed: the refinement of {n_cells:,} cells reads every cell's features, then the "
-        f"graph of all cells, on each worker: about {gib(need)}, and the workers' memory limit "
+        f"embed: the refinement of {n_cells:,} cells reads every cell's features on each "
+        f"worker: about {gib(need)}, and the workers' memory limit "
         f"is {gib(limit)}; give the workers more memory (--memory-limit {_limit_flag(need)}) "
         "or skip the refinement (--refine-epochs 0)"
     )

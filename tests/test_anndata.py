@@ -302,11 +302,19 @@ def _task_keys(client) -> list:
 
 @pytest.mark.cluster
 @pytest.mark.parametrize(("fmt", "prefix"), [("h5ad", "h5ad-block-"), ("zarr", "anndata-zarr-")])
-def test_worker_processes_write_the_same_file(dataset, tmp_path, local_client, fmt, prefix):
+def test_worker_processes_write_the_same_file(
+    dataset, tmp_path, local_client, fmt, prefix, monkeypatch
+):
+    from distumap.io.writers import _graph
+
     path = tmp_path / f"cluster{SUFFIX[fmt]}"
     reference = tmp_path / f"threads{SUFFIX[fmt]}"
-    _write(fmt, dataset, path, client=local_client, block_cells=300)
-    with dask.config.set(scheduler="threads"):
+    with monkeypatch.context() as patched:
+        # the graph's rows in 5 blocks, each finding its in-edges in 3 pieces of the kNN rows
+        patched.setattr(_graph, "GRAPH_BLOCK_CELLS", 256)
+        patched.setattr(_graph, "SCAN_CELLS", 500)
+        _write(fmt, dataset, path, client=local_client, block_cells=300)
+    with dask.config.set(scheduler="threads"):  # the graph's rows in one block
         _write(fmt, dataset, reference, client=None)
     _assert_contents(_read(fmt, path), dataset)
     want = _arrays(fmt, reference)
@@ -314,10 +322,11 @@ def test_worker_processes_write_the_same_file(dataset, tmp_path, local_client, f
         np.testing.assert_array_equal(got, want[name], err_msg=name)
     keys = {str(key[0] if isinstance(key, tuple) else key) for key in _task_keys(local_client)}
     assert any(key.startswith(prefix + ("block-" if fmt == "zarr" else "")) for key in keys)
-    # the graph: one index task, its rows by cell block
+    # the graph: its rows by cell block, from the edges into them found piece by piece
     graph = prefix.split("-block")[0].rstrip("-") + "-graph-"
-    assert any(key.startswith(graph + "index-") for key in keys)
+    assert sum(key.startswith(graph + "edges-") for key in set(keys)) >= 1
     assert any(key.startswith(graph + "block-") for key in keys)
+    assert not any(key.startswith(graph + "index-") for key in keys)
     # the four blocks of 300 cells reported to the dashboard's progress topic
     events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]
     assert {(msg["block"], msg["total"]) for msg in events} >= {(i, 4) for i in range(4)}

@@ -474,7 +474,7 @@ class _RowsAtEachStepEvent(SchedulerPlugin):
     the page's rows as they are then (the page's plugin, added first, has counted it)."""
 
     name = "distumap-dashboard-test-recorder"
-    _EMBED_STEPS = frozenset({"pca", "transform", "graph", "refine"})
+    _EMBED_STEPS = frozenset({"pca", "transform", "graph", "union", "refine"})
 
     def __init__(self, page) -> None:
         self.page = page
@@ -497,6 +497,7 @@ _EXECUTED = [
     ("fit", "UMAP fit", "embed", "steps"),
     ("transform", "transform", "embed", "cells"),
     ("graph", "graph of all cells", "embed", "cells"),
+    ("union", "graph made symmetric", "embed", "cells"),
     ("refine", "refinement", "embed", "epochs"),
     ("export", "export", None, "blocks exported"),
     ("h5ad-graph", "graph to h5ad", "export", "blocks"),
@@ -529,7 +530,7 @@ def test_a_run_names_each_step_as_it_runs(local_client, tmp_path):
     by_step = {}
     for step, rows in recorder.seen:
         by_step.setdefault(step, []).append({row["key"]: row for row in rows})
-    assert set(by_step) == {"transform", "graph", "refine"}
+    assert set(by_step) == {"transform", "graph", "union", "refine"}
     for step, snapshots in by_step.items():
         for rows in snapshots:
             assert rows["embed"]["state"] == "running", (step, rows["embed"])

@@ -8,6 +8,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import distumap
 from distumap import tl
@@ -121,7 +122,8 @@ def test_quality_floor_against_a_full_fit(tmp_path):
 
 def test_embed_resumes_without_rewriting_blocks(tmp_path, dataset):
     with dask.config.set(scheduler="threads"):
-        ds = _embedded(tmp_path, dataset, 300, "resume")
+        # without refinement (its resumption mid-epoch is tested below): the transform's blocks
+        ds = _embedded(tmp_path, dataset, 300, "resume", refine_epochs=0)
         store = ds.encoding["distumap_store"]
         before = ds["X_umap"].values.copy()
         markers = distumap._store.progress_array(store, "embed")
@@ -130,14 +132,10 @@ def test_embed_resumes_without_rewriting_blocks(tmp_path, dataset):
         import zarr
 
         zarr.open_array(store, path="X_umap", mode="r+")[900:] = 0
-        distumap._store.mark_stage(
-            store,
-            "embed",
-            "started",
-            ds.attrs["distumap"]["stages"]["embed"]["params"],
-            token=ds.attrs["distumap"]["stages"]["embed"]["token"],
-        )
-        resumed = tl.umap(store, **EMBED)
+        record = ds.attrs["distumap"]["stages"]["embed"]
+        kept = {k: v for k, v in record.items() if k not in ("status", "params")}
+        distumap._store.mark_stage(store, "embed", "started", record["params"], **kept)
+        resumed = tl.umap(store, **EMBED, refine_epochs=0)
     np.testing.assert_array_equal(resumed["X_umap"].values, before)
     assert resumed.attrs["distumap"]["stages"]["embed"]["status"] == "complete"
 
@@ -256,7 +254,15 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
         for ds in (small, on_cluster)
     ]
     assert chunks_per_task == [2, 1]
-    # the workers dropped their copies of the graph, the positions and the index after the stage
+    # the working arrays went with the stage's end; the graph is chunked as its tasks wrote it
+    for ds in (small, on_cluster):
+        store = zarr.open_group(ds.encoding["distumap_store"], mode="r")  # consolidated
+        assert not [name for name in store["_progress"].array_keys() if name.startswith("refine-")]
+    assert (
+        small["knn_cell"].data.chunks[0][0] == 128
+        and on_cluster["knn_cell"].data.chunks[0][0] == 250
+    )
+    # the workers dropped their copies of the positions and the index after the stage
     # (sent without waiting: give the workers a moment)
     held = None
     for _ in range(50):
@@ -270,7 +276,7 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
 def _refine_caches_held() -> int:
     from distumap.tl import _refine_stage
 
-    caches = (_refine_stage._SEARCH, _refine_stage._GRAPH, _refine_stage._POSITIONS)
+    caches = (_refine_stage._SEARCH, _refine_stage._POSITIONS, _refine_stage._ROWS)
     return sum(len(cache._items) for cache in caches)
 
 
@@ -296,18 +302,34 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
         record = distumap._store.stage_record(store, "embed")
         assert record["status"] == "started"
         steps = distumap._store.progress_array(store, _refine_stage.REFINE_MARKERS, mode="r")[:]
-        # transform (5), kNN (5) and epochs 0-2 (15) done; epoch 3 not, nor later ones
-        assert len(steps) == 5 + 5 + 5 * 5 and steps[:25].all() and not steps[27:].any()
+        # transform (5), kNN (5), graph (1: 8 tasks' cells) and epochs 0-2 (15) done; epoch 3
+        # not, nor later ones
+        assert len(steps) == 5 + 5 + 1 + 5 * 5 and steps[:26].all() and not steps[28:].any()
         # and no chunk of X_umap vouched for: only the last epoch writes it
         assert not distumap._store.progress_array(store, "embed", mode="r")[:].any()
         monkeypatch.setattr(_refine_stage, "_refine_epoch_task", epoch_task)
         monkeypatch.setattr(_embed, "_transform_task", never)
         monkeypatch.setattr(_refine_stage, "_refine_knn_task", never)
+        monkeypatch.setattr(_refine_stage, "_refine_graph_task", never)
         # the stage keeps its own layout
         monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 600)
         resumed = tl.umap(store, **REFINE)
     assert resumed.attrs["distumap"]["stages"]["embed"]["status"] == "complete"
     np.testing.assert_array_equal(resumed["X_umap"].values, _from_the_model(resumed, 6))
+
+
+def test_a_refinement_without_its_working_arrays_or_graph_step_starts_again(tmp_path):
+    from distumap.tl import _refine_stage
+
+    store = str(tmp_path / "store.zarr")
+    zarr.open_group(store, mode="w").require_group("_progress")
+    assert _refine_stage.resumable(store, {})  # an embed without refinement
+    layout = _refine_stage.refine_layout(10, 1024, 5)
+    assert not _refine_stage.resumable(store, layout)  # its working arrays went
+    _refine_stage.create_scratch(store, 10 * 1024, 1024, layout["refine_chunks_per_task"], 8)
+    assert _refine_stage.resumable(store, layout)
+    # markers numbered without the graph's step: resuming would skip it
+    assert not _refine_stage.resumable(store, {"refine_chunks_per_task": 32})
 
 
 def test_refinement_needs_principal_components(tmp_path):

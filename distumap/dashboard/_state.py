@@ -119,6 +119,7 @@ STEPS: tuple[Step, ...] = (
     Step("fit", "UMAP fit", "steps", "embed", tasks=(FIT_PREFIX,), kind="task"),
     Step("transform", "transform", "cells", "embed", tasks=("umap-transform",)),
     Step("graph", "graph of all cells", "cells", "embed", True, ("umap-refine-knn",)),
+    Step("union", "graph made symmetric", "cells", "embed", True, ("umap-refine-graph",)),
     Step("refine", "refinement", "epochs", "embed", True, ("umap-refine-epoch",)),
     Step("export", "export", STAGES["export"]),
     Step("h5ad-graph", "graph to h5ad", "blocks", "export", True, ("h5ad-graph",)),

@@ -317,6 +317,8 @@ def umap(
             stage, params, bounds, rows, landmark_cells, token=token, color=color
         )
     _write_components(location, ds, token)
+    if refining:  # every epoch is done: the working arrays go before the store is consolidated
+        _refine_stage.drop_scratch(location)
     stage.complete(
         landmarks_used=len(rows),
         fit_seconds=fit_seconds,
@@ -379,7 +381,11 @@ def _fit_or_resume(
 ) -> tuple[np.ndarray, float | None]:
     """The landmarks, and the fit's seconds: a resumed run keeps the interrupted run's
     landmarks and model (None seconds); any other starts the stage and fits."""
-    if stage.resumable(token=token) and _model_io.fitted_saved(location, token):
+    if (
+        stage.resumable(token=token)
+        and _refine_stage.resumable(location, stage.record)
+        and _model_io.fitted_saved(location, token)
+    ):
         return ds["landmark"].values, None  # written when the interrupted run started
     chosen = landmarks(ds, params["landmarks"], stratify=params["stratify"], seed=params["seed"])
     is_landmark = chosen.values
@@ -418,8 +424,8 @@ def _start(
     stage.start(n_blocks=len(chunks), token=token, run=uuid.uuid4().hex, **layout)
     k = params["n_neighbors"]
 
-    def placeholder(width: int, dtype: str) -> da.Array:
-        return da.zeros((n_cells, width), chunks=(chunks, width), dtype=dtype)
+    def placeholder(width: int, dtype: str, rows: Any = chunks) -> da.Array:
+        return da.zeros((n_cells, width), chunks=(rows, width), dtype=dtype)
 
     placeholders = {
         "X_umap": (("cell", "umap"), placeholder(2, "f4")),
@@ -436,8 +442,13 @@ def _start(
         _drop_arrays(location, stale)  # an earlier run's components (another number, or none)
         ds = ds.drop_vars(stale)
     if epochs:
-        placeholders.update(_cell_graph_placeholders(placeholder))
-    elif stale := [name for name in CELL_GRAPH if name in ds]:  # an earlier run's graph goes
+        # the graph in a chunk per refinement task: its steps read it whole, a task at a time
+        rows = chunks[0] * layout["refine_chunks_per_task"]
+        placeholders.update(_cell_graph_placeholders(placeholder, rows))
+        stale = [name for name in CELL_GRAPH if name in ds and _zarr_rows(location, name) != rows]
+    else:
+        stale = [name for name in CELL_GRAPH if name in ds]  # an earlier run's graph goes
+    if stale:
         _drop_arrays(location, stale)
         ds = ds.drop_vars(stale)
     write_variables(
@@ -447,7 +458,7 @@ def _start(
         # a re-embed with other parameters keeps the existing arrays (same chunks) and
         # rewrites every block; xarray refuses an encoding for a variable that exists
         encoding={
-            name: {"chunks": (chunks[0], value[1].shape[1])}
+            name: {"chunks": (value[1].chunks[0][0], value[1].shape[1])}
             for name, value in placeholders.items()
             if name not in ds
         },
@@ -463,11 +474,19 @@ def _start(
         )
 
 
-def _cell_graph_placeholders(placeholder) -> dict[str, tuple]:
-    """The refinement's graph of all cells, as placeholders its kNN step fills."""
+def _cell_graph_placeholders(placeholder, rows: int) -> dict[str, tuple]:
+    """The refinement's graph of all cells, as placeholders its kNN step fills, ``rows`` cells
+    a chunk (a kNN task's)."""
     width = _refine.RefineSettings.n_neighbors
     dtypes = {"knn_cell": "i4", "knn_distance": "f4", "knn_cell_weight": "f4"}
-    return {name: (("cell", "cell_knn"), placeholder(width, dtypes[name])) for name in CELL_GRAPH}
+    return {
+        name: (("cell", "cell_knn"), placeholder(width, dtypes[name], rows)) for name in CELL_GRAPH
+    }
+
+
+def _zarr_rows(store: str, name: str) -> int:
+    """Rows per chunk of the store's array ``name``."""
+    return int(zarr.open_array(store, path=name, mode="r").chunks[0])
 
 
 def _fit(

@@ -4,11 +4,13 @@ After the transform, ``refine_epochs`` epochs of UMAP's SGD over the kNN graph o
 (:mod:`distumap.tl._refine`, the kernels) run as steps of the embed stage, each a set of tasks
 over contiguous cell ranges (a few store chunks each): ``umap-refine-knn`` tasks find their cells'
 nearest cells (written as the store's ``knn_cell``, ``knn_distance`` and ``knn_cell_weight``: a
-result), then each epoch's ``umap-refine-epoch`` tasks read every cell's position after the
-previous epoch and write their own cells' new ones. Whole arrays that every task of a step reads
-(all features, the graph, the positions) are read once per worker process. The working arrays
-live beside the stage's markers (``_progress/refine-*``, hidden from xarray); the last epoch
-writes ``X_umap``.
+result); ``umap-refine-graph`` tasks write their cells' rows of the symmetrised graph (each reads
+every cell's kNN rows a block at a time and keeps the edges into its cells); then each epoch's
+``umap-refine-epoch`` tasks read every cell's position after the previous epoch and their own
+cells' rows of the graph, and write their cells' new positions. Whole arrays that every task of a
+step reads (all features, the positions) are read once per worker process; nothing of the graph
+is held whole. The working arrays live beside the stage's markers (``_progress/refine-*``, hidden
+from xarray); the last epoch writes ``X_umap``.
 """
 
 from __future__ import annotations
@@ -35,16 +37,32 @@ logger = logging.getLogger(__name__)
 
 
 #: the refinement's working arrays: name -> (trailing shape, dtype, writer); "features" is as
-#: wide as the kNN features. Each is chunked as its writer's tasks cover cells (a store chunk
-#: for the transform, a refinement task's cells for the refinement), so that no two tasks
-#: share a chunk and a whole array is read in a few large chunks.
+#: wide as the kNN features, "weight" as the graph's rows. Each is chunked as its writer's
+#: tasks cover cells (a store chunk for the transform, a refinement task's cells for the
+#: refinement), so that no two tasks share a chunk and a whole array is read in a few large
+#: chunks.
 _SCRATCH = {
     "features": (None, "f4", "transform"),  # every cell's kNN features
     "home": ((), "i4", "transform"),  # each cell's bucket: its nearest landmark (or itself)
     "start": ((2,), "f4", "transform"),  # the transform's coordinates, where epoch 0 starts
     "xy-0": ((2,), "f4", "refine"),  # the positions after even epochs
     "xy-1": ((2,), "f4", "refine"),  # ... and after odd ones
+    "weight": ("k", "f4", "refine"),  # the out-edges' weights in the symmetrised graph
+    "lone": ((), "i4", "refine"),  # each cell's in-edges that it does not list itself
 }
+#: a graph task's lone in-edges, ascending cell then source: refine-lone-{source,weight}-<first>,
+#: in chunks of LONE_CHUNK edges (an epoch task reads its cells' stretch)
+_LONE = ("source", "weight")
+#: the working arrays that hold the graph's rows
+_GRAPH_ROWS = ("weight", "lone")
+LONE_CHUNK = 65536
+
+#: kNN rows a graph task reads at a time, looking for the edges into its cells
+GRAPH_SCAN_CELLS = 131072
+#: refinement tasks per graph task: each graph task reads every cell's kNN rows once, so that
+#: fewer, larger ones read them less often (a graph task holds about 150 bytes per cell of its
+#: own: ~40 MB for 8 tasks of 32,768 cells, whatever the store's size)
+GRAPH_GROUP = 8
 
 
 def _scratch_path(name: str) -> str:
@@ -58,12 +76,17 @@ def n_features(params: dict[str, Any], n_genes: int) -> int:
 
 
 def create_scratch(
-    store: str, n_cells: int, chunk: int, chunks_per_task: int, n_features: int
+    store: str,
+    n_cells: int,
+    chunk: int,
+    chunks_per_task: int,
+    n_features: int,
+    n_neighbors: int = _refine.RefineSettings.n_neighbors,
 ) -> None:
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
     progress = group.require_group(PROGRESS_GROUP)
     for name, (tail, dtype, writer) in _SCRATCH.items():
-        tail = (n_features,) if tail is None else tail
+        tail = {None: (n_features,), "k": (n_neighbors,)}.get(tail, tail)
         rows = chunk * (chunks_per_task if writer == "refine" else 1)
         progress.create_array(
             f"refine-{name}",
@@ -71,6 +94,9 @@ def create_scratch(
             chunks=(min(rows, max(n_cells, 1)), *tail),
             dtype=dtype,
             fill_value=0,
+            # the graph's rows are read every epoch: stored as they are (random weights
+            # compress little, and their decompression cost a fifth of an epoch)
+            compressors=None if name in _GRAPH_ROWS else "auto",
             overwrite=True,
         )
 
@@ -80,17 +106,26 @@ def write_scratch(store: str, rows: slice, **arrays: np.ndarray) -> None:
         zarr.open_array(store, path=_scratch_path(name), mode="r+")[rows] = value
 
 
+def drop_scratch(store: str) -> None:
+    """Remove the refinement's working arrays once the stage is complete (at a million cells
+    about 0.35 GB of the store: every cell's features, positions and rows of the graph)."""
+    progress = zarr.open_group(store, path=PROGRESS_GROUP, mode="r+", use_consolidated=False)
+    for name in list(progress.array_keys()):
+        if name.startswith("refine-"):
+            del progress[name]
+
+
 def _read_scratch(store: str, name: str) -> np.ndarray:
     return zarr.open_array(store, path=_scratch_path(name), mode="r")[...]
 
 
 _SEARCH = WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
-_GRAPH = WorkerCache(1)  # the symmetrised graph of all cells (epochs)
 _POSITIONS = WorkerCache(1)  # all positions after the previous epoch
+_ROWS = WorkerCache(1)  # a refinement task's rows of the graph (the last epoch's tasks share them)
 
 
 def clear_caches() -> None:
-    for cache in (_SEARCH, _GRAPH, _POSITIONS):
+    for cache in (_SEARCH, _POSITIONS, _ROWS):
         cache.clear()
     trim_memory()
 
@@ -139,6 +174,62 @@ def _read_rows(store: str, path: str, rows: slice) -> np.ndarray:
     return zarr.open_array(store, path=path, mode="r")[rows]
 
 
+def _lone_path(first: int, part: str) -> str:
+    return _scratch_path(f"lone-{part}-{first}")
+
+
+def _refine_graph_task(first: int, last: int, *, store: str, token: str, run: str) -> int:
+    """The symmetrised graph's rows of cells ``first:last`` (a few refinement tasks' cells):
+    their out-edges, the edges' weights and the in-edges they do not list, found among every
+    cell's kNN rows."""
+    _SEARCH.clear()  # the kNN step is over: its features need not stay in memory
+    neighbors = zarr.open_array(store, path=CELL_GRAPH[0], mode="r")
+    weights = zarr.open_array(store, path=CELL_GRAPH[2], mode="r")
+    n_cells = neighbors.shape[0]
+    chunk = int(neighbors.chunks[0])
+    step = max(1, GRAPH_SCAN_CELLS // chunk) * chunk  # whole store chunks
+    edges = [
+        _refine.in_edges(neighbors[at : at + step], weights[at : at + step], at, first, last)
+        for at in range(0, n_cells, step)
+    ]
+    graph = _refine.graph_part(neighbors[first:last], weights[first:last], first, edges)
+    del edges
+    progress = zarr.open_group(store, path=PROGRESS_GROUP, mode="r+", use_consolidated=False)
+    for part, values in zip(_LONE, (graph.in_source, graph.in_weight), strict=True):
+        progress.create_array(
+            f"refine-lone-{part}-{first}",
+            shape=values.shape,
+            chunks=(max(min(values.size, LONE_CHUNK), 1),),
+            dtype=values.dtype,
+            compressors=None,  # as the graph's other rows
+            overwrite=True,
+        )[...] = values
+    write_scratch(
+        store,
+        slice(first, last),
+        weight=graph.out_weight,
+        lone=np.diff(graph.in_start).astype(np.int32),
+    )
+    return last - first
+
+
+def _graph_rows(store: str, first: int, last: int, task_first: int) -> _refine.Graph:
+    """Cells ``first:last``'s rows of the symmetrised graph, which the graph task of the cells
+    from ``task_first`` wrote."""
+    lone = _read_rows(store, _scratch_path("lone"), slice(task_first, last)).astype(np.int64)
+    skip = int(lone[: first - task_first].sum())
+    in_start = np.zeros(last - first + 1, dtype=np.int64)
+    np.cumsum(lone[first - task_first :], out=in_start[1:])
+    lo, hi = skip, skip + int(in_start[-1])
+    return _refine.Graph(
+        _read_rows(store, CELL_GRAPH[0], slice(first, last)),
+        _read_rows(store, _scratch_path("weight"), slice(first, last)),
+        in_start,
+        *(_read_rows(store, _lone_path(task_first, part), slice(lo, hi)) for part in _LONE),
+        first=first,
+    )
+
+
 def _positions_after(store: str, epoch: int) -> str:
     """Where the positions after ``epoch`` live (-1: the transform's)."""
     return _scratch_path("start" if epoch < 0 else f"xy-{epoch % 2}")
@@ -155,19 +246,24 @@ def _refine_epoch_task(
     epoch: int,
     settings: dict[str, Any],
     n_cells: int,
+    rows: tuple[int, int, int],
     color: str | None = None,
 ) -> int:
-    """One epoch for cells ``first:last``: new positions from every cell's previous ones. The
-    last epoch writes ``X_umap`` (one store chunk a task) and sends its points to the page."""
-    _SEARCH.clear()  # the kNN step is over: its features need not stay in memory
+    """One epoch for cells ``first:last``: new positions from every cell's previous ones and
+    their rows of the graph, read with those of the refinement task that holds them: ``rows``
+    is that task's first and last cell and the first cell of the graph task that wrote them.
+    The last epoch writes ``X_umap`` (one store chunk a task) and sends its points to the
+    page."""
+    _SEARCH.clear()  # on a worker that ran no graph task, the kNN step's features are still held
     model = _model_io.load_fitted(store, token)
-    graph = _GRAPH.get(
-        (store, token, run),
-        lambda: _refine.symmetrize(
-            _read_rows(store, "knn_cell", slice(None)),
-            _read_rows(store, "knn_cell_weight", slice(None)),
-        ),
-    )
+    task_first, task_last, graph_first = rows
+    if (first, last) == (task_first, task_last):  # a task's own rows: read once an epoch
+        graph = _graph_rows(store, first, last, graph_first)
+    else:  # the last epoch: a store chunk of a task whose rows this worker may hold
+        graph = _ROWS.get(
+            (store, token, run, task_first),
+            lambda: _graph_rows(store, task_first, task_last, graph_first),
+        )
     source = _positions_after(store, epoch - 1)
     positions = _POSITIONS.get(
         (store, token, run, epoch),
@@ -200,16 +296,16 @@ def _refine_epoch_task(
 
 
 #: the markers of the embed stage's steps before the last one when it refines (the transform,
-#: the nearest cells, every epoch but the last), one after the other: ``_progress/embed`` keeps
-#: vouching for ``X_umap``, which only the last epoch writes
+#: the nearest cells, the graph, every epoch but the last), one after the other:
+#: ``_progress/embed`` keeps vouching for ``X_umap``, which only the last epoch writes
 REFINE_MARKERS = "embed-refine"
 
 
 class Steps(StagePass):
-    """One step of the embed stage (the transform, the nearest cells or an epoch) as a pass of
-    the stage: ``count`` tasks, whose markers are ``_progress/embed-refine[first:first + count]``
-    (one array for every step; each step's progress events name the step, which the dashboard
-    shows on a row of its own)."""
+    """One step of the embed stage (the transform, the nearest cells, the graph or an epoch) as
+    a pass of the stage: ``count`` tasks, whose markers are
+    ``_progress/embed-refine[first:first + count]`` (one array for every step; each step's
+    progress events name the step, which the dashboard shows on a row of its own)."""
 
     def __init__(self, stage: Stage, first: int, count: int):
         super().__init__(stage, REFINE_MARKERS)
@@ -234,11 +330,28 @@ def refine_epochs(params: dict[str, Any], is_landmark: np.ndarray) -> int:
 
 def refine_layout(n_chunks: int, chunk_cells: int, epochs: int) -> dict[str, int]:
     """How many store chunks one refinement task covers (the last epoch's tasks take one each,
-    as they write ``X_umap``), and how many markers :data:`REFINE_MARKERS` holds: one per store
-    chunk for the transform, then one per task for the nearest cells and each earlier epoch."""
+    as they write ``X_umap``), how many tasks one graph task covers (:data:`GRAPH_GROUP`), and
+    how many markers :data:`REFINE_MARKERS` holds: one per store chunk for the transform, one
+    per task for the nearest cells, one per graph task, one per task for each earlier epoch."""
     per_task = max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
     n_tasks = -(-n_chunks // per_task)
-    return {"refine_chunks_per_task": per_task, "refine_markers": n_chunks + epochs * n_tasks}
+    return {
+        "refine_chunks_per_task": per_task,
+        "refine_graph_group": GRAPH_GROUP,
+        "refine_markers": n_chunks + epochs * n_tasks + -(-n_tasks // GRAPH_GROUP),
+    }
+
+
+def resumable(store: str, record: dict[str, Any]) -> bool:
+    """Whether a started embed's refinement can go on: its markers follow this version's steps
+    (a refinement started before the graph had a step of its own numbered them differently)
+    and its working arrays are there (they go when the stage completes)."""
+    if "refine_chunks_per_task" not in record:  # no refinement
+        return True
+    if "refine_graph_group" not in record:
+        return False
+    group = zarr.open_group(store, path=PROGRESS_GROUP, mode="r", use_consolidated=False)
+    return _scratch_path("start").split("/")[-1] in group.array_keys()
 
 
 def refine(
@@ -263,11 +376,19 @@ def refine(
         ]
     edges = np.append(bounds[:-1:per_task], bounds[-1])
     n_tasks = len(edges) - 1
+    graph_edges = np.append(
+        edges[: -1 : stage.record.get("refine_graph_group", GRAPH_GROUP)], edges[-1]
+    )
+    n_graph = len(graph_edges) - 1
     common = {"store": stage.store, "token": token, "run": stage.record.get("run", "")}
     # the dashboard shows the graph of all cells in cells, the epochs in epochs (of n_cells)
     epochs = {"step": "refine", "total": n_cells * n_epochs, "per_unit": n_cells}
 
-    def calls(step: Stage, edges: np.ndarray, **extra: Any) -> dict[int, tuple]:
+    task_edges = edges
+
+    def calls(
+        step: Stage, edges: np.ndarray, graph: bool = False, **extra: Any
+    ) -> dict[int, tuple]:
         todo = {}
         for block in step.pending():
             task = block - (step.blocks.start if isinstance(step, Steps) else 0)
@@ -275,9 +396,17 @@ def refine(
             if "epoch" in extra:  # an epoch needs the task's landmarks (to hold them, maybe)
                 lo, hi = np.searchsorted(rows, [first, last])
                 args = (first, last, rows[lo:hi])
-            else:  # the kNN step maps landmark cells to landmark numbers: one shared key
-                args = (first, last, landmark_cells)
-            todo[block] = (args, {**common, "settings": settings, **extra})
+                # and the refinement task and graph task that hold its rows of the graph
+                at = np.searchsorted(task_edges, first, side="right") - 1
+                owner = graph_edges[np.searchsorted(graph_edges, first, side="right") - 1]
+                held = (int(task_edges[at]), int(task_edges[at + 1]), int(owner))
+                todo[block] = (args, {**common, "settings": settings, **extra, "rows": held})
+                continue
+            if graph:
+                todo[block] = ((first, last), common)
+                continue
+            # the kNN step maps landmark cells to landmark numbers: one shared key
+            todo[block] = ((first, last, landmark_cells), {**common, "settings": settings})
         return todo
 
     seconds = {}
@@ -294,11 +423,22 @@ def refine(
         )
         seconds["refine_knn_seconds"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
+        step = Steps(stage, n_chunks + n_tasks, n_graph)
+        step.run_blocks(
+            _refine_graph_task,
+            calls(step, graph_edges, graph=True),
+            key="umap-refine-graph",
+            label="embed: refine, symmetrised graph",
+            total=n_cells,
+            step="union",
+        )
+        seconds["refine_graph_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
         for epoch in range(n_epochs):
             label = f"embed: refine, epoch {epoch + 1}/{n_epochs}"
             extra = {"epoch": epoch, "n_cells": n_cells}
             if epoch < n_epochs - 1:
-                step = Steps(stage, n_chunks + (1 + epoch) * n_tasks, n_tasks)
+                step = Steps(stage, n_chunks + n_graph + (1 + epoch) * n_tasks, n_tasks)
                 todo = calls(step, edges, **extra)
                 step.run_blocks(
                     _refine_epoch_task,

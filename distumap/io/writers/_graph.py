@@ -1,11 +1,13 @@
 """The graph of all cells in the AnnData exports, where scanpy keeps a neighbour graph:
 ``obsp["distances"]``, ``obsp["connectivities"]`` and ``uns["neighbors"]``.
 
-One task (``<format>-graph-index``) builds the symmetrised graph of every cell from the store's
-``knn_cell`` and ``knn_cell_weight``, on one worker, where it stays while one task per cell block
-(``<format>-graph-block``) reads its rows of both matrices; the client appends them in cell order,
-as it appends ``X``, and holds a few blocks of rows, never the graph (with a distributed client;
-dask's local schedulers run in this process anyway).
+One task per block of :data:`GRAPH_BLOCK_CELLS` cells (``<format>-graph-block``) gives its rows
+of both matrices from its cells' kNN rows and every edge into them, which
+``<format>-graph-edges`` tasks find in every cell's rows, :data:`SCAN_CELLS` at a time; the
+client appends the rows in cell order, as it appends ``X``. No process holds the graph of all
+cells: a block's task holds its cells' edges, an edges task one piece of the kNN rows, the
+client a few blocks of rows (with a distributed client; dask's local schedulers run in this
+process anyway).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from distumap._format import (
 )
 from distumap._progress import report, report_status
 from distumap.io.writers._anndata_elements import csr_group
-from distumap.tl import cell_graph, connectivity_rows, distance_rows
+from distumap.io.writers._blocks import blocks_in_flight
+from distumap.tl import distance_rows, in_edges, union_rows
 
 #: the obsp matrices in the order a graph block gives their rows
 GRAPH_MATRICES = (ANNDATA_DISTANCES, ANNDATA_CONNECTIVITIES)
@@ -80,60 +83,82 @@ def report_no_graph(path: str, progress: bool) -> None:
         )
 
 
-def _index(neighbors: np.ndarray, distances: np.ndarray, weights: np.ndarray) -> tuple:
-    return cell_graph(neighbors, weights), np.asarray(distances, dtype=np.float32)
+#: cells per graph block (the export's own blocks, one store chunk by default, are too small:
+#: every few blocks read every cell's kNN rows once)
+GRAPH_BLOCK_CELLS = 32768
+#: kNN rows per edges task
+SCAN_CELLS = 262144
 
 
-def _graph_block(index: tuple, first: int, last: int, block: tuple[str, int, int]) -> tuple:
-    """Rows ``first:last`` of ``distances`` and ``connectivities``, as two CSR row tuples;
-    ``block`` (the graph's step, this block's number and their count) goes to the dashboard."""
-    graph, distances = index
+def _graph_block(
+    neighbors: np.ndarray,
+    distances: np.ndarray,
+    weights: np.ndarray,
+    first: int,
+    n_cells: int,
+    block: tuple[str, int, int],
+    *edges: tuple,
+) -> tuple:
+    """Rows ``first:first + len(neighbors)`` of ``distances`` and ``connectivities``, as two CSR
+    row tuples, from ``edges`` into these cells and the next ones; ``block`` (the graph's step,
+    this block's number and their count) goes to the dashboard."""
+    last = first + len(neighbors)
+    into = []
+    for targets, sources, values in edges:
+        keep = (targets >= first) & (targets < last)
+        into.append((targets[keep], sources[keep], values[keep]))
     rows = (
-        tuple(distance_rows(graph.neighbors[first:last], distances[first:last])),
-        tuple(connectivity_rows(graph, first, last)),
+        tuple(distance_rows(neighbors, distances)),
+        tuple(union_rows(neighbors, weights, first, n_cells, into)),
     )
     step, number, n_blocks = block
     report("export", 1, n_blocks, block=number, step=step)
     return rows
 
 
-def _whole(ds: xr.Dataset, name: str) -> Any:
+def _cell_rows(ds: xr.Dataset, name: str, rows: int) -> list:
+    """``name`` (cells x cell_knn) as one piece per ``rows`` cells, delayed or numpy."""
     values = ds[name].transpose("cell", "cell_knn").data
-    return values if isinstance(values, da.Array) else np.asarray(values)
+    if not isinstance(values, da.Array):
+        values = np.asarray(values)
+        return [values[at : at + rows] for at in range(0, len(values), rows)]
+    return list(values.rechunk({0: rows, 1: -1}).to_delayed()[:, 0])
 
 
-def graph_rows(
-    ds: xr.Dataset, block_cells: int, prefix: str, *, in_flight: int, client
-) -> Iterator[tuple]:
+def graph_rows(ds: xr.Dataset, prefix: str, *, client) -> Iterator[tuple]:
     """The rows of ``distances`` and ``connectivities`` (two CSR row tuples) of every block of
-    ``block_cells`` cells, in cell order.
-
-    With a distributed ``client`` the symmetrised graph is built once on a worker (task
-    ``<prefix>-graph-index-<token>``) and held there while one task per block
-    (``<prefix>-graph-block-<token>``) reads its rows, at most ``in_flight`` ahead; with
-    dask's local schedulers, which run in this process anyway, it is built here.
-    """
-    arrays = [_whole(ds, name) for name in CELL_GRAPH]
+    :data:`GRAPH_BLOCK_CELLS` cells, in cell order (tasks ``<prefix>-graph-block-<token>``), a
+    few blocks ahead of the caller. The blocks in flight together share the edges into their
+    cells (tasks ``<prefix>-graph-edges-<token>``, one per :data:`SCAN_CELLS` kNN rows), so
+    that every cell's rows are read once per that many blocks."""
     n_cells = ds.sizes["cell"]
-    bounds = [
-        (first, min(first + block_cells, n_cells)) for first in range(0, n_cells, block_cells)
-    ]
-    token = tokenize(*arrays, block_cells)
+    # a block's rows of both matrices: at most 3 edges per neighbour, 8 bytes each
+    block_bytes = 24 * GRAPH_BLOCK_CELLS * int(ds.sizes["cell_knn"])
+    in_flight = blocks_in_flight(client, block_bytes, 2**28)
+    own = [_cell_rows(ds, name, GRAPH_BLOCK_CELLS) for name in CELL_GRAPH]
+    scan = [_cell_rows(ds, CELL_GRAPH[i], SCAN_CELLS) for i in (0, 2)]
+    token = tokenize(own, scan)
     step = f"{prefix}-graph"  # the dashboard's row of this graph, apart from its file's
-    index = dask.delayed(_index, pure=True)(*arrays, dask_key_name=f"{step}-index-{token}")
-    report_status("export", "started", step=step)
-    if client is None:
-        (held,) = dask.compute(index)
-        for i, (first, last) in enumerate(bounds):
-            yield _graph_block(held, first, last, (step, i, len(bounds)))
-        report_status("export", "complete", step=step)
-        return
-    held = client.compute(index)  # kept on its worker until every block has its rows
+    edges = dask.delayed(in_edges, pure=True)
     block = dask.delayed(_graph_block, pure=True)
-    tasks = [
-        block(held, first, last, (step, i, len(bounds)), dask_key_name=(f"{step}-block-{token}", i))
-        for i, (first, last) in enumerate(bounds)
-    ]
+    tasks = []
+    group = GRAPH_BLOCK_CELLS * in_flight
+    for i, first in enumerate(range(0, n_cells, GRAPH_BLOCK_CELLS)):
+        if first % group == 0:  # the edges into this block and the next ones in flight
+            into = [
+                edges(
+                    neighbors, weights, j * SCAN_CELLS, first, min(first + group, n_cells),
+                    dask_key_name=(f"{step}-edges-{token}", first // group, j),
+                )
+                for j, (neighbors, weights) in enumerate(zip(*scan, strict=True))
+            ]  # fmt: skip
+        tasks.append(
+            block(
+                *(rows[i] for rows in own), first, n_cells, (step, i, len(own[0])), *into,
+                dask_key_name=(f"{step}-block-{token}", i),
+            )
+        )  # fmt: skip
+    report_status("export", "started", step=step)
     try:
         yield from results_in_order(
             tasks, stage=f"export: {prefix} graph", in_flight=in_flight, client=client
@@ -141,8 +166,6 @@ def graph_rows(
     except BaseException:
         report_status("export", "failed", step=step)
         raise
-    finally:
-        held.release()
     report_status("export", "complete", step=step)
 
 

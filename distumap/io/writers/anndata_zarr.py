@@ -40,7 +40,7 @@ from distumap.io.writers._anndata_elements import (
     write_annotations,
 )
 from distumap.io.writers._base import Writer
-from distumap.io.writers._blocks import blocks_in_flight, cells_per_block, counts_in_blocks
+from distumap.io.writers._blocks import cells_per_block, counts_in_blocks
 from distumap.io.writers._graph import (
     graph_rows,
     has_cell_graph,
@@ -311,9 +311,7 @@ class _ZarrAppendable:
             self.array[start:] = values
 
 
-def _write_graph(
-    local: str, target: str, ds: xr.Dataset, block_cells: int, client, progress: bool
-) -> None:
+def _write_graph(local: str, target: str, ds: xr.Dataset, client, progress: bool) -> None:
     """``obsp["distances"]`` and ``obsp["connectivities"]``: the store's graph of all cells,
     its rows computed on the cluster in cell blocks and appended here in cell order; nothing
     (and one line) without one."""
@@ -322,10 +320,7 @@ def _write_graph(
     if not has_cell_graph(ds):
         report_no_graph(target, progress)
         return
-    # a block's rows of both matrices: at most 3 edges per neighbour, 8 bytes each
-    block_bytes = 24 * block_cells * int(ds.sizes["cell_knn"])
-    in_flight = blocks_in_flight(client, block_bytes, 2**30)
-    rows = graph_rows(ds, block_cells, "anndata-zarr", in_flight=in_flight, client=client)
+    rows = graph_rows(ds, "anndata-zarr", client=client)
     el = ZarrElements(zarr.open_group(local, mode="r+", zarr_format=ZARR_FORMAT))
 
     def appendable(group, name: str, dtype) -> _ZarrAppendable:
@@ -440,7 +435,7 @@ class AnnDataZarrWriter(Writer):
         local = partial_name(target)
         try:
             _write_folder(local, small, gene_index, uns, x_dtype, counts, slices, client, progress)
-            _write_graph(local, target, ds, block_cells, client, progress)
+            _write_graph(local, target, ds, client, progress)
             zarr.consolidate_metadata(local, zarr_format=ZARR_FORMAT)
             replace_folder(local, target)
         finally:

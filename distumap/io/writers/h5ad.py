@@ -216,15 +216,13 @@ def _write_x_and_layer(
         dataset.close()
 
 
-def _write_graph(
-    el: H5Elements, ds, block_cells: int, in_flight: int, client, pool, path, progress: bool
-) -> None:
+def _write_graph(el: H5Elements, ds, client, pool, path, progress: bool) -> None:
     """``obsp["distances"]`` and ``obsp["connectivities"]``: the store's graph of all cells,
     appended in cell blocks like ``X``; nothing (and one line) without one."""
     if not has_cell_graph(ds):
         report_no_graph(path, progress)
         return
-    rows = graph_rows(ds, block_cells, "h5ad", in_flight=in_flight, client=client)
+    rows = graph_rows(ds, "h5ad", client=client)
 
     def appendable(group, name: str, dtype) -> _Appendable:
         # indices and pointers shuffle well; float weights and distances gain little
@@ -290,5 +288,5 @@ class H5adWriter(Writer):
                     small = anndata_inputs(ds)
                 uns = {**uns_record(ds, params), **neighbors_uns(ds)}
                 write_annotations(el, small, gene_index, uns, client=client)
-                _write_graph(el, ds, block_cells, in_flight, client, pool, path, progress)
+                _write_graph(el, ds, client, pool, path, progress)
         return target
