@@ -524,6 +524,15 @@ def in_edges(
 
 
 @njit(cache=True, nogil=True)
+def _lists(neighbors, q, j):
+    """Whether row ``q`` lists cell ``j`` among its out-edges."""
+    for e in range(neighbors.shape[1]):
+        if neighbors[q, e] == j:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def _union_rows(neighbors, weights, in_start, in_source, in_weight):
     """The fuzzy union's rows of consecutive cells, from their out-edges and all their in-edges
     (CSR, ascending source): out-edge weights with their reverses', then the lone in-edges."""
@@ -544,12 +553,7 @@ def _union_rows(neighbors, weights, in_start, in_source, in_weight):
             out_weight[q, e] = np.float32(w + reverse - w * reverse)
         count = 0
         for t in range(in_start[q], in_start[q + 1]):
-            held = False
-            for e in range(k):
-                if neighbors[q, e] == in_source[t]:
-                    held = True
-                    break
-            if not held:
+            if not _lists(neighbors, q, in_source[t]):
                 count += 1
         lone_start[q + 1] = lone_start[q] + count
     lone_source = np.empty(lone_start[n], dtype=np.int32)
@@ -557,12 +561,7 @@ def _union_rows(neighbors, weights, in_start, in_source, in_weight):
     at = 0
     for q in range(n):
         for t in range(in_start[q], in_start[q + 1]):
-            held = False
-            for e in range(k):
-                if neighbors[q, e] == in_source[t]:
-                    held = True
-                    break
-            if not held:
+            if not _lists(neighbors, q, in_source[t]):
                 lone_source[at] = in_source[t]
                 lone_weight[at] = in_weight[t]
                 at += 1
