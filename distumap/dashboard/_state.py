@@ -44,12 +44,13 @@ TASK_PREFIXES = (
     "umap-fit",
     "umap-transform",
     "umap-refine-knn",
+    "umap-refine-graph",
     "umap-refine-epoch",
     "loom-block",
     "loom-graph-block",
-    "h5ad-graph-index",
+    "h5ad-graph-edges",
     "h5ad-graph-block",
-    "anndata-zarr-graph-index",
+    "anndata-zarr-graph-edges",
     "anndata-zarr-graph-block",
 )
 

@@ -443,7 +443,7 @@ def _start(
         ds = ds.drop_vars(stale)
     if epochs:
         # the graph in a chunk per refinement task: its steps read it whole, a task at a time
-        rows = chunks[0] * layout["refine_chunks_per_task"]
+        rows = min(chunks[0] * layout["refine_chunks_per_task"], max(n_cells, 1))
         placeholders.update(_cell_graph_placeholders(placeholder, rows))
         stale = [name for name in CELL_GRAPH if name in ds and _zarr_rows(location, name) != rows]
     else:

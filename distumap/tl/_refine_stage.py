@@ -351,7 +351,7 @@ def resumable(store: str, record: dict[str, Any]) -> bool:
     if "refine_graph_group" not in record:
         return False
     group = zarr.open_group(store, path=PROGRESS_GROUP, mode="r", use_consolidated=False)
-    return _scratch_path("start").split("/")[-1] in group.array_keys()
+    return "refine-start" in group.array_keys()
 
 
 def refine(

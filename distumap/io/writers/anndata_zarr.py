@@ -203,7 +203,7 @@ def write_anndata_zarr(
     with a neighbour through one small task per shared chunk (``anndata-zarr-edge``), so every
     chunk has exactly one writer. The graph of all cells (``obsp`` and ``uns["neighbors"]``,
     see :func:`write_h5ad`) is computed on the cluster in cell blocks
-    (``anndata-zarr-graph-index``, ``anndata-zarr-graph-block``) and appended from this
+    (``anndata-zarr-graph-edges``, ``anndata-zarr-graph-block``) and appended from this
     process in cell order. The
     layout is the one :func:`write_h5ad` writes, in zarr
     format 2 (what anndata 0.12 writes by default; Blosc-zstd compressed, metadata

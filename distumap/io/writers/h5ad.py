@@ -168,8 +168,9 @@ def write_h5ad(
     refined, its graph of all cells goes where ``scanpy.pp.neighbors`` puts one:
     ``obsp["distances"]`` (each cell's nearest other cells, nearest first),
     ``obsp["connectivities"]`` (umap-learn's symmetrised fuzzy weights) and
-    ``uns["neighbors"]``, built once on a worker (``h5ad-graph-index``) and appended in cell
-    blocks like ``X`` (``h5ad-graph-block``); without it they stay empty, and with
+    ``uns["neighbors"]``, their rows built on the cluster a block of cells at a time
+    (``h5ad-graph-edges``, ``h5ad-graph-block``: no process holds the graph of all cells) and
+    appended like ``X``; without it they stay empty, and with
     ``progress`` one line says so. A cell subset of a store with the graph is refused. The
     file is
     written under a temporary name next to the target (or locally, for a URL) and renamed (or
