@@ -192,7 +192,9 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
         "fit_seconds": embed.get("fit_seconds"),
         "transform_seconds": embed.get("transform_seconds"),
         "refine_knn_seconds": embed.get("refine_knn_seconds"),
+        "refine_graph_seconds": embed.get("refine_graph_seconds"),
         "refine_epochs_seconds": embed.get("refine_epochs_seconds"),
+        "refine_last_epoch_seconds": embed.get("refine_last_epoch_seconds"),
         "export_and_pictures_seconds": round(
             seconds - sum(v for v in stage_seconds.values() if v), 1
         ),

@@ -219,6 +219,7 @@ def main() -> None:
                 # the refinement over all cells (distumap.tl._refine; 0 epochs: none)
                 "refine_epochs": record["params"].get("refine_epochs", 0),
                 "refine_knn_seconds": record.get("refine_knn_seconds"),
+                "refine_graph_seconds": record.get("refine_graph_seconds"),
                 "refine_epochs_seconds": record.get("refine_epochs_seconds"),
                 **_quality(features, ds["X_umap"].values, labels, sample),
             }

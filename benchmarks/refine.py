@@ -352,6 +352,7 @@ def cost(args) -> dict:
                 "fit_s": record["fit_seconds"],
                 "transform_s": record["transform_seconds"],
                 "refine_knn_s": record["refine_knn_seconds"],
+                "refine_graph_s": record.get("refine_graph_seconds"),
                 "refine_s_per_epoch": round(per_epoch, 3),
                 "refine_last_epoch_s": last,
                 "at_1m_knn_s": round(record["refine_knn_seconds"] * scale, 1),
