@@ -156,7 +156,7 @@ def landmark_start(X: np.ndarray, n_landmarks: int, transform_epochs: int = 30):
 
 def build_graph(features, is_landmark, nearest, model, settings, *, directed=False):
     """The refinement graph, as ``refine_embedding`` builds it (timed)."""
-    from distumap.tl import _refine
+    from distumap.tl import _refine, _union
 
     started = time.perf_counter()
     home = _refine.home_buckets(is_landmark, nearest)
@@ -170,7 +170,7 @@ def build_graph(features, is_landmark, nearest, model, settings, *, directed=Fal
     )
     knn_seconds = time.perf_counter() - started
     if directed:  # tried: the out-edges alone, without umap-learn's fuzzy union
-        graph = _refine.Graph(
+        graph = _union.Graph(
             neighbors,
             weights,
             np.zeros(len(home) + 1, dtype=np.int64),
@@ -178,7 +178,7 @@ def build_graph(features, is_landmark, nearest, model, settings, *, directed=Fal
             np.zeros(0, dtype=np.float32),
         )
     else:
-        graph = _refine.symmetrize(neighbors, weights)
+        graph = _union.symmetrize(neighbors, weights)
     info = {
         "knn_s": round(knn_seconds, 2),
         "candidates_per_cell": round(examined / len(home), 1),

@@ -424,7 +424,7 @@ def test_refine_knn_through_the_landmarks_finds_most_neighbours(model_pca, data)
 def test_symmetrize_is_umaps_fuzzy_union():
     import scipy.sparse as sp
 
-    from distumap.tl import _refine
+    from distumap.tl import _union
 
     rng = np.random.default_rng(0)
     n, k = 200, 6
@@ -433,7 +433,7 @@ def test_symmetrize_is_umaps_fuzzy_union():
     )
     neighbors[:5, -1] = -1  # fewer neighbours than k
     weights = rng.random((n, k)).astype(np.float32)
-    graph = _refine.symmetrize(neighbors, weights)
+    graph = _union.symmetrize(neighbors, weights)
     valid = neighbors >= 0
     rows = np.repeat(np.arange(n), k)[valid.ravel()]
     directed = sp.csr_matrix(
@@ -457,7 +457,7 @@ def test_graph_rows_from_pieces_are_the_whole_graphs(piece):
     """A part of the graph (a task's cells), built from the edges into it found piece by piece
     in every cell's rows, holds the whole graph's rows, and an epoch on it moves its cells as an
     epoch on the whole graph does."""
-    from distumap.tl import _refine
+    from distumap.tl import _refine, _union
 
     rng = np.random.default_rng(3)
     n, k = 300, 8
@@ -466,15 +466,15 @@ def test_graph_rows_from_pieces_are_the_whole_graphs(piece):
     ).astype(np.int32)
     neighbors[::7, -2:] = -1  # fewer neighbours than k
     weights = np.where(neighbors >= 0, rng.random((n, k)), 0).astype(np.float32)
-    whole = _refine.symmetrize(neighbors, weights)
+    whole = _union.symmetrize(neighbors, weights)
     positions = rng.normal(size=(n, 2)).astype(np.float32)
     options = {"epoch": 2, "n_epochs": 5, "a": 1.6, "b": 0.9, "seed": 7}
     for first, last in [(0, 1), (0, 117), (117, 118), (118, n)]:
         edges = [
-            _refine.in_edges(neighbors[at : at + piece], weights[at : at + piece], at, first, last)
+            _union.in_edges(neighbors[at : at + piece], weights[at : at + piece], at, first, last)
             for at in range(0, n, piece)
         ]
-        part = _refine.graph_part(neighbors[first:last], weights[first:last], first, edges)
+        part = _union.graph_part(neighbors[first:last], weights[first:last], first, edges)
         lo, hi = whole.in_start[first], whole.in_start[last]
         np.testing.assert_array_equal(part.out_weight, whole.out_weight[first:last])
         np.testing.assert_array_equal(part.in_start, whole.in_start[first : last + 1] - lo)

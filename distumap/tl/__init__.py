@@ -12,7 +12,7 @@ from distumap.tl._graph import (
     neighbor_graph,
     union_rows,
 )
-from distumap.tl._refine import in_edges
+from distumap.tl._union import in_edges
 
 __all__ = [
     "CsrRows",

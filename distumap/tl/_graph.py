@@ -8,7 +8,7 @@ out, nearest first, as ``scanpy.pp.neighbors`` stores them) and ``connectivities
 fuzzy union ``w + w.T - w * w.T`` of the membership weights, symmetric. The functions here build
 them row block by row block, so that a writer streams them like any other matrix: a block's rows
 of the union need its cells' edges and every edge into them (:func:`union_rows`, from the
-refinement's own :func:`~distumap.tl._refine.graph_part`), never the graph of all cells.
+refinement's own :func:`~distumap.tl._union.graph_part`), never the graph of all cells.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import xarray as xr
 
 from distumap._errors import IncompleteStoreError, InputError
 from distumap._format import CELL_GRAPH
-from distumap.tl._refine import Graph, graph_part, symmetrize
+from distumap.tl._union import Graph, graph_part, symmetrize
 
 __all__ = [
     "CsrRows",
@@ -52,7 +52,7 @@ def cell_graph(neighbors: np.ndarray, weights: np.ndarray) -> Graph:
     Returns
     -------
     Graph
-        umap-learn's fuzzy union of the edges (:func:`~distumap.tl._refine.symmetrize`), the
+        umap-learn's fuzzy union of the edges (:func:`~distumap.tl._union.symmetrize`), the
         graph the refinement's epochs ran on.
 
     Raises
@@ -96,7 +96,7 @@ def union_rows(
     n_cells
         The store's cells (an edge beyond them is refused, as :func:`cell_graph` refuses it).
     edges
-        Every edge into these cells: :func:`~distumap.tl._refine.in_edges` of every cell's
+        Every edge into these cells: :func:`~distumap.tl._union.in_edges` of every cell's
         rows, in cell order.
 
     Returns
@@ -141,7 +141,7 @@ def connectivity_rows(graph: Graph, first: int, last: int) -> CsrRows:
     ----------
     graph
         Every cell's edges (:func:`cell_graph`), or those of consecutive cells that include
-        these (:func:`~distumap.tl._refine.graph_part`).
+        these (:func:`~distumap.tl._union.graph_part`).
     first, last
         The rows (cells) to give.
 

@@ -31,7 +31,7 @@ from distumap._store import (
     progress_array,
 )
 from distumap._workers import WorkerCache
-from distumap.tl import _model_io, _refine
+from distumap.tl import _model_io, _refine, _union
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +189,10 @@ def _refine_graph_task(first: int, last: int, *, store: str, token: str, run: st
     chunk = int(neighbors.chunks[0])
     step = max(1, GRAPH_SCAN_CELLS // chunk) * chunk  # whole store chunks
     edges = [
-        _refine.in_edges(neighbors[at : at + step], weights[at : at + step], at, first, last)
+        _union.in_edges(neighbors[at : at + step], weights[at : at + step], at, first, last)
         for at in range(0, n_cells, step)
     ]
-    graph = _refine.graph_part(neighbors[first:last], weights[first:last], first, edges)
+    graph = _union.graph_part(neighbors[first:last], weights[first:last], first, edges)
     del edges
     progress = zarr.open_group(store, path=PROGRESS_GROUP, mode="r+", use_consolidated=False)
     for part, values in zip(_LONE, (graph.in_source, graph.in_weight), strict=True):
@@ -213,7 +213,7 @@ def _refine_graph_task(first: int, last: int, *, store: str, token: str, run: st
     return last - first
 
 
-def _graph_rows(store: str, first: int, last: int, task_first: int) -> _refine.Graph:
+def _graph_rows(store: str, first: int, last: int, task_first: int) -> _union.Graph:
     """Cells ``first:last``'s rows of the symmetrised graph, which the graph task of the cells
     from ``task_first`` wrote."""
     lone = _read_rows(store, _scratch_path("lone"), slice(task_first, last)).astype(np.int64)
@@ -221,7 +221,7 @@ def _graph_rows(store: str, first: int, last: int, task_first: int) -> _refine.G
     in_start = np.zeros(last - first + 1, dtype=np.int64)
     np.cumsum(lone[first - task_first :], out=in_start[1:])
     lo, hi = skip, skip + int(in_start[-1])
-    return _refine.Graph(
+    return _union.Graph(
         _read_rows(store, CELL_GRAPH[0], slice(first, last)),
         _read_rows(store, _scratch_path("weight"), slice(first, last)),
         in_start,
