@@ -163,6 +163,7 @@ def build_graph(features, is_landmark, nearest, model, settings, *, directed=Fal
     neighbors, weights, examined = _refine.nearest_cells(
         _refine.bucket_index(home, int(is_landmark.sum()), features),
         np.arange(len(home)),
+        features,
         home,
         nearest,
         mean_distance=model.mean_distance_reference,

@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     # epochs of UMAP's SGD over the kNN graph of all cells after the transform (0: none); see
     # benchmarks/RESULTS.md, "Transform refinement"
     "refine-epochs": 30,
+    # the refinement's nearest-cell search holds about this many bytes of cells' features on a
+    # worker at a time: more are searched in passes over ranges of buckets (the same result;
+    # one pass up to 1.3 million cells of 50 components)
+    "search-pass-bytes": 256 * 2**20,
 }
 
 dask.config.update_defaults({"distumap": DEFAULTS})

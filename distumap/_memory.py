@@ -81,13 +81,21 @@ CLIENT_BASE = int(0.6 * GIB)
 CLIENT_PER_CELL = 400
 
 
+def search_passes(n_cells: int, n_features: int) -> int:
+    """Passes of the refinement's nearest-cell search over ``n_cells`` cells' features of
+    ``n_features`` float32 each: enough that each holds at most ``distumap.search-pass-bytes``
+    of them (256 MiB: one pass up to 1.3 million cells of 50 components)."""
+    budget = max(int(_config.get("search-pass-bytes")), 1)
+    return max(1, -(-n_cells * 4 * n_features // budget))
+
+
 def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
     """Bytes the embed's refinement holds on every worker above a warmed-up worker.
 
     Parameters
     ----------
     n_cells
-        Cells of the store: each worker reads the arrays below for all of them.
+        Cells of the store.
     n_features
         Width of the kNN features (principal components, or the representation's columns).
     n_neighbors
@@ -96,14 +104,16 @@ def refine_bytes(n_cells: int, n_features: int, n_neighbors: int = 15) -> int:
     Returns
     -------
     int
-        The larger of its steps, times :data:`REFINE_MARGIN`: the nearest-cell search holds
-        every cell's features in bucket order with its bucket and row (and their sort while it
-        is built); the epochs hold two copies of every cell's position (and their own cells'
-        rows of the graph, which do not grow with the cells; ``n_neighbors`` no longer counts).
+        The larger of its steps, times :data:`REFINE_MARGIN`: a pass of the nearest-cell search
+        holds its buckets' cells' features with their order (and their sort while it is built;
+        :func:`search_passes`) and every cell's bucket; the epochs hold two copies of every
+        cell's position (and their own cells' rows of the graph, which do not grow with the
+        cells; ``n_neighbors`` no longer counts).
     """
-    search = 4 * n_features + 32
-    epochs = 16
-    return int(REFINE_MARGIN * max(search, epochs) * n_cells)
+    held = -(-n_cells // search_passes(n_cells, n_features))
+    search = (4 * n_features + 24) * held + 5 * n_cells
+    epochs = 16 * n_cells
+    return int(REFINE_MARGIN * max(search, epochs))
 
 
 def client_bytes(n_cells: int) -> int:
@@ -211,9 +221,9 @@ def check_refine(client, n_cells: int, n_features: int, n_neighbors: int = 15) -
     if need <= USABLE_SHARE * limit:
         return
     raise InputError(
-        f"embed: the refinement of {n_cells:,} cells reads every cell's features on each "
-        f"worker: about {gib(need)}, and the workers' memory limit "
-        f"is {gib(limit)}; give the workers more memory (--memory-limit {_limit_flag(need)}) "
+        f"embed: the refinement of {n_cells:,} cells needs about {gib(need)} on each worker "
+        "(a share of the cells' features, every cell's position), and the workers' memory "
+        f"limit is {gib(limit)}; give the workers more memory (--memory-limit {_limit_flag(need)}) "
         "or skip the refinement (--refine-epochs 0)"
     )
 

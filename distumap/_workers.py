@@ -41,10 +41,11 @@ class WorkerCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+            # the oldest go before the new one is built: never both in memory at once
+            while self._items and len(self._items) >= self.size:
+                self._items.popitem(last=False)
             value = build()
             self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
             return value
 
     def clear(self) -> None:

@@ -232,6 +232,12 @@ def test_refine_zero_is_the_transform_and_refining_keeps_the_knn_graph(tmp_path,
     assert check_store(again) == []
 
 
+def _search_in_passes(monkeypatch, n_passes: int) -> None:
+    """The refinement's nearest cells searched in ``n_passes`` passes over the buckets."""
+    budget = -(-N_CELLS * 4 * EMBED["pca"] // n_passes)
+    monkeypatch.setitem(dask.config.config["distumap"], "search-pass-bytes", budget)
+
+
 def test_refined_embedding_does_not_depend_on_chunks_or_workers(
     tmp_path, dataset, local_client, monkeypatch
 ):
@@ -239,9 +245,22 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
 
     # several refinement tasks per epoch, covering different cells in each run
     monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 128)
+    # and the nearest cells searched in 3 passes over the buckets, each pass's task run twice
+    # (a task retried after its worker died: it reads the previous pass's best, not its own)
+    _search_in_passes(monkeypatch, 3)
+    knn_task = _refine_stage._refine_knn_task
+
+    def twice(*args, **kwargs):
+        knn_task(*args, **kwargs)
+        return knn_task(*args, **kwargs)
+
     with dask.config.set(scheduler="threads"):
+        monkeypatch.setattr(_refine_stage, "_refine_knn_task", twice)
         small = _embedded(tmp_path, dataset, 64, "refine-small", **REFINE)  # 12 tasks an epoch
-    on_cluster = _embedded(tmp_path, dataset, 250, "refine-cluster", **REFINE)  # 6, two workers
+    monkeypatch.setattr(_refine_stage, "_refine_knn_task", knn_task)
+    # on two workers: 6 tasks, the search in 2 passes
+    _search_in_passes(monkeypatch, 2)
+    on_cluster = _embedded(tmp_path, dataset, 250, "refine-cluster", **REFINE)
     reference = small["X_umap"].values
     assert np.isfinite(reference).all()
     np.testing.assert_array_equal(on_cluster["X_umap"].values, reference)
@@ -249,11 +268,9 @@ def test_refined_embedding_does_not_depend_on_chunks_or_workers(
         np.testing.assert_array_equal(on_cluster[name].values, small[name].values, err_msg=name)
     # and the whole refinement in one process, all cells in one piece
     np.testing.assert_array_equal(_from_the_model(small, refine_epochs=6), reference)
-    chunks_per_task = [
-        ds.attrs["distumap"]["stages"]["embed"]["refine_chunks_per_task"]
-        for ds in (small, on_cluster)
-    ]
-    assert chunks_per_task == [2, 1]
+    records = [ds.attrs["distumap"]["stages"]["embed"] for ds in (small, on_cluster)]
+    assert [record["refine_chunks_per_task"] for record in records] == [2, 1]
+    assert [record["refine_knn_passes"] for record in records] == [3, 2]
     # the working arrays went with the stage's end; the graph is chunked as its tasks wrote it
     for ds in (small, on_cluster):
         store = zarr.open_group(ds.encoding["distumap_store"], mode="r")  # consolidated
@@ -284,6 +301,7 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
     from distumap.tl import _embed, _refine_stage
 
     monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 300)  # 5 chunks of 300: 5 tasks a step
+    _search_in_passes(monkeypatch, 2)
     epoch_task = _refine_stage._refine_epoch_task
 
     def dies_in_epoch_3(first, last, *args, epoch, **kwargs):
@@ -302,9 +320,9 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
         record = distumap._store.stage_record(store, "embed")
         assert record["status"] == "started"
         steps = distumap._store.progress_array(store, _refine_stage.REFINE_MARKERS, mode="r")[:]
-        # transform (5), kNN (5), graph (1: 8 tasks' cells) and epochs 0-2 (15) done; epoch 3
-        # not, nor later ones
-        assert len(steps) == 5 + 5 + 1 + 5 * 5 and steps[:26].all() and not steps[28:].any()
+        # transform (5), kNN in 2 passes (10), graph (1: 8 tasks' cells) and epochs 0-2 (15)
+        # done; epoch 3 not, nor later ones
+        assert len(steps) == 5 + 2 * 5 + 1 + 5 * 5 and steps[:31].all() and not steps[33:].any()
         # and no chunk of X_umap vouched for: only the last epoch writes it
         assert not distumap._store.progress_array(store, "embed", mode="r")[:].any()
         monkeypatch.setattr(_refine_stage, "_refine_epoch_task", epoch_task)
@@ -313,6 +331,7 @@ def test_refinement_resumes_mid_epoch(tmp_path, dataset, monkeypatch):
         monkeypatch.setattr(_refine_stage, "_refine_graph_task", never)
         # the stage keeps its own layout
         monkeypatch.setattr(_refine_stage, "REFINE_TASK_CELLS", 600)
+        _search_in_passes(monkeypatch, 1)
         resumed = tl.umap(store, **REFINE)
     assert resumed.attrs["distumap"]["stages"]["embed"]["status"] == "complete"
     np.testing.assert_array_equal(resumed["X_umap"].values, _from_the_model(resumed, 6))
@@ -324,7 +343,7 @@ def test_a_refinement_without_its_working_arrays_or_graph_step_starts_again(tmp_
     store = str(tmp_path / "store.zarr")
     zarr.open_group(store, mode="w").require_group("_progress")
     assert _refine_stage.resumable(store, {})  # an embed without refinement
-    layout = _refine_stage.refine_layout(10, 1024, 5)
+    layout = _refine_stage.refine_layout(10, 1024, 5, 10 * 1024, 8)
     assert not _refine_stage.resumable(store, layout)  # its working arrays went
     _refine_stage.create_scratch(store, 10 * 1024, 1024, layout["refine_chunks_per_task"], 8)
     assert _refine_stage.resumable(store, layout)

@@ -137,8 +137,13 @@ def test_an_ingest_fits_its_chunks_to_the_workers_before_reading(tmp_path, small
 
 def test_refinement_estimate_grows_with_the_cells_and_the_features():
     base = _memory.refine_bytes(1_000_000, 50)
-    assert _memory.refine_bytes(2_000_000, 50) == 2 * base
+    assert _memory.search_passes(1_000_000, 50) == 1
+    assert _memory.refine_bytes(500_000, 50) < base
     assert _memory.refine_bytes(1_000_000, 500) > base  # wide features: the search holds them
+    # past one pass the search holds a range of buckets' features: ten million cells need
+    # more (every cell's bucket and position) but not ten times more
+    assert _memory.search_passes(10_000_000, 50) == 8
+    assert base < _memory.refine_bytes(10_000_000, 50) < 1.5 * base
     # at a million cells it lies above the largest worker's peak measured there (1.08 GiB)
     assert _memory.WARMED_WORKER + base > 1.08 * GIB
 
@@ -203,3 +208,14 @@ def test_a_command_bounds_its_heap_unless_the_environment_says_otherwise():
 
     assert applied() == "[('MALLOC_ARENA_MAX', 2), ('MALLOC_TRIM_THRESHOLD_', 65536)]"
     assert applied(MALLOC_ARENA_MAX="4") == "[('MALLOC_TRIM_THRESHOLD_', 65536)]"
+
+
+def test_a_worker_cache_drops_its_oldest_value_before_building_a_new_one():
+    """A pass's features replace the previous pass's: both at once would double the peak."""
+    from distumap._workers import WorkerCache
+
+    cache = WorkerCache(1)
+    assert cache.get(("pass", 0), lambda: "first") == "first"
+    assert cache.get(("pass", 0), lambda: "built again") == "first"
+    held_while_building = cache.get(("pass", 1), lambda: len(cache._items))
+    assert held_while_building == 0 and cache.get(("pass", 1), lambda: "again") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -386,6 +387,7 @@ def test_refine_knn_is_exact_when_the_buckets_hold_every_cell(model_pca, data):
     found, dist, examined = _refine.cell_knn(
         _refine.bucket_index(home, N_LANDMARKS, features),
         cells,
+        features[cells],
         every_bucket,
         k=K,
         max_candidates=N_CELLS,
@@ -400,6 +402,33 @@ def test_refine_knn_is_exact_when_the_buckets_hold_every_cell(model_pca, data):
     np.testing.assert_allclose(dist, np.take_along_axis(exact, order, 1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("n_passes", [2, 5, N_LANDMARKS + 3])
+def test_refine_knn_in_passes_over_the_buckets_equals_one_search(model_pca, data, n_passes):
+    from distumap.tl import _refine
+
+    _, features, is_landmark, nearest = _refine_inputs(model_pca, data)
+    home = _refine.home_buckets(is_landmark, nearest)
+    buckets = _refine.candidate_landmarks(home, nearest)
+    cells = np.arange(N_CELLS)
+    options = {"k": K, "max_candidates": 300, "bucket_cap": 40}  # walks stop, strides thin
+    whole = _refine.bucket_index(home, N_LANDMARKS, features)
+    found, dist, examined = _refine.cell_knn(whole, cells, features, buckets, **options)
+    edges = _refine.search_passes(np.bincount(home, minlength=N_LANDMARKS), n_passes)
+    assert edges[0] == 0 and edges[-1] == N_LANDMARKS and (np.diff(edges) >= 0).all()
+    best, counted, held = None, 0, 0
+    for first, last in itertools.pairwise(edges):
+        part = _refine.bucket_index(home, N_LANDMARKS, features, (first, last))
+        held = max(held, len(part.cells))
+        *best, computed = _refine.knn_pass(part, cells, features, buckets, best=best, **options)
+        counted += computed
+    np.testing.assert_array_equal(best[0], found)
+    np.testing.assert_array_equal(np.sqrt(best[1]), dist)
+    assert counted == examined
+    # each pass holds its share of the cells (and at most one bucket more)
+    largest = np.bincount(home).max()
+    assert held <= -(-N_CELLS // n_passes) + largest and held < N_CELLS
+
+
 def test_refine_knn_through_the_landmarks_finds_most_neighbours(model_pca, data):
     from sklearn.neighbors import NearestNeighbors
 
@@ -410,6 +439,7 @@ def test_refine_knn_through_the_landmarks_finds_most_neighbours(model_pca, data)
     found, weights, _ = _refine.nearest_cells(
         _refine.bucket_index(home, N_LANDMARKS, features),
         np.arange(N_CELLS),
+        features,
         home,
         nearest,
         mean_distance=model_pca.mean_distance_reference,

@@ -418,7 +418,12 @@ def _start(
     working arrays."""
     n_cells = ds.sizes["cell"]
     epochs = _refine_stage.refine_epochs(params, is_landmark)
-    layout = _refine_stage.refine_layout(len(chunks), chunks[0], epochs) if epochs else {}
+    width = _refine_stage.n_features(params, n_genes)
+    layout = (
+        _refine_stage.refine_layout(len(chunks), chunks[0], epochs, n_cells, width)
+        if epochs
+        else {}
+    )
     markers = layout.pop("refine_markers", 0)
     # a run id keys the workers' caches of whole arrays, so that no cache outlives its run
     stage.start(n_blocks=len(chunks), token=token, run=uuid.uuid4().hex, **layout)
@@ -470,7 +475,7 @@ def _start(
             n_cells,
             chunks[0],
             layout["refine_chunks_per_task"],
-            _refine_stage.n_features(params, n_genes),
+            width,
         )
 
 

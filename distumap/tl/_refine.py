@@ -63,9 +63,11 @@ __all__ = [
     "epoch",
     "fit_weights",
     "home_buckets",
+    "knn_pass",
     "nearest_cells",
     "refine",
     "refine_embedding",
+    "search_passes",
     "warm_up",
 ]
 
@@ -105,32 +107,55 @@ class RefineSettings:
 
 @dataclass(frozen=True)
 class BucketIndex:
-    """The inverted index landmark -> cells, with the cells' features stored bucket by bucket.
+    """The inverted index landmark -> cells, with the cells' features stored bucket by bucket:
+    of every bucket, or of a range of them (one pass of a search, :func:`search_passes`).
 
     Attributes
     ----------
     start
-        int64 ``(n_landmarks + 1,)``: bucket ``b`` is rows ``start[b]:start[b + 1]``.
+        int64 ``(n_landmarks + 1,)``: bucket ``b`` holds cells ``start[b]:start[b + 1]`` of all
+        cells in bucket order (every bucket's, whatever the range).
     cells
-        int32 ``(n_cells,)``: the cell of each row, ascending within a bucket.
+        int32 ``(m,)``: the cells of buckets ``first_bucket:last_bucket`` in bucket order,
+        ascending within a bucket.
     features
-        float32 ``(n_cells, n_features)``: each row's features, so that a bucket's candidates
-        are read from one contiguous stretch of memory, not from scattered rows.
-    row
-        int64 ``(n_cells,)``: each cell's row.
+        float32 ``(m, n_features)``: those cells' features, so that a bucket's candidates are
+        read from one contiguous stretch of memory, not from scattered rows.
+    first_bucket, last_bucket
+        The buckets held.
     """
 
     start: np.ndarray
     cells: np.ndarray
     features: np.ndarray
-    row: np.ndarray
+    first_bucket: int
+    last_bucket: int
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+        return self.start.nbytes + self.cells.nbytes + self.features.nbytes
 
 
-def bucket_index(home: np.ndarray, n_landmarks: int, features: np.ndarray) -> BucketIndex:
+def search_passes(counts: np.ndarray, n_passes: int) -> np.ndarray:
+    """Cut the buckets into ``n_passes`` consecutive ranges of about equal cells.
+
+    ``counts`` are the buckets' sizes (int ``(n_landmarks,)``). Returns int64
+    ``(n_passes + 1,)`` bucket numbers from 0 to ``n_landmarks``: pass ``p`` holds buckets
+    ``edges[p]:edges[p + 1]`` (at most ``n_cells / n_passes`` cells and one bucket).
+    """
+    start = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    targets = -(-np.arange(n_passes + 1, dtype=np.int64) * start[-1] // max(n_passes, 1))
+    edges = np.searchsorted(start, targets, side="left").astype(np.int64)
+    edges[0], edges[-1] = 0, len(counts)
+    return edges
+
+
+def bucket_index(
+    home: np.ndarray,
+    n_landmarks: int,
+    features: np.ndarray,
+    buckets: tuple[int, int] | None = None,
+) -> BucketIndex:
     """Bucket every cell by its home landmark (:func:`home_buckets`).
 
     Parameters
@@ -142,30 +167,44 @@ def bucket_index(home: np.ndarray, n_landmarks: int, features: np.ndarray) -> Bu
         Number of landmarks.
     features
         float32 ``(n_cells, n_features)``: every cell's kNN features, in memory or an array
-        read in row blocks (a zarr array): then only the copy in bucket order is held whole.
+        read in row blocks (a zarr array): then only the held buckets' copy is held whole.
+    buckets
+        ``(first, last)``: hold the features of these buckets only (default: all).
 
     Returns
     -------
     BucketIndex
-        Computes (a stable argsort and a copy of ``features`` in bucket order).
+        Computes (a stable sort of the held cells by bucket and a copy of their features).
     """
-    home = np.asarray(home, dtype=np.int64).reshape(-1)
+    home = np.asarray(home).reshape(-1)
     if home.size and (home.min() < 0 or home.max() >= n_landmarks):
         raise ValueError(f"bucket numbers must lie in [0, {n_landmarks})")
     if features.shape[0] != len(home):
         raise ValueError(f"{len(home)} cells but features for {features.shape[0]}")
-    counts = np.bincount(home, minlength=n_landmarks)
+    first, last = (0, n_landmarks) if buckets is None else map(int, buckets)
     start = np.zeros(n_landmarks + 1, dtype=np.int64)
-    np.cumsum(counts, out=start[1:])
-    order = np.argsort(home, kind="stable")
-    row = np.empty(len(home), dtype=np.int64)
-    row[order] = np.arange(len(home))
-    ordered = np.empty((len(home), features.shape[1]), dtype=np.float32)
+    np.cumsum(np.bincount(home, minlength=n_landmarks), out=start[1:])
+    held = (
+        np.arange(len(home)) if buckets is None else np.flatnonzero((home >= first) & (home < last))
+    )
+    order = np.argsort(home[held], kind="stable")  # held cells ascend: so do a bucket's
+    place = np.empty(len(held), dtype=np.int64)
+    place[order] = np.arange(len(held))
+    ordered = np.empty((len(held), features.shape[1]), dtype=np.float32)
     step = int(getattr(features, "chunks", (len(home),))[0]) or 1
-    for first in range(0, len(home), step):
-        # each block of rows goes straight to its places in bucket order
-        ordered[row[first : first + step]] = np.asarray(features[first : first + step])
-    return BucketIndex(start=start, cells=order.astype(np.int32), features=ordered, row=row)
+    for lo in range(0, len(home), step):
+        # each block of rows goes straight to its held cells' places in bucket order
+        a, b = np.searchsorted(held, [lo, lo + step])
+        if a < b:
+            block = np.asarray(features[lo : min(lo + step, len(home))])
+            ordered[place[a:b]] = block[held[a:b] - lo]
+    return BucketIndex(
+        start=start,
+        cells=held[order].astype(np.int32),
+        features=ordered,
+        first_bucket=first,
+        last_bucket=last,
+    )
 
 
 def candidate_landmarks(home: np.ndarray, knn_landmark: np.ndarray) -> np.ndarray:
@@ -185,27 +224,28 @@ def candidate_landmarks(home: np.ndarray, knn_landmark: np.ndarray) -> np.ndarra
 
 
 @njit(cache=True, nogil=True)
-def _sqdist(features, a, b):
-    """Squared distance of rows a and b in float64: four running sums over interleaved features,
-    combined in a fixed order (the same bits for a pair, whatever else is computed)."""
-    n = features.shape[1]
+def _sqdist(x, a, y, b):
+    """Squared distance of row a of x and row b of y in float64: four running sums over
+    interleaved features, combined in a fixed order (the same bits for a pair, whatever else is
+    computed)."""
+    n = x.shape[1]
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
     f = 0
     while f + 4 <= n:
-        d0 = np.float64(features[a, f]) - np.float64(features[b, f])
-        d1 = np.float64(features[a, f + 1]) - np.float64(features[b, f + 1])
-        d2 = np.float64(features[a, f + 2]) - np.float64(features[b, f + 2])
-        d3 = np.float64(features[a, f + 3]) - np.float64(features[b, f + 3])
+        d0 = np.float64(x[a, f]) - np.float64(y[b, f])
+        d1 = np.float64(x[a, f + 1]) - np.float64(y[b, f + 1])
+        d2 = np.float64(x[a, f + 2]) - np.float64(y[b, f + 2])
+        d3 = np.float64(x[a, f + 3]) - np.float64(y[b, f + 3])
         s0 += d0 * d0
         s1 += d1 * d1
         s2 += d2 * d2
         s3 += d3 * d3
         f += 4
     while f < n:
-        d0 = np.float64(features[a, f]) - np.float64(features[b, f])
+        d0 = np.float64(x[a, f]) - np.float64(y[b, f])
         s0 += d0 * d0
         f += 1
     return (s0 + s1) + (s2 + s3)
@@ -214,29 +254,41 @@ def _sqdist(features, a, b):
 @njit(cache=True, nogil=True)
 def _knn_block(
     cells,
-    query_rows,
+    query_features,
     query_buckets,
     bucket_start,
+    first_bucket,
+    last_bucket,
     bucket_cells,
     features,
+    best_j,
+    best_d,
     k,
     max_candidates,
     bucket_cap,
 ):
     """Exact k nearest cells among each row's bucket candidates; -1 / inf where fewer exist.
 
-    ``features`` are in bucket order (a bucket's candidates are contiguous rows); the query
-    cell ``cells[q]`` is row ``query_rows[q]`` of them.
+    A row walks its buckets in order until ``max_candidates`` were taken, as if every bucket
+    were held, but computes distances in the held buckets only (``features``, in bucket order,
+    of buckets ``first_bucket:last_bucket``), merged with the row's best so far (``best_j``,
+    ``best_d``: ascending squared distances, -1 / inf past the end). Returns the new best in
+    the same form, and the distances computed.
     """
     n = cells.shape[0]
     out_index = np.full((n, k), -1, dtype=np.int64)
     out_dist = np.full((n, k), np.inf, dtype=np.float64)
     heap_d = np.empty(k, dtype=np.float64)
     heap_j = np.empty(k, dtype=np.int64)
+    offset = bucket_start[first_bucket]
     n_examined = 0
     for q in range(n):
         i = cells[q]
         size = 0
+        for r in range(k):
+            if best_j[q, r] < 0:
+                break
+            size = heap_push(heap_d, heap_j, size, best_d[q, r], best_j[q, r], True)
         seen = 0
         for r in range(query_buckets.shape[1]):
             bucket = query_buckets[q, r]
@@ -245,26 +297,27 @@ def _knn_block(
             lo = bucket_start[bucket]
             count = bucket_start[bucket + 1] - lo
             take = min(count, bucket_cap)
-            for t in range(take):
-                # an even stride through a bucket larger than its cap; all of a smaller one
-                at = lo + (t * count) // take
-                j = np.int64(bucket_cells[at])
-                if j == i:
-                    continue
-                d = _sqdist(features, query_rows[q], at)
-                # a max-heap ordered by (distance, cell index)
-                if size < k:
-                    size = heap_push(heap_d, heap_j, size, d, j, True)
-                elif heap_before(d, j, heap_d[0], heap_j[0], True):
-                    heap_sift_down(heap_d, heap_j, size, d, j, True)
+            if first_bucket <= bucket < last_bucket:
+                for t in range(take):
+                    # an even stride through a bucket larger than its cap; all of a smaller one
+                    at = lo + (t * count) // take - offset
+                    j = np.int64(bucket_cells[at])
+                    if j == i:
+                        continue
+                    d = _sqdist(query_features, q, features, at)
+                    # a max-heap ordered by (distance, cell index)
+                    if size < k:
+                        size = heap_push(heap_d, heap_j, size, d, j, True)
+                    elif heap_before(d, j, heap_d[0], heap_j[0], True):
+                        heap_sift_down(heap_d, heap_j, size, d, j, True)
+                n_examined += take
             seen += take
             if seen >= max_candidates:
                 break
-        n_examined += seen
         # pop the heap from the back: nearest first
         for r in range(size - 1, -1, -1):
             out_index[q, r] = heap_j[0]
-            out_dist[q, r] = np.sqrt(heap_d[0])
+            out_dist[q, r] = heap_d[0]
             heap_sift_down(heap_d, heap_j, r, heap_d[r], heap_j[r], True)
     return out_index, out_dist, n_examined
 
@@ -401,29 +454,90 @@ def _epoch_block(
 # ----------------------------------------------------------------------------- public API
 
 
-def cell_knn(
+def knn_pass(
     index: BucketIndex,
     cells: np.ndarray,
+    features: np.ndarray,
     query_buckets: np.ndarray,
     *,
     k: int,
     max_candidates: int = 1024,
     bucket_cap: int = 256,
+    best: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each cell's k nearest other cells among the candidates in the buckets ``index`` holds,
+    merged with its best so far: one pass of :func:`cell_knn`.
+
+    Parameters
+    ----------
+    index
+        The buckets searched in this pass (:func:`bucket_index`).
+    cells, features
+        int ``(n,)``: the cells to query, and float32 ``(n, n_features)`` their features.
+    query_buckets
+        int ``(n, m)``: buckets to search per cell, nearest landmark first; -1 skips
+        (:func:`candidate_landmarks`). Each cell takes whole buckets until ``max_candidates``
+        were examined, counting the buckets of every pass, so the passes over ranges of buckets
+        examine the candidates of one search over all.
+    k, max_candidates, bucket_cap
+        Neighbours kept; candidates examined per cell; a bucket gives at most ``bucket_cap`` of
+        its cells (an even stride).
+    best
+        The previous passes' result (neighbours, squared distances), or None.
+
+    Returns
+    -------
+    neighbors, sqdistances, examined
+        int64 ``(n, k)`` cell indices, nearest first (ties by cell index; -1 where fewer
+        candidates were found), float64 ``(n, k)`` squared euclidean distances (inf there), and
+        the candidates examined. The k best of the union of candidates are the k best
+        of the passes' k best: the passes in any number give the bits of one. Computes.
+    """
+    cells = np.ascontiguousarray(cells, dtype=np.int64)
+    if best is None:
+        best = (np.full((len(cells), k), -1, np.int64), np.full((len(cells), k), np.inf))
+    return _knn_block(
+        cells,
+        np.ascontiguousarray(features, dtype=np.float32),
+        np.ascontiguousarray(query_buckets, dtype=np.int64),
+        index.start,
+        int(index.first_bucket),
+        int(index.last_bucket),
+        index.cells,
+        index.features,
+        np.ascontiguousarray(best[0], dtype=np.int64),
+        np.ascontiguousarray(best[1], dtype=np.float64),
+        int(k),
+        int(max_candidates),
+        int(bucket_cap),
+    )
+
+
+def cell_knn(
+    index: BucketIndex,
+    cells: np.ndarray,
+    features: np.ndarray,
+    query_buckets: np.ndarray,
+    *,
+    k: int,
+    max_candidates: int = 1024,
+    bucket_cap: int = 256,
+    best: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Each cell's k nearest other cells, searched in the buckets of its nearest landmarks.
 
     Parameters
     ----------
     index
-        Every cell's bucket and features (:func:`bucket_index`).
-    cells
-        int ``(n,)``: the cells to query.
+        Every cell's bucket and features (:func:`bucket_index`); or the last pass's buckets,
+        with the earlier passes' result in ``best`` (:func:`knn_pass`).
+    cells, features
+        int ``(n,)``: the cells to query, and float32 ``(n, n_features)`` their features.
     query_buckets
         int ``(n, m)``: buckets to search per cell, nearest landmark first; -1 skips
         (:func:`candidate_landmarks`).
-    k, max_candidates, bucket_cap
-        Neighbours kept; whole buckets are searched until ``max_candidates`` cells were
-        examined; a bucket gives at most ``bucket_cap`` of its cells (an even stride).
+    k, max_candidates, bucket_cap, best
+        As :func:`knn_pass` takes them.
 
     Returns
     -------
@@ -431,20 +545,19 @@ def cell_knn(
         int64 ``(n, k)`` cell indices, nearest first (ties by cell index; -1 where fewer
         candidates existed), float64 ``(n, k)`` euclidean distances (inf there), and the number
         of candidates examined. Row ``i`` depends only on ``cells[i]``, its buckets and the
-        index. Computes.
+        features of all cells. Computes.
     """
-    cells = np.ascontiguousarray(cells, dtype=np.int64)
-    return _knn_block(
+    neighbors, sqdistances, examined = knn_pass(
+        index,
         cells,
-        np.ascontiguousarray(index.row[cells], dtype=np.int64),
-        np.ascontiguousarray(query_buckets, dtype=np.int64),
-        index.start,
-        index.cells,
-        index.features,
-        int(k),
-        int(max_candidates),
-        int(bucket_cap),
+        features,
+        query_buckets,
+        k=k,
+        max_candidates=max_candidates,
+        bucket_cap=bucket_cap,
+        best=best,
     )
+    return neighbors, np.sqrt(sqdistances), examined
 
 
 def fit_weights(distances: np.ndarray, n_neighbors: int, mean_distance: float) -> np.ndarray:
@@ -552,7 +665,7 @@ def warm_up() -> None:
     features = np.arange(20, dtype=np.float32).reshape(4, 5)
     index = bucket_index(np.array([0, 0, 1, 1]), 2, features)
     buckets = candidate_landmarks(np.array([0, 0, 1, 1]), np.array([[0], [1], [1], [0]]))
-    neighbors, distances, _ = cell_knn(index, np.arange(4), buckets, k=2)
+    neighbors, distances, _ = cell_knn(index, np.arange(4), features, buckets, k=2)
     graph = symmetrize(neighbors, fit_weights(distances, 3, 1.0))
     epoch(features[:, :2], np.arange(4), graph, np.zeros(4, bool), epoch=0, n_epochs=1, a=1, b=1)
 
@@ -569,21 +682,24 @@ def home_buckets(is_landmark: np.ndarray, nearest_landmarks: np.ndarray) -> np.n
 def nearest_cells(
     index: BucketIndex,
     cells: np.ndarray,
+    features: np.ndarray,
     home: np.ndarray,
     nearest_landmarks: np.ndarray,
     *,
     mean_distance: float,
     settings: RefineSettings = RefineSettings(),
     return_distances: bool = False,
+    best: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple:
     """The refinement graph's out-edges of ``cells``: their nearest cells and weights.
 
     Parameters
     ----------
     index
-        Every cell's bucket and features (:func:`bucket_index`).
-    cells
-        int ``(n,)``: the cells to query.
+        Every cell's bucket and features (:func:`bucket_index`), or the last pass's buckets
+        (:func:`knn_pass`).
+    cells, features
+        int ``(n,)``: the cells to query, and float32 ``(n, n_features)`` their features.
     home, nearest_landmarks
         ``(n,)`` and ``(n, k)`` for those cells: their bucket (:func:`home_buckets`) and their
         nearest landmarks as landmark numbers, nearest first (a landmark's: the nearest
@@ -594,6 +710,8 @@ def nearest_cells(
         ``n_neighbors``, ``max_candidates`` and ``bucket_cap`` are used.
     return_distances
         Also return the edges' euclidean distances.
+    best
+        The earlier passes' result when ``index`` holds the last pass's buckets.
 
     Returns
     -------
@@ -606,10 +724,12 @@ def nearest_cells(
     neighbors, distances, examined = cell_knn(
         index,
         cells,
+        features,
         candidate_landmarks(home, nearest_landmarks),
         k=settings.n_neighbors,
         max_candidates=settings.max_candidates,
         bucket_cap=settings.bucket_cap,
+        best=best,
     )
     # umap-learn counts the cell itself among its n_neighbors
     weights = fit_weights(distances, settings.n_neighbors + 1, mean_distance)
@@ -640,6 +760,7 @@ def refine_embedding(
     neighbors, weights, _ = nearest_cells(
         bucket_index(home, int(np.sum(is_landmark)), features),
         np.arange(len(home)),
+        features,
         home,
         nearest_landmarks,
         mean_distance=model.mean_distance_reference,

@@ -2,15 +2,17 @@
 
 After the transform, ``refine_epochs`` epochs of UMAP's SGD over the kNN graph of all cells
 (:mod:`distumap.tl._refine`, the kernels) run as steps of the embed stage, each a set of tasks
-over contiguous cell ranges (a few store chunks each): ``umap-refine-knn`` tasks find their cells'
-nearest cells (written as the store's ``knn_cell``, ``knn_distance`` and ``knn_cell_weight``: a
-result); ``umap-refine-graph`` tasks write their cells' rows of the symmetrised graph (each reads
-every cell's kNN rows a block at a time and keeps the edges into its cells); then each epoch's
-``umap-refine-epoch`` tasks read every cell's position after the previous epoch and their own
-cells' rows of the graph, and write their cells' new positions. Whole arrays that every task of a
-step reads (all features, the positions) are read once per worker process; nothing of the graph
-is held whole. The working arrays live beside the stage's markers (``_progress/refine-*``, hidden
-from xarray); the last epoch writes ``X_umap``.
+over contiguous cell ranges (a few store chunks each): ``umap-refine-knn`` tasks find their
+cells' nearest cells (written as the store's ``knn_cell``, ``knn_distance`` and
+``knn_cell_weight``: a result), in passes over ranges of buckets when the cells' features are
+many (each worker reads a pass's buckets' features once; the tasks keep the best so far in
+working arrays); ``umap-refine-graph`` tasks write their cells' rows of the symmetrised graph
+(each reads every cell's kNN rows a block at a time and keeps the edges into its cells); then
+each epoch's ``umap-refine-epoch`` tasks read every cell's position after the previous epoch and
+their own cells' rows of the graph, and write their cells' new positions. What every task of a
+step reads (a pass's features, the positions) is read once per worker process; nothing of the
+graph is held whole. The working arrays live beside the stage's markers (``_progress/refine-*``,
+hidden from xarray); the last epoch writes ``X_umap``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import zarr
 from distumap import _progress
 from distumap._compute import on_workers_later, trim_memory
 from distumap._format import CELL_GRAPH, PROGRESS_GROUP
+from distumap._memory import search_passes
 from distumap._stage import Stage, StagePass
 from distumap._store import (
     progress_array,
@@ -49,6 +52,11 @@ _SCRATCH = {
     "xy-1": ((2,), "f4", "refine"),  # ... and after odd ones
     "weight": ("k", "f4", "refine"),  # the out-edges' weights in the symmetrised graph
     "lone": ((), "i4", "refine"),  # each cell's in-edges that it does not list itself
+    # the nearest cells found by a search's passes so far (after even and odd passes)
+    "best-cell-0": ("k", "i4", "refine"),
+    "best-cell-1": ("k", "i4", "refine"),
+    "best-sqdist-0": ("k", "f8", "refine"),  # squared, as the search ranks them: the same bits
+    "best-sqdist-1": ("k", "f8", "refine"),
 }
 #: a graph task's lone in-edges, ascending cell then source: refine-lone-{source,weight}-<first>,
 #: in chunks of LONE_CHUNK edges (an epoch task reads its cells' stretch)
@@ -119,7 +127,7 @@ def _read_scratch(store: str, name: str) -> np.ndarray:
     return zarr.open_array(store, path=_scratch_path(name), mode="r")[...]
 
 
-_SEARCH = WorkerCache(1)  # all features and the landmark -> cells index (kNN step)
+_SEARCH = WorkerCache(1)  # a search pass's buckets: their cells' features (kNN step)
 _POSITIONS = WorkerCache(1)  # all positions after the previous epoch
 _ROWS = WorkerCache(1)  # a refinement task's rows of the graph (the last epoch's tasks share them)
 
@@ -134,11 +142,13 @@ async def _clear_refine_caches_async() -> None:
     clear_caches()
 
 
-def _search_index(store: str, n_landmarks: int):
+def _search_index(store: str, n_landmarks: int, search_pass: int, passes: int):
     home = _read_scratch(store, "home")
-    # the features in store chunks, placed in bucket order as read: one copy, not two
+    edges = _refine.search_passes(np.bincount(home, minlength=n_landmarks), passes)
+    # the features in store chunks, the pass's buckets' placed in bucket order as read
     features = zarr.open_array(store, path=_scratch_path("features"), mode="r")
-    return home, _refine.bucket_index(home, n_landmarks, features)
+    buckets = (edges[search_pass], edges[search_pass + 1])
+    return _refine.bucket_index(home, n_landmarks, features, buckets)
 
 
 def _refine_knn_task(
@@ -150,19 +160,57 @@ def _refine_knn_task(
     token: str,
     run: str,
     settings: dict[str, Any],
+    search_pass: int = 0,
+    passes: int = 1,
 ) -> int:
-    """The nearest cells of one block's cells, and their membership weights."""
+    """The nearest cells of one block's cells among the candidates in one pass's buckets, and
+    after the last pass their membership weights."""
     model = _model_io.load_fitted(store, token)
-    home, index = _SEARCH.get((store, token, run), lambda: _search_index(store, model.n_landmarks))
+    index = _SEARCH.get(
+        (store, token, run, search_pass),
+        lambda: _search_index(store, model.n_landmarks, search_pass, passes),
+    )
     rows = slice(first, last)
+    cells = np.arange(first, last)
+    features = _read_rows(store, _scratch_path("features"), rows)
+    home = _read_rows(store, _scratch_path("home"), rows)
+    nearest = np.searchsorted(landmark_cells, _read_rows(store, "knn_landmark", rows))
+    settings = _refine.RefineSettings(**settings)
+    best = None
+    if search_pass:  # the previous pass's, kept apart from this one's (a task may run twice)
+        best = tuple(
+            _read_rows(store, _scratch_path(f"best-{part}-{(search_pass - 1) % 2}"), rows)
+            for part in ("cell", "sqdist")
+        )
+    if search_pass < passes - 1:
+        neighbors, sqdistances, _ = _refine.knn_pass(
+            index,
+            cells,
+            features,
+            _refine.candidate_landmarks(home, nearest),
+            k=settings.n_neighbors,
+            max_candidates=settings.max_candidates,
+            bucket_cap=settings.bucket_cap,
+            best=best,
+        )
+        parity = search_pass % 2
+        write_scratch(
+            store,
+            rows,
+            **{f"best-cell-{parity}": neighbors.astype(np.int32)},
+            **{f"best-sqdist-{parity}": sqdistances},
+        )
+        return last - first
     neighbors, weights, _, distances = _refine.nearest_cells(
         index,
-        np.arange(first, last),
-        home[rows],
-        np.searchsorted(landmark_cells, _read_rows(store, "knn_landmark", rows)),
+        cells,
+        features,
+        home,
+        nearest,
         mean_distance=model.mean_distance_reference,
-        settings=_refine.RefineSettings(**settings),
+        settings=settings,
         return_distances=True,
+        best=best,
     )
     # the task's cells are whole store chunks: no chunk of these has another writer
     for name, values in zip(CELL_GRAPH, (neighbors, distances, weights), strict=True):
@@ -328,17 +376,23 @@ def refine_epochs(params: dict[str, Any], is_landmark: np.ndarray) -> int:
     return params["refine_epochs"] if not is_landmark.all() else 0
 
 
-def refine_layout(n_chunks: int, chunk_cells: int, epochs: int) -> dict[str, int]:
+def refine_layout(
+    n_chunks: int, chunk_cells: int, epochs: int, n_cells: int, n_features: int
+) -> dict[str, int]:
     """How many store chunks one refinement task covers (the last epoch's tasks take one each,
-    as they write ``X_umap``), how many tasks one graph task covers (:data:`GRAPH_GROUP`), and
-    how many markers :data:`REFINE_MARKERS` holds: one per store chunk for the transform, one
-    per task for the nearest cells, one per graph task, one per task for each earlier epoch."""
+    as they write ``X_umap``), how many tasks one graph task covers (:data:`GRAPH_GROUP`), in
+    how many passes the nearest cells are searched (:func:`distumap._memory.search_passes`),
+    and how many markers :data:`REFINE_MARKERS` holds: one per store chunk for the transform,
+    one per task for each pass of the nearest cells, one per graph task, one per task for each
+    earlier epoch."""
     per_task = max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
     n_tasks = -(-n_chunks // per_task)
+    passes = search_passes(n_cells, n_features)
     return {
         "refine_chunks_per_task": per_task,
         "refine_graph_group": GRAPH_GROUP,
-        "refine_markers": n_chunks + epochs * n_tasks + -(-n_tasks // GRAPH_GROUP),
+        "refine_knn_passes": passes,
+        "refine_markers": n_chunks + (passes + epochs - 1) * n_tasks + -(-n_tasks // GRAPH_GROUP),
     }
 
 
@@ -369,11 +423,8 @@ def refine(
     settings = dataclasses.asdict(dataclasses.replace(_refine.RefineSettings(), n_epochs=n_epochs))
     n_chunks, n_cells = len(bounds) - 1, int(bounds[-1])
     # the run that started the stage chose the tasks' extent: a resumed run keeps it
-    per_task = stage.record.get("refine_chunks_per_task")
-    if per_task is None:  # a record without it: the layout the markers were made with
-        per_task = refine_layout(n_chunks, int(bounds[1] - bounds[0]), n_epochs)[
-            "refine_chunks_per_task"
-        ]
+    per_task = stage.record["refine_chunks_per_task"]
+    passes = stage.record.get("refine_knn_passes", 1)  # one before the search had passes
     edges = np.append(bounds[:-1:per_task], bounds[-1])
     n_tasks = len(edges) - 1
     graph_edges = np.append(
@@ -406,24 +457,28 @@ def refine(
                 todo[block] = ((first, last), common)
                 continue
             # the kNN step maps landmark cells to landmark numbers: one shared key
-            todo[block] = ((first, last, landmark_cells), {**common, "settings": settings})
+            todo[block] = ((first, last, landmark_cells), {**common, "settings": settings, **extra})
         return todo
 
     seconds = {}
     try:
         started = time.perf_counter()
-        step = Steps(stage, n_chunks, n_tasks)
-        step.run_blocks(
-            _refine_knn_task,
-            calls(step, edges),
-            key="umap-refine-knn",
-            label="embed: refine, nearest cells",
-            total=n_cells,
-            step="graph",
-        )
+        for search_pass in range(passes):
+            # each pass's progress counts toward one row of the dashboard, in cells
+            step = Steps(stage, n_chunks + search_pass * n_tasks, n_tasks)
+            step.run_blocks(
+                _refine_knn_task,
+                calls(step, edges, search_pass=search_pass, passes=passes),
+                key="umap-refine-knn",
+                label="embed: refine, nearest cells"
+                + (f", pass {search_pass + 1}/{passes}" if passes > 1 else ""),
+                total=n_cells * passes,
+                step="graph",
+                per_unit=passes,
+            )
         seconds["refine_knn_seconds"] = round(time.perf_counter() - started, 3)
         started = time.perf_counter()
-        step = Steps(stage, n_chunks + n_tasks, n_graph)
+        step = Steps(stage, n_chunks + passes * n_tasks, n_graph)
         step.run_blocks(
             _refine_graph_task,
             calls(step, graph_edges, graph=True),
@@ -438,7 +493,7 @@ def refine(
             label = f"embed: refine, epoch {epoch + 1}/{n_epochs}"
             extra = {"epoch": epoch, "n_cells": n_cells}
             if epoch < n_epochs - 1:
-                step = Steps(stage, n_chunks + n_graph + (1 + epoch) * n_tasks, n_tasks)
+                step = Steps(stage, n_chunks + n_graph + (passes + epoch) * n_tasks, n_tasks)
                 todo = calls(step, edges, **extra)
                 step.run_blocks(
                     _refine_epoch_task,
