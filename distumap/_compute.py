@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dask
@@ -342,4 +342,94 @@ def results_in_order(
             yield result
     finally:
         for future in pending:
+            future.cancel()
+
+
+def groups_in_order(
+    tasks: Sequence[Any],
+    *,
+    group: int,
+    summarize: Callable[[Any], Any],
+    follow: Callable[[list[Any]], tuple[Callable[..., Any], tuple]],
+    name: str,
+    stage: str,
+    in_flight: int,
+    client=None,
+    priority: int = 0,
+) -> Iterator[tuple[list[Any], Any]]:
+    """Yield, group by group in order, the summaries of ``group`` consecutive tasks' results
+    and the result of a follow-up task on the workers that takes those results.
+
+    For single writers whose work on a group depends on what came before it (where an HDF5
+    chunk starts): each result stays on its worker, only ``summarize(result)`` reaches this
+    process; once a group's summaries are here, ``follow(summaries)`` gives ``(function,
+    args)`` and ``function(*args, *results)`` runs on a worker (key ``<name>-<group>``). At
+    most ``in_flight`` results (and never fewer than two groups') are held at once; a lost
+    worker's results are computed again. Without a distributed client, everything runs here.
+    """
+    client = client if client is not None else current_client()
+    if client is None:
+        for start in range(0, len(tasks), group):
+            results = dask.compute(*tasks[start : start + group])
+            summaries = [summarize(result) for result in results]
+            function, args = follow(summaries)
+            yield summaries, function(*args, *results)
+        return
+    tasks = own_graphs(tasks)
+    watchdog = Watchdog(client, stage)
+    limit = max(in_flight, 2 * group)
+    held: deque = deque()  # (result, summary) futures not yet in a group
+    groups: deque = deque()  # (follow-up future, summaries, the group's futures)
+    upcoming = iter(enumerate(tasks))
+    exhausted = False
+    followed_groups = 0
+
+    def top_up() -> None:
+        nonlocal exhausted
+        while not exhausted and len(held) + sum(len(g[2]) for g in groups) < limit:
+            i, task = next(upcoming, (None, None))
+            if task is None:
+                exhausted = True
+                return
+            result = client.compute(task, retries=2, priority=priority)
+            summary = client.submit(
+                summarize, result, key=f"{name}-summary-{i}", retries=2, priority=priority
+            )
+            held.append((result, summary))
+
+    def result_of(future) -> Any:
+        watchdog.wait([future])
+        try:
+            return future.result()
+        except BaseException as error:
+            _reraise(error, stage, client)
+
+    try:
+        top_up()
+        while held or groups:
+            while held and len(groups) < 2 and (len(held) >= group or exhausted):
+                members = [held.popleft() for _ in range(min(group, len(held)))]
+                summaries = [result_of(summary) for _, summary in members]
+                function, args = follow(summaries)
+                followed = client.submit(
+                    function,
+                    *args,
+                    *(result for result, _ in members),
+                    key=f"{name}-{followed_groups}",
+                    retries=2,
+                    priority=priority,
+                )
+                followed_groups += 1
+                groups.append((followed, summaries, members))
+                top_up()
+            followed, summaries, members = groups.popleft()
+            value = result_of(followed)
+            for future in (followed, *(f for pair in members for f in pair)):
+                future.release()
+            top_up()
+            yield summaries, value
+    finally:
+        for future in [f for pair in held for f in pair] + [
+            f for g in groups for f in (g[0], *(x for pair in g[2] for x in pair))
+        ]:
             future.cancel()

@@ -291,6 +291,41 @@ def test_h5ad_chunks_span_blocks(dataset, tmp_path, monkeypatch, h5ad_chunk):
     _assert_contents(_read("h5ad", path), dataset)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_h5ad_stretches_deflated_elsewhere_make_the_chunks_deflated_here(tmp_path, seed):
+    """Values in groups of any size, their whole chunks deflated where the dataset puts them
+    (as the workers do) and the straddling chunks here, store the chunks that appending the
+    same values here stores, byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import h5py
+
+    from distumap.io.writers import h5ad
+    from distumap.io.writers._blocks import deflate_stretch
+
+    chunk = h5ad.H5AD_CHUNK
+    rng = np.random.default_rng(seed)
+    # groups within a chunk, across one boundary, across many, ending on one, empty
+    sizes = [5, 100, chunk - 105, 0, 3 * chunk + 7, chunk, 17, 2 * chunk - 24, 1]
+    groups = [rng.integers(0, 50, size).astype(np.int32) for size in rng.permutation(sizes)]
+    paths = tmp_path / "here.h5", tmp_path / "elsewhere.h5"
+    with ThreadPoolExecutor(2) as pool:
+        for path in paths:
+            with h5py.File(path, "w") as f:
+                dataset = h5ad._Appendable(f, "values", np.int32, True, pool)
+                start = 0
+                for values in groups:
+                    if path == paths[0]:
+                        dataset.append(values)
+                    else:
+                        dataset.extend(deflate_stretch(values, start, chunk, shuffle=True))
+                    start += len(values)
+                dataset.close()
+    _assert_same_chunks(*paths, ("values",))
+    with h5py.File(paths[1], "r") as f:
+        np.testing.assert_array_equal(f["values"][:], np.concatenate(groups))
+
+
 def _task_keys(client) -> list:
     def keys(dask_scheduler):  # run on the scheduler: the keys of the tasks it has seen
         return [ts.key for ts in dask_scheduler.tasks.values()] + [
@@ -305,14 +340,18 @@ def _task_keys(client) -> list:
 def test_worker_processes_write_the_same_file(
     dataset, tmp_path, local_client, fmt, prefix, monkeypatch
 ):
-    from distumap.io.writers import _graph
+    from distumap.io.writers import _blocks, _graph
 
     path = tmp_path / f"cluster{SUFFIX[fmt]}"
     reference = tmp_path / f"threads{SUFFIX[fmt]}"
+    # X in chunks of 1,000 values (several per block), deflated on the workers by groups of
+    # 2 blocks; the reference's chunks deflated in one group in this process
+    monkeypatch.setattr("distumap.io.writers.h5ad.H5AD_CHUNK", 1_000)
     with monkeypatch.context() as patched:
         # the graph's rows in 5 blocks, each finding its in-edges in 3 pieces of the kNN rows
         patched.setattr(_graph, "GRAPH_BLOCK_CELLS", 256)
         patched.setattr(_graph, "SCAN_CELLS", 500)
+        patched.setattr(_blocks, "DEFLATE_GROUP_CELLS", 600)
         _write(fmt, dataset, path, client=local_client, block_cells=300)
     with dask.config.set(scheduler="threads"):  # the graph's rows in one block
         _write(fmt, dataset, reference, client=None)
@@ -327,9 +366,28 @@ def test_worker_processes_write_the_same_file(
     assert sum(key.startswith(graph + "edges-") for key in set(keys)) >= 1
     assert any(key.startswith(graph + "block-") for key in keys)
     assert not any(key.startswith(graph + "index-") for key in keys)
+    if fmt == "h5ad":  # X's chunks deflated by the workers, a task per 2 blocks of 300
+        assert sum(key.startswith("h5ad-deflate-") and "summary" not in key for key in keys) == 2
+        _assert_same_chunks(path, reference, ("X/data", "X/indices", "layers/log2p1/data"))
     # the four blocks of 300 cells reported to the dashboard's progress topic
     events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]
     assert {(msg["block"], msg["total"]) for msg in events} >= {(i, 4) for i in range(4)}
+
+
+def _assert_same_chunks(path, reference, names) -> None:
+    """The files' datasets ``names`` hold the same chunks, byte for byte, deflated as stored."""
+    import h5py
+
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as g:
+        for name in names:
+            assert f[name].chunks == g[name].chunks and f[name].shape == g[name].shape
+            n_chunks = f[name].id.get_num_chunks()
+            assert n_chunks == g[name].id.get_num_chunks() > 2, name
+            for i in range(n_chunks):
+                offset = f[name].id.get_chunk_info(i).chunk_offset
+                assert f[name].id.read_direct_chunk(offset) == g[name].id.read_direct_chunk(
+                    offset
+                ), (name, offset)
 
 
 def _failing(block):

@@ -48,6 +48,7 @@ TASK_PREFIXES = (
     "umap-refine-epoch",
     "loom-block",
     "loom-graph-block",
+    "h5ad-deflate",
     "h5ad-graph-edges",
     "h5ad-graph-block",
     "anndata-zarr-graph-edges",
@@ -133,7 +134,7 @@ STEPS: tuple[Step, ...] = (
         ("anndata-zarr-graph",),
     ),
     Step("loom", "loom", "blocks", "export", True, ("loom-block", "loom-graph-block")),
-    Step("h5ad", "h5ad", "blocks", "export", True, ("h5ad-block",)),
+    Step("h5ad", "h5ad", "blocks", "export", True, ("h5ad-block", "h5ad-deflate")),
     Step(
         "anndata-zarr",
         "AnnData zarr",

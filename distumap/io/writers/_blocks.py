@@ -1,6 +1,7 @@
 """The block loop of the exports that have one writer (loom, h5ad): cells per block, the block
 tasks, how many run ahead of the writer, their results in order beside the embed that gives the
-embedding, progress lines, and the deflate of the HDF5 chunks they carry."""
+embedding, progress lines, and the deflate of the HDF5 chunks they carry (on the workers, also
+for a CSR matrix whose chunks do not align with the blocks: :func:`csr_deflated`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
@@ -16,7 +18,7 @@ import xarray as xr
 from isal import isal_zlib
 
 from distumap import _config
-from distumap._compute import results_in_order
+from distumap._compute import groups_in_order, results_in_order
 from distumap.pp import selected_counts
 
 #: deflate level of the HDF5 exports' chunks, in ISA-L's scale (0-3): level 1 compresses
@@ -79,17 +81,117 @@ def export_blocks(
     take the cores it leaves idle), and its failure stops them at the next block rather than
     after the last."""
 
-    def stop_if_failed() -> None:
-        if embedded is not None and embedded.done() and embedded.exception() is not None:
-            raise embedded.exception()
-
-    stop_if_failed()  # an embed that has already failed: no block is computed
+    _stop_if_failed(embedded)  # an embed that has already failed: no block is computed
     priority = BESIDE_THE_EMBED if embedded is not None else 0
     for result in results_in_order(
         blocks, stage=stage, in_flight=in_flight, client=client, priority=priority
     ):
-        stop_if_failed()
+        _stop_if_failed(embedded)
         yield result
+
+
+def _stop_if_failed(embedded: Future | None) -> None:
+    if embedded is not None and embedded.done() and embedded.exception() is not None:
+        raise embedded.exception()
+
+
+#: cells of the blocks whose CSR values one ``<format>-deflate`` task deflates: the writer
+#: deflates the one chunk that straddles two such groups, so that at ~500 nonzeros per cell
+#: (a few of the 256 Ki-element chunks per group) it deflates about a tenth of them
+DEFLATE_GROUP_CELLS = 16384
+
+
+def deflate_group(block_cells: int, block_bytes: int, most_bytes: int) -> int:
+    """Blocks per ``<format>-deflate`` task: :data:`DEFLATE_GROUP_CELLS` cells, and no more
+    than two groups' blocks of ``block_bytes`` each in ``most_bytes`` (they wait on the workers
+    for their group's task)."""
+    by_cells = DEFLATE_GROUP_CELLS // max(block_cells, 1)
+    return max(1, min(by_cells, most_bytes // max(2 * block_bytes, 1)))
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Consecutive values of a 1-D chunked dataset from element ``start``, deflated where they
+    fill whole chunks: ``head`` the raw values before the first chunk boundary at or after
+    ``start``, ``chunks`` the deflated whole chunks after it, ``tail`` the raw values after the
+    last whole chunk (its chunk is finished with the next stretch's head)."""
+
+    head: np.ndarray
+    chunks: list[bytes]
+    tail: np.ndarray
+
+
+def deflate_stretch(values: np.ndarray, start: int, chunk: int, *, shuffle: bool) -> Stretch:
+    """``values``, which go at element ``start``, as a :class:`Stretch` of ``chunk``-element
+    chunks."""
+    at = min(len(values), -start % chunk)
+    rest = values[at:]
+    whole = len(rest) - len(rest) % chunk
+    chunks = [deflate(rest[lo : lo + chunk], shuffle=shuffle) for lo in range(0, whole, chunk)]
+    return Stretch(values[:at].copy(), chunks, rest[whole:].copy())
+
+
+def _row_nnz(pieces: tuple) -> np.ndarray:
+    return pieces[-1]
+
+
+def _deflate_csr_group(streams: tuple, start: int, chunk: int, *blocks: tuple) -> list[Stretch]:
+    """The CSR arrays ``streams`` ((index in a block's pieces, dtype, shuffle) each) of
+    consecutive blocks, from nonzero ``start``, deflated in chunks."""
+    return [
+        deflate_stretch(
+            np.concatenate([np.asarray(pieces[index], dtype=dtype) for pieces in blocks]),
+            start,
+            chunk,
+            shuffle=shuffle,
+        )
+        for index, dtype, shuffle in streams
+    ]
+
+
+def csr_deflated(
+    blocks: list,
+    streams: tuple,
+    *,
+    chunk: int,
+    group: int,
+    name: str,
+    stage: str,
+    in_flight: int,
+    client,
+    embedded: Future | None,
+) -> Iterator[tuple[list[np.ndarray], list[Stretch]]]:
+    """The CSR pieces of ``blocks`` (tasks giving ``(array, ..., row_nnz)``), their arrays of
+    nonzeros deflated on the workers in ``chunk``-element chunks, in order.
+
+    Blocks go in groups of ``group`` (:func:`deflate_group`): once a group's rows' nonzeros
+    are here (all this process receives of the blocks), one task (``name``) concatenates each
+    of ``streams`` ((index in the pieces, dtype, shuffle) each) over the group and deflates
+    its whole chunks where the matrix puts them. Yields, per group, every block's nonzeros per
+    row and one :class:`Stretch` per stream. Beside an ``embedded`` embed, as
+    :func:`export_blocks`.
+    """
+    _stop_if_failed(embedded)
+    start = 0
+
+    def follow(row_nnz: list[np.ndarray]):
+        nonlocal start
+        first, start = start, start + int(sum(int(np.sum(rows)) for rows in row_nnz))
+        return _deflate_csr_group, (streams, first, chunk)
+
+    for row_nnz, stretches in groups_in_order(
+        blocks,
+        group=group,
+        summarize=_row_nnz,
+        follow=follow,
+        name=name,
+        stage=stage,
+        in_flight=in_flight,
+        client=client,
+        priority=BESIDE_THE_EMBED if embedded is not None else 0,
+    ):
+        _stop_if_failed(embedded)
+        yield row_nnz, stretches
 
 
 def block_written(path: str, i: int, n_blocks: int, progress: bool) -> None:

@@ -1,9 +1,10 @@
 """Write a finished store as ``.h5ad``, block by block, in anndata's on-disk format.
 
-The cluster turns each cell block into the CSR pieces of ``X`` and of the ``log2p1`` layer; HDF5
-takes one writer, so the client appends the blocks in cell order to resizable, chunked, deflated
-datasets, with a bounded number of blocks in flight. No cell block is ever gathered into one
-``AnnData`` in memory.
+The cluster turns each cell block into the CSR pieces of ``X`` and of the ``log2p1`` layer and,
+a group of blocks at a time, deflates their HDF5 chunks where the file puts them (the client
+learns each block's nonzeros per row, which place the group); HDF5 takes one writer, so the
+client appends the deflated chunks in cell order to resizable, chunked datasets, with a bounded
+number of blocks in flight. No cell block is ever gathered into one ``AnnData`` in memory.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from distumap.io.writers._anndata_elements import (
 from distumap.io.writers._base import Writer
 from distumap.io.writers._blocks import (
     DEFLATE_LEVEL,
+    Stretch,
     block_tasks,
     block_written,
     blocks_in_flight,
     cells_per_block,
     counts_in_blocks,
+    csr_deflated,
     deflate,
-    export_blocks,
+    deflate_group,
 )
 from distumap.io.writers._graph import (
     graph_rows,
@@ -55,9 +58,11 @@ from distumap.io.writers._target import written_whole
 
 #: HDF5 chunk of the 1-D CSR datasets, in elements (1 MiB of int32)
 H5AD_CHUNK = 2**18
-#: threads that deflate the h5ad's chunks on the client (ISA-L releases the GIL)
+#: threads that deflate the rest of the h5ad's chunks on the client (ISA-L releases the GIL):
+#: the graph's, ``indptr``'s and the chunks that straddle two groups of blocks
 DEFLATE_THREADS = 2
-#: raw bytes of the blocks computed ahead of the h5ad writer, at most
+#: raw bytes of the blocks computed ahead of the h5ad writer, at most (held on the workers
+#: until their group's chunks are deflated)
 IN_FLIGHT_RAW_BYTES = 2 * 2**30
 
 
@@ -69,8 +74,9 @@ def _h5ad_block(counts: np.ndarray, index: int, n_blocks: int):
 
 class _Appendable:
     """A resizable 1-D HDF5 dataset that takes values block by block and stores them in whole
-    chunks, each deflated here (ISA-L releases the GIL, unlike h5py's own filter) and written
-    raw; the last, partly filled chunk goes in padded when :meth:`close` is called."""
+    chunks written raw: chunks deflated on the workers (:meth:`extend`), or here (:meth:`append`;
+    ISA-L releases the GIL, unlike h5py's own filter); the last, partly filled chunk goes in
+    padded when :meth:`close` is called."""
 
     def __init__(self, group, name: str, dtype, shuffle: bool, pool: ThreadPoolExecutor):
         self.pool = pool  # deflates a block's chunks side by side
@@ -93,23 +99,42 @@ class _Appendable:
         self._write(values[:whole])
         self.tail = values[whole:]
 
+    def extend(self, stretch: Stretch) -> None:
+        """Values that follow, their whole chunks deflated already (:func:`deflate_stretch` from
+        where this dataset's values end)."""
+        values = np.concatenate([self.tail, stretch.head])
+        if len(values) == H5AD_CHUNK:  # the head finished the open chunk
+            self._write(values)
+            values = values[:0]
+        if len(values):  # the stretch ends inside the open chunk
+            if stretch.chunks or len(stretch.tail):
+                raise ValueError("a stretch that does not start where the dataset's values end")
+            self.tail = values
+            return
+        self._put(stretch.chunks, len(stretch.chunks) * H5AD_CHUNK)
+        self.tail = stretch.tail
+
     def close(self) -> None:
         padded = np.zeros(-len(self.tail) % H5AD_CHUNK, dtype=self.tail.dtype)
         self._write(np.concatenate([self.tail, padded]), len(self.tail))
         self.tail = self.tail[:0]
 
     def _write(self, values: np.ndarray, size: int | None = None) -> None:
-        start = self.dataset.shape[0]
-        if not len(values):
-            return
-        self.dataset.resize((start + (len(values) if size is None else size),))
         offsets = range(0, len(values), H5AD_CHUNK)
         chunks = self.pool.map(
             lambda offset: deflate(values[offset : offset + H5AD_CHUNK], shuffle=self.shuffle),
             offsets,
         )
-        for offset, chunk in zip(offsets, chunks, strict=True):
-            self.dataset.id.write_direct_chunk((start + offset,), chunk)
+        self._put(chunks, len(values) if size is None else size)
+
+    def _put(self, chunks, size: int) -> None:
+        """Deflated whole chunks after the dataset's last, holding ``size`` values."""
+        start = self.dataset.shape[0]
+        if not size:
+            return
+        self.dataset.resize((start + size,))
+        for i, chunk in enumerate(chunks):
+            self.dataset.id.write_direct_chunk((start + i * H5AD_CHUNK,), chunk)
 
 
 def write_h5ad(
@@ -155,12 +180,14 @@ def write_h5ad(
     -----
     This computes: the cluster reads every cell block, keeps the selected genes and turns them
     into CSR pieces of ``X`` (int32 counts) and ``layers["log2p1"]`` (float32, the same
-    sparsity), one task per block (``h5ad-block``); the client appends them in cell order to
-    resizable HDF5 datasets (chunks of 256 Ki elements, deflated on this process by two
-    threads at ISA-L's level 1 and written raw, counts and indices byte-shuffled; the layer's
-    ``indices`` and ``indptr`` are hard links to ``X``'s, its sparsity), keeping at most two
-    blocks per worker thread (and 2 GiB of raw block data) in flight, so its memory does not
-    grow with the number of cells. ``obs`` holds the cell
+    sparsity), one task per block (``h5ad-block``), and one task per group of blocks
+    (``h5ad-deflate``, 16,384 cells) deflates their chunks of 256 Ki elements (ISA-L's level 1,
+    counts and indices byte-shuffled) where the file puts them, once the client has each
+    block's nonzeros per row; the client writes the chunks raw in cell order to resizable HDF5
+    datasets, deflating only the chunks that straddle two groups, ``indptr`` and the graph
+    (two threads). The layer's ``indices`` and ``indptr`` are hard links to ``X``'s, its
+    sparsity. At most two groups' blocks (and 2 GiB of raw block data) are in flight, so no
+    process's memory grows with the number of cells. ``obs`` holds the cell
     names, every metadata column (strings as categoricals) and ``landmark``; ``var`` the
     selected genes with ``zero_fraction`` (and ``gene_ids`` where the store has them);
     ``obsm["X_umap"]`` the embedding; ``uns["umap"]["params"]`` what ``scanpy.tl.umap`` keeps
@@ -188,10 +215,17 @@ def write_h5ad(
     )
 
 
+def _x_streams(x_dtype) -> tuple:
+    """X's and the layer's arrays of nonzeros in a block's CSR pieces
+    (:func:`~distumap.io.writers._anndata_elements.csr_pieces`): index, dtype, byte shuffle."""
+    return ((0, x_dtype, True), (1, np.float32, False), (2, np.int32, True))
+
+
 def _write_x_and_layer(
-    el: H5Elements, shape, x_dtype, pool, results, n_blocks: int, path, progress: bool
+    el: H5Elements, shape, x_dtype, pool, groups, n_blocks: int, path, progress: bool
 ) -> None:
-    """``X`` and ``layers["log2p1"]`` from the blocks' CSR pieces, appended in cell order."""
+    """``X`` and ``layers["log2p1"]`` from the blocks' CSR pieces, appended in cell order
+    (their nonzeros deflated on the workers: ``groups`` from :func:`csr_deflated`)."""
     f = el.root
     x_group = csr_group(el, f, "X", shape)
     layer_group = csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
@@ -200,19 +234,21 @@ def _write_x_and_layer(
     indices = _Appendable(x_group, "indices", np.int32, True, pool)
     indptr = _Appendable(x_group, "indptr", np.int64, True, pool)
     # the layer has X's sparsity: its indices and indptr are the same two datasets (HDF5
-    # hard links, which every reader follows), deflated once on this process, not twice
+    # hard links, which every reader follows), deflated once, not twice
     layer_group["indices"], layer_group["indptr"] = indices.dataset, indptr.dataset
     offset = np.zeros(1, dtype=np.int64)
     indptr.append(offset)
-    for i, (data, layer, block_indices, row_nnz) in enumerate(results):
-        x_data.append(data)
-        layer_data.append(layer)
-        ends = offset[-1] + np.cumsum(row_nnz, dtype=np.int64)
-        indices.append(block_indices)
-        indptr.append(ends)
-        if ends.size:
-            offset = ends[-1:]
-        block_written(path, i, n_blocks, progress)
+    i = 0
+    for row_nnz, stretches in groups:
+        for dataset, stretch in zip((x_data, layer_data, indices), stretches, strict=True):
+            dataset.extend(stretch)
+        for rows in row_nnz:
+            ends = offset[-1] + np.cumsum(rows, dtype=np.int64)
+            indptr.append(ends)
+            if ends.size:
+                offset = ends[-1:]
+            block_written(path, i, n_blocks, progress)
+            i += 1
     for dataset in (x_data, layer_data, indices, indptr):
         dataset.close()
 
@@ -268,8 +304,13 @@ class H5adWriter(Writer):
         params = export_params("h5ad", block_cells, chunk=H5AD_CHUNK, compression="deflate-1")
         counts = counts_in_blocks(ds, gene_index, block_cells)
         blocks = block_tasks(counts, _h5ad_block, "h5ad-block-" + tokenize(counts))
-        results = export_blocks(
+        x_dtype = matrix_dtype(ds["counts"].dtype)
+        groups = csr_deflated(
             blocks,
+            _x_streams(x_dtype),
+            chunk=H5AD_CHUNK,
+            group=deflate_group(block_cells, block_bytes, IN_FLIGHT_RAW_BYTES),
+            name="h5ad-deflate-" + tokenize(counts),
             stage="export: h5ad blocks",
             in_flight=in_flight,
             client=client,
@@ -281,8 +322,7 @@ class H5adWriter(Writer):
         with written_whole(target, progress=progress) as local, deflating as pool:
             with h5py.File(local, "w", libver="earliest") as f:
                 el = H5Elements(f)
-                x_dtype = matrix_dtype(ds["counts"].dtype)
-                _write_x_and_layer(el, shape, x_dtype, pool, results, len(blocks), path, progress)
+                _write_x_and_layer(el, shape, x_dtype, pool, groups, len(blocks), path, progress)
                 # the rest needs the embedding: the embedded store, once the embed has finished
                 if small is None:
                     ds = embedded_store(ds, embedded, gene_index)
