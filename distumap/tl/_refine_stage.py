@@ -376,6 +376,10 @@ def refine_epochs(params: dict[str, Any], is_landmark: np.ndarray) -> int:
     return params["refine_epochs"] if not is_landmark.all() else 0
 
 
+def _chunks_per_task(chunk_cells: int) -> int:
+    return max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
+
+
 def refine_layout(
     n_chunks: int, chunk_cells: int, epochs: int, n_cells: int, n_features: int
 ) -> dict[str, int]:
@@ -385,7 +389,7 @@ def refine_layout(
     and how many markers :data:`REFINE_MARKERS` holds: one per store chunk for the transform,
     one per task for each pass of the nearest cells, one per graph task, one per task for each
     earlier epoch."""
-    per_task = max(1, REFINE_TASK_CELLS // max(chunk_cells, 1))
+    per_task = _chunks_per_task(chunk_cells)
     n_tasks = -(-n_chunks // per_task)
     passes = search_passes(n_cells, n_features)
     return {
@@ -423,7 +427,9 @@ def refine(
     settings = dataclasses.asdict(dataclasses.replace(_refine.RefineSettings(), n_epochs=n_epochs))
     n_chunks, n_cells = len(bounds) - 1, int(bounds[-1])
     # the run that started the stage chose the tasks' extent: a resumed run keeps it
-    per_task = stage.record["refine_chunks_per_task"]
+    per_task = stage.record.get("refine_chunks_per_task")
+    if per_task is None:  # a record without it: the layout the markers were made with
+        per_task = _chunks_per_task(int(bounds[1] - bounds[0]))
     passes = stage.record.get("refine_knn_passes", 1)  # one before the search had passes
     edges = np.append(bounds[:-1:per_task], bounds[-1])
     n_tasks = len(edges) - 1
