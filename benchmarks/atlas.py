@@ -75,6 +75,7 @@ class TreeSampler:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.tree_peak = 0
+        self.client_cpu = 0.0
         self.peaks: dict[str, int] = {}
         self.started = self._next_trace = time.perf_counter()
         self.client_trace: list[tuple[int, int]] = []
@@ -101,6 +102,11 @@ class TreeSampler:
             except Exception:
                 return
             total = 0
+            try:  # the command's own CPU time (with the embedded scheduler's), as it goes
+                times = self.root.cpu_times()
+                self.client_cpu = times.user + times.system
+            except Exception:
+                pass
             for proc in procs:
                 try:
                     rss = proc.memory_info().rss
@@ -126,6 +132,7 @@ class TreeSampler:
         return {
             "tree_peak_gib": round(self.tree_peak / GIB, 2),
             "client_peak_gib": round(self.peaks.get("client", 0) / GIB, 2),
+            "client_cpu_seconds": round(self.client_cpu, 1),
             "worker_peaks_gib": [round(v / GIB, 2) for v in workers],
             "client_gib_by_second": [(t, round(v / GIB, 2)) for t, v in self.client_trace],
             "worker_gib_by_second": [
@@ -165,9 +172,19 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
     ]  # fmt: skip
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stderr=subprocess.PIPE)
     sampler = TreeSampler(child.pid)
-    _, stderr = child.communicate()
+    # when each step of the embed draws its progress line first (redrawn in place: read as
+    # it comes, not by lines)
+    pieces, marks = [], {}
+    while data := os.read(child.stderr.fileno(), 65536):
+        pieces.append(data)
+        recent = b"".join(pieces[-2:]).decode(errors="replace")
+        for name, label in EMBED_LABELS.items():
+            if label in recent and name not in marks:
+                marks[name] = round(time.perf_counter() - sampler.started, 1)
+    child.wait()
+    stderr = b"".join(pieces).decode(errors="replace")
     seconds = time.perf_counter() - started
     memory = sampler.stop()
     if child.returncode != 0:
@@ -193,6 +210,7 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
         "transform_seconds": embed.get("transform_seconds"),
         "refine_knn_seconds": embed.get("refine_knn_seconds"),
         "refine_graph_seconds": embed.get("refine_graph_seconds"),
+        "refine_knn_passes": embed.get("refine_knn_passes", 1),
         "refine_epochs_seconds": embed.get("refine_epochs_seconds"),
         "refine_last_epoch_seconds": embed.get("refine_last_epoch_seconds"),
         "export_and_pictures_seconds": round(
@@ -207,7 +225,9 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "stderr_tail": stderr[-1500:],
     }
+    result["embed_step_started"] = marks
     result["gib_by_stage"] = stage_peaks(result)
+    result["gib_by_embed_step"] = step_peaks(result)
     return result
 
 
@@ -215,15 +235,17 @@ def run_distumap(h5: Path, metadata: Path, out: Path, args) -> dict:
 STAGES = ("ingest", "preprocess", "embed", "export")
 
 
-def stage_peaks(row: dict) -> dict[str, dict[str, float]]:
-    """The client's and the largest worker's peak (GiB) in each stage of one distumap row,
-    placed by the stages' recorded seconds on the once-a-second traces."""
-    seconds = row["stage_seconds"]
-    bounds, start = {}, 0.0
-    for name in STAGES[:-1]:
-        bounds[name] = (start, start + (seconds.get(name) or 0.0))
-        start = bounds[name][1]
-    bounds["export"] = (start, float("inf"))
+#: the embed's steps, in order, with the record's seconds of each
+EMBED_STEPS = {
+    "fit": "fit_seconds",
+    "transform": "transform_seconds",
+    "nearest cells": "refine_knn_seconds",
+    "graph": "refine_graph_seconds",
+    "epochs": "refine_epochs_seconds",
+}
+
+
+def _peaks(row: dict, bounds: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
     peaks = {}
     for role, trace in (
         ("client", row["client_gib_by_second"]),
@@ -236,10 +258,51 @@ def stage_peaks(row: dict) -> dict[str, dict[str, float]]:
     return peaks
 
 
+def _consecutive(start: float, seconds: dict[str, float | None]) -> dict[str, tuple]:
+    bounds = {}
+    for name, length in seconds.items():
+        bounds[name] = (start, start + (length or 0.0))
+        start = bounds[name][1]
+    return bounds
+
+
+def stage_peaks(row: dict) -> dict[str, dict[str, float]]:
+    """The client's and the largest worker's peak (GiB) in each stage of one distumap row,
+    placed by the stages' recorded seconds on the once-a-second traces."""
+    seconds = row["stage_seconds"]
+    bounds = _consecutive(0.0, {name: seconds.get(name) for name in STAGES[:-1]})
+    bounds["export"] = (bounds["embed"][1], float("inf"))
+    return _peaks(row, bounds)
+
+
+#: the first progress line of each step of the embed
+EMBED_LABELS = {
+    "fit": "embed: fit UMAP on landmarks",
+    "transform": "embed: transform cells",
+    "nearest cells": "embed: refine, nearest cells",
+    "graph": "embed: refine, symmetrised graph",
+    "epochs": "embed: refine, epoch",
+}
+
+
+def step_peaks(row: dict) -> dict[str, dict[str, float]]:
+    """The same in each step of the embed (the fit on the landmarks, the transform, the
+    refinement's nearest cells, graph and epochs), from when each printed its first progress
+    line to the next's (the epochs: for their recorded seconds)."""
+    marks = row.get("embed_step_started") or {}
+    if set(marks) != set(EMBED_STEPS):  # an older result: placed by the recorded seconds
+        seconds = row["stage_seconds"]
+        start = (seconds.get("ingest") or 0.0) + (seconds.get("preprocess") or 0.0)
+        return _peaks(row, _consecutive(start, {k: row.get(v) for k, v in EMBED_STEPS.items()}))
+    names = list(EMBED_STEPS)
+    ends = [marks[name] for name in names[1:]] + [marks["epochs"] + row["refine_epochs_seconds"]]
+    return _peaks(row, {name: (marks[name], end) for name, end in zip(names, ends, strict=True)})
+
+
 def fit(paths: list[Path], project: int = 10_000_000) -> dict:
-    """peak = a + b x cells per role and stage, by least squares over result files of several
-    sizes (their distumap rows), and each line at ``project`` cells: issue 22's projection.
-    The highest stage's projection is the role's."""
+    """peak = a + b x cells per role and stage (and step of the embed), by least squares over
+    result files of several sizes (their distumap rows), and each line at ``project`` cells:
+    issue 22's projection. The highest stage's projection is the role's."""
     rows = [
         row
         for path in paths
@@ -249,21 +312,24 @@ def fit(paths: list[Path], project: int = 10_000_000) -> dict:
     if len({row["cells"] for row in rows}) < 2:
         raise SystemExit("--fit needs results of at least two sizes")
     cells = np.array([row["cells"] for row in rows], dtype=float)
-    peaks = [stage_peaks(row) for row in rows]
     result = {}
-    for role in ("client", "worker"):
-        lines = {}
-        for name in STAGES:
-            gib = np.array([peak[role][name] for peak in peaks])
-            slope, intercept = np.polyfit(cells / 1e6, gib, 1)
-            lines[name] = {
-                "gib": gib.tolist(),
-                "a_gib": round(float(intercept), 3),
-                "b_gib_per_million": round(float(slope), 3),
-                f"at_{project}": round(float(intercept + slope * project / 1e6), 2),
-            }
-        result[role] = {"cells": cells.astype(int).tolist(), "stages": lines}
-        result[role][f"highest_at_{project}"] = max(v[f"at_{project}"] for v in lines.values())
+    for what, peaks_of in (("stages", stage_peaks), ("embed_steps", step_peaks)):
+        peaks = [peaks_of(row) for row in rows]
+        for role in ("client", "worker"):
+            lines = {}
+            for name in peaks[0][role]:
+                gib = np.array([peak[role][name] for peak in peaks])
+                slope, intercept = np.polyfit(cells / 1e6, gib, 1)
+                lines[name] = {
+                    "gib": gib.tolist(),
+                    "a_gib": round(float(intercept), 3),
+                    "b_gib_per_million": round(float(slope), 3),
+                    f"at_{project}": round(float(intercept + slope * project / 1e6), 2),
+                }
+            entry = result.setdefault(role, {"cells": cells.astype(int).tolist()})
+            entry[what] = lines
+            if what == "stages":
+                entry[f"highest_at_{project}"] = max(v[f"at_{project}"] for v in lines.values())
     return result
 
 

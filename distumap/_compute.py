@@ -365,16 +365,8 @@ def groups_in_order(
     process; once a group's summaries are here, ``follow(summaries)`` gives ``(function,
     args)`` and ``function(*args, *results)`` runs on a worker (key ``<name>-<group>``). At
     most ``in_flight`` results (and never fewer than two groups') are held at once; a lost
-    worker's results are computed again. Without a distributed client, everything runs here.
+    worker's results are computed again. Needs a distributed ``client``.
     """
-    client = client if client is not None else current_client()
-    if client is None:
-        for start in range(0, len(tasks), group):
-            results = dask.compute(*tasks[start : start + group])
-            summaries = [summarize(result) for result in results]
-            function, args = follow(summaries)
-            yield summaries, function(*args, *results)
-        return
     tasks = own_graphs(tasks)
     watchdog = Watchdog(client, stage)
     limit = max(in_flight, 2 * group)

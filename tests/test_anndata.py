@@ -344,14 +344,15 @@ def test_worker_processes_write_the_same_file(
 
     path = tmp_path / f"cluster{SUFFIX[fmt]}"
     reference = tmp_path / f"threads{SUFFIX[fmt]}"
-    # X in chunks of 1,000 values (several per block), deflated on the workers by groups of
-    # 2 blocks; the reference's chunks deflated in one group in this process
+    # X in chunks of 1,000 values (several per block), deflated on the workers a block at a
+    # time (4 groups: more than a few, or this process would deflate them); the reference's
+    # chunks deflated in this process
     monkeypatch.setattr("distumap.io.writers.h5ad.H5AD_CHUNK", 1_000)
     with monkeypatch.context() as patched:
         # the graph's rows in 5 blocks, each finding its in-edges in 3 pieces of the kNN rows
         patched.setattr(_graph, "GRAPH_BLOCK_CELLS", 256)
         patched.setattr(_graph, "SCAN_CELLS", 500)
-        patched.setattr(_blocks, "DEFLATE_GROUP_CELLS", 600)
+        patched.setattr(_blocks, "DEFLATE_GROUP_CELLS", 300)
         _write(fmt, dataset, path, client=local_client, block_cells=300)
     with dask.config.set(scheduler="threads"):  # the graph's rows in one block
         _write(fmt, dataset, reference, client=None)
@@ -366,8 +367,8 @@ def test_worker_processes_write_the_same_file(
     assert sum(key.startswith(graph + "edges-") for key in set(keys)) >= 1
     assert any(key.startswith(graph + "block-") for key in keys)
     assert not any(key.startswith(graph + "index-") for key in keys)
-    if fmt == "h5ad":  # X's chunks deflated by the workers, a task per 2 blocks of 300
-        assert sum(key.startswith("h5ad-deflate-") and "summary" not in key for key in keys) == 2
+    if fmt == "h5ad":  # X's chunks deflated by the workers, a task per block of 300
+        assert sum(key.startswith("h5ad-deflate-") and "summary" not in key for key in keys) == 4
         _assert_same_chunks(path, reference, ("X/data", "X/indices", "layers/log2p1/data"))
     # the four blocks of 300 cells reported to the dashboard's progress topic
     events = [msg for _, msg in local_client.get_events(TOPIC) if msg["stage"] == "export"]

@@ -194,12 +194,8 @@ def _refine_knn_task(
             best=best,
         )
         parity = search_pass % 2
-        write_scratch(
-            store,
-            rows,
-            **{f"best-cell-{parity}": neighbors.astype(np.int32)},
-            **{f"best-sqdist-{parity}": sqdistances},
-        )
+        found = {f"best-cell-{parity}": neighbors.astype(np.int32)}
+        write_scratch(store, rows, **found, **{f"best-sqdist-{parity}": sqdistances})
         return last - first
     neighbors, weights, _, distances = _refine.nearest_cells(
         index,

@@ -40,6 +40,7 @@ from distumap.io.writers._blocks import (
     csr_deflated,
     deflate,
     deflate_group,
+    export_blocks,
 )
 from distumap.io.writers._graph import (
     graph_rows,
@@ -101,16 +102,14 @@ class _Appendable:
 
     def extend(self, stretch: Stretch) -> None:
         """Values that follow, their whole chunks deflated already (:func:`deflate_stretch` from
-        where this dataset's values end)."""
-        values = np.concatenate([self.tail, stretch.head])
-        if len(values) == H5AD_CHUNK:  # the head finished the open chunk
-            self._write(values)
-            values = values[:0]
-        if len(values):  # the stretch ends inside the open chunk
-            if stretch.chunks or len(stretch.tail):
-                raise ValueError("a stretch that does not start where the dataset's values end")
-            self.tail = values
+        where this dataset's values end), or none of them (raw values only: deflated here)."""
+        if not stretch.chunks and not len(stretch.tail):
+            self.append(stretch.head)
             return
+        values = np.concatenate([self.tail, stretch.head])
+        if len(values) not in (0, H5AD_CHUNK):
+            raise ValueError("a stretch that does not start where the dataset's values end")
+        self._write(values)  # the head finished the open chunk (or there was none)
         self._put(stretch.chunks, len(stretch.chunks) * H5AD_CHUNK)
         self.tail = stretch.tail
 
@@ -221,6 +220,18 @@ def _x_streams(x_dtype) -> tuple:
     return ((0, x_dtype, True), (1, np.float32, False), (2, np.int32, True))
 
 
+def _here(results, streams: tuple):
+    """Blocks' CSR pieces as :func:`csr_deflated` gives groups, their values raw (for
+    :meth:`_Appendable.extend` to deflate here)."""
+    empty = np.empty(0)
+    for pieces in results:
+        stretches = [
+            Stretch(np.asarray(pieces[index], dtype=dtype), [], empty)
+            for index, dtype, _ in streams
+        ]
+        yield [pieces[-1]], stretches
+
+
 def _write_x_and_layer(
     el: H5Elements, shape, x_dtype, pool, groups, n_blocks: int, path, progress: bool
 ) -> None:
@@ -305,17 +316,30 @@ class H5adWriter(Writer):
         counts = counts_in_blocks(ds, gene_index, block_cells)
         blocks = block_tasks(counts, _h5ad_block, "h5ad-block-" + tokenize(counts))
         x_dtype = matrix_dtype(ds["counts"].dtype)
-        groups = csr_deflated(
-            blocks,
-            _x_streams(x_dtype),
-            chunk=H5AD_CHUNK,
-            group=deflate_group(block_cells, block_bytes, IN_FLIGHT_RAW_BYTES),
-            name="h5ad-deflate-" + tokenize(counts),
-            stage="export: h5ad blocks",
-            in_flight=in_flight,
-            client=client,
-            embedded=embedded,
-        )
+        streams = _x_streams(x_dtype)
+        group = deflate_group(block_cells, block_bytes, IN_FLIGHT_RAW_BYTES)
+        stage = "export: h5ad blocks"
+        if client is None or len(blocks) <= 2 * group:
+            # a few groups would leave the workers waiting on each other: this process
+            # deflates the blocks' values as they come (two threads), while the workers compute
+            groups = _here(
+                export_blocks(
+                    blocks, stage=stage, in_flight=in_flight, client=client, embedded=embedded
+                ),
+                streams,
+            )
+        else:
+            groups = csr_deflated(
+                blocks,
+                streams,
+                chunk=H5AD_CHUNK,
+                group=group,
+                name="h5ad-deflate-" + tokenize(counts),
+                stage=stage,
+                in_flight=in_flight,
+                client=client,
+                embedded=embedded,
+            )
         shape = (ds.sizes["cell"], int(gene_index.size))
 
         deflating = ThreadPoolExecutor(DEFLATE_THREADS, thread_name_prefix="h5ad-deflate")
