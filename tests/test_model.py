@@ -384,7 +384,7 @@ def test_refine_knn_is_exact_when_the_buckets_hold_every_cell(model_pca, data):
     home = _refine.home_buckets(is_landmark, nearest)
     cells = np.arange(0, N_CELLS, 7)
     every_bucket = np.tile(np.arange(N_LANDMARKS), (len(cells), 1))
-    found, dist, examined = _refine.cell_knn(
+    found, sqdist, examined = _refine.knn_pass(
         _refine.bucket_index(home, N_LANDMARKS, features),
         cells,
         features[cells],
@@ -399,7 +399,7 @@ def test_refine_knn_is_exact_when_the_buckets_hold_every_cell(model_pca, data):
     exact[np.arange(len(cells)), cells] = np.inf  # never the cell itself
     order = np.lexsort((np.broadcast_to(np.arange(N_CELLS), exact.shape), exact), axis=1)[:, :K]
     np.testing.assert_array_equal(found, order)
-    np.testing.assert_allclose(dist, np.take_along_axis(exact, order, 1), rtol=1e-12)
+    np.testing.assert_allclose(np.sqrt(sqdist), np.take_along_axis(exact, order, 1), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_passes", [2, 5, N_LANDMARKS + 3])
@@ -412,7 +412,7 @@ def test_refine_knn_in_passes_over_the_buckets_equals_one_search(model_pca, data
     cells = np.arange(N_CELLS)
     options = {"k": K, "max_candidates": 300, "bucket_cap": 40}  # walks stop, strides thin
     whole = _refine.bucket_index(home, N_LANDMARKS, features)
-    found, dist, examined = _refine.cell_knn(whole, cells, features, buckets, **options)
+    found, sqdist, examined = _refine.knn_pass(whole, cells, features, buckets, **options)
     edges = _refine.search_passes(np.bincount(home, minlength=N_LANDMARKS), n_passes)
     assert edges[0] == 0 and edges[-1] == N_LANDMARKS and (np.diff(edges) >= 0).all()
     best, counted, held = None, 0, 0
@@ -422,7 +422,7 @@ def test_refine_knn_in_passes_over_the_buckets_equals_one_search(model_pca, data
         *best, computed = _refine.knn_pass(part, cells, features, buckets, best=best, **options)
         counted += computed
     np.testing.assert_array_equal(best[0], found)
-    np.testing.assert_array_equal(np.sqrt(best[1]), dist)
+    np.testing.assert_array_equal(best[1], sqdist)
     assert counted == examined
     # each pass holds its share of the cells (and at most one bucket more)
     largest = np.bincount(home).max()

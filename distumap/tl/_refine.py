@@ -59,7 +59,6 @@ __all__ = [
     "RefineSettings",
     "bucket_index",
     "candidate_landmarks",
-    "cell_knn",
     "epoch",
     "fit_weights",
     "home_buckets",
@@ -466,7 +465,7 @@ def knn_pass(
     best: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Each cell's k nearest other cells among the candidates in the buckets ``index`` holds,
-    merged with its best so far: one pass of :func:`cell_knn`.
+    merged with its best so far: the search of :func:`nearest_cells`, in one pass or several.
 
     Parameters
     ----------
@@ -511,53 +510,6 @@ def knn_pass(
         int(max_candidates),
         int(bucket_cap),
     )
-
-
-def cell_knn(
-    index: BucketIndex,
-    cells: np.ndarray,
-    features: np.ndarray,
-    query_buckets: np.ndarray,
-    *,
-    k: int,
-    max_candidates: int = 1024,
-    bucket_cap: int = 256,
-    best: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Each cell's k nearest other cells, searched in the buckets of its nearest landmarks.
-
-    Parameters
-    ----------
-    index
-        Every cell's bucket and features (:func:`bucket_index`); or the last pass's buckets,
-        with the earlier passes' result in ``best`` (:func:`knn_pass`).
-    cells, features
-        int ``(n,)``: the cells to query, and float32 ``(n, n_features)`` their features.
-    query_buckets
-        int ``(n, m)``: buckets to search per cell, nearest landmark first; -1 skips
-        (:func:`candidate_landmarks`).
-    k, max_candidates, bucket_cap, best
-        As :func:`knn_pass` takes them.
-
-    Returns
-    -------
-    neighbors, distances, examined
-        int64 ``(n, k)`` cell indices, nearest first (ties by cell index; -1 where fewer
-        candidates existed), float64 ``(n, k)`` euclidean distances (inf there), and the number
-        of candidates examined. Row ``i`` depends only on ``cells[i]``, its buckets and the
-        features of all cells. Computes.
-    """
-    neighbors, sqdistances, examined = knn_pass(
-        index,
-        cells,
-        features,
-        query_buckets,
-        k=k,
-        max_candidates=max_candidates,
-        bucket_cap=bucket_cap,
-        best=best,
-    )
-    return neighbors, np.sqrt(sqdistances), examined
 
 
 def fit_weights(distances: np.ndarray, n_neighbors: int, mean_distance: float) -> np.ndarray:
@@ -665,8 +617,8 @@ def warm_up() -> None:
     features = np.arange(20, dtype=np.float32).reshape(4, 5)
     index = bucket_index(np.array([0, 0, 1, 1]), 2, features)
     buckets = candidate_landmarks(np.array([0, 0, 1, 1]), np.array([[0], [1], [1], [0]]))
-    neighbors, distances, _ = cell_knn(index, np.arange(4), features, buckets, k=2)
-    graph = symmetrize(neighbors, fit_weights(distances, 3, 1.0))
+    neighbors, sqdistances, _ = knn_pass(index, np.arange(4), features, buckets, k=2)
+    graph = symmetrize(neighbors, fit_weights(np.sqrt(sqdistances), 3, 1.0))
     epoch(features[:, :2], np.arange(4), graph, np.zeros(4, bool), epoch=0, n_epochs=1, a=1, b=1)
 
 
@@ -717,11 +669,11 @@ def nearest_cells(
     -------
     neighbors, weights, examined
         int32 ``(n, k)`` cell indices (-1 where fewer candidates existed), float32 ``(n, k)``
-        membership weights and the number of candidate distances computed; with
+        membership weights and the number of candidates examined; with
         ``return_distances`` a fourth, float32 ``(n, k)`` distances (inf where no neighbour).
         Computes.
     """
-    neighbors, distances, examined = cell_knn(
+    neighbors, sqdistances, examined = knn_pass(
         index,
         cells,
         features,
@@ -731,6 +683,7 @@ def nearest_cells(
         bucket_cap=settings.bucket_cap,
         best=best,
     )
+    distances = np.sqrt(sqdistances)
     # umap-learn counts the cell itself among its n_neighbors
     weights = fit_weights(distances, settings.n_neighbors + 1, mean_distance)
     if return_distances:
