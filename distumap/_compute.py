@@ -354,7 +354,7 @@ def groups_in_order(
     name: str,
     stage: str,
     in_flight: int,
-    client=None,
+    client,
     priority: int = 0,
 ) -> Iterator[tuple[list[Any], Any]]:
     """Yield, group by group in order, the summaries of ``group`` consecutive tasks' results

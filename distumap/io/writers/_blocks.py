@@ -97,7 +97,7 @@ def _stop_if_failed(embedded: Future | None) -> None:
 
 #: cells of the blocks whose CSR values one ``<format>-deflate`` task deflates: the writer
 #: deflates the one chunk that straddles two such groups, so that at ~500 nonzeros per cell
-#: (a few of the 256 Ki-element chunks per group) it deflates about a tenth of them
+#: (31 of the 256 Ki-element chunks per group) it deflates about one in thirty
 DEFLATE_GROUP_CELLS = 16384
 
 
