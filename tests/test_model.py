@@ -413,7 +413,7 @@ def test_refine_knn_in_passes_over_the_buckets_equals_one_search(model_pca, data
     options = {"k": K, "max_candidates": 300, "bucket_cap": 40}  # walks stop, strides thin
     whole = _refine.bucket_index(home, N_LANDMARKS, features)
     found, sqdist, examined = _refine.knn_pass(whole, cells, features, buckets, **options)
-    edges = _refine.search_passes(np.bincount(home, minlength=N_LANDMARKS), n_passes)
+    edges = _refine.pass_buckets(np.bincount(home, minlength=N_LANDMARKS), n_passes)
     assert edges[0] == 0 and edges[-1] == N_LANDMARKS and (np.diff(edges) >= 0).all()
     best, counted, held = None, 0, 0
     for first, last in itertools.pairwise(edges):

@@ -64,9 +64,9 @@ __all__ = [
     "home_buckets",
     "knn_pass",
     "nearest_cells",
+    "pass_buckets",
     "refine",
     "refine_embedding",
-    "search_passes",
     "warm_up",
 ]
 
@@ -107,7 +107,7 @@ class RefineSettings:
 @dataclass(frozen=True)
 class BucketIndex:
     """The inverted index landmark -> cells, with the cells' features stored bucket by bucket:
-    of every bucket, or of a range of them (one pass of a search, :func:`search_passes`).
+    of every bucket, or of a range of them (one pass of a search, :func:`pass_buckets`).
 
     Attributes
     ----------
@@ -135,7 +135,7 @@ class BucketIndex:
         return self.start.nbytes + self.cells.nbytes + self.features.nbytes
 
 
-def search_passes(counts: np.ndarray, n_passes: int) -> np.ndarray:
+def pass_buckets(counts: np.ndarray, n_passes: int) -> np.ndarray:
     """Cut the buckets into ``n_passes`` consecutive ranges of about equal cells.
 
     ``counts`` are the buckets' sizes (int ``(n_landmarks,)``). Returns int64

@@ -144,7 +144,7 @@ async def _clear_refine_caches_async() -> None:
 
 def _search_index(store: str, n_landmarks: int, search_pass: int, passes: int):
     home = _read_scratch(store, "home")
-    edges = _refine.search_passes(np.bincount(home, minlength=n_landmarks), passes)
+    edges = _refine.pass_buckets(np.bincount(home, minlength=n_landmarks), passes)
     # the features in store chunks, the pass's buckets' placed in bucket order as read
     features = zarr.open_array(store, path=_scratch_path("features"), mode="r")
     buckets = (edges[search_pass], edges[search_pass + 1])

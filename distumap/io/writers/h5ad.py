@@ -236,7 +236,8 @@ def _write_x_and_layer(
     el: H5Elements, shape, x_dtype, pool, groups, n_blocks: int, path, progress: bool
 ) -> None:
     """``X`` and ``layers["log2p1"]`` from the blocks' CSR pieces, appended in cell order
-    (their nonzeros deflated on the workers: ``groups`` from :func:`csr_deflated`)."""
+    (``groups`` from :func:`csr_deflated`, their whole chunks deflated on the workers, or from
+    :func:`_here`, raw values deflated here)."""
     f = el.root
     x_group = csr_group(el, f, "X", shape)
     layer_group = csr_group(el, el.group(f, "layers"), ANNDATA_LAYER, shape)
